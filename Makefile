@@ -1,0 +1,49 @@
+# Ferry's commands. Each target does its own set-up on a fresh machine (Rust toolchain, Python
+# with pip, gcc and make are all it assumes).
+
+SHELL := /bin/bash
+# The build cache lives outside the clone, so a fresh clone (and CI) reuses it.
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/ferry-target
+# candle's thread pool spins; with more threads than free cores it slows down badly. Tests run
+# several processes at once, so each gets one compute thread.
+TEST_THREADS ?= 1
+CARGO ?= cargo
+MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
+
+.PHONY: all build model test demo bench lint clean
+
+all: build
+
+model: $(MODEL)
+
+$(MODEL):
+	./scripts/fetch-model.sh
+
+build:
+	$(CARGO) build --release --workspace --bins
+
+# Every test: unit, schema, engine against candle's reference, and end to end through a real
+# Kafka-protocol broker process. Set FERRY_TEST_BOOTSTRAP_SERVERS to run the integration tests
+# against a real cluster instead of `ferry broker`.
+# Tests use the dev profile (dependencies fully optimised, see Cargo.toml).
+test: model
+	$(CARGO) build --workspace --bins
+	RAYON_NUM_THREADS=$(TEST_THREADS) FERRY_TEST_MODEL=$(CURDIR)/$(MODEL) \
+		$(CARGO) test --workspace -- --test-threads=2
+
+# The main job on the embedded broker: a broker, a worker, a handful of requests through Kafka.
+demo: model build
+	./scripts/demo.sh
+
+# Engine speed, single sequence: prefill and decode tokens/s for the file's Q4_1 weights and for
+# Q8_0 re-quantised at load. Writes target/bench/engine.json.
+bench: model
+	FERRY_BENCH_OUT=$(CURDIR)/target/bench FERRY_TEST_MODEL=$(CURDIR)/$(MODEL) \
+		$(CARGO) bench -p ferry-worker --bench engine
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+
+clean:
+	rm -rf target

@@ -1,0 +1,1 @@
+fn main() { eprintln!("ferry-loadtest: not built yet; see the load generator issue"); std::process::exit(2); }

@@ -1,0 +1,51 @@
+//! What a worker publishes to the dead-letter topic.
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::reply::ErrorDetail;
+
+/// A message the worker could not serve, kept with everything needed to inspect or replay it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeadLetter {
+    pub version: u32,
+    /// Why the message was dead-lettered.
+    pub reason: ErrorDetail,
+    /// Where the message was read from.
+    pub source: SourceRecord,
+    /// The request id, when the message could be read far enough to find one.
+    pub request_id: Option<String>,
+    /// The message's value exactly as it was read, base64-encoded (standard alphabet, padded).
+    pub payload_base64: String,
+    /// The worker that dead-lettered it.
+    pub worker: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub dead_lettered_at: OffsetDateTime,
+}
+
+impl DeadLetter {
+    /// Encodes the original bytes for [`DeadLetter::payload_base64`].
+    pub fn encode_payload(bytes: &[u8]) -> String {
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    }
+
+    /// The original bytes of the message.
+    pub fn payload(&self) -> Result<Vec<u8>, base64::DecodeError> {
+        base64::engine::general_purpose::STANDARD.decode(&self.payload_base64)
+    }
+}
+
+/// The Kafka coordinates of the original message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceRecord {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    /// The message key, when it had one and it was UTF-8.
+    pub key: Option<String>,
+    /// The message's Kafka timestamp, in milliseconds since the Unix epoch, when it had one.
+    pub timestamp_ms: Option<i64>,
+}

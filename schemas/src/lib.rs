@@ -1,0 +1,50 @@
+//! The message contract of Ferry, as serde types.
+//!
+//! The language-neutral contract is the set of JSON Schema files beside this crate
+//! (`schemas/*.schema.json`); these types are its Rust form, and a test validates every example
+//! message against its schema and round-trips it through these types. The limits below are the
+//! same numbers the schema files state, so a client in any language learns them from the schema.
+//!
+//! Deserialising only checks shapes and types; [`Request::validate`] checks the ranges and the
+//! cross-field rules (exactly one of `messages` and `prompt`). A worker runs both before it
+//! spends any compute, and anything that fails goes to the dead-letter topic with the reason.
+//!
+//! # Messages
+//!
+//! - [`Request`]: what a caller publishes to a request topic, keyed by its `id`.
+//! - [`Reply`]: what the worker publishes to the request's `reply_to` topic, keyed by the same
+//!   `id`: either a [`Response`] or an [`ErrorReply`], told apart by the `kind` field.
+//! - [`DeadLetter`]: what the worker publishes to `<request topic>.dlq` for a message it could
+//!   not serve, with the original bytes.
+
+mod limits;
+mod request;
+mod reply;
+mod dead_letter;
+
+pub use dead_letter::{DeadLetter, SourceRecord};
+pub use limits::*;
+pub use reply::{ErrorCode, ErrorDetail, ErrorReply, FinishReason, Reply, Response, Timings, Usage};
+pub use request::{ChatMessage, Request, Role, ValidationError};
+
+/// The version of the message contract these types implement. Every message carries it in its
+/// `version` field (defaulting to this value when a request omits it).
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Kafka header names Ferry reads and writes. Headers are optional for callers; they let
+/// consumers route or filter replies without parsing the JSON body.
+pub mod headers {
+    /// On replies: `response` or `error`, the same as the body's `kind`.
+    pub const KIND: &str = "ferry-kind";
+    /// On every message Ferry writes: the contract version, as decimal text.
+    pub const SCHEMA_VERSION: &str = "ferry-schema-version";
+    /// On dead-letter records: the machine-readable reason code.
+    pub const DLQ_REASON: &str = "ferry-dlq-reason";
+    /// W3C trace context, read from requests and copied onto replies when present.
+    pub const TRACEPARENT: &str = "traceparent";
+}
+
+/// The dead-letter topic for a request topic: `<topic>.dlq`.
+pub fn dead_letter_topic(request_topic: &str) -> String {
+    format!("{request_topic}.dlq")
+}

@@ -1,0 +1,175 @@
+//! What a worker publishes to the reply topic.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// A message on a reply topic, keyed by the request id: the answer, or why there is none.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Reply {
+    Response(Response),
+    Error(ErrorReply),
+}
+
+impl Reply {
+    /// The id of the request this reply answers.
+    pub fn id(&self) -> &str {
+        match self {
+            Reply::Response(r) => &r.id,
+            Reply::Error(e) => &e.id,
+        }
+    }
+
+    /// The value of the `ferry-kind` header for this reply.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Reply::Response(_) => "response",
+            Reply::Error(_) => "error",
+        }
+    }
+}
+
+/// The answer to a request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Response {
+    pub version: u32,
+    /// The request's id.
+    pub id: String,
+    /// The model that produced the text.
+    pub model: String,
+    /// The generated text, without the stop string that ended it.
+    pub text: String,
+    pub finish_reason: FinishReason,
+    /// The stop string that ended generation, when `finish_reason` is `stop` because of one.
+    #[serde(default)]
+    pub stop_sequence: Option<String>,
+    pub usage: Usage,
+    pub timings: Timings,
+    /// The worker that answered (its pod name in Kubernetes).
+    pub worker: String,
+    /// 1 for the first delivery of the request, higher after redeliveries.
+    pub attempt: u32,
+    /// When the generation continued from a snapshot, the number of generated tokens it
+    /// started from; null for a generation run from the start.
+    pub resumed_from_token: Option<u32>,
+    /// The request's `metadata`, unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Map<String, Value>>,
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// The model produced its end-of-sequence token, or a stop string appeared.
+    Stop,
+    /// `max_tokens` tokens were generated.
+    Length,
+    /// The model's context window filled up.
+    ContextLength,
+    /// The request's deadline passed.
+    Deadline,
+}
+
+/// Token counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub total_tokens: u32,
+}
+
+/// Where the time went, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Timings {
+    /// From the request's Kafka timestamp to the moment the worker started on it.
+    pub queued_ms: f64,
+    /// Processing the prompt.
+    pub prefill_ms: f64,
+    /// Generating the completion.
+    pub decode_ms: f64,
+    /// From the start of work to the reply being ready (excludes `queued_ms`).
+    pub total_ms: f64,
+}
+
+/// The reply sent instead of an answer when a request cannot be served.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorReply {
+    pub version: u32,
+    /// The request's id.
+    pub id: String,
+    pub error: ErrorDetail,
+    /// The worker that rejected the request.
+    pub worker: String,
+    pub attempt: u32,
+    /// The request's `metadata`, when it could be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Map<String, Value>>,
+}
+
+/// What went wrong, for a program (`code`) and for a person (`message`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorDetail {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// Why a message could not be served. Also the reason code of a dead-letter record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The bytes are not JSON (or not UTF-8).
+    InvalidJson,
+    /// JSON, but not a request: a missing field, a wrong type, an unknown field.
+    InvalidSchema,
+    /// A request whose values break a limit of the contract.
+    InvalidRequest,
+    /// The prompt does not fit in the model's context window.
+    PromptTooLong,
+    /// The request names a model this worker does not serve.
+    UnknownModel,
+    /// The chat could not be rendered with the model's template.
+    TemplateError,
+    /// The engine failed on a valid request.
+    EngineError,
+}
+
+impl ErrorCode {
+    /// The code as it appears in JSON and in the `ferry-dlq-reason` header.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidJson => "invalid_json",
+            ErrorCode::InvalidSchema => "invalid_schema",
+            ErrorCode::InvalidRequest => "invalid_request",
+            ErrorCode::PromptTooLong => "prompt_too_long",
+            ErrorCode::UnknownModel => "unknown_model",
+            ErrorCode::TemplateError => "template_error",
+            ErrorCode::EngineError => "engine_error",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_code_strings_match_serde() {
+        for code in [
+            ErrorCode::InvalidJson,
+            ErrorCode::InvalidSchema,
+            ErrorCode::InvalidRequest,
+            ErrorCode::PromptTooLong,
+            ErrorCode::UnknownModel,
+            ErrorCode::TemplateError,
+            ErrorCode::EngineError,
+        ] {
+            assert_eq!(serde_json::to_value(code).ok(), Some(Value::String(code.as_str().into())));
+        }
+    }
+}

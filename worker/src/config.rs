@@ -1,0 +1,278 @@
+//! The worker's configuration: one struct per concern, every flag also an environment variable,
+//! validated once at start-up with messages that say what to change.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, ValueEnum};
+
+use crate::model::{LoadOptions, ModelSource, WeightFormat};
+
+/// Ferry's worker: answers LLM requests from Kafka, committing each only once it is answered.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "ferry-worker", version, about)]
+pub struct Config {
+    #[command(flatten)]
+    pub kafka: KafkaConfig,
+    #[command(flatten)]
+    pub model: ModelConfig,
+    #[command(flatten)]
+    pub runtime: RuntimeConfig,
+    #[command(flatten)]
+    pub telemetry: TelemetryConfig,
+}
+
+/// Where requests come from and answers go.
+#[derive(Debug, Clone, Args)]
+pub struct KafkaConfig {
+    /// Kafka bootstrap servers, `host:port[,host:port...]`.
+    #[arg(long, env = "FERRY_BOOTSTRAP_SERVERS", default_value = "localhost:9092")]
+    pub bootstrap_servers: String,
+    /// Read the bootstrap servers from this file instead (as `ferry broker --bootstrap-file`
+    /// writes it), waiting up to 60 s for it to appear.
+    #[arg(long, env = "FERRY_BOOTSTRAP_FILE")]
+    pub bootstrap_file: Option<PathBuf>,
+    /// The topic requests are read from.
+    #[arg(long, env = "FERRY_TOPIC", default_value = "ferry.requests")]
+    pub topic: String,
+    /// The consumer group all workers of a fleet share.
+    #[arg(long, env = "FERRY_GROUP_ID", default_value = "ferry-workers")]
+    pub group_id: String,
+    /// Where replies go for requests that name no `reply_to`.
+    #[arg(long, env = "FERRY_REPLY_TOPIC", default_value = "ferry.replies")]
+    pub reply_topic: String,
+    /// Where unservable messages go; `<topic>.dlq` when not given.
+    #[arg(long, env = "FERRY_DEAD_LETTER_TOPIC")]
+    pub dead_letter_topic: Option<String>,
+    /// How long the group waits for a silent worker before giving its partitions to others.
+    #[arg(long, env = "FERRY_SESSION_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub session_timeout: Duration,
+    /// How long to wait for the broker to acknowledge a reply before the worker gives up and
+    /// stops (the request is then redelivered, never lost).
+    #[arg(long, env = "FERRY_PUBLISH_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub publish_timeout: Duration,
+    /// Extra librdkafka properties, `key=value`, for TLS, SASL and tuning
+    /// (`FERRY_KAFKA_PROPERTIES` takes a comma-separated list).
+    #[arg(long = "kafka-property", env = "FERRY_KAFKA_PROPERTIES", value_delimiter = ',')]
+    pub properties: Vec<String>,
+}
+
+/// Properties the worker sets itself because its delivery guarantee depends on them.
+const MANAGED_PROPERTIES: &[&str] = &[
+    "bootstrap.servers",
+    "group.id",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "enable.idempotence",
+    "acks",
+];
+
+impl KafkaConfig {
+    pub fn dead_letter_topic(&self) -> String {
+        self.dead_letter_topic.clone().unwrap_or_else(|| ferry_schemas::dead_letter_topic(&self.topic))
+    }
+
+    /// The extra properties as pairs.
+    pub fn property_pairs(&self) -> Result<Vec<(String, String)>, ConfigError> {
+        self.properties
+            .iter()
+            .map(|p| {
+                let (k, v) = p
+                    .split_once('=')
+                    .ok_or_else(|| ConfigError(format!("--kafka-property {p:?} is not of the form key=value")))?;
+                let k = k.trim();
+                if MANAGED_PROPERTIES.contains(&k) {
+                    return Err(ConfigError(format!(
+                        "--kafka-property {k} is set by the worker itself (its delivery guarantee depends on it)"
+                    )));
+                }
+                Ok((k.to_string(), v.trim().to_string()))
+            })
+            .collect()
+    }
+}
+
+/// Which model to serve and how to load it.
+#[derive(Debug, Clone, Args)]
+pub struct ModelConfig {
+    /// The GGUF model: a local path, or `hf://<owner>/<repo>/<file.gguf>[@<revision>]`.
+    #[arg(long, env = "FERRY_MODEL")]
+    pub model: ModelSource,
+    /// The model file's expected sha256; the worker refuses to start on a mismatch.
+    #[arg(long, env = "FERRY_MODEL_SHA256")]
+    pub model_sha256: Option<String>,
+    /// Where Hugging Face Hub downloads are cached (a volume shared by the pods of a node).
+    #[arg(long, env = "FERRY_MODEL_CACHE_DIR")]
+    pub model_cache_dir: Option<PathBuf>,
+    /// The name requests use in their `model` field; the file's stem when not given.
+    #[arg(long, env = "FERRY_MODEL_NAME")]
+    pub model_name: Option<String>,
+    /// How matrix weights are held in memory: `q8-0` re-quantises 4- and 5-bit weights to Q8_0
+    /// at load, which candle runs several times faster on CPU; `native` keeps the file's format.
+    #[arg(long, env = "FERRY_WEIGHTS", value_enum, default_value = "q8-0")]
+    pub weights: WeightFormat,
+    /// Caps the context window below the model's own, to bound KV-cache memory per request.
+    #[arg(long, env = "FERRY_MAX_CONTEXT")]
+    pub max_context: Option<usize>,
+}
+
+impl ModelConfig {
+    pub fn load_options(&self) -> LoadOptions {
+        LoadOptions {
+            source: self.model.clone(),
+            cache_dir: self.model_cache_dir.clone(),
+            sha256: self.model_sha256.clone(),
+            weights: self.weights,
+            name: self.model_name.clone(),
+            max_context: self.max_context,
+        }
+    }
+}
+
+/// This process.
+#[derive(Debug, Clone, Args)]
+pub struct RuntimeConfig {
+    /// This worker's name in replies and logs; in Kubernetes, the pod name. Defaults to
+    /// `$HOSTNAME`, or `worker-<pid>`.
+    #[arg(long, env = "FERRY_WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// Compute threads. Pin it when the worker shares cores: candle's spinning thread pool
+    /// slows down badly when it has more threads than free cores.
+    #[arg(long, env = "FERRY_THREADS")]
+    pub threads: Option<usize>,
+}
+
+impl RuntimeConfig {
+    pub fn worker_id(&self) -> String {
+        self.worker_id
+            .clone()
+            .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+            .unwrap_or_else(|| format!("worker-{}", std::process::id()))
+    }
+}
+
+/// Logs.
+#[derive(Debug, Clone, Args)]
+pub struct TelemetryConfig {
+    /// `text` for people, `json` for log collectors (use it in Kubernetes).
+    #[arg(long, env = "FERRY_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Log filter, in `tracing` syntax (`info`, `ferry_worker=debug,rdkafka=warn`).
+    #[arg(long, env = "FERRY_LOG", default_value = "info")]
+    pub log: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A configuration that cannot work, with what to change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl Config {
+    /// Checks every rule that clap's types do not.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let k = &self.kafka;
+        for (flag, topic) in [("--topic", &k.topic), ("--reply-topic", &k.reply_topic), ("--dead-letter-topic", &k.dead_letter_topic())] {
+            if topic.is_empty() || topic.len() > 249 || !topic.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
+                return Err(ConfigError(format!("{flag} {topic:?} is not a valid Kafka topic name")));
+            }
+        }
+        if k.dead_letter_topic() == k.topic {
+            return Err(ConfigError("--dead-letter-topic must differ from --topic".into()));
+        }
+        if k.group_id.is_empty() {
+            return Err(ConfigError("--group-id must not be empty".into()));
+        }
+        if k.session_timeout < Duration::from_secs(1) || k.session_timeout > Duration::from_secs(3600) {
+            return Err(ConfigError("--session-timeout must be between 1s and 1h".into()));
+        }
+        if k.publish_timeout < Duration::from_secs(1) {
+            return Err(ConfigError("--publish-timeout must be at least 1s".into()));
+        }
+        k.property_pairs()?;
+        if let Some(sha) = &self.model.model_sha256 {
+            if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(ConfigError("--model-sha256 must be 64 hexadecimal digits".into()));
+            }
+        }
+        if let Some(ctx) = self.model.max_context {
+            if ctx < 16 {
+                return Err(ConfigError("--max-context must be at least 16 tokens".into()));
+            }
+        }
+        if self.runtime.threads == Some(0) {
+            return Err(ConfigError("--threads must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Config {
+        let mut all = vec!["ferry-worker", "--model", "m.gguf"];
+        all.extend_from_slice(args);
+        Config::try_parse_from(all).expect("parses")
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = parse(&[]);
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(c.kafka.dead_letter_topic(), "ferry.requests.dlq");
+        assert_eq!(c.model.weights, WeightFormat::Q8_0);
+    }
+
+    #[test]
+    fn rejects_what_cannot_work() {
+        for args in [
+            &["--topic", "has space"][..],
+            &["--dead-letter-topic", "ferry.requests"],
+            &["--session-timeout", "10ms"],
+            &["--kafka-property", "enable.auto.commit=true"],
+            &["--kafka-property", "novalue"],
+            &["--model-sha256", "abc"],
+            &["--threads", "0"],
+            &["--max-context", "4"],
+        ] {
+            assert!(parse(args).validate().is_err(), "{args:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn extra_properties_pass_through() {
+        let c = parse(&["--kafka-property", "security.protocol=SASL_SSL", "--kafka-property", "sasl.mechanism=PLAIN"]);
+        assert_eq!(
+            c.kafka.property_pairs(),
+            Ok(vec![
+                ("security.protocol".into(), "SASL_SSL".into()),
+                ("sasl.mechanism".into(), "PLAIN".into())
+            ])
+        );
+    }
+}
+
+/// Reads bootstrap servers from a file that another process writes (such as `ferry broker
+/// --bootstrap-file`), waiting up to `wait` for it to appear with content.
+pub async fn read_bootstrap_file(path: &std::path::Path, wait: Duration) -> Result<String, ConfigError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        if let Ok(s) = tokio::fs::read_to_string(path).await {
+            let s = s.trim();
+            if !s.is_empty() {
+                return Ok(s.to_string());
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ConfigError(format!("no bootstrap servers in {} after {wait:?}", path.display())));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,245 @@
+//! One generation, as a state machine that advances a token at a time.
+//!
+//! A [`Sequence`] owns everything that belongs to one request's generation: the prompt and
+//! generated token ids, its KV cache, the logits for the next position, and the text so far.
+//! [`Sequence::step`] emits one token; the caller decides when to step, so the same type serves
+//! a simple loop now and snapshots or batching later.
+//!
+//! Invariant: after [`Sequence::prefill`], `cache.len() == prompt.len() + generated.len()` and
+//! `next_logits` are the model's logits for the position after the last token, until the
+//! sequence finishes.
+
+use std::time::{Duration, Instant};
+
+use ferry_schemas::FinishReason;
+
+use super::sampler::{sample, SamplingParams};
+use crate::model::{IncrementalDecoder, Model, ModelError, SequenceCache};
+
+/// What a sequence needs to know about its request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationParams {
+    pub sampling: SamplingParams,
+    pub max_tokens: usize,
+    /// Generation stops before the first of these strings; it is not part of the text.
+    pub stop: Vec<String>,
+}
+
+/// Why and how a sequence ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finish {
+    pub reason: FinishReason,
+    /// The stop string that ended it, if one did.
+    pub stop_sequence: Option<String>,
+}
+
+/// The result of a finished generation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    pub text: String,
+    pub finish: Finish,
+    pub prompt_tokens: usize,
+    /// Generated token ids, the end-of-sequence token excluded.
+    pub tokens: Vec<u32>,
+    pub prefill: Duration,
+    pub decode: Duration,
+}
+
+/// A generation in progress.
+#[derive(Debug)]
+pub struct Sequence {
+    prompt: Vec<u32>,
+    generated: Vec<u32>,
+    cache: SequenceCache,
+    next_logits: Option<Vec<f32>>,
+    params: GenerationParams,
+    decoder: IncrementalDecoder,
+    /// Text of the tokens the decoder has released so far.
+    text: String,
+    finish: Option<Finish>,
+    prefill_time: Duration,
+    decode_time: Duration,
+}
+
+impl Sequence {
+    pub fn new(model: &Model, prompt: Vec<u32>, params: GenerationParams) -> Self {
+        Self {
+            prompt,
+            generated: Vec::new(),
+            cache: SequenceCache::new(&model.weights.config),
+            next_logits: None,
+            params,
+            decoder: IncrementalDecoder::default(),
+            text: String::new(),
+            finish: None,
+            prefill_time: Duration::ZERO,
+            decode_time: Duration::ZERO,
+        }
+    }
+
+    pub fn prompt(&self) -> &[u32] {
+        &self.prompt
+    }
+
+    pub fn generated(&self) -> &[u32] {
+        &self.generated
+    }
+
+    pub fn finish(&self) -> Option<&Finish> {
+        self.finish.as_ref()
+    }
+
+    /// Runs the prompt through the model. The prompt must be shorter than the context window
+    /// (the caller checks, so that an over-long prompt is rejected before any compute).
+    pub fn prefill(&mut self, model: &Model) -> Result<(), ModelError> {
+        let start = Instant::now();
+        let logits = model.weights.forward(&self.prompt, &mut self.cache)?;
+        self.next_logits = Some(logits.to_vec1()?);
+        self.prefill_time += start.elapsed();
+        Ok(())
+    }
+
+    /// Emits one token and, unless that ends the generation, computes the logits for the next.
+    /// Returns the text this step released (possibly empty: a character can span tokens).
+    pub fn step(&mut self, model: &Model) -> Result<String, ModelError> {
+        if self.finish.is_some() {
+            return Ok(String::new());
+        }
+        let Some(logits) = self.next_logits.take() else {
+            return Err(ModelError::Unsupported("step before prefill".into()));
+        };
+        let start = Instant::now();
+        let position = self.generated.len() as u64;
+        let token = sample(&logits, &self.params.sampling, position);
+        let delta = self.accept(model, token)?;
+        if self.finish.is_none() {
+            let logits = model.weights.forward(&[token], &mut self.cache)?;
+            self.next_logits = Some(logits.to_vec1()?);
+        }
+        self.decode_time += start.elapsed();
+        Ok(delta)
+    }
+
+    /// Records `token` and decides whether the generation is over.
+    fn accept(&mut self, model: &Model, token: u32) -> Result<String, ModelError> {
+        if model.tokenizer.is_eos(token) {
+            self.finish = Some(Finish { reason: FinishReason::Stop, stop_sequence: None });
+            return self.flush(model);
+        }
+        self.generated.push(token);
+        let old_len = self.text.len();
+        let mut delta = self.decoder.next(&model.tokenizer, &self.generated)?.unwrap_or_default();
+        self.text.push_str(&delta);
+        if let Some((at, stop)) = find_stop(&self.text, old_len, &self.params.stop) {
+            self.text.truncate(at);
+            delta.truncate(at.saturating_sub(old_len));
+            self.finish = Some(Finish { reason: FinishReason::Stop, stop_sequence: Some(stop) });
+            return Ok(delta);
+        }
+        let reason = if self.generated.len() >= self.params.max_tokens {
+            Some(FinishReason::Length)
+        } else if self.prompt.len() + self.generated.len() >= model.context_length {
+            Some(FinishReason::ContextLength)
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            self.finish = Some(Finish { reason, stop_sequence: None });
+            delta.push_str(&self.flush(model)?);
+        }
+        Ok(delta)
+    }
+
+    /// Releases text held back for an incomplete character, at the end of generation.
+    fn flush(&mut self, model: &Model) -> Result<String, ModelError> {
+        let rest = self.decoder.flush(&model.tokenizer, &self.generated)?;
+        self.text.push_str(&rest);
+        Ok(rest)
+    }
+
+    /// An independent copy of this generation, cache included, that continues exactly as this
+    /// one would.
+    pub fn fork(&self, model: &Model) -> Result<Self, ModelError> {
+        Ok(Self {
+            prompt: self.prompt.clone(),
+            generated: self.generated.clone(),
+            cache: self.cache.deep_copy(&model.weights.config)?,
+            next_logits: self.next_logits.clone(),
+            params: self.params.clone(),
+            decoder: self.decoder.clone(),
+            text: self.text.clone(),
+            finish: self.finish.clone(),
+            prefill_time: self.prefill_time,
+            decode_time: self.decode_time,
+        })
+    }
+
+    /// Prefills and steps until the generation ends.
+    pub fn run(mut self, model: &Model) -> Result<Completion, ModelError> {
+        if self.next_logits.is_none() && self.finish.is_none() {
+            self.prefill(model)?;
+        }
+        while self.finish.is_none() {
+            self.step(model)?;
+        }
+        self.into_completion()
+    }
+
+    /// The result of a finished sequence.
+    pub fn into_completion(self) -> Result<Completion, ModelError> {
+        let finish = self.finish.ok_or_else(|| ModelError::Unsupported("sequence has not finished".into()))?;
+        Ok(Completion {
+            text: self.text,
+            finish,
+            prompt_tokens: self.prompt.len(),
+            tokens: self.generated,
+            prefill: self.prefill_time,
+            decode: self.decode_time,
+        })
+    }
+}
+
+/// The earliest stop string that occurs in `text` and ends after `old_len` (earlier text was
+/// already checked), as (byte index where it starts, the string).
+fn find_stop(text: &str, old_len: usize, stops: &[String]) -> Option<(usize, String)> {
+    let longest = stops.iter().map(String::len).max()?;
+    let mut from = old_len.saturating_sub(longest.saturating_sub(1));
+    while !text.is_char_boundary(from) {
+        from -= 1;
+    }
+    stops
+        .iter()
+        .filter_map(|s| text[from..].find(s.as_str()).map(|i| (from + i, s.clone())))
+        .min_by_key(|(i, _)| *i)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stops(s: &[&str]) -> Vec<String> {
+        s.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn stop_found_across_pieces() {
+        // "END" arrives split: "...E" was checked before, "ND" is new.
+        assert_eq!(find_stop("abcEND", 4, &stops(&["END"])), Some((3, "END".into())));
+    }
+
+    #[test]
+    fn earliest_stop_wins() {
+        assert_eq!(find_stop("x\n\nyEND", 0, &stops(&["END", "\n\n"])), Some((1, "\n\n".into())));
+    }
+
+    #[test]
+    fn old_text_is_not_searched_again() {
+        assert_eq!(find_stop("END and more", 11, &stops(&["END"])), None);
+    }
+
+    #[test]
+    fn multibyte_boundaries_are_respected() {
+        assert_eq!(find_stop("héé!", 5, &stops(&["é!"])), Some((3, "é!".into())));
+        assert_eq!(find_stop("abc", 3, &[]), None);
+    }
+}

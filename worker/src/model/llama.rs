@@ -1,0 +1,400 @@
+//! The llama forward pass, with the KV cache as an explicit value owned by each sequence.
+//!
+//! candle's `quantized_llama` keeps its cache inside the layers, where nothing outside can read
+//! or replace it. Here the weights are shared and immutable ([`LlamaWeights`]) and every
+//! sequence brings its own [`SequenceCache`], so a cache can be serialised, restored into another
+//! process, and continue the generation token for token (the snapshot machinery relies on it).
+//!
+//! The arithmetic is the same as `quantized_llama`'s, operation for operation, so the logits are
+//! the same: `tests/logits.rs` checks it.
+//!
+//! Rotary embeddings use the interleaved (GGML "NORM") convention that llama models use: the
+//! pairs rotated together are dimensions `(2i, 2i + 1)`, hence `rope_i`.
+
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, IndexOp, Module, Tensor};
+use candle_nn::kv_cache::KvCache;
+
+use super::ModelError;
+
+/// The hyper-parameters read from the GGUF metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+    pub embedding_length: usize,
+    pub context_length: usize,
+    pub rms_norm_eps: f64,
+    pub rope_freq_base: f32,
+    pub vocab_size: usize,
+}
+
+impl LlamaConfig {
+    pub fn from_gguf(ct: &gguf_file::Content) -> Result<Self, ModelError> {
+        let arch = md_string(ct, "general.architecture")?;
+        if arch != "llama" {
+            return Err(ModelError::Unsupported(format!(
+                "architecture {arch:?}; this engine runs llama-architecture models"
+            )));
+        }
+        let u = |k: &str| md_u32(ct, &format!("llama.{k}")).map(|v| v as usize);
+        let n_head = u("attention.head_count")?;
+        let embedding_length = u("embedding_length")?;
+        if ct.metadata.contains_key("llama.expert_count") {
+            return Err(ModelError::Unsupported("mixture-of-experts llama models".into()));
+        }
+        let vocab_size = match ct.metadata.get("llama.vocab_size") {
+            Some(v) => v.to_u32()? as usize,
+            None => md(ct, "tokenizer.ggml.tokens")?.to_vec()?.len(),
+        };
+        Ok(Self {
+            n_layer: u("block_count")?,
+            n_head,
+            n_kv_head: u("attention.head_count_kv")?,
+            head_dim: u("rope.dimension_count").unwrap_or(embedding_length / n_head),
+            embedding_length,
+            context_length: u("context_length")?,
+            rms_norm_eps: f64::from(md(ct, "llama.attention.layer_norm_rms_epsilon")?.to_f32()?),
+            rope_freq_base: ct
+                .metadata
+                .get("llama.rope.freq_base")
+                .and_then(|v| v.to_f32().ok())
+                .unwrap_or(10_000.0),
+            vocab_size,
+        })
+    }
+}
+
+pub(crate) fn md<'a>(ct: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::Value, ModelError> {
+    ct.metadata.get(key).ok_or_else(|| ModelError::MissingMetadata(key.to_string()))
+}
+
+pub(crate) fn md_u32(ct: &gguf_file::Content, key: &str) -> Result<u32, ModelError> {
+    Ok(md(ct, key)?.to_u32()?)
+}
+
+pub(crate) fn md_string(ct: &gguf_file::Content, key: &str) -> Result<String, ModelError> {
+    Ok(md(ct, key)?.to_string()?.clone())
+}
+
+/// The format matrix weights are kept in after loading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WeightFormat {
+    /// Exactly as stored in the GGUF file.
+    Native,
+    /// Q4_0/Q4_1/Q5_x weights re-quantised to Q8_0 at load. candle has SIMD kernels for Q8_0 but
+    /// only scalar code for Q4_1, so this is several times faster on CPU, at twice the memory of
+    /// 4-bit weights (still small next to the KV cache of a long context).
+    Q8_0,
+}
+
+struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        candle_nn::ops::rms_norm(x, &self.weight, self.eps)
+    }
+}
+
+struct Layer {
+    attn_norm: RmsNorm,
+    wq: QMatMul,
+    wk: QMatMul,
+    wv: QMatMul,
+    wo: QMatMul,
+    ffn_norm: RmsNorm,
+    w_gate: QMatMul,
+    w_up: QMatMul,
+    w_down: QMatMul,
+}
+
+/// The weights of a llama model: immutable, shared by every sequence.
+pub struct LlamaWeights {
+    pub config: LlamaConfig,
+    tok_embeddings: candle_nn::Embedding,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    output: QMatMul,
+    /// Rotary tables for every position of the context, `(context_length, head_dim / 2)`.
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+}
+
+impl std::fmt::Debug for LlamaWeights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LlamaWeights").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+/// The KV cache of one sequence: for every layer, the keys and values of every position so far,
+/// shaped `(1, n_kv_head, positions, head_dim)`.
+///
+/// Not `Clone`: candle's cache writes new positions into its buffer in place, so a shallow copy
+/// would share that buffer with the original. [`SequenceCache::deep_copy`] makes a real copy.
+#[derive(Debug)]
+pub struct SequenceCache {
+    layers: Vec<KvCache>,
+    len: usize,
+}
+
+/// Positions the cache allocates at a time. Small, so a short request does not pay for the
+/// whole context; growth copies, but only every this many tokens.
+const CACHE_CHUNK: usize = 256;
+
+impl SequenceCache {
+    pub fn new(config: &LlamaConfig) -> Self {
+        Self { layers: (0..config.n_layer).map(|_| KvCache::new(2, CACHE_CHUNK)).collect(), len: 0 }
+    }
+
+    /// Number of positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// An independent copy, sharing no buffer with `self`.
+    pub fn deep_copy(&self, config: &LlamaConfig) -> Result<Self, ModelError> {
+        if self.is_empty() {
+            return Ok(Self::new(config));
+        }
+        Self::from_layer_tensors(config, &self.layer_tensors()?)
+    }
+
+    /// Keys and values of every layer, each `(1, n_kv_head, len, head_dim)`, for serialisation.
+    pub fn layer_tensors(&self) -> Result<Vec<(Tensor, Tensor)>, ModelError> {
+        let mut out = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            match (layer.k()?, layer.v()?) {
+                (Some(k), Some(v)) => out.push((k, v)),
+                _ => return Err(ModelError::Unsupported("an empty cache has no tensors".into())),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Rebuilds a cache from the tensors [`SequenceCache::layer_tensors`] gave.
+    pub fn from_layer_tensors(config: &LlamaConfig, tensors: &[(Tensor, Tensor)]) -> Result<Self, ModelError> {
+        if tensors.len() != config.n_layer {
+            return Err(ModelError::Unsupported(format!(
+                "cache has {} layers, model has {}",
+                tensors.len(),
+                config.n_layer
+            )));
+        }
+        let mut cache = Self::new(config);
+        for ((k, v), layer) in tensors.iter().zip(cache.layers.iter_mut()) {
+            layer.append(&k.contiguous()?, &v.contiguous()?)?;
+        }
+        cache.len = tensors.first().map(|(k, _)| k.dim(2)).transpose()?.unwrap_or(0);
+        Ok(cache)
+    }
+}
+
+impl LlamaWeights {
+    /// Loads the weights from a GGUF file, converting matrix weights to `format`.
+    pub fn from_gguf<R: std::io::Read + std::io::Seek>(
+        ct: &gguf_file::Content,
+        reader: &mut R,
+        format: WeightFormat,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let config = LlamaConfig::from_gguf(ct)?;
+        let matrix = |reader: &mut R, name: &str| load_matrix(ct, reader, name, format, device);
+        let eps = config.rms_norm_eps as f32;
+        let norm = |reader: &mut R, name: &str| -> Result<RmsNorm, ModelError> {
+            Ok(RmsNorm { weight: ct.tensor(reader, name, device)?.dequantize(device)?, eps })
+        };
+        let mut layers = Vec::with_capacity(config.n_layer);
+        for i in 0..config.n_layer {
+            let p = format!("blk.{i}");
+            layers.push(Layer {
+                attn_norm: norm(reader, &format!("{p}.attn_norm.weight"))?,
+                wq: matrix(reader, &format!("{p}.attn_q.weight"))?,
+                wk: matrix(reader, &format!("{p}.attn_k.weight"))?,
+                wv: matrix(reader, &format!("{p}.attn_v.weight"))?,
+                wo: matrix(reader, &format!("{p}.attn_output.weight"))?,
+                ffn_norm: norm(reader, &format!("{p}.ffn_norm.weight"))?,
+                w_gate: matrix(reader, &format!("{p}.ffn_gate.weight"))?,
+                w_up: matrix(reader, &format!("{p}.ffn_up.weight"))?,
+                w_down: matrix(reader, &format!("{p}.ffn_down.weight"))?,
+            });
+        }
+        let final_norm = norm(reader, "output_norm.weight")?;
+        let embd_q = ct.tensor(reader, "token_embd.weight", device)?;
+        let tok_embeddings = candle_nn::Embedding::new(embd_q.dequantize(device)?, config.embedding_length);
+        // Models with tied embeddings have no `output.weight`: the embedding matrix is the output
+        // projection too.
+        let output = if ct.tensor_infos.contains_key("output.weight") {
+            matrix(reader, "output.weight")?
+        } else {
+            QMatMul::from_qtensor(embd_q)?
+        };
+        let (cos, sin) = rope_tables(config.head_dim, config.rope_freq_base, config.context_length, device)?;
+        Ok(Self { config, tok_embeddings, layers, norm: final_norm, output, cos, sin, device: device.clone() })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Runs `tokens` through the model at the positions after those already in `cache`, appends
+    /// their keys and values to it, and returns the logits of the last token, `(vocab,)` in f32.
+    pub fn forward(&self, tokens: &[u32], cache: &mut SequenceCache) -> Result<Tensor, ModelError> {
+        let seq_len = tokens.len();
+        let index_pos = cache.len;
+        if seq_len == 0 {
+            return Err(ModelError::Unsupported("forward pass over no tokens".into()));
+        }
+        if index_pos + seq_len > self.config.context_length {
+            return Err(ModelError::ContextFull { context_length: self.config.context_length });
+        }
+        let c = &self.config;
+        let input = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
+        let mask = if seq_len == 1 { None } else { Some(causal_mask(seq_len, index_pos, &self.device)?) };
+        let cos = self.cos.narrow(0, index_pos, seq_len)?;
+        let sin = self.sin.narrow(0, index_pos, seq_len)?;
+        let mut x = self.tok_embeddings.forward(&input)?;
+        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let residual = &x;
+            let h = layer.attn_norm.forward(&x)?;
+            let q = layer.wq.forward(&h)?.reshape((1, seq_len, c.n_head, c.head_dim))?.transpose(1, 2)?;
+            let k = layer.wk.forward(&h)?.reshape((1, seq_len, c.n_kv_head, c.head_dim))?.transpose(1, 2)?;
+            let v = layer
+                .wv
+                .forward(&h)?
+                .reshape((1, seq_len, c.n_kv_head, c.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let q = candle_nn::rotary_emb::rope_i(&q.contiguous()?, &cos, &sin)?;
+            let k = candle_nn::rotary_emb::rope_i(&k.contiguous()?, &cos, &sin)?;
+            let (k, v) = kv.append(&k, &v)?;
+            let n_rep = c.n_head / c.n_kv_head;
+            let k = repeat_kv(k, n_rep)?;
+            let v = repeat_kv(v, n_rep)?;
+            let att = (q.matmul(&k.t()?)? / (c.head_dim as f64).sqrt())?;
+            let att = match &mask {
+                None => att,
+                Some(mask) => {
+                    let mask = mask.broadcast_as(att.shape())?;
+                    let neg_inf = Tensor::new(f32::NEG_INFINITY, &self.device)?.broadcast_as(att.shape())?;
+                    mask.where_cond(&neg_inf, &att)?
+                }
+            };
+            let att = candle_nn::ops::softmax_last_dim(&att)?;
+            let y = att.matmul(&v.contiguous()?)?;
+            let y = y.transpose(1, 2)?.reshape((1, seq_len, c.embedding_length))?;
+            let x1 = (layer.wo.forward(&y)? + residual)?;
+            let h = layer.ffn_norm.forward(&x1)?;
+            let gate = candle_nn::ops::silu(&layer.w_gate.forward(&h)?)?;
+            let up = layer.w_up.forward(&h)?;
+            x = (layer.w_down.forward(&(gate * up)?)? + &x1)?;
+        }
+        cache.len += seq_len;
+        let x = self.norm.forward(&x)?;
+        let x = x.i((.., seq_len - 1, ..))?;
+        let logits = self.output.forward(&x)?.squeeze(0)?.to_dtype(DType::F32)?;
+        Ok(logits)
+    }
+}
+
+/// Reads one matrix weight, re-quantised as `format` asks.
+fn load_matrix<R: std::io::Read + std::io::Seek>(
+    ct: &gguf_file::Content,
+    reader: &mut R,
+    name: &str,
+    format: WeightFormat,
+    device: &Device,
+) -> Result<QMatMul, ModelError> {
+    let t = ct.tensor(reader, name, device)?;
+    let t = match (format, t.dtype()) {
+        (WeightFormat::Q8_0, GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1) => {
+            QTensor::quantize(&t.dequantize(device)?, GgmlDType::Q8_0)?
+        }
+        _ => t,
+    };
+    Ok(QMatMul::from_qtensor(t)?)
+}
+
+/// Repeats each KV head `n_rep` times so grouped-query attention can use one matmul, laid out
+/// as candle's `repeat_kv` does: head `h` of the query reads KV head `h / n_rep`.
+fn repeat_kv(x: Tensor, n_rep: usize) -> candle_core::Result<Tensor> {
+    if n_rep == 1 {
+        return Ok(x);
+    }
+    let (b, n_kv, seq, hd) = x.dims4()?;
+    Tensor::cat(&vec![&x; n_rep], 2)?.reshape((b, n_kv * n_rep, seq, hd))
+}
+
+/// The causal mask for `seq_len` new queries after `index_pos` cached positions: 1 where a query
+/// must not look (a later position), 0 where it may.
+///
+/// ```text
+///              cached 0..index_pos   new 0  new 1  new 2
+/// query new 0:      0 … 0              0      1      1
+/// query new 1:      0 … 0              0      0      1
+/// query new 2:      0 … 0              0      0      0
+/// ```
+fn causal_mask(seq_len: usize, index_pos: usize, device: &Device) -> candle_core::Result<Tensor> {
+    let kv_len = index_pos + seq_len;
+    let mask: Vec<u8> = (0..seq_len)
+        .flat_map(|i| (0..kv_len).map(move |j| u8::from(j > index_pos + i)))
+        .collect();
+    Tensor::from_slice(&mask, (seq_len, kv_len), device)
+}
+
+/// cos and sin of `position * theta_i` for every position of the context, with
+/// `theta_i = base^(-2i / head_dim)`.
+fn rope_tables(head_dim: usize, base: f32, positions: usize, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+    let theta: Vec<f32> = (0..head_dim).step_by(2).map(|i| 1f32 / base.powf(i as f32 / head_dim as f32)).collect();
+    let theta = Tensor::new(theta.as_slice(), device)?;
+    let idx_theta = Tensor::arange(0, positions as u32, device)?
+        .to_dtype(DType::F32)?
+        .reshape((positions, 1))?
+        .matmul(&theta.reshape((1, theta.elem_count()))?)?;
+    Ok((idx_theta.cos()?, idx_theta.sin()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mask_blocks_only_later_positions() -> candle_core::Result<()> {
+        let m: Vec<u8> = causal_mask(3, 2, &Device::Cpu)?.flatten_all()?.to_vec1()?;
+        #[rustfmt::skip]
+        assert_eq!(m, [
+            0, 0,  0, 1, 1,
+            0, 0,  0, 0, 1,
+            0, 0,  0, 0, 0,
+        ]);
+        Ok(())
+    }
+
+    #[test]
+    fn repeat_kv_maps_query_head_to_kv_head_by_division() -> candle_core::Result<()> {
+        // Two KV heads holding 0 and 1; with n_rep = 3, query heads 0..3 read 0 and 3..6 read 1.
+        let x = Tensor::new(&[0f32, 1.], &Device::Cpu)?.reshape((1, 2, 1, 1))?;
+        let r: Vec<f32> = repeat_kv(x, 3)?.flatten_all()?.to_vec1()?;
+        assert_eq!(r, [0., 0., 0., 1., 1., 1.]);
+        Ok(())
+    }
+
+    #[test]
+    fn rope_table_starts_at_identity() -> candle_core::Result<()> {
+        let (cos, sin) = rope_tables(4, 10_000.0, 3, &Device::Cpu)?;
+        assert_eq!(cos.dims(), [3, 2]);
+        let c0: Vec<f32> = cos.i(0)?.to_vec1()?;
+        let s0: Vec<f32> = sin.i(0)?.to_vec1()?;
+        assert_eq!((c0, s0), (vec![1., 1.], vec![0., 0.]));
+        Ok(())
+    }
+}

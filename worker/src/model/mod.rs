@@ -1,0 +1,201 @@
+//! The model: weights, tokenizer and chat template, all read from one GGUF file.
+//!
+//! [`ModelSource`] says where the file comes from (a local path, or a Hugging Face Hub reference
+//! downloaded into a cache directory); [`Model::load`] reads it, checks its sha256 when one is
+//! pinned, and builds the three parts. Everything here is immutable once loaded and shared by
+//! every sequence; per-sequence state (the KV cache) lives in [`llama::SequenceCache`].
+
+pub mod chat;
+pub mod llama;
+pub mod tokenizer;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file;
+use candle_core::Device;
+use sha2::{Digest, Sha256};
+
+pub use chat::ChatTemplate;
+pub use llama::{LlamaConfig, LlamaWeights, SequenceCache, WeightFormat};
+pub use tokenizer::{IncrementalDecoder, Tokenizer};
+
+/// Everything that can go wrong loading or running the model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// Reading the file failed. The worker cannot start.
+    #[error("cannot read the model file {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    /// The file's sha256 is not the pinned one. The worker cannot start.
+    #[error("model file {path} has sha256 {actual}, expected {expected}")]
+    Checksum { path: PathBuf, expected: String, actual: String },
+    /// Downloading from the Hugging Face Hub failed. The worker cannot start.
+    #[error("cannot fetch {reference} from the Hugging Face Hub: {message}")]
+    Hub { reference: String, message: String },
+    /// A metadata key the engine needs is absent. The worker cannot start.
+    #[error("the GGUF file has no {0:?} metadata")]
+    MissingMetadata(String),
+    /// The file describes a model this engine does not run. The worker cannot start.
+    #[error("unsupported model: {0}")]
+    Unsupported(String),
+    /// The tokenizer could not be built, or failed on an input.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// The chat template failed to compile (at start-up) or to render (a request's chat, which
+    /// is then dead-lettered).
+    #[error("chat template: {0}")]
+    Template(String),
+    /// A forward pass would run past the context window.
+    #[error("the context window of {context_length} tokens is full")]
+    ContextFull { context_length: usize },
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Where the GGUF file comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A file on local disk (or a mounted volume).
+    Path(PathBuf),
+    /// `hf://<owner>/<repo>/<file>[@<revision>]`: a file of a Hugging Face Hub model repository,
+    /// downloaded once into the cache directory and read from there afterwards.
+    Hub { repo: String, file: String, revision: Option<String> },
+}
+
+impl std::str::FromStr for ModelSource {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let Some(rest) = s.strip_prefix("hf://") else {
+            return Ok(ModelSource::Path(PathBuf::from(s)));
+        };
+        let (rest, revision) = match rest.split_once('@') {
+            Some((r, rev)) => (r, Some(rev.to_string())),
+            None => (rest, None),
+        };
+        let mut parts = rest.splitn(3, '/');
+        match (parts.next(), parts.next(), parts.next()) {
+            (Some(owner), Some(repo), Some(file)) if !owner.is_empty() && !repo.is_empty() && !file.is_empty() => {
+                Ok(ModelSource::Hub { repo: format!("{owner}/{repo}"), file: file.to_string(), revision })
+            }
+            _ => Err(format!("{s:?} is not of the form hf://<owner>/<repo>/<file.gguf>[@<revision>]")),
+        }
+    }
+}
+
+impl ModelSource {
+    /// The local path of the file, downloading it first for a Hub reference.
+    pub fn resolve(&self, cache_dir: Option<&Path>) -> Result<PathBuf, ModelError> {
+        match self {
+            ModelSource::Path(p) => Ok(p.clone()),
+            ModelSource::Hub { repo, file, revision } => {
+                let reference = format!("hf://{repo}/{file}");
+                let hub_err = |e: hf_hub::api::sync::ApiError| ModelError::Hub {
+                    reference: reference.clone(),
+                    message: e.to_string(),
+                };
+                let mut builder = hf_hub::api::sync::ApiBuilder::from_env().with_progress(false);
+                if let Some(dir) = cache_dir {
+                    builder = builder.with_cache_dir(dir.to_path_buf());
+                }
+                let api = builder.build().map_err(hub_err)?;
+                let repo = hf_hub::Repo::with_revision(
+                    repo.clone(),
+                    hf_hub::RepoType::Model,
+                    revision.clone().unwrap_or_else(|| "main".into()),
+                );
+                api.repo(repo).get(file).map_err(hub_err)
+            }
+        }
+    }
+}
+
+/// How to load the model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub source: ModelSource,
+    /// Where Hub downloads are kept (a volume shared by the pods of a node).
+    pub cache_dir: Option<PathBuf>,
+    /// The file's expected sha256, lowercase hex; loading fails on a mismatch.
+    pub sha256: Option<String>,
+    pub weights: WeightFormat,
+    /// The name requests use for this model; the file's stem when not given.
+    pub name: Option<String>,
+    /// Caps the context window below the model's own (to bound KV-cache memory).
+    pub max_context: Option<usize>,
+}
+
+/// A loaded model, ready to serve.
+pub struct Model {
+    /// The name requests may ask for in their `model` field.
+    pub name: String,
+    /// sha256 of the GGUF file, lowercase hex: the model's identity.
+    pub sha256: String,
+    pub weights: LlamaWeights,
+    pub tokenizer: Tokenizer,
+    pub template: Option<ChatTemplate>,
+    /// The context window in tokens: the model's own, or the operator's lower cap.
+    pub context_length: usize,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model").field("name", &self.name).field("sha256", &self.sha256).finish_non_exhaustive()
+    }
+}
+
+impl Model {
+    pub fn load(opts: &LoadOptions, device: &Device) -> Result<Self, ModelError> {
+        let path = opts.source.resolve(opts.cache_dir.as_deref())?;
+        let io = |source| ModelError::Io { path: path.clone(), source };
+        let sha256 = file_sha256(&path).map_err(io)?;
+        if let Some(expected) = &opts.sha256 {
+            if !expected.eq_ignore_ascii_case(&sha256) {
+                return Err(ModelError::Checksum { path, expected: expected.clone(), actual: sha256 });
+            }
+        }
+        let mut file = std::io::BufReader::new(std::fs::File::open(&path).map_err(io)?);
+        let ct = gguf_file::Content::read(&mut file)?;
+        let tokenizer = Tokenizer::from_gguf(&ct)?;
+        let template = match ct.metadata.get("tokenizer.chat_template") {
+            Some(v) => Some(ChatTemplate::new(v.to_string()?)?),
+            None => None,
+        };
+        let weights = LlamaWeights::from_gguf(&ct, &mut file, opts.weights, device)?;
+        let context_length = match opts.max_context {
+            Some(cap) => cap.min(weights.config.context_length),
+            None => weights.config.context_length,
+        };
+        let name = opts.name.clone().unwrap_or_else(|| {
+            path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
+        });
+        Ok(Self { name, sha256, weights, tokenizer, template, context_length })
+    }
+}
+
+/// sha256 of a file, lowercase hex.
+pub fn file_sha256(path: &Path) -> std::io::Result<String> {
+    let mut hasher = Sha256::new();
+    let mut file = std::fs::File::open(path)?;
+    std::io::copy(&mut file, &mut hasher)?;
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_sources() {
+        assert_eq!("models/a.gguf".parse(), Ok(ModelSource::Path("models/a.gguf".into())));
+        assert_eq!(
+            "hf://HuggingFaceTB/SmolLM2-135M-Instruct-GGUF/smollm2.gguf@v1".parse(),
+            Ok(ModelSource::Hub {
+                repo: "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF".into(),
+                file: "smollm2.gguf".into(),
+                revision: Some("v1".into()),
+            })
+        );
+        assert!("hf://only-owner".parse::<ModelSource>().is_err());
+    }
+}

@@ -1,0 +1,182 @@
+//! The engine on the real model: our forward pass against candle's reference implementation,
+//! the tokenizer and chat template, and generation with its stop rules.
+
+mod support {
+    pub mod model;
+}
+
+use candle_core::quantized::gguf_file;
+use candle_core::{Device, Tensor};
+use candle_transformers::models::quantized_llama;
+use ferry_schemas::{ChatMessage, FinishReason, Request, Role};
+use ferry_worker::engine::{Engine, Sequence};
+use ferry_worker::model::{SequenceCache, WeightFormat};
+use support::model::{load, model_path, shared};
+
+fn chat_request(id: &str, content: &str, max_tokens: u32) -> Request {
+    let mut r: Request = serde_json::from_str(&format!(r#"{{"id":"{id}","prompt":"x"}}"#)).expect("parses");
+    r.prompt = None;
+    r.messages = Some(vec![ChatMessage { role: Role::User, content: content.into() }]);
+    r.max_tokens = Some(max_tokens);
+    r
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// Our forward pass gives candle's `quantized_llama` logits, on the file's own Q4_1 weights,
+/// for a prefill and for single-token steps after it.
+#[test]
+fn logits_match_candle_quantized_llama() {
+    let model = load(WeightFormat::Native);
+    let path = model_path();
+    let mut file = std::fs::File::open(&path).expect("opens");
+    let ct = gguf_file::Content::read(&mut file).expect("reads gguf");
+    let mut reference = quantized_llama::ModelWeights::from_gguf(ct, &mut file, &Device::Cpu).expect("loads");
+
+    let prompt = model.tokenizer.encode("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n").expect("encodes");
+    let mut cache = SequenceCache::new(&model.weights.config);
+    let ours = model.weights.forward(&prompt, &mut cache).expect("forward");
+    let input = Tensor::new(prompt.as_slice(), &Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("tensor");
+    let theirs = reference.forward(&input, 0).and_then(|t| t.squeeze(0)).expect("reference forward");
+    let (ours, theirs): (Vec<f32>, Vec<f32>) = (ours.to_vec1().expect("f32"), theirs.to_vec1().expect("f32"));
+    let diff = max_abs_diff(&ours, &theirs);
+    assert!(diff <= 1e-4, "prefill logits differ by {diff}");
+
+    let mut pos = prompt.len();
+    for token in [504u32, 3575, 282] {
+        let ours: Vec<f32> = model.weights.forward(&[token], &mut cache).and_then(|t| Ok(t.to_vec1()?)).expect("step");
+        let input = Tensor::new(&[token], &Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("tensor");
+        let theirs: Vec<f32> = reference.forward(&input, pos).and_then(|t| t.squeeze(0)?.to_vec1()).expect("reference step");
+        let diff = max_abs_diff(&ours, &theirs);
+        assert!(diff <= 1e-4, "step logits at position {pos} differ by {diff}");
+        pos += 1;
+    }
+    assert_eq!(cache.len(), pos);
+}
+
+#[test]
+fn tokenizer_matches_the_models_conventions() {
+    let model = shared();
+    let t = &model.tokenizer;
+    // Control tokens are whole tokens; no prefix space is added; digits are split one by one
+    // (ids as llama.cpp gives them for this file).
+    let ids = t.encode("<|im_start|>system\n").expect("encodes");
+    assert_eq!(ids, [1, 9690, 198]);
+    let hello = t.encode("Hello").expect("encodes");
+    assert_eq!(hello.len(), 1, "{hello:?}");
+    assert_ne!(t.encode(" Hello").expect("encodes"), hello);
+    assert_eq!(t.encode("2024").expect("encodes").len(), 4);
+    for text in ["Grüße, 世界! 🚀 tabs\tand\nnewlines", "  leading spaces", "x=1+2"] {
+        let ids = t.encode(text).expect("encodes");
+        assert_eq!(t.decode(&ids).expect("decodes"), text);
+    }
+    assert!(t.is_eos(2) && t.is_eos(0) && !t.is_eos(1));
+}
+
+/// The prompt the worker builds for a chat is the model's template, tokenised: 56 tokens for this
+/// chat, as llama.cpp gives for the same file.
+#[test]
+fn chat_prompt_renders_with_the_gguf_template() {
+    let engine = Engine::new(shared());
+    let req = chat_request("t", "What is the capital of France? Answer in one word.", 8);
+    let text = engine.prompt_text(&req).expect("renders");
+    assert!(text.starts_with("<|im_start|>system\nYou are a helpful AI assistant named SmolLM"));
+    assert!(text.ends_with("<|im_start|>user\nWhat is the capital of France? Answer in one word.<|im_end|>\n<|im_start|>assistant\n"));
+    let prepared = engine.prepare(&req).expect("prepares");
+    assert_eq!(&prepared.prompt[..3], &[1, 9690, 198]);
+}
+
+#[test]
+fn greedy_answer_is_deterministic() {
+    let engine = Engine::new(shared());
+    let req = chat_request("g", "Write a haiku about autumn.", 24);
+    let a = engine.generate(engine.prepare(&req).expect("prepares")).expect("generates");
+    let b = engine.generate(engine.prepare(&req).expect("prepares")).expect("generates");
+    assert!(a.text.to_lowercase().contains("autumn"), "{:?}", a.text);
+    assert_eq!(a.tokens, b.tokens);
+    assert_eq!(a.text, b.text);
+}
+
+#[test]
+fn stops_on_max_tokens_and_on_stop_strings() {
+    let engine = Engine::new(shared());
+    let mut req = chat_request("s", "Count from 1 to 20, separated by commas.", 5);
+    let c = engine.generate(engine.prepare(&req).expect("prepares")).expect("generates");
+    assert_eq!((c.tokens.len(), c.finish.reason), (5, FinishReason::Length));
+
+    req.max_tokens = Some(64);
+    let full = engine.generate(engine.prepare(&req).expect("prepares")).expect("generates");
+    // Stop at a piece of text the unconstrained answer contains: the answer must be cut just
+    // before it.
+    let stop = "5";
+    let at = full.text.find(stop).expect("the count reaches 5");
+    req.stop = vec![stop.into()];
+    let cut = engine.generate(engine.prepare(&req).expect("prepares")).expect("generates");
+    assert_eq!(cut.finish.reason, FinishReason::Stop);
+    assert_eq!(cut.finish.stop_sequence.as_deref(), Some(stop));
+    assert_eq!(cut.text, full.text[..at]);
+}
+
+/// Seeded sampling is reproducible, and the seed matters.
+#[test]
+fn seeded_sampling_is_reproducible() {
+    let engine = Engine::new(shared());
+    let mut req = chat_request("seeded", "Write a short poem about the sea.", 24);
+    req.temperature = Some(0.9);
+    req.top_p = Some(0.95);
+    req.top_k = Some(50);
+    req.seed = Some(42);
+    let a = engine.generate(engine.prepare(&req).expect("prepares")).expect("generates");
+    let b = engine.generate(engine.prepare(&req).expect("prepares")).expect("generates");
+    assert_eq!(a.tokens, b.tokens);
+    let others: Vec<Vec<u32>> = (43..46)
+        .map(|seed| {
+            req.seed = Some(seed);
+            engine.generate(engine.prepare(&req).expect("prepares")).expect("generates").tokens
+        })
+        .collect();
+    assert!(others.iter().any(|o| o != &a.tokens), "three other seeds all gave the same text");
+}
+
+/// The KV cache is a value: a copy taken mid-generation continues exactly as the original.
+#[test]
+fn a_copied_cache_continues_identically() {
+    let model = shared();
+    let engine = Engine::new(model.clone());
+    let mut req = chat_request("c", "Name three colours.", 20);
+    req.temperature = Some(0.8);
+    req.seed = Some(7);
+    let prepared = engine.prepare(&req).expect("prepares");
+    let whole = engine.generate(prepared.clone()).expect("generates");
+
+    let mut seq = Sequence::new(&model, prepared.prompt.clone(), prepared.params.clone());
+    seq.prefill(&model).expect("prefills");
+    for _ in 0..7 {
+        seq.step(&model).expect("steps");
+    }
+    let forked = seq.fork(&model).expect("forks");
+    // Run the original on first: were the copy sharing its cache buffer, these writes would
+    // corrupt the copy's future.
+    let original = seq.run(&model).expect("runs");
+    let rest = forked.run(&model).expect("runs");
+    assert_eq!(original.tokens, whole.tokens);
+    assert_eq!(rest.tokens, whole.tokens);
+    assert_eq!(rest.text, whole.text);
+}
+
+#[test]
+fn rejects_prompts_longer_than_the_context() {
+    let model = shared();
+    let engine = Engine::new(model.clone());
+    let mut req = chat_request("long", "", 8);
+    req.prompt = Some("word ".repeat(model.context_length + 10));
+    req.messages = None;
+    let err = engine.prepare(&req).expect_err("too long");
+    assert_eq!(err.code(), ferry_schemas::ErrorCode::PromptTooLong);
+    req.prompt = Some("short".into());
+    req.model = Some("another-model".into());
+    assert_eq!(engine.prepare(&req).expect_err("wrong model").code(), ferry_schemas::ErrorCode::UnknownModel);
+}

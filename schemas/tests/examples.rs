@@ -1,0 +1,487 @@
+//! Holds the two forms of the contract to each other: the JSON Schema files that a client in any
+//! language reads, and the serde types the worker uses.
+//!
+//! Every example in `examples/` must validate against its schema, parse into its Rust type, pass
+//! [`Request::validate`] where that applies, and come back unchanged from a round trip through
+//! the type. Every example in `examples/invalid/` must be rejected by the schema *and* by the
+//! Rust side, for the reason its entry in [`INVALID`] names. The numbers of the schema files are
+//! compared with the constants of the crate, and each limit is probed at its edge from both
+//! sides, so neither form can drift from the other unnoticed.
+//!
+//! The limit of this check: JSON Schema's `maxLength` counts characters while the Rust side counts
+//! bytes, so the edges are probed with ASCII text, where the two agree.
+
+use std::collections::BTreeSet;
+use std::fmt::Debug;
+use std::path::{Path, PathBuf};
+
+use ferry_schemas::*;
+use jsonschema::{Draft, Resource, Validator};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+/// The schema files, named as in their `$id`.
+const SCHEMA_FILES: [&str; 5] = [
+    "request.schema.json",
+    "reply.schema.json",
+    "response.schema.json",
+    "error.schema.json",
+    "dead_letter.schema.json",
+];
+
+fn crate_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn read_json(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
+}
+
+fn schema(file: &str) -> Value {
+    read_json(&crate_dir().join(file))
+}
+
+/// A validator for one schema file that resolves references to the other files from disk, never
+/// from the network, and asserts `format` (so `date-time` is checked, not merely annotated).
+fn validator(file: &str) -> Validator {
+    let mut options = jsonschema::options().with_draft(Draft::Draft202012).should_validate_formats(true);
+    for other in SCHEMA_FILES {
+        let contents = schema(other);
+        let id = contents["$id"].as_str().unwrap_or_else(|| panic!("{other} has no $id")).to_string();
+        let resource = Resource::from_contents(contents).unwrap_or_else(|e| panic!("{other}: {e}"));
+        options = options.with_resource(id, resource);
+    }
+    options.build(&schema(file)).unwrap_or_else(|e| panic!("{file} does not compile: {e}"))
+}
+
+/// The schema's complaints about `instance`, one line each; empty when it is valid.
+fn schema_errors(validator: &Validator, instance: &Value) -> Vec<String> {
+    validator.iter_errors(instance).map(|e| format!("{}: {e}", e.instance_path)).collect()
+}
+
+fn assert_schema_accepts(validator: &Validator, instance: &Value, what: &str) {
+    let errors = schema_errors(validator, instance);
+    assert!(errors.is_empty(), "{what} should satisfy the schema:\n{}", errors.join("\n"));
+}
+
+/// The JSON files directly inside `dir`, sorted, as (file name, contents).
+fn json_files(dir: &Path) -> Vec<(String, Value)> {
+    let mut files: Vec<(String, Value)> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
+        .map(|entry| entry.expect("a readable directory entry").path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "json"))
+        .map(|path| {
+            let name = path.file_name().expect("a file has a name").to_string_lossy().into_owned();
+            (name, read_json(&path))
+        })
+        .collect();
+    files.sort_by(|a, b| a.0.cmp(&b.0));
+    files
+}
+
+/// Parses `original` into `T`, writes it back, parses that again, and returns the first value and
+/// what it wrote. Both parses must agree, so nothing is lost or invented on the way out.
+fn round_trip<T: Serialize + DeserializeOwned + PartialEq + Debug>(original: &Value, what: &str) -> (T, Value) {
+    let first: T = serde_json::from_value(original.clone()).unwrap_or_else(|e| panic!("{what} does not parse: {e}"));
+    let written = serde_json::to_value(&first).unwrap_or_else(|e| panic!("{what} does not serialise: {e}"));
+    let second: T = serde_json::from_value(written.clone()).unwrap_or_else(|e| panic!("{what} re-read: {e}"));
+    assert_eq!(first, second, "{what} changed on a round trip");
+    (first, written)
+}
+
+#[test]
+fn schema_files_are_2020_12_schemas_with_versioned_ids() {
+    for file in SCHEMA_FILES {
+        let s = schema(file);
+        assert_eq!(s["$schema"], "https://json-schema.org/draft/2020-12/schema", "{file}");
+        assert_eq!(s["$id"], format!("https://ferry.dev/schemas/v{SCHEMA_VERSION}/{file}"), "{file}");
+        if let Err(e) = jsonschema::meta::validate(&s) {
+            panic!("{file} is not a valid JSON Schema: {e}");
+        }
+        // Compiling resolves every `$ref`, so a dangling reference fails here.
+        validator(file);
+    }
+}
+
+/// Collects the path of every property schema under `node` that lacks a description.
+fn undocumented(node: &Value, path: &str, missing: &mut Vec<String>) {
+    match node {
+        Value::Object(map) => {
+            if let Some(Value::Object(props)) = map.get("properties") {
+                for (name, prop) in props {
+                    let documented =
+                        prop.get("description").and_then(Value::as_str).is_some_and(|d| !d.trim().is_empty());
+                    if !documented {
+                        missing.push(format!("{path}/properties/{name}"));
+                    }
+                }
+            }
+            for (key, child) in map {
+                undocumented(child, &format!("{path}/{key}"), missing);
+            }
+        }
+        Value::Array(items) => {
+            for (i, child) in items.iter().enumerate() {
+                undocumented(child, &format!("{path}/{i}"), missing);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[test]
+fn every_field_is_documented() {
+    for file in SCHEMA_FILES {
+        let mut missing = Vec::new();
+        undocumented(&schema(file), file, &mut missing);
+        assert!(missing.is_empty(), "fields without a description:\n{}", missing.join("\n"));
+        assert!(schema(file)["description"].is_string(), "{file} has no top-level description");
+    }
+}
+
+#[test]
+fn valid_examples_satisfy_schema_and_types_and_round_trip() {
+    let request = validator("request.schema.json");
+    let reply = validator("reply.schema.json");
+    let response = validator("response.schema.json");
+    let error = validator("error.schema.json");
+    let dead_letter = validator("dead_letter.schema.json");
+
+    let examples = json_files(&crate_dir().join("examples"));
+    let names: BTreeSet<&str> = examples.iter().map(|(name, _)| name.as_str()).collect();
+    for required in ["request-chat.json", "request-prompt.json", "response.json", "error.json", "dead-letter.json"] {
+        assert!(names.contains(required), "examples/{required} is missing");
+    }
+
+    for (name, example) in &examples {
+        let what = format!("examples/{name}");
+        if name.starts_with("request-") {
+            assert_schema_accepts(&request, example, &what);
+            let (parsed, written) = round_trip::<Request>(example, &what);
+            assert_eq!(parsed.validate(), Ok(()), "{what}");
+            // `version` is the one field serde fills in on the way in; it is then written out.
+            let mut expected = example.clone();
+            expected.as_object_mut().expect("a request is an object").entry("version").or_insert(json!(SCHEMA_VERSION));
+            assert_eq!(written, expected, "{what} is not written back as it was read");
+        } else if name.starts_with("response") || name.starts_with("error") {
+            let (own, kind) = if name.starts_with("response") { (&response, "response") } else { (&error, "error") };
+            assert_schema_accepts(own, example, &what);
+            assert_schema_accepts(&reply, example, &what);
+            let (parsed, written) = round_trip::<Reply>(example, &what);
+            assert_eq!(parsed.kind(), kind, "{what}");
+            assert_eq!(parsed.id(), example["id"], "{what}");
+            assert_eq!(&written, example, "{what} is not written back as it was read");
+            // The body without its tag is the variant's own type, as the worker builds it.
+            let mut body = example.clone();
+            body.as_object_mut().expect("a reply is an object").remove("kind");
+            match &parsed {
+                Reply::Response(r) => assert_eq!(&round_trip::<Response>(&body, &what).0, r, "{what}"),
+                Reply::Error(e) => assert_eq!(&round_trip::<ErrorReply>(&body, &what).0, e, "{what}"),
+            }
+        } else if name.starts_with("dead-letter") {
+            assert_schema_accepts(&dead_letter, example, &what);
+            let (parsed, written) = round_trip::<DeadLetter>(example, &what);
+            assert_eq!(&written, example, "{what} is not written back as it was read");
+            let payload = parsed.payload().unwrap_or_else(|e| panic!("{what}: payload_base64: {e}"));
+            assert_eq!(DeadLetter::encode_payload(&payload), parsed.payload_base64, "{what}");
+        } else {
+            panic!("{what}: name it request-*, response*, error* or dead-letter* so this test knows its schema");
+        }
+    }
+}
+
+#[test]
+fn the_full_request_example_sets_every_field() {
+    let example = read_json(&crate_dir().join("examples/request-prompt.json"));
+    let properties = schema("request.schema.json")["properties"].as_object().expect("request has properties").clone();
+    for field in properties.keys().filter(|f| *f != "messages") {
+        assert!(example.get(field).is_some(), "examples/request-prompt.json should show `{field}`");
+    }
+}
+
+/// How the Rust side must reject an invalid example.
+#[derive(Debug, Clone, Copy)]
+enum Rejected {
+    /// `serde_json` refuses it: wrong shape, type or field name.
+    ByParsing,
+    /// It parses, and [`Request::validate`] names this field.
+    ByValidation(&'static str),
+}
+
+/// Every file in `examples/invalid/` and why it is invalid.
+const INVALID: &[(&str, Rejected)] = &[
+    ("bad-topic-name.json", Rejected::ByValidation("reply_to")),
+    ("both-messages-and-prompt.json", Rejected::ByValidation("messages")),
+    ("deadline-not-rfc3339.json", Rejected::ByParsing),
+    ("empty-id.json", Rejected::ByValidation("id")),
+    ("empty-messages.json", Rejected::ByValidation("messages")),
+    ("empty-prompt.json", Rejected::ByValidation("prompt")),
+    ("empty-stop-string.json", Rejected::ByValidation("stop[0]")),
+    ("id-too-long.json", Rejected::ByValidation("id")),
+    ("max-tokens-negative.json", Rejected::ByParsing),
+    ("max-tokens-too-large.json", Rejected::ByValidation("max_tokens")),
+    ("max-tokens-zero.json", Rejected::ByValidation("max_tokens")),
+    ("missing-id.json", Rejected::ByParsing),
+    ("neither-messages-nor-prompt.json", Rejected::ByValidation("messages")),
+    ("prompt-not-a-string.json", Rejected::ByParsing),
+    ("temperature-3.json", Rejected::ByValidation("temperature")),
+    ("too-many-stop-strings.json", Rejected::ByValidation("stop")),
+    ("top-k-too-large.json", Rejected::ByValidation("top_k")),
+    ("top-p-above-one.json", Rejected::ByValidation("top_p")),
+    ("top-p-zero.json", Rejected::ByValidation("top_p")),
+    ("unknown-field.json", Rejected::ByParsing),
+    ("unknown-message-field.json", Rejected::ByParsing),
+    ("unknown-role.json", Rejected::ByParsing),
+    ("version-2.json", Rejected::ByValidation("version")),
+];
+
+#[test]
+fn invalid_examples_fail_schema_and_rust() {
+    let request = validator("request.schema.json");
+    let examples = json_files(&crate_dir().join("examples/invalid"));
+    let on_disk: BTreeSet<&str> = examples.iter().map(|(name, _)| name.as_str()).collect();
+    let listed: BTreeSet<&str> = INVALID.iter().map(|(name, _)| *name).collect();
+    assert_eq!(on_disk, listed, "examples/invalid/ and INVALID must list the same files");
+
+    for (name, example) in &examples {
+        let what = format!("examples/invalid/{name}");
+        assert!(!schema_errors(&request, example).is_empty(), "the schema accepts {what}");
+        let expected = INVALID.iter().find(|(n, _)| n == name).map(|(_, r)| *r).expect("listed above");
+        let parsed = serde_json::from_value::<Request>(example.clone());
+        match (expected, parsed) {
+            (Rejected::ByParsing, Err(_)) => {}
+            (Rejected::ByParsing, Ok(r)) => panic!("{what} should not parse, got {r:?}"),
+            (Rejected::ByValidation(field), Ok(r)) => {
+                assert_eq!(r.validate().map_err(|e| e.field), Err(field.to_string()), "{what}");
+            }
+            (Rejected::ByValidation(_), Err(e)) => panic!("{what} should parse and fail validation, but: {e}"),
+        }
+    }
+}
+
+/// The number at `pointer` in a schema file, as an exact integer.
+fn integer_at(file: &str, pointer: &str) -> u64 {
+    schema(file)
+        .pointer(pointer)
+        .and_then(Value::as_u64)
+        .unwrap_or_else(|| panic!("{file}#{pointer} is not an integer"))
+}
+
+#[test]
+fn schema_numbers_equal_the_crate_constants() {
+    let r = "request.schema.json";
+    let as_u64 = |n: usize| u64::try_from(n).expect("limits fit in u64");
+    for (pointer, expected) in [
+        ("/properties/version/const", u64::from(SCHEMA_VERSION)),
+        ("/properties/version/default", u64::from(SCHEMA_VERSION)),
+        ("/properties/id/minLength", 1),
+        ("/properties/id/maxLength", as_u64(MAX_ID_LEN)),
+        ("/properties/model/maxLength", as_u64(MAX_MODEL_LEN)),
+        ("/properties/messages/minItems", 1),
+        ("/properties/messages/maxItems", as_u64(MAX_MESSAGES)),
+        ("/$defs/chat_message/properties/content/maxLength", as_u64(MAX_TEXT_LEN)),
+        ("/properties/prompt/minLength", 1),
+        ("/properties/prompt/maxLength", as_u64(MAX_TEXT_LEN)),
+        ("/properties/max_tokens/minimum", 1),
+        ("/properties/max_tokens/maximum", u64::from(MAX_MAX_TOKENS)),
+        ("/properties/max_tokens/default", u64::from(DEFAULT_MAX_TOKENS)),
+        ("/properties/top_k/maximum", u64::from(MAX_TOP_K)),
+        ("/properties/seed/maximum", u64::MAX),
+        ("/properties/stop/maxItems", as_u64(MAX_STOP)),
+        ("/properties/stop/items/minLength", 1),
+        ("/properties/stop/items/maxLength", as_u64(MAX_STOP_LEN)),
+        ("/properties/reply_to/maxLength", as_u64(MAX_TOPIC_LEN)),
+        ("/properties/metadata/x-max-json-bytes", as_u64(MAX_METADATA_BYTES)),
+    ] {
+        assert_eq!(integer_at(r, pointer), expected, "{r}#{pointer}");
+    }
+    let request = schema(r);
+    assert_eq!(request.pointer("/properties/temperature/maximum").and_then(Value::as_f64), Some(MAX_TEMPERATURE));
+    assert_eq!(request.pointer("/properties/temperature/minimum").and_then(Value::as_f64), Some(0.0));
+    assert_eq!(request.pointer("/properties/top_p/exclusiveMinimum").and_then(Value::as_f64), Some(0.0));
+    assert_eq!(request.pointer("/properties/top_p/maximum").and_then(Value::as_f64), Some(1.0));
+
+    let topic_pattern = "^[a-zA-Z0-9._-]+$";
+    assert_eq!(request.pointer("/properties/reply_to/pattern"), Some(&json!(topic_pattern)));
+    let dead_letter = schema("dead_letter.schema.json");
+    assert_eq!(dead_letter.pointer("/properties/source/properties/topic/pattern"), Some(&json!(topic_pattern)));
+    assert_eq!(
+        integer_at("dead_letter.schema.json", "/properties/source/properties/topic/maxLength"),
+        as_u64(MAX_TOPIC_LEN)
+    );
+
+    for file in ["response.schema.json", "error.schema.json", "dead_letter.schema.json"] {
+        assert_eq!(integer_at(file, "/properties/version/const"), u64::from(SCHEMA_VERSION), "{file}");
+    }
+}
+
+/// The strings of a schema `enum`, in order.
+fn enum_at(file: &str, pointer: &str) -> Vec<String> {
+    let values = schema(file).pointer(pointer).and_then(Value::as_array).cloned();
+    let values = values.unwrap_or_else(|| panic!("{file}#{pointer} is not an enum"));
+    values
+        .iter()
+        .map(|v| v.as_str().unwrap_or_else(|| panic!("{file}#{pointer}: {v} is not a string")).to_string())
+        .collect()
+}
+
+fn serde_names<T: Serialize>(values: &[T]) -> Vec<String> {
+    values
+        .iter()
+        .map(|v| match serde_json::to_value(v) {
+            Ok(Value::String(s)) => s,
+            other => panic!("an enum variant should serialise to a string, got {other:?}"),
+        })
+        .collect()
+}
+
+#[test]
+fn schema_enums_equal_the_rust_enums() {
+    // The matches have no wildcard arm, so a new variant stops this test from compiling until
+    // it is listed here, and then the comparison with the schema fails until the schema has it.
+    let roles = [Role::System, Role::User, Role::Assistant];
+    for role in roles {
+        match role {
+            Role::System | Role::User | Role::Assistant => {}
+        }
+    }
+    let finish = [FinishReason::Stop, FinishReason::Length, FinishReason::ContextLength, FinishReason::Deadline];
+    for reason in finish {
+        match reason {
+            FinishReason::Stop | FinishReason::Length | FinishReason::ContextLength | FinishReason::Deadline => {}
+        }
+    }
+    use ErrorCode::*;
+    let codes = [InvalidJson, InvalidSchema, InvalidRequest, PromptTooLong, UnknownModel, TemplateError, EngineError];
+    for code in codes {
+        match code {
+            InvalidJson | InvalidSchema | InvalidRequest | PromptTooLong | UnknownModel | TemplateError
+            | EngineError => {}
+        }
+    }
+
+    assert_eq!(enum_at("request.schema.json", "/$defs/chat_message/properties/role/enum"), serde_names(&roles));
+    assert_eq!(enum_at("response.schema.json", "/properties/finish_reason/enum"), serde_names(&finish));
+    assert_eq!(enum_at("error.schema.json", "/$defs/error_code/enum"), serde_names(&codes));
+    assert_eq!(enum_at("reply.schema.json", "/properties/kind/enum"), ["response", "error"]);
+}
+
+/// A valid request with one field replaced.
+fn request_with(field: &str, value: Value) -> Value {
+    let mut request = json!({ "id": "edge", "prompt": "p" });
+    if field == "messages" {
+        request.as_object_mut().expect("an object").remove("prompt");
+    }
+    request[field] = value;
+    request
+}
+
+/// Whether the Rust side accepts `request`: it parses and validates.
+fn rust_accepts(request: &Value) -> bool {
+    serde_json::from_value::<Request>(request.clone()).is_ok_and(|r| r.validate().is_ok())
+}
+
+/// Builds a request whose probed field has the given size.
+type BuildRequest = Box<dyn Fn(u64) -> Value>;
+
+#[test]
+fn each_limit_holds_at_its_edge_in_schema_and_rust() {
+    let schema = validator("request.schema.json");
+    let r = "request.schema.json";
+    let text = |n: u64| "x".repeat(usize::try_from(n).expect("a limit fits in usize"));
+    let message = |content: String| json!({ "role": "user", "content": content });
+    // Each case builds a request from a size; `limit` is read from the schema, so the case checks
+    // that the schema's number is exactly where the Rust side starts to refuse.
+    let cases: Vec<(&str, u64, BuildRequest)> = vec![
+        ("id", integer_at(r, "/properties/id/maxLength"), Box::new(move |n| request_with("id", json!(text(n))))),
+        (
+            "model",
+            integer_at(r, "/properties/model/maxLength"),
+            Box::new(move |n| request_with("model", json!(text(n)))),
+        ),
+        (
+            "prompt",
+            integer_at(r, "/properties/prompt/maxLength"),
+            Box::new(move |n| request_with("prompt", json!(text(n)))),
+        ),
+        (
+            "content",
+            integer_at(r, "/$defs/chat_message/properties/content/maxLength"),
+            Box::new(move |n| request_with("messages", json!([message(text(n))]))),
+        ),
+        (
+            "messages",
+            integer_at(r, "/properties/messages/maxItems"),
+            Box::new(move |n| request_with("messages", Value::Array((0..n).map(|_| message("hi".into())).collect()))),
+        ),
+        (
+            "stop",
+            integer_at(r, "/properties/stop/maxItems"),
+            Box::new(|n| request_with("stop", json!((0..n).map(|i| i.to_string()).collect::<Vec<_>>()))),
+        ),
+        (
+            "stop[0]",
+            integer_at(r, "/properties/stop/items/maxLength"),
+            Box::new(move |n| request_with("stop", json!([text(n)]))),
+        ),
+        (
+            "reply_to",
+            integer_at(r, "/properties/reply_to/maxLength"),
+            Box::new(move |n| request_with("reply_to", json!(text(n)))),
+        ),
+        (
+            "max_tokens",
+            integer_at(r, "/properties/max_tokens/maximum"),
+            Box::new(|n| request_with("max_tokens", json!(n))),
+        ),
+        ("top_k", integer_at(r, "/properties/top_k/maximum"), Box::new(|n| request_with("top_k", json!(n)))),
+        (
+            "metadata",
+            integer_at(r, "/properties/metadata/x-max-json-bytes"),
+            // `{"k":""}` is 8 bytes of JSON; the string fills the rest. The schema cannot state
+            // a size in bytes of JSON, so only the Rust side is probed here.
+            Box::new(move |n| request_with("metadata", json!({ "k": text(n - 8) }))),
+        ),
+    ];
+    for (name, limit, build) in cases {
+        let at = build(limit);
+        let over = build(limit + 1);
+        assert!(rust_accepts(&at), "{name}: Rust refuses the limit {limit}");
+        assert!(!rust_accepts(&over), "{name}: Rust accepts {} (limit {limit})", limit + 1);
+        assert_schema_accepts(&schema, &at, &format!("{name} at its limit {limit}"));
+        if name != "metadata" {
+            assert!(!schema.is_valid(&over), "{name}: the schema accepts {} (limit {limit})", limit + 1);
+        }
+    }
+
+    // The fractional limits, from both sides.
+    let max_temperature = schema_number(r, "/properties/temperature/maximum");
+    for (field, ok, bad) in
+        [("temperature", max_temperature, max_temperature + 0.01), ("top_p", 1.0, 1.01), ("top_p", 0.001, 0.0)]
+    {
+        let (ok, bad) = (request_with(field, json!(ok)), request_with(field, json!(bad)));
+        assert!(rust_accepts(&ok) && schema.is_valid(&ok), "{field}: {ok} should be accepted");
+        assert!(!rust_accepts(&bad) && !schema.is_valid(&bad), "{field}: {bad} should be refused");
+    }
+}
+
+fn schema_number(file: &str, pointer: &str) -> f64 {
+    schema(file).pointer(pointer).and_then(Value::as_f64).unwrap_or_else(|| panic!("{file}#{pointer} is not a number"))
+}
+
+#[test]
+fn a_reply_of_one_kind_with_the_others_fields_is_refused() {
+    // The `kind` tag decides the shape on both sides: an error body labelled `response` must fail.
+    let reply = validator("reply.schema.json");
+    let mut mislabelled = read_json(&crate_dir().join("examples/error.json"));
+    mislabelled["kind"] = json!("response");
+    assert!(!reply.is_valid(&mislabelled), "the schema accepts an error labelled as a response");
+    assert!(serde_json::from_value::<Reply>(mislabelled).is_err(), "serde accepts an error labelled as a response");
+
+    let mut unknown = read_json(&crate_dir().join("examples/response.json"));
+    unknown["kind"] = json!("partial");
+    assert!(!reply.is_valid(&unknown), "the schema accepts an unknown kind");
+    assert!(serde_json::from_value::<Reply>(unknown).is_err(), "serde accepts an unknown kind");
+}

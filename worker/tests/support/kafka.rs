@@ -1,0 +1,192 @@
+//! A Kafka-protocol broker and worker processes for integration tests.
+//!
+//! By default each test starts its own `ferry broker` (librdkafka's mock cluster, in a separate
+//! process, over TCP). With `FERRY_TEST_BOOTSTRAP_SERVERS` set, the same tests run against that
+//! real cluster instead, creating their topics with the admin API. Every test uses fresh random
+//! topic and group names, so tests never see each other's messages.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+
+/// A child process killed (and reaped) when dropped. On a failing test, its log is printed.
+pub struct ChildGuard {
+    pub name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl ChildGuard {
+    pub fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> Self {
+        let out = File::create(&log).expect("log file");
+        let child = cmd
+            .stdout(Stdio::from(out.try_clone().expect("dup log")))
+            .stderr(Stdio::from(out))
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Self { name: name.to_string(), child, log }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("----- log of {} -----\n{}", self.name, self.log());
+        }
+    }
+}
+
+/// The directory the workspace's binaries are built into.
+pub fn bin(name: &str) -> PathBuf {
+    let worker = Path::new(env!("CARGO_BIN_EXE_ferry-worker"));
+    let path = worker.with_file_name(name);
+    assert!(path.exists(), "{} is not built: run `cargo build --workspace --bins` first", path.display());
+    path
+}
+
+/// A unique name for a test's topic or group.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// A broker to test against, with the test's topics.
+pub struct Cluster {
+    pub bootstrap: String,
+    pub dir: tempfile::TempDir,
+    _broker: Option<ChildGuard>,
+}
+
+impl Cluster {
+    /// A broker holding `topics`, each with one partition.
+    pub fn start(topics: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        if let Ok(bootstrap) = std::env::var("FERRY_TEST_BOOTSTRAP_SERVERS") {
+            create_topics(&bootstrap, topics);
+            return Self { bootstrap, dir, _broker: None };
+        }
+        let file = dir.path().join("bootstrap");
+        let mut cmd = Command::new(bin("ferry"));
+        cmd.arg("broker").arg("--partitions").arg("1").arg("--bootstrap-file").arg(&file);
+        for t in topics {
+            cmd.arg("--topic").arg(t);
+        }
+        let broker = ChildGuard::spawn("ferry broker", &mut cmd, dir.path().join("broker.log"));
+        let bootstrap = wait_for(Duration::from_secs(30), "the broker's bootstrap file", || {
+            std::fs::read_to_string(&file).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
+        });
+        Self { bootstrap, dir, _broker: Some(broker) }
+    }
+
+    /// Starts a worker on this cluster with the test model and `args`.
+    pub fn worker(&self, name: &str, args: &[&str]) -> ChildGuard {
+        let mut cmd = Command::new(bin("ferry-worker"));
+        cmd.arg("--bootstrap-servers")
+            .arg(&self.bootstrap)
+            .arg("--model")
+            .arg(super::model::model_path())
+            .arg("--worker-id")
+            .arg(name)
+            .arg("--threads")
+            .arg("1")
+            .args(args);
+        ChildGuard::spawn(name, &mut cmd, self.dir.path().join(format!("{name}.log")))
+    }
+
+    pub fn producer(&self) -> FutureProducer {
+        ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("enable.idempotence", "true")
+            .create()
+            .expect("producer")
+    }
+
+    /// Publishes `payload` keyed by `key` and returns its offset.
+    pub async fn publish(&self, producer: &FutureProducer, topic: &str, key: &str, payload: &[u8]) -> i64 {
+        let rec = FutureRecord::to(topic).key(key).payload(payload);
+        producer.send(rec, Duration::from_secs(10)).await.expect("published").offset
+    }
+
+    /// A consumer outside any group, for reading topics and asking about a group's offsets.
+    pub fn reader(&self, group: &str) -> BaseConsumer {
+        ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer")
+    }
+
+    /// Every message of partition 0 of `topic` up to its current end, as (key, value, offset).
+    pub fn read_all(&self, topic: &str) -> Vec<(String, Vec<u8>, i64)> {
+        let c = self.reader(&unique("reader"));
+        let (_, high) = c.fetch_watermarks(topic, 0, Duration::from_secs(10)).expect("watermarks");
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, 0, Offset::Beginning).expect("tpl");
+        c.assign(&tpl).expect("assign");
+        let mut out = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while out.len() < high as usize {
+            assert!(Instant::now() < deadline, "read {} of {high} messages of {topic}", out.len());
+            if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+                let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default();
+                out.push((key, m.payload().unwrap_or_default().to_vec(), m.offset()));
+            }
+        }
+        out
+    }
+
+    /// The group's committed offset for partition 0 of `topic`, if it has one.
+    pub fn committed(&self, group_reader: &BaseConsumer, topic: &str) -> Option<i64> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(topic, 0);
+        let c = group_reader.committed_offsets(tpl, Duration::from_secs(10)).ok()?;
+        match c.find_partition(topic, 0)?.offset() {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        }
+    }
+}
+
+fn create_topics(bootstrap: &str, topics: &[&str]) {
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", bootstrap).create().expect("admin client");
+    let new: Vec<NewTopic> = topics.iter().map(|t| NewTopic::new(t, 1, TopicReplication::Fixed(1))).collect();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    for r in rt.block_on(admin.create_topics(&new, &AdminOptions::new())).expect("create topics") {
+        r.unwrap_or_else(|(t, e)| panic!("cannot create topic {t}: {e}"));
+    }
+}
+
+/// Polls `f` until it gives a value, failing the test after `timeout`.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The first line of a file that contains `needle`, if any.
+#[allow(dead_code)]
+pub fn find_line(path: &Path, needle: &str) -> Option<String> {
+    let f = File::open(path).ok()?;
+    BufReader::new(f).lines().map_while(Result::ok).find(|l| l.contains(needle))
+}

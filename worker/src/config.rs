@@ -33,7 +33,7 @@ pub struct KafkaConfig {
     #[arg(long, env = "FERRY_BOOTSTRAP_FILE")]
     pub bootstrap_file: Option<PathBuf>,
     /// The topic requests are read from.
-    #[arg(long, env = "FERRY_TOPIC", default_value = "ferry.requests")]
+    #[arg(long, env = "FERRY_REQUEST_TOPIC", default_value = "ferry.requests")]
     pub topic: String,
     /// The consumer group all workers of a fleet share.
     #[arg(long, env = "FERRY_GROUP_ID", default_value = "ferry-workers")]

@@ -136,10 +136,46 @@ pub struct RuntimeConfig {
     /// `$HOSTNAME`, or `worker-<pid>`.
     #[arg(long, env = "FERRY_WORKER_ID")]
     pub worker_id: Option<String>,
+    /// Where the model runs: `cpu`, or `cuda` / `cuda:N` in a build with the `cuda` feature.
+    #[arg(long, env = "FERRY_DEVICE", default_value = "cpu", value_parser = parse_device)]
+    pub device: DeviceChoice,
     /// Compute threads. Pin it when the worker shares cores: candle's spinning thread pool
     /// slows down badly when it has more threads than free cores.
     #[arg(long, env = "FERRY_THREADS")]
     pub threads: Option<usize>,
+}
+
+/// The accelerator choice, parsed from `--device`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    Cpu,
+    Cuda(usize),
+}
+
+fn parse_device(s: &str) -> Result<DeviceChoice, String> {
+    match s {
+        "cpu" => Ok(DeviceChoice::Cpu),
+        "cuda" => Ok(DeviceChoice::Cuda(0)),
+        _ => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(DeviceChoice::Cuda)
+            .ok_or_else(|| format!("{s:?} is not a device: use cpu, cuda or cuda:N")),
+    }
+}
+
+impl DeviceChoice {
+    /// Opens the device. CUDA needs a build with the `cuda` feature.
+    pub fn open(self) -> Result<candle_core::Device, ConfigError> {
+        match self {
+            DeviceChoice::Cpu => Ok(candle_core::Device::Cpu),
+            DeviceChoice::Cuda(n) if cfg!(feature = "cuda") => candle_core::Device::new_cuda(n)
+                .map_err(|e| ConfigError(format!("--device cuda:{n}: {e}"))),
+            DeviceChoice::Cuda(_) => Err(ConfigError(
+                "--device cuda needs a worker built with `--features cuda`".into(),
+            )),
+        }
+    }
 }
 
 impl RuntimeConfig {
@@ -244,6 +280,14 @@ mod tests {
         ] {
             assert!(parse(args).validate().is_err(), "{args:?} should be rejected");
         }
+    }
+
+    #[test]
+    fn parses_devices() {
+        assert_eq!(parse_device("cpu"), Ok(DeviceChoice::Cpu));
+        assert_eq!(parse_device("cuda"), Ok(DeviceChoice::Cuda(0)));
+        assert_eq!(parse_device("cuda:3"), Ok(DeviceChoice::Cuda(3)));
+        assert!(parse_device("tpu").is_err());
     }
 
     #[test]

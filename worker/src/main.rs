@@ -36,7 +36,10 @@ fn main() -> ExitCode {
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.telemetry.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
     match config.telemetry.log_format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -48,7 +51,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let worker_id = config.runtime.worker_id();
     let started = Instant::now();
     let opts = config.model.load_options();
-    let model = tokio::task::spawn_blocking(move || Model::load(&opts, &candle_core::Device::Cpu))
+    let device = config.runtime.device.open()?;
+    let model = tokio::task::spawn_blocking(move || Model::load(&opts, &device))
         .await
         .context("model loader panicked")??;
     info!(model = %model.name, sha256 = %model.sha256, context = model.context_length,

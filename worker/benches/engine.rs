@@ -4,7 +4,7 @@
 //! `make bench` runs it and writes `target/bench/engine.json`. Threads follow
 //! `RAYON_NUM_THREADS` (all cores when unset); the figure is printed with the results.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use ferry_worker::engine::sampler::{sample, SamplingParams};
@@ -27,10 +27,10 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn measure(path: &PathBuf, weights: WeightFormat) -> anyhow::Result<Measure> {
+fn measure(path: &Path, weights: WeightFormat) -> anyhow::Result<Measure> {
     let start = Instant::now();
     let opts = LoadOptions {
-        source: ModelSource::Path(path.clone()),
+        source: ModelSource::Path(path.to_path_buf()),
         cache_dir: None,
         sha256: None,
         weights,

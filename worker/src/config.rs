@@ -248,6 +248,24 @@ impl Config {
     }
 }
 
+/// Reads bootstrap servers from a file that another process writes (such as `ferry broker
+/// --bootstrap-file`), waiting up to `wait` for it to appear with content.
+pub async fn read_bootstrap_file(path: &std::path::Path, wait: Duration) -> Result<String, ConfigError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        if let Ok(s) = tokio::fs::read_to_string(path).await {
+            let s = s.trim();
+            if !s.is_empty() {
+                return Ok(s.to_string());
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(ConfigError(format!("no bootstrap servers in {} after {wait:?}", path.display())));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -303,20 +321,3 @@ mod tests {
     }
 }
 
-/// Reads bootstrap servers from a file that another process writes (such as `ferry broker
-/// --bootstrap-file`), waiting up to `wait` for it to appear with content.
-pub async fn read_bootstrap_file(path: &std::path::Path, wait: Duration) -> Result<String, ConfigError> {
-    let deadline = tokio::time::Instant::now() + wait;
-    loop {
-        if let Ok(s) = tokio::fs::read_to_string(path).await {
-            let s = s.trim();
-            if !s.is_empty() {
-                return Ok(s.to_string());
-            }
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(ConfigError(format!("no bootstrap servers in {} after {wait:?}", path.display())));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}

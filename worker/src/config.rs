@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Args, Parser, ValueEnum};
 
 use crate::model::{LoadOptions, ModelSource, WeightFormat};
+use crate::snapshot::{ResumeMode, SnapshotPolicy};
 
 /// Ferry's worker: answers LLM requests from Kafka, committing each only once it is answered.
 #[derive(Debug, Clone, Parser)]
@@ -16,6 +17,10 @@ pub struct Config {
     pub kafka: KafkaConfig,
     #[command(flatten)]
     pub model: ModelConfig,
+    #[command(flatten)]
+    pub snapshot: SnapshotConfig,
+    #[command(flatten)]
+    pub shutdown: ShutdownConfig,
     #[command(flatten)]
     pub runtime: RuntimeConfig,
     #[command(flatten)]
@@ -129,6 +134,60 @@ impl ModelConfig {
     }
 }
 
+/// KV-cache snapshots.
+#[derive(Debug, Clone, Args)]
+pub struct SnapshotConfig {
+    /// Where snapshots go: `file:///dir` (a shared volume), `s3://bucket/prefix`, `gs://…`,
+    /// `az://…`, `memory://`, or `redis://host:port`. Without it, no snapshots are taken and an
+    /// interrupted request starts over.
+    #[arg(long, env = "FERRY_SNAPSHOT_STORE")]
+    pub snapshot_store: Option<String>,
+    /// Snapshot every this many generated tokens (0: not by count).
+    #[arg(long, env = "FERRY_SNAPSHOT_EVERY_TOKENS", default_value_t = 16)]
+    pub snapshot_every_tokens: usize,
+    /// Also snapshot when this much time has passed since the last one (e.g. `500ms`).
+    #[arg(long, env = "FERRY_SNAPSHOT_EVERY", value_parser = humantime::parse_duration)]
+    pub snapshot_every: Option<Duration>,
+    /// What a snapshot holds: `cache` (KV cache, no recompute on resume), `tokens` (token ids
+    /// only, tiny, the cache recomputed on resume), or `auto` (by measured cost).
+    #[arg(long = "resume", env = "FERRY_RESUME", value_enum, default_value = "cache")]
+    pub resume: ResumeMode,
+    /// Compact a snapshot once it has this many pieces.
+    #[arg(long, env = "FERRY_SNAPSHOT_MAX_PIECES", default_value_t = 32)]
+    pub snapshot_max_pieces: usize,
+    /// Snapshots older than this are orphans (their request was answered elsewhere or
+    /// abandoned) and are deleted.
+    #[arg(long, env = "FERRY_SNAPSHOT_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub snapshot_ttl: Duration,
+}
+
+impl SnapshotConfig {
+    pub fn policy(&self) -> SnapshotPolicy {
+        SnapshotPolicy {
+            every_tokens: self.snapshot_every_tokens,
+            every: self.snapshot_every,
+            mode: self.resume,
+            max_pieces: self.snapshot_max_pieces,
+        }
+    }
+}
+
+/// Stopping.
+#[derive(Debug, Clone, Args)]
+pub struct ShutdownConfig {
+    /// On SIGTERM, the worker stops fetching, snapshots its in-flight generation, waits for the
+    /// snapshot to be durable, leaves the group and exits, all within this time.
+    #[arg(long, env = "FERRY_DRAIN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+    /// The pod's `terminationGracePeriodSeconds` (SIGKILL follows SIGTERM after it). The drain
+    /// timeout must end at least 5 s before it.
+    #[arg(long, env = "FERRY_TERMINATION_GRACE_PERIOD", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub termination_grace_period: Duration,
+}
+
+/// Time kept between the end of the drain and the SIGKILL, for closing the consumer and exiting.
+pub const DRAIN_MARGIN: Duration = Duration::from_secs(5);
+
 /// This process.
 #[derive(Debug, Clone, Args)]
 pub struct RuntimeConfig {
@@ -241,6 +300,23 @@ impl Config {
                 return Err(ConfigError("--max-context must be at least 16 tokens".into()));
             }
         }
+        let sh = &self.shutdown;
+        if sh.drain_timeout + DRAIN_MARGIN > sh.termination_grace_period {
+            return Err(ConfigError(format!(
+                "--drain-timeout {:?} must end at least {DRAIN_MARGIN:?} before --termination-grace-period {:?} \
+                 (set terminationGracePeriodSeconds in the pod spec accordingly)",
+                sh.drain_timeout, sh.termination_grace_period
+            )));
+        }
+        if self.snapshot.snapshot_max_pieces < 2 {
+            return Err(ConfigError("--snapshot-max-pieces must be at least 2".into()));
+        }
+        if let Some(url) = &self.snapshot.snapshot_store {
+            let known = ["file://", "s3://", "gs://", "az://", "memory://", "redis://", "rediss://"];
+            if !known.iter().any(|k| url.starts_with(k)) {
+                return Err(ConfigError(format!("--snapshot-store {url:?}: use one of {}", known.join(", "))));
+            }
+        }
         if self.runtime.threads == Some(0) {
             return Err(ConfigError("--threads must be at least 1".into()));
         }
@@ -295,6 +371,8 @@ mod tests {
             &["--model-sha256", "abc"],
             &["--threads", "0"],
             &["--max-context", "4"],
+            &["--drain-timeout", "28s"],
+            &["--snapshot-store", "ftp://x"],
         ] {
             assert!(parse(args).validate().is_err(), "{args:?} should be rejected");
         }

@@ -6,11 +6,18 @@
 //! anywhere before the commit, the group redelivers the message to a surviving worker: a request
 //! may be answered twice, never zero times.
 //!
+//! While it generates, the worker snapshots the generation ([`crate::snapshot`]); a request that
+//! arrives with a verified snapshot continues from it. On SIGTERM the worker drains: it stops
+//! fetching, suspends the generation at its current token, waits (within `--drain-timeout`) for
+//! that snapshot to be durable, closes the consumer so the group hands its partitions to the
+//! survivors at once, and exits. A second signal, or the deadline, ends it sooner; the request
+//! stays uncommitted either way, so nothing is lost.
+//!
 //! Limit: one request at a time, and a generation longer than `max.poll.interval.ms` would get
 //! the worker thrown out of the group; the concurrency issue lifts both.
 
 use std::collections::HashSet;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_schemas::{headers, Reply, Request, SourceRecord, SCHEMA_VERSION};
@@ -22,7 +29,9 @@ use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use tracing::{error, info, warn};
 
 use crate::config::KafkaConfig;
-use crate::engine::{Engine, EngineHandle};
+use crate::engine::{Engine, EngineHandle, Job, JobControl, Outcome};
+use crate::snapshot::format::snapshot_prefix;
+use crate::snapshot::Snapshots;
 use crate::intake::{self, Invalid};
 use crate::reply::{self, WorkContext};
 
@@ -58,7 +67,23 @@ pub struct Worker {
     publish_timeout: Duration,
     /// Reply topics already seen to exist, so metadata is asked once per topic.
     known_topics: Mutex<HashSet<String>>,
+    snapshots: Option<Snapshots>,
+    /// The running job's controls, so a drain can suspend it.
+    current: Mutex<Option<Arc<JobControl>>>,
+    drain_timeout: Duration,
 }
+
+/// How handling a message ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Handled {
+    /// Answered or dead-lettered: commit it, then delete its snapshot (under this prefix).
+    Done(Option<String>),
+    /// Suspended by a drain, its state in a snapshot: leave it uncommitted.
+    Suspended,
+}
+
+/// Signals the worker counts: the first starts a drain, the second ends the process at once.
+pub type Signals = tokio::sync::watch::Receiver<u32>;
 
 impl std::fmt::Debug for Worker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -77,7 +102,14 @@ fn base_config(bootstrap: &str, cfg: &KafkaConfig) -> Result<ClientConfig, Worke
 }
 
 impl Worker {
-    pub fn new(bootstrap: &str, cfg: &KafkaConfig, engine: Engine, worker_id: String) -> Result<Self, WorkerError> {
+    pub fn new(
+        bootstrap: &str,
+        cfg: &KafkaConfig,
+        engine: Engine,
+        worker_id: String,
+        snapshots: Option<Snapshots>,
+        drain_timeout: Duration,
+    ) -> Result<Self, WorkerError> {
         let consumer: StreamConsumer = base_config(bootstrap, cfg)?
             .set("group.id", &cfg.group_id)
             .set("enable.auto.commit", "false")
@@ -107,17 +139,18 @@ impl Worker {
             dead_letter_topic: cfg.dead_letter_topic(),
             publish_timeout: cfg.publish_timeout,
             known_topics: Mutex::new(HashSet::new()),
+            snapshots,
+            current: Mutex::new(None),
+            drain_timeout,
         })
     }
 
-    /// Serves requests until `shutdown` completes. A generation in progress at shutdown is
-    /// abandoned uncommitted, so the group redelivers it.
-    pub async fn run(&self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), WorkerError> {
-        tokio::pin!(shutdown);
+    /// Serves requests until the first signal, then drains (see the module doc).
+    pub async fn run(&self, mut signals: Signals) -> Result<(), WorkerError> {
         info!(worker = %self.worker_id, "consuming");
         loop {
             let msg = tokio::select! {
-                _ = &mut shutdown => break,
+                _ = signals.changed() => break,
                 msg = self.consumer.recv() => msg,
             };
             let msg = match msg {
@@ -131,22 +164,62 @@ impl Worker {
                     continue;
                 }
             };
-            tokio::select! {
-                _ = &mut shutdown => {
-                    warn!(partition = msg.partition(), offset = msg.offset(),
-                        "shutting down mid-request; it stays uncommitted and will be redelivered");
-                    break;
+            let handling = self.handle(&msg);
+            tokio::pin!(handling);
+            let (handled, draining) = tokio::select! {
+                r = &mut handling => (r?, false),
+                _ = signals.changed() => {
+                    info!(partition = msg.partition(), offset = msg.offset(), "draining: suspending the generation in flight");
+                    self.suspend_current();
+                    let drained = tokio::time::timeout(self.drain_timeout, async {
+                        tokio::select! {
+                            r = &mut handling => Some(r),
+                            _ = signals.changed() => None,
+                        }
+                    })
+                    .await;
+                    match drained {
+                        Ok(Some(r)) => (r?, true),
+                        Ok(None) => {
+                            warn!("second signal: exiting now; the request stays uncommitted");
+                            break;
+                        }
+                        Err(_) => {
+                            warn!("drain deadline passed: exiting; the request stays uncommitted");
+                            break;
+                        }
+                    }
                 }
-                done = self.handle(&msg) => done?,
+            };
+            let suspended = handled == Handled::Suspended;
+            if let Handled::Done(prefix) = handled {
+                self.commit(&msg);
+                if let (Some(s), Some(prefix)) = (&self.snapshots, prefix) {
+                    s.delete(&prefix).await;
+                }
             }
-            self.commit(&msg);
+            if draining || suspended {
+                break;
+            }
         }
-        info!("stopped consuming");
+        // Leave the group now, so the partitions move to the survivors without waiting for the
+        // session timeout.
+        self.consumer.unsubscribe();
+        info!("left the consumer group");
         Ok(())
     }
 
-    /// Answers or dead-letters one message. Returns once what it published is acknowledged.
-    async fn handle(&self, msg: &BorrowedMessage<'_>) -> Result<(), WorkerError> {
+    fn suspend_current(&self) {
+        if let Ok(cur) = self.current.lock() {
+            if let Some(c) = cur.as_ref() {
+                c.suspend.store(true, std::sync::atomic::Ordering::Release);
+            }
+        }
+    }
+
+    /// Answers or dead-letters one message, or suspends it when draining. Returns once what it
+    /// published is acknowledged (or the snapshot is durable).
+    async fn handle(&self, msg: &BorrowedMessage<'_>) -> Result<Handled, WorkerError> {
         let started = Instant::now();
         let queued = msg
             .timestamp()
@@ -159,47 +232,99 @@ impl Worker {
             .unwrap_or_default();
         let request = match intake::parse(msg.payload()) {
             Ok(r) => r,
-            Err(invalid) => return self.reject(msg, &invalid).await,
+            Err(invalid) => return self.reject(msg, &invalid).await.map(|()| Handled::Done(None)),
         };
         let span = tracing::info_span!("request", request_id = %request.id, partition = msg.partition(), offset = msg.offset());
         let _enter = span.enter();
         let reply_topic = request.reply_to.clone().unwrap_or_else(|| self.reply_topic.clone());
         let prepared = match self.engine.prepare(&request) {
             Ok(p) => p,
-            Err(rejection) => return self.reject(msg, &rejected(&request, rejection.code(), rejection.to_string())).await,
+            Err(rejection) => {
+                let invalid = rejected(&request, rejection.code(), rejection.to_string());
+                return self.reject(msg, &invalid).await.map(|()| Handled::Done(None));
+            }
         };
         if !self.topic_exists(&reply_topic) {
             let message = format!("the reply topic {reply_topic:?} does not exist");
-            return self.reject(msg, &rejected(&request, ferry_schemas::ErrorCode::InvalidRequest, message)).await;
+            let invalid = rejected(&request, ferry_schemas::ErrorCode::InvalidRequest, message);
+            return self.reject(msg, &invalid).await.map(|()| Handled::Done(None));
         }
         let prompt_tokens = prepared.prompt.len();
-        let completion = match self.engine_thread.generate(prepared).await? {
-            Ok(c) => c,
+        let prefix = snapshot_prefix(msg.topic(), &request.id);
+        let found = match &self.snapshots {
+            Some(s) => s.find(&prefix, &prepared).await,
+            None => None,
+        };
+        let attempt = found.as_ref().map_or(1, |f| f.manifest.attempt + 1);
+        let resumed_from = found.as_ref().map(|f| f.manifest.tokens.len() as u32);
+        let writer = self
+            .snapshots
+            .as_ref()
+            .and_then(|s| s.writer(&prefix, &prepared, &self.worker_id, found.as_ref().map(|f| &f.manifest)));
+        let (writer, sink) = match writer {
+            Some((w, s)) => (Some(w), Some(s)),
+            None => (None, None),
+        };
+        let control = Arc::new(JobControl::default());
+        if let Ok(mut cur) = self.current.lock() {
+            *cur = Some(control.clone());
+        }
+        let job = Job { prepared, resume: found.map(|f| f.resume), snapshots: sink, control };
+        let outcome = self.engine_thread.run(job).await?;
+        if let Ok(mut cur) = self.current.lock() {
+            *cur = None;
+        }
+        let completion = match outcome {
+            Ok(Outcome::Finished(c)) => c,
+            Ok(Outcome::Suspended { tokens }) => {
+                if let Some(w) = writer {
+                    w.flush_and_stop().await;
+                }
+                info!(tokens, "suspended; snapshot written");
+                return Ok(Handled::Suspended);
+            }
             Err(e) => {
+                if let Some(w) = writer {
+                    w.stop().await;
+                }
                 error!(error = %e, "generation failed");
                 let invalid = rejected(&request, ferry_schemas::ErrorCode::EngineError, e.to_string());
-                return self.reject(msg, &invalid).await;
+                return self.reject(msg, &invalid).await.map(|()| Handled::Done(Some(prefix)));
             }
         };
         let cx = WorkContext {
             worker: &self.worker_id,
             model: &self.engine.model().name,
-            attempt: 1,
+            attempt,
             queued,
             total: started.elapsed(),
         };
-        let reply = reply::response(&request, &completion, &cx);
+        let mut reply = reply::response(&request, &completion, &cx);
+        if let Reply::Response(r) = &mut reply {
+            r.resumed_from_token = resumed_from;
+        }
         self.publish_reply(&reply_topic, &reply, msg).await?;
+        if let Some(w) = writer {
+            w.stop().await;
+        }
         let decode_s = completion.decode.as_secs_f64();
+        let tps = if decode_s > 0.0 { completion.tokens.len() as f64 / decode_s } else { 0.0 };
+        if let Some(s) = &self.snapshots {
+            if tps > 0.0 {
+                s.stats.record_decode_speed(tps);
+            }
+        }
         info!(
             prompt_tokens,
             completion_tokens = completion.tokens.len(),
             finish_reason = ?completion.finish.reason,
-            decode_tokens_per_s = if decode_s > 0.0 { completion.tokens.len() as f64 / decode_s } else { 0.0 },
+            resumed_from_token = resumed_from,
+            attempt,
+            decode_tokens_per_s = tps,
             total_ms = started.elapsed().as_millis() as u64,
             "answered"
         );
-        Ok(())
+        Ok(Handled::Done(Some(prefix)))
     }
 
     /// Dead-letters a message and tells its caller, when it can be told.

@@ -14,6 +14,7 @@
 //!   run on a thread of its own.
 //! - [`model`]: the GGUF model: our llama forward pass with an explicit per-sequence KV cache,
 //!   the tokenizer and the chat template.
+//! - [`snapshot`]: periodic KV-cache snapshots to a durable store, and resuming from them.
 //! - [`reply`]: building the reply and dead-letter messages.
 
 pub mod config;
@@ -22,3 +23,4 @@ pub mod engine;
 pub mod intake;
 pub mod model;
 pub mod reply;
+pub mod snapshot;

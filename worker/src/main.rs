@@ -10,6 +10,7 @@ use ferry_worker::config::{Config, LogFormat};
 use ferry_worker::consumer::Worker;
 use ferry_worker::engine::Engine;
 use ferry_worker::model::Model;
+use ferry_worker::snapshot::Snapshots;
 use tracing::{error, info};
 
 fn main() -> ExitCode {
@@ -52,6 +53,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let started = Instant::now();
     let opts = config.model.load_options();
     let device = config.runtime.device.open()?;
+    let device_for_snapshots = device.clone();
     let model = tokio::task::spawn_blocking(move || Model::load(&opts, &device))
         .await
         .context("model loader panicked")??;
@@ -61,24 +63,44 @@ async fn run(config: Config) -> anyhow::Result<()> {
         Some(path) => ferry_worker::config::read_bootstrap_file(path, Duration::from_secs(60)).await?,
         None => config.kafka.bootstrap_servers.clone(),
     };
+    let snapshots = match &config.snapshot.snapshot_store {
+        Some(url) => {
+            let store = ferry_worker::snapshot::store::open(url, config.snapshot.snapshot_ttl).await?;
+            let weights = format!("{:?}", config.model.weights).to_lowercase();
+            let s = Snapshots::new(store, config.snapshot.policy(), &model, &weights, &device_for_snapshots);
+            s.spawn_sweeper(config.snapshot.snapshot_ttl, Duration::from_secs(300));
+            info!(store = %url, every_tokens = config.snapshot.snapshot_every_tokens, mode = ?config.snapshot.resume, "snapshots on");
+            Some(s)
+        }
+        None => {
+            info!("no --snapshot-store: interrupted requests will start over");
+            None
+        }
+    };
     let engine = Engine::new(Arc::new(model));
-    let worker = Worker::new(&bootstrap, &config.kafka, engine, worker_id)?;
-    worker.run(shutdown_signal()).await?;
+    let worker = Worker::new(&bootstrap, &config.kafka, engine, worker_id, snapshots, config.shutdown.drain_timeout)?;
+    let (tx, signals) = tokio::sync::watch::channel(0u32);
+    tokio::spawn(count_signals(tx));
+    worker.run(signals).await?;
     Ok(())
 }
 
-/// Completes on SIGTERM (Kubernetes eviction) or SIGINT (Ctrl-C).
-async fn shutdown_signal() {
+/// Counts SIGTERM (Kubernetes eviction) and SIGINT (Ctrl-C): the first starts the drain, the
+/// second ends it.
+async fn count_signals(tx: tokio::sync::watch::Sender<u32>) {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            error!("cannot listen for SIGTERM: {e}");
-            return std::future::pending().await;
+    let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(t), Ok(i)) => (t, i),
+        _ => {
+            error!("cannot listen for signals");
+            return;
         }
     };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
+    loop {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM received"),
+            _ = int.recv() => info!("SIGINT received"),
+        }
+        tx.send_modify(|n| *n += 1);
     }
 }

@@ -8,12 +8,14 @@
 pub mod sampler;
 pub mod sequence;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use ferry_schemas::{ErrorCode, Request};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::model::{Model, ModelError};
+use crate::snapshot::writer::SnapshotSink;
 pub use sampler::SamplingParams;
 pub use sequence::{Completion, Finish, GenerationParams, Sequence};
 
@@ -117,15 +119,78 @@ impl Engine {
     }
 }
 
-struct Job {
-    prepared: Prepared,
-    reply: oneshot::Sender<Result<Completion, ModelError>>,
+/// Continue-from state for a job: the generated tokens of a snapshot and, unless it was a
+/// tokens-only snapshot, the cache of all positions but the last token's.
+#[derive(Debug)]
+pub struct ResumeFrom {
+    pub tokens: Vec<u32>,
+    pub cache: Option<crate::model::SequenceCache>,
+}
+
+/// Signals from the worker to a running job.
+#[derive(Debug, Default)]
+pub struct JobControl {
+    /// Stop at the next token boundary, snapshot, and report [`Outcome::Suspended`] (graceful
+    /// drain on SIGTERM, or a revoked partition).
+    pub suspend: AtomicBool,
+}
+
+/// How a job ended.
+#[derive(Debug)]
+pub enum Outcome {
+    Finished(Completion),
+    /// Stopped on request after `tokens` generated tokens; the snapshot sink was handed the
+    /// state at that token.
+    Suspended { tokens: usize },
+}
+
+/// One generation for the engine thread.
+#[derive(Debug)]
+pub struct Job {
+    pub prepared: Prepared,
+    pub resume: Option<ResumeFrom>,
+    pub snapshots: Option<SnapshotSink>,
+    pub control: Arc<JobControl>,
+}
+
+impl Engine {
+    /// Runs a job to its end, or until it is told to suspend, offering snapshots as it goes.
+    pub fn run(&self, job: Job) -> Result<Outcome, ModelError> {
+        let m = &self.model;
+        let Job { prepared, resume, mut snapshots, control } = job;
+        let mut seq = match resume {
+            Some(r) => Sequence::resume(m, prepared.prompt, prepared.params, r.tokens, r.cache)?,
+            None => {
+                let mut s = Sequence::new(m, prepared.prompt, prepared.params);
+                s.prefill(m)?;
+                s
+            }
+        };
+        while seq.finish().is_none() {
+            if control.suspend.load(Ordering::Acquire) {
+                if let Some(sink) = &mut snapshots {
+                    sink.offer(&seq)?;
+                }
+                return Ok(Outcome::Suspended { tokens: seq.generated().len() });
+            }
+            seq.step(m)?;
+            if let Some(sink) = &mut snapshots {
+                sink.maybe_offer(&seq)?;
+            }
+        }
+        Ok(Outcome::Finished(seq.into_completion()?))
+    }
+}
+
+struct Envelope {
+    job: Job,
+    reply: oneshot::Sender<Result<Outcome, ModelError>>,
 }
 
 /// The sending side of the engine thread.
 #[derive(Debug, Clone)]
 pub struct EngineHandle {
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::Sender<Envelope>,
 }
 
 /// The engine thread stopped (it panicked, or the handle outlived it).
@@ -137,20 +202,20 @@ impl EngineHandle {
     /// Starts the engine thread. It runs jobs one at a time, in order, and ends when every
     /// handle is dropped.
     pub fn spawn(engine: Engine) -> std::io::Result<Self> {
-        let (jobs, mut rx) = mpsc::channel::<Job>(1);
+        let (jobs, mut rx) = mpsc::channel::<Envelope>(1);
         std::thread::Builder::new().name("ferry-engine".into()).spawn(move || {
-            while let Some(job) = rx.blocking_recv() {
+            while let Some(env) = rx.blocking_recv() {
                 // A caller that stopped waiting is not an error for the engine.
-                let _ = job.reply.send(engine.generate(job.prepared));
+                let _ = env.reply.send(engine.run(env.job));
             }
         })?;
         Ok(Self { jobs })
     }
 
-    /// Runs a generation on the engine thread and waits for it.
-    pub async fn generate(&self, prepared: Prepared) -> Result<Result<Completion, ModelError>, EngineStopped> {
+    /// Runs a job on the engine thread and waits for it.
+    pub async fn run(&self, job: Job) -> Result<Result<Outcome, ModelError>, EngineStopped> {
         let (reply, rx) = oneshot::channel();
-        self.jobs.send(Job { prepared, reply }).await.map_err(|_| EngineStopped)?;
+        self.jobs.send(Envelope { job, reply }).await.map_err(|_| EngineStopped)?;
         rx.await.map_err(|_| EngineStopped)
     }
 }

@@ -77,6 +77,71 @@ impl Sequence {
         }
     }
 
+    /// Continues a generation from a snapshot: `tokens` were generated before the interruption,
+    /// and `cache`, when given, holds the KV of every position but the last generated token's
+    /// (the snapshot invariant). Without a cache, the prompt is prefilled and the tokens fed one
+    /// at a time, exactly as the interrupted run computed them, so both ways continue with
+    /// bit-identical logits.
+    pub fn resume(
+        model: &Model,
+        prompt: Vec<u32>,
+        params: GenerationParams,
+        tokens: Vec<u32>,
+        cache: Option<SequenceCache>,
+    ) -> Result<Self, ModelError> {
+        let Some(&last) = tokens.last() else {
+            return Err(ModelError::Unsupported("resuming needs at least one generated token".into()));
+        };
+        let mut seq = Self::new(model, prompt, params);
+        let start = Instant::now();
+        let fed = match cache {
+            Some(cache) if cache.len() == seq.prompt.len() + tokens.len() - 1 => {
+                seq.cache = cache;
+                tokens.len() - 1
+            }
+            Some(cache) => {
+                return Err(ModelError::Unsupported(format!(
+                    "snapshot cache holds {} positions, expected {}",
+                    cache.len(),
+                    seq.prompt.len() + tokens.len() - 1
+                )))
+            }
+            None => {
+                model.weights.forward(&seq.prompt, &mut seq.cache)?;
+                0
+            }
+        };
+        for &t in &tokens[fed..tokens.len() - 1] {
+            model.weights.forward(&[t], &mut seq.cache)?;
+        }
+        let logits = model.weights.forward(&[last], &mut seq.cache)?;
+        seq.next_logits = Some(logits.to_vec1()?);
+        seq.prefill_time += start.elapsed();
+        // Rebuild the text exactly as it was released, token by token.
+        for n in 1..=tokens.len() {
+            let delta = seq.decoder.next(&model.tokenizer, &tokens[..n])?.unwrap_or_default();
+            seq.text.push_str(&delta);
+        }
+        seq.generated = tokens;
+        Ok(seq)
+    }
+
+    /// Positions of the KV cache a snapshot taken now covers: all but the last generated
+    /// token's. `None` before the first generated token, or once finished.
+    pub fn snapshot_positions(&self) -> Option<usize> {
+        (self.finish.is_none() && !self.generated.is_empty()).then(|| self.prompt.len() + self.generated.len() - 1)
+    }
+
+    /// Keys and values of positions `[from, to)`, position-major, for a snapshot piece.
+    pub fn kv_values(&self, from: usize, to: usize) -> Result<Vec<(Vec<f32>, Vec<f32>)>, ModelError> {
+        self.cache.range_values(from, to)
+    }
+
+    /// The text released so far.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
     pub fn prompt(&self) -> &[u32] {
         &self.prompt
     }

@@ -161,6 +161,36 @@ impl SequenceCache {
         self.len == 0
     }
 
+    /// Keys and values of every layer for positions `[from, to)`, position-major
+    /// (`(to - from, n_kv_head, head_dim)` flattened), as snapshot pieces hold them.
+    pub fn range_values(&self, from: usize, to: usize) -> Result<Vec<(Vec<f32>, Vec<f32>)>, ModelError> {
+        if from >= to || to > self.len {
+            return Err(ModelError::Unsupported(format!("cache range [{from}, {to}) of {}", self.len)));
+        }
+        let take = |t: Tensor| -> Result<Vec<f32>, ModelError> {
+            Ok(t.narrow(2, from, to - from)?.transpose(1, 2)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?)
+        };
+        self.layer_tensors()?.into_iter().map(|(k, v)| Ok((take(k)?, take(v)?))).collect()
+    }
+
+    /// Rebuilds a cache from position-major values covering `positions` positions from 0.
+    pub fn from_range_values(
+        config: &LlamaConfig,
+        positions: usize,
+        layers: Vec<(Vec<f32>, Vec<f32>)>,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let shape = (1, positions, config.n_kv_head, config.head_dim);
+        let tensors = layers
+            .into_iter()
+            .map(|(k, v)| {
+                let t = |x: Vec<f32>| Tensor::from_vec(x, shape, device)?.transpose(1, 2)?.contiguous();
+                Ok((t(k)?, t(v)?))
+            })
+            .collect::<Result<Vec<_>, ModelError>>()?;
+        Self::from_layer_tensors(config, &tensors)
+    }
+
     /// An independent copy, sharing no buffer with `self`.
     pub fn deep_copy(&self, config: &LlamaConfig) -> Result<Self, ModelError> {
         if self.is_empty() {

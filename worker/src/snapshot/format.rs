@@ -1,0 +1,390 @@
+//! The snapshot format: versioned, self-checking, incremental. Pure encoding and decoding.
+//!
+//! A generation's snapshot is a set of blobs under one prefix (see [`snapshot_prefix`]):
+//!
+//! - **pieces** (`piece-<n>`): the KV cache for a range of positions `[from, to)`, every layer's
+//!   keys then values as little-endian f32, with a header giving the shape and a CRC-32 trailer.
+//!   The cache only grows, so each snapshot writes only the positions added since the previous
+//!   one: the cost of a snapshot is proportional to the new tokens.
+//! - **the manifest** (`manifest`): which model and which request it belongs to (fingerprints),
+//!   the generated token ids so far, and the list of pieces with their ranges and checksums.
+//!   It is written last and replaces the previous one atomically: it is the commit point. Pieces
+//!   it does not name are garbage.
+//!
+//! Invariant: a manifest with `n` generated tokens and KV pieces covers exactly the positions
+//! `[0, prompt_len + n - 1)`: every token except the last generated one has been through the
+//! model. The last one is fed on resume, the same single-token step the interrupted run was
+//! about to take, so the logits after resuming are bit-identical to the uninterrupted run's.
+//!
+//! Anything that does not verify (torn write, bad checksum, unknown version, another model or
+//! another request under the same key) decodes to an error, and the caller starts over.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::engine::GenerationParams;
+
+/// Version of the manifest and piece layouts. Readers reject any other.
+pub const FORMAT_VERSION: u32 = 1;
+/// Version of the engine's numerics. Bump it whenever a change to the forward pass could change
+/// a single logit bit, so old snapshots are not resumed by an engine that computes differently.
+pub const ENGINE_VERSION: u32 = 1;
+
+const MANIFEST_MAGIC: &[u8] = b"FERRY-SNAPSHOT-MANIFEST\n";
+const PIECE_MAGIC: &[u8; 8] = b"FERRYKV\0";
+
+/// Why a snapshot blob was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FormatError {
+    /// The bytes do not start with the expected magic: not a snapshot, or torn at the start.
+    #[error("not a snapshot blob (bad magic)")]
+    Magic,
+    /// Written by another format version.
+    #[error("snapshot format version {0}, this worker reads {FORMAT_VERSION}")]
+    Version(u32),
+    /// The checksum does not match the content: a torn or corrupted write.
+    #[error("checksum mismatch")]
+    Checksum,
+    /// The blob is shorter or longer than its header says.
+    #[error("truncated or malformed: {0}")]
+    Malformed(String),
+    /// The snapshot belongs to another model (or engine version, or weight format).
+    #[error("written for another model")]
+    WrongModel,
+    /// The snapshot belongs to another request that reused the id, or other parameters.
+    #[error("written for another request")]
+    WrongRequest,
+}
+
+/// The prefix under which a request's snapshot lives: a hash of the topic and the request id,
+/// so any worker that receives the request finds it, and ids need no escaping.
+pub fn snapshot_prefix(topic: &str, request_id: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(topic.as_bytes());
+    h.update([0]);
+    h.update(request_id.as_bytes());
+    format!("ferry/{}/", &hex(&h.finalize())[..32])
+}
+
+/// Identity of the numbers a model computes: the file, how its weights are held, where it runs,
+/// and the engine version.
+pub fn model_fingerprint(model_sha256: &str, weights: &str, device: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(format!("engine-v{ENGINE_VERSION}|{model_sha256}|{weights}|{device}").as_bytes());
+    hex(&h.finalize())
+}
+
+/// Identity of a request's generation: its prompt tokens and every parameter that shapes the
+/// output.
+pub fn request_fingerprint(prompt: &[u32], params: &GenerationParams) -> String {
+    let mut h = Sha256::new();
+    for t in prompt {
+        h.update(t.to_le_bytes());
+    }
+    let s = &params.sampling;
+    h.update(format!("|{}|{}|{}|{}|{}|", s.temperature, s.top_p, s.top_k, s.seed, params.max_tokens).as_bytes());
+    for stop in &params.stop {
+        h.update((stop.len() as u64).to_le_bytes());
+        h.update(stop.as_bytes());
+    }
+    hex(&h.finalize())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A piece named by a manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PieceRef {
+    /// Key of the piece, relative to the snapshot prefix.
+    pub name: String,
+    pub from: u32,
+    pub to: u32,
+    pub bytes: u64,
+    pub crc32: u32,
+}
+
+/// The commit point of a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub version: u32,
+    pub model: String,
+    pub request: String,
+    pub prompt_len: u32,
+    /// Generated token ids so far; the sampler position is their count.
+    pub tokens: Vec<u32>,
+    /// KV pieces, contiguous from position 0. Empty in tokens-only snapshots.
+    pub pieces: Vec<PieceRef>,
+    /// How many workers have worked on this request, this snapshot's writer included.
+    pub attempt: u32,
+    pub worker: String,
+    /// Increases with every manifest written for the request.
+    pub seq: u64,
+}
+
+impl Manifest {
+    /// Positions of the KV cache the pieces cover.
+    pub fn kv_positions(&self) -> u32 {
+        self.pieces.last().map_or(0, |p| p.to)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let json = serde_json::to_vec(self).expect("a manifest always serialises");
+        let mut out = Vec::with_capacity(MANIFEST_MAGIC.len() + json.len() + 9);
+        out.extend_from_slice(MANIFEST_MAGIC);
+        out.extend_from_slice(&json);
+        out.extend_from_slice(format!("\n{:08x}", crc32fast::hash(&json)).as_bytes());
+        out
+    }
+
+    /// Decodes and checks a manifest against the model and request it must belong to.
+    pub fn decode(bytes: &[u8], model: &str, request: &str) -> Result<Self, FormatError> {
+        let body = bytes.strip_prefix(MANIFEST_MAGIC).ok_or(FormatError::Magic)?;
+        if body.len() < 9 || body[body.len() - 9] != b'\n' {
+            return Err(FormatError::Malformed("manifest has no checksum line".into()));
+        }
+        let (json, crc) = body.split_at(body.len() - 9);
+        let crc = std::str::from_utf8(&crc[1..])
+            .ok()
+            .and_then(|s| u32::from_str_radix(s, 16).ok())
+            .ok_or_else(|| FormatError::Malformed("manifest checksum is not hex".into()))?;
+        if crc32fast::hash(json) != crc {
+            return Err(FormatError::Checksum);
+        }
+        let m: Manifest = serde_json::from_slice(json).map_err(|e| FormatError::Malformed(e.to_string()))?;
+        if m.version != FORMAT_VERSION {
+            return Err(FormatError::Version(m.version));
+        }
+        if m.model != model {
+            return Err(FormatError::WrongModel);
+        }
+        if m.request != request {
+            return Err(FormatError::WrongRequest);
+        }
+        let mut at = 0;
+        for p in &m.pieces {
+            if p.from != at || p.to <= p.from {
+                return Err(FormatError::Malformed(format!("piece {} covers [{}, {}), expected to start at {at}", p.name, p.from, p.to)));
+            }
+            at = p.to;
+        }
+        if !m.pieces.is_empty() && (m.tokens.is_empty() || at as usize != m.prompt_len as usize + m.tokens.len() - 1) {
+            return Err(FormatError::Malformed(format!(
+                "pieces cover {at} positions, but prompt {} + tokens {} - 1 are cached",
+                m.prompt_len,
+                m.tokens.len()
+            )));
+        }
+        Ok(m)
+    }
+}
+
+/// The shape of the KV cache: every piece must agree with the model's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvShape {
+    pub n_layer: u32,
+    pub n_kv_head: u32,
+    pub head_dim: u32,
+}
+
+impl KvShape {
+    /// f32 values per layer per tensor (keys or values) for `positions` positions.
+    pub fn values_per_tensor(&self, positions: u32) -> usize {
+        self.n_kv_head as usize * positions as usize * self.head_dim as usize
+    }
+}
+
+/// A decoded piece: for every layer, keys and values for positions `[from, to)`, each laid out
+/// position-major, `(to - from, n_kv_head, head_dim)`, so that consecutive pieces concatenate by
+/// appending.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Piece {
+    pub from: u32,
+    pub to: u32,
+    pub layers: Vec<(Vec<f32>, Vec<f32>)>,
+}
+
+impl Piece {
+    /// Extends this piece with the one that follows it.
+    pub fn append(&mut self, next: Piece) -> Result<(), FormatError> {
+        if next.from != self.to || next.layers.len() != self.layers.len() {
+            return Err(FormatError::Malformed(format!("cannot append [{}, {}) to [{}, {})", next.from, next.to, self.from, self.to)));
+        }
+        for ((k, v), (nk, nv)) in self.layers.iter_mut().zip(next.layers) {
+            k.extend(nk);
+            v.extend(nv);
+        }
+        self.to = next.to;
+        Ok(())
+    }
+
+    /// Size of the encoded piece.
+    pub fn encoded_len(&self) -> usize {
+        PIECE_HEADER + self.layers.iter().map(|(k, v)| (k.len() + v.len()) * 4).sum::<usize>() + 4
+    }
+}
+
+const PIECE_HEADER: usize = 8 + 4 * 6;
+
+impl Piece {
+    pub fn encode(&self, shape: KvShape) -> Vec<u8> {
+        let per = shape.values_per_tensor(self.to - self.from);
+        let mut out = Vec::with_capacity(PIECE_HEADER + self.layers.len() * per * 8 + 4);
+        out.extend_from_slice(PIECE_MAGIC);
+        for v in [FORMAT_VERSION, self.from, self.to, shape.n_layer, shape.n_kv_head, shape.head_dim] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        for (k, v) in &self.layers {
+            for x in k.iter().chain(v) {
+                out.extend_from_slice(&x.to_le_bytes());
+            }
+        }
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    /// Decodes a piece and checks it against the model's shape and the manifest's entry.
+    pub fn decode(bytes: &[u8], shape: KvShape, entry: &PieceRef) -> Result<Self, FormatError> {
+        if bytes.len() < PIECE_HEADER + 4 || &bytes[..8] != PIECE_MAGIC {
+            return Err(FormatError::Magic);
+        }
+        let (body, crc) = bytes.split_at(bytes.len() - 4);
+        let crc = u32::from_le_bytes(crc.try_into().map_err(|_| FormatError::Magic)?);
+        if crc32fast::hash(body) != crc || crc != entry.crc32 || bytes.len() as u64 != entry.bytes {
+            return Err(FormatError::Checksum);
+        }
+        let word = |i: usize| u32::from_le_bytes([body[8 + 4 * i], body[9 + 4 * i], body[10 + 4 * i], body[11 + 4 * i]]);
+        if word(0) != FORMAT_VERSION {
+            return Err(FormatError::Version(word(0)));
+        }
+        let (from, to) = (word(1), word(2));
+        let got = KvShape { n_layer: word(3), n_kv_head: word(4), head_dim: word(5) };
+        if got != shape {
+            return Err(FormatError::WrongModel);
+        }
+        if (from, to) != (entry.from, entry.to) || to <= from {
+            return Err(FormatError::Malformed(format!("piece holds [{from}, {to}), manifest says [{}, {})", entry.from, entry.to)));
+        }
+        let per = shape.values_per_tensor(to - from);
+        let data = &body[PIECE_HEADER..];
+        if data.len() != shape.n_layer as usize * per * 8 {
+            return Err(FormatError::Malformed("piece length does not match its shape".into()));
+        }
+        let floats: Vec<f32> = data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let layers = floats
+            .chunks_exact(per * 2)
+            .map(|kv| (kv[..per].to_vec(), kv[per..].to_vec()))
+            .collect();
+        Ok(Self { from, to, layers })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::SamplingParams;
+
+    const SHAPE: KvShape = KvShape { n_layer: 2, n_kv_head: 3, head_dim: 4 };
+
+    fn piece(from: u32, to: u32) -> Piece {
+        let per = SHAPE.values_per_tensor(to - from);
+        let layers = (0..SHAPE.n_layer)
+            .map(|l| {
+                let k = (0..per).map(|i| (l * 1000 + from) as f32 + i as f32 * 0.5).collect();
+                let v = (0..per).map(|i| -((l * 1000 + from) as f32) - i as f32).collect();
+                (k, v)
+            })
+            .collect();
+        Piece { from, to, layers }
+    }
+
+    fn entry(p: &Piece, bytes: &[u8]) -> PieceRef {
+        PieceRef { name: "piece-0".into(), from: p.from, to: p.to, bytes: bytes.len() as u64, crc32: u32::from_le_bytes(bytes[bytes.len() - 4..].try_into().expect("4 bytes")) }
+    }
+
+    fn manifest(tokens: Vec<u32>, pieces: Vec<PieceRef>) -> Manifest {
+        Manifest { version: FORMAT_VERSION, model: "m".into(), request: "r".into(), prompt_len: 5, tokens, pieces, attempt: 1, worker: "w".into(), seq: 1 }
+    }
+
+    #[test]
+    fn piece_round_trips_bit_exactly() {
+        let mut p = piece(5, 9);
+        p.layers[0].0[1] = f32::from_bits(0x7f80_0001); // a NaN payload survives too
+        let bytes = p.encode(SHAPE);
+        let back = Piece::decode(&bytes, SHAPE, &entry(&p, &bytes)).expect("decodes");
+        let bits = |p: &Piece| p.layers.iter().flat_map(|(k, v)| k.iter().chain(v).map(|x| x.to_bits())).collect::<Vec<_>>();
+        assert_eq!(bits(&back), bits(&p));
+    }
+
+    #[test]
+    fn every_flipped_byte_or_truncation_is_caught() {
+        let p = piece(0, 3);
+        let bytes = p.encode(SHAPE);
+        let e = entry(&p, &bytes);
+        for i in (0..bytes.len()).step_by(7) {
+            let mut bad = bytes.clone();
+            bad[i] ^= 0x20;
+            assert!(Piece::decode(&bad, SHAPE, &e).is_err(), "flip at {i} went unnoticed");
+        }
+        for cut in [0, 10, bytes.len() / 2, bytes.len() - 1] {
+            assert!(Piece::decode(&bytes[..cut], SHAPE, &e).is_err(), "cut at {cut} went unnoticed");
+        }
+        let other = KvShape { head_dim: 8, ..SHAPE };
+        assert_eq!(Piece::decode(&bytes, other, &e), Err(FormatError::WrongModel));
+    }
+
+    #[test]
+    fn manifest_round_trips_and_checks_its_owner() {
+        let p0 = piece(0, 5);
+        let b0 = p0.encode(SHAPE);
+        let p1 = piece(5, 7);
+        let b1 = p1.encode(SHAPE);
+        let m = manifest(vec![10, 11, 12], vec![entry(&p0, &b0), entry(&p1, &b1)]);
+        let bytes = m.encode();
+        assert_eq!(Manifest::decode(&bytes, "m", "r"), Ok(m.clone()));
+        assert_eq!(m.kv_positions(), 7);
+        assert_eq!(Manifest::decode(&bytes, "other", "r"), Err(FormatError::WrongModel));
+        assert_eq!(Manifest::decode(&bytes, "m", "other"), Err(FormatError::WrongRequest));
+        for cut in [0, 5, bytes.len() - 3] {
+            assert!(Manifest::decode(&bytes[..cut], "m", "r").is_err());
+        }
+        let mut flipped = bytes.clone();
+        let i = bytes.len() / 2;
+        flipped[i] ^= 1;
+        assert!(Manifest::decode(&flipped, "m", "r").is_err());
+    }
+
+    #[test]
+    fn manifest_rejects_gaps_and_wrong_coverage() {
+        let p0 = piece(0, 5);
+        let b0 = p0.encode(SHAPE);
+        let p2 = piece(6, 7);
+        let b2 = p2.encode(SHAPE);
+        let gap = manifest(vec![1, 2, 3], vec![entry(&p0, &b0), entry(&p2, &b2)]);
+        assert!(matches!(Manifest::decode(&gap.encode(), "m", "r"), Err(FormatError::Malformed(_))));
+        // Five prompt positions and three tokens means seven cached positions, not five.
+        let short = manifest(vec![1, 2, 3], vec![entry(&p0, &b0)]);
+        assert!(matches!(Manifest::decode(&short.encode(), "m", "r"), Err(FormatError::Malformed(_))));
+        let mut future = manifest(vec![1], vec![]);
+        future.version = 99;
+        assert_eq!(Manifest::decode(&future.encode(), "m", "r"), Err(FormatError::Version(99)));
+    }
+
+    #[test]
+    fn fingerprints_separate_what_must_be_separate() {
+        let params = |seed| GenerationParams {
+            sampling: SamplingParams { temperature: 0.7, top_p: 0.9, top_k: 40, seed },
+            max_tokens: 64,
+            stop: vec!["\n\n".into()],
+        };
+        let a = request_fingerprint(&[1, 2, 3], &params(1));
+        assert_eq!(a, request_fingerprint(&[1, 2, 3], &params(1)));
+        assert_ne!(a, request_fingerprint(&[1, 2, 3], &params(2)));
+        assert_ne!(a, request_fingerprint(&[1, 2, 4], &params(1)));
+        assert_ne!(model_fingerprint("abc", "q8-0", "cpu"), model_fingerprint("abc", "native", "cpu"));
+        assert_ne!(snapshot_prefix("t", "a"), snapshot_prefix("t2", "a"));
+        assert!(snapshot_prefix("t", "a/../b").starts_with("ferry/"));
+    }
+}

@@ -1,0 +1,148 @@
+//! KV-cache snapshots: how a generation survives its worker.
+//!
+//! While a sequence generates, the engine hands the positions added since the last snapshot to
+//! a [`writer::SnapshotWriter`] every N tokens or T milliseconds; the writer stores them off the
+//! decode path ([`store`]), in the self-checking incremental [`format`]. A worker that receives a
+//! request first looks for its snapshot ([`resume`]); if one verifies, the generation continues
+//! from it, token for token what the uninterrupted run would have produced.
+//!
+//! A snapshot can never make an answer wrong: whatever does not verify is discarded and the
+//! request starts from the beginning.
+
+pub mod format;
+pub mod resume;
+pub mod store;
+pub mod writer;
+
+pub use resume::{load, Restored};
+pub use writer::{ResumeMode, SnapshotPolicy, SnapshotStats, SnapshotWriter};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::Device;
+use tracing::{info, warn};
+
+use crate::engine::{Prepared, ResumeFrom};
+use crate::model::{LlamaConfig, Model};
+use format::{KvShape, Manifest};
+use writer::{ChainStart, SnapshotIdentity, SnapshotSink};
+
+/// The worker's snapshot service: the store, the policy, and what identifies this model.
+#[derive(Debug, Clone)]
+pub struct Snapshots {
+    pub store: Arc<dyn store::SnapshotStore>,
+    pub stats: Arc<SnapshotStats>,
+    pub policy: SnapshotPolicy,
+    model_fingerprint: String,
+    config: LlamaConfig,
+    device: Device,
+}
+
+/// A snapshot found for a request, and how to continue from it.
+#[derive(Debug)]
+pub struct Found {
+    pub resume: ResumeFrom,
+    pub manifest: Manifest,
+}
+
+impl Snapshots {
+    pub fn new(
+        store: Arc<dyn store::SnapshotStore>,
+        policy: SnapshotPolicy,
+        model: &Model,
+        weights: &str,
+        device: &Device,
+    ) -> Self {
+        let device_name = if device.is_cpu() { "cpu" } else { "cuda" };
+        Self {
+            store,
+            stats: Arc::new(SnapshotStats::default()),
+            policy,
+            model_fingerprint: format::model_fingerprint(&model.sha256, weights, device_name),
+            config: model.weights.config.clone(),
+            device: device.clone(),
+        }
+    }
+
+    pub fn shape(&self) -> KvShape {
+        KvShape {
+            n_layer: self.config.n_layer as u32,
+            n_kv_head: self.config.n_kv_head as u32,
+            head_dim: self.config.head_dim as u32,
+        }
+    }
+
+    /// Looks for a verified snapshot of the request. A snapshot that does not verify is logged,
+    /// counted, deleted, and the request starts from the beginning.
+    pub async fn find(&self, prefix: &str, prepared: &Prepared) -> Option<Found> {
+        let request = format::request_fingerprint(&prepared.prompt, &prepared.params);
+        match resume::load(&self.store, prefix, &self.model_fingerprint, &request, &self.config, &self.device).await {
+            Ok(Some(r)) => {
+                self.stats.resumed.fetch_add(1, Relaxed);
+                let recomputed = if r.cache.is_some() { 0 } else { r.manifest.tokens.len() as u64 };
+                self.stats.tokens_recomputed.fetch_add(recomputed, Relaxed);
+                info!(prefix, tokens = r.manifest.tokens.len(), with_cache = r.cache.is_some(),
+                    from_worker = %r.manifest.worker, "resuming from snapshot");
+                Some(Found { resume: ResumeFrom { tokens: r.manifest.tokens.clone(), cache: r.cache }, manifest: r.manifest })
+            }
+            Ok(None) => None,
+            Err(e) => {
+                self.stats.discarded.fetch_add(1, Relaxed);
+                warn!(prefix, error = %e, "discarding a snapshot that does not verify; starting from the beginning");
+                let _ = self.store.delete_prefix(prefix).await;
+                None
+            }
+        }
+    }
+
+    /// Starts the writer for a generation.
+    pub fn writer(
+        &self,
+        prefix: &str,
+        prepared: &Prepared,
+        worker: &str,
+        found: Option<&Manifest>,
+    ) -> Option<(SnapshotWriter, SnapshotSink)> {
+        if !self.policy.enabled() {
+            return None;
+        }
+        let id = SnapshotIdentity {
+            prefix: prefix.to_string(),
+            model: self.model_fingerprint.clone(),
+            request: format::request_fingerprint(&prepared.prompt, &prepared.params),
+            prompt_len: prepared.prompt.len() as u32,
+            attempt: found.map_or(1, |m| m.attempt + 1),
+            worker: worker.to_string(),
+        };
+        let chain = found.map_or_else(ChainStart::default, |m| ChainStart {
+            pieces: m.pieces.clone(),
+            seq: m.seq,
+            tokens: m.tokens.len(),
+        });
+        Some(SnapshotWriter::start(self.store.clone(), self.stats.clone(), self.policy.clone(), self.shape(), id, chain))
+    }
+
+    /// Deletes a request's snapshot once its answer is committed.
+    pub async fn delete(&self, prefix: &str) {
+        if let Err(e) = self.store.delete_prefix(prefix).await {
+            warn!(prefix, error = %e, "cannot delete a finished request's snapshot; it will expire");
+        }
+    }
+
+    /// Deletes snapshots older than `ttl` every `every`, for as long as the task runs: orphans
+    /// of requests whose answer was never committed here.
+    pub fn spawn_sweeper(&self, ttl: Duration, every: Duration) -> tokio::task::JoinHandle<()> {
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            loop {
+                match store.sweep_expired("ferry/", ttl).await {
+                    Ok(0) => {}
+                    Ok(n) => info!(deleted = n, "expired snapshots swept"),
+                    Err(e) => warn!(error = %e, "sweeping expired snapshots failed"),
+                }
+                tokio::time::sleep(every).await;
+            }
+        })
+    }
+}

@@ -1,0 +1,348 @@
+//! Snapshots as files under a directory: a persistent volume, or a shared file system that
+//! another pod mounts after this one is evicted.
+//!
+//! Key `a/b/c` is the file `<root>/a/b/c`. A put writes a temporary file beside the target
+//! (`.c.tmp-<random>`), fsyncs it, renames it over the target, and fsyncs the directory: the
+//! rename is the atomic switch from the old value to the new one, and the two fsyncs make the
+//! data and the rename survive a power cut. Directories a put creates are fsynced into their
+//! parents too.
+//!
+//! Dot-names are never keys (see [`check_key`]), so temporary files never show up in listings.
+//! A put interrupted by a crash leaves its temporary file behind; sweeps remove it once it is
+//! older than the TTL.
+//!
+//! The limit: a key cannot also be a prefix of another key (`a/b` and `a/b/c`), because `a/b`
+//! cannot be both a file and a directory. The snapshot format's keys never nest that way.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use super::{check_delete_prefix, check_key, check_prefix, SnapshotStore, StoreError};
+
+/// How often a put retries after a concurrent sweep removed the (empty) directory it had just
+/// created. One retry is almost always enough; the bound only stops a pathological loop.
+const PUT_ATTEMPTS: usize = 3;
+
+/// A [`SnapshotStore`] on the local file system.
+#[derive(Debug, Clone)]
+pub struct FileStore {
+    /// The directory every key is relative to. Absolute, and it exists.
+    root: PathBuf,
+}
+
+impl FileStore {
+    /// A store rooted at `root`, which must be absolute; it is created if missing.
+    pub async fn open(root: PathBuf) -> Result<Self, StoreError> {
+        if !root.is_absolute() {
+            return Err(StoreError::Config {
+                url: root.display().to_string(),
+                reason: "the snapshot directory must be an absolute path".into(),
+            });
+        }
+        let dir = root.clone();
+        blocking(move || fs::create_dir_all(&dir).map_err(io_error("create", &dir))).await?;
+        Ok(Self { root })
+    }
+
+    /// The directory the store writes under.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path(&self, key: &str) -> PathBuf {
+        // Keys were checked: plain segments, no `.` or `..`, so the path stays under the root.
+        key.split('/').fold(self.root.clone(), |path, segment| path.join(segment))
+    }
+}
+
+#[async_trait]
+impl SnapshotStore for FileStore {
+    async fn put(&self, key: &str, value: Bytes) -> Result<(), StoreError> {
+        check_key(key)?;
+        let (root, path) = (self.root.clone(), self.path(key));
+        blocking(move || write_atomically(&root, &path, &value)).await
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
+        check_key(key)?;
+        let path = self.path(key);
+        blocking(move || match fs::read(&path) {
+            Ok(data) => Ok(Some(Bytes::from(data))),
+            Err(e) if is_absent(&e) => Ok(None),
+            Err(e) => Err(io_error("read", &path)(e)),
+        })
+        .await
+    }
+
+    async fn delete_prefix(&self, prefix: &str) -> Result<(), StoreError> {
+        let dir = self.path(check_delete_prefix(prefix)?);
+        blocking(move || match fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if is_absent(&e) => Ok(()),
+            Err(e) => Err(io_error("remove", &dir)(e)),
+        })
+        .await
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let prefix = check_prefix(prefix)?;
+        let (root, dir) = (self.root.clone(), self.path_or_root(prefix));
+        blocking(move || {
+            let mut keys = Vec::new();
+            walk(&dir, &mut |path, _| {
+                if let Some(key) = key_of(&root, path) {
+                    keys.push(key);
+                }
+                Ok(())
+            })?;
+            keys.sort();
+            Ok(keys)
+        })
+        .await
+    }
+
+    async fn sweep_expired(&self, prefix: &str, ttl: Duration) -> Result<usize, StoreError> {
+        let prefix = check_prefix(prefix)?;
+        let (root, dir) = (self.root.clone(), self.path_or_root(prefix));
+        blocking(move || sweep(&root, &dir, ttl)).await
+    }
+}
+
+impl FileStore {
+    fn path_or_root(&self, prefix: &str) -> PathBuf {
+        if prefix.is_empty() {
+            self.root.clone()
+        } else {
+            self.path(prefix)
+        }
+    }
+}
+
+/// Writes `value` to `path` through a temporary file, fsync and rename (see the module doc).
+fn write_atomically(root: &Path, path: &Path, value: &[u8]) -> Result<(), StoreError> {
+    // Paths built by `FileStore::path` from a valid key always have a parent and a file name.
+    let dir = path.parent().expect("a key's path has a parent");
+    let name = path.file_name().expect("a key's path has a file name").to_string_lossy();
+    let tmp = dir.join(format!(".{name}.tmp-{:016x}", rand::random::<u64>()));
+    let mut attempt = 0;
+    let mut file = loop {
+        attempt += 1;
+        create_dirs(root, dir)?;
+        match fs::OpenOptions::new().write(true).create_new(true).open(&tmp) {
+            Ok(file) => break file,
+            // A sweep removed the directory between its creation and ours: create it again.
+            Err(e) if e.kind() == io::ErrorKind::NotFound && attempt < PUT_ATTEMPTS => continue,
+            Err(e) => return Err(io_error("create", &tmp)(e)),
+        }
+    };
+    let written = file.write_all(value).and_then(|()| file.sync_all());
+    drop(file);
+    if let Err(e) = written.map_err(io_error("write", &tmp)).and_then(|()| {
+        fs::rename(&tmp, path).map_err(io_error("rename", path))?;
+        sync_dir(dir)
+    }) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Creates `dir` and its missing ancestors below `root`, fsyncing each new directory's parent
+/// so that the new entry is durable before a file inside it is.
+fn create_dirs(root: &Path, dir: &Path) -> Result<(), StoreError> {
+    if dir.is_dir() || dir == root {
+        return Ok(());
+    }
+    // `dir` is under `root`, so it has a parent.
+    let parent = dir.parent().expect("a directory under the root has a parent");
+    create_dirs(root, parent)?;
+    match fs::create_dir(dir) {
+        Ok(()) => sync_dir(parent),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(io_error("create directory", dir)(e)),
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_error("fsync directory", dir))
+}
+
+/// Removes the files under `dir` last modified more than `ttl` ago, keys and stray temporary
+/// files alike, then the directories that became empty. Counts the keys removed.
+fn sweep(root: &Path, dir: &Path, ttl: Duration) -> Result<usize, StoreError> {
+    let Some(cutoff) = SystemTime::now().checked_sub(ttl) else {
+        return Ok(0);
+    };
+    let mut removed = 0;
+    walk(dir, &mut |path, meta| {
+        let modified = meta.modified().map_err(io_error("read the mtime of", path))?;
+        if modified < cutoff {
+            match fs::remove_file(path) {
+                Ok(()) => removed += usize::from(key_of(root, path).is_some()),
+                // Deleted by someone else meanwhile (a delete_prefix, another worker's sweep).
+                Err(e) if is_absent(&e) => {}
+                Err(e) => return Err(io_error("remove", path)(e)),
+            }
+        }
+        Ok(())
+    })?;
+    remove_empty_dirs(dir, dir == root);
+    Ok(removed)
+}
+
+/// Removes the empty directories under `dir`, and `dir` itself unless `keep`. Best effort: a
+/// directory that a put has just filled again is not empty and stays.
+fn remove_empty_dirs(dir: &Path, keep: bool) {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_empty_dirs(&entry.path(), false);
+            }
+        }
+    }
+    if !keep {
+        let _ = fs::remove_dir(dir);
+    }
+}
+
+/// Calls `visit` on every regular file under `dir`, recursively. A missing `dir` has no files.
+/// Symbolic links are not followed: nothing outside the root is ever listed or removed.
+fn walk(dir: &Path, visit: &mut dyn FnMut(&Path, fs::Metadata) -> Result<(), StoreError>) -> Result<(), StoreError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if is_absent(&e) => return Ok(()),
+        Err(e) => return Err(io_error("list", dir)(e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(io_error("list", dir))?;
+        let path = entry.path();
+        let meta = match entry.metadata() {
+            Ok(meta) => meta,
+            Err(e) if is_absent(&e) => continue,
+            Err(e) => return Err(io_error("stat", &path)(e)),
+        };
+        if meta.is_dir() {
+            walk(&path, visit)?;
+        } else if meta.is_file() {
+            visit(&path, meta)?;
+        }
+    }
+    Ok(())
+}
+
+/// The key a file under `root` stores, or `None` for a temporary file (or anything else that
+/// is not a valid key).
+fn key_of(root: &Path, path: &Path) -> Option<String> {
+    let relative = path.strip_prefix(root).ok()?;
+    let segments: Option<Vec<&str>> = relative.components().map(|c| c.as_os_str().to_str()).collect();
+    let key = segments?.join("/");
+    check_key(&key).is_ok().then_some(key)
+}
+
+/// Whether an error means "there is nothing there": the file is missing, or one of its
+/// ancestors is a file rather than a directory.
+fn is_absent(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory)
+}
+
+fn io_error(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError {
+    let path = path.to_path_buf();
+    move |source| StoreError::Io { op, path, source }
+}
+
+/// Runs blocking file system work off the async runtime's threads.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T, StoreError> + Send + 'static) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(work).await.unwrap_or_else(|e| {
+        Err(StoreError::Io { op: "run", path: PathBuf::new(), source: io::Error::other(format!("file store task failed: {e}")) })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn store() -> (tempfile::TempDir, FileStore) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = FileStore::open(dir.path().join("snapshots")).await.expect("open");
+        (dir, store)
+    }
+
+    fn age(store: &FileStore, key: &str, by: Duration) {
+        let file = fs::File::options().write(true).open(store.path(key)).expect("open");
+        file.set_modified(SystemTime::now() - by).expect("set mtime");
+    }
+
+    #[tokio::test]
+    async fn a_put_leaves_only_the_value_behind() {
+        let (_dir, store) = store().await;
+        store.put("ferry/ab/manifest", Bytes::from_static(b"one")).await.expect("put");
+        store.put("ferry/ab/manifest", Bytes::from_static(b"two")).await.expect("put");
+        let names: Vec<_> = fs::read_dir(store.root().join("ferry/ab"))
+            .expect("read_dir")
+            .map(|e| e.expect("entry").file_name().into_string().expect("utf-8"))
+            .collect();
+        assert_eq!(names, ["manifest"], "no temporary file is left behind");
+        assert_eq!(store.get("ferry/ab/manifest").await.expect("get"), Some(Bytes::from_static(b"two")));
+    }
+
+    #[tokio::test]
+    async fn a_key_below_a_file_is_absent_not_an_error() {
+        let (_dir, store) = store().await;
+        store.put("ferry/ab", Bytes::from_static(b"x")).await.expect("put");
+        assert_eq!(store.get("ferry/ab/manifest").await.expect("get"), None);
+        assert_eq!(store.list("ferry/ab/manifest").await.expect("list"), Vec::<String>::new());
+    }
+
+    #[tokio::test]
+    async fn sweep_goes_by_mtime_and_removes_stale_temporary_files_and_empty_directories() {
+        let (_dir, store) = store().await;
+        for key in ["ferry/old/manifest", "ferry/old/piece-000000", "ferry/new/manifest"] {
+            store.put(key, Bytes::from_static(b"v")).await.expect("put");
+        }
+        let stale_tmp = store.root().join("ferry/new/.manifest.tmp-dead");
+        fs::write(&stale_tmp, b"torn").expect("write");
+        fs::File::options().write(true).open(&stale_tmp).expect("open").set_modified(SystemTime::now() - Duration::from_secs(7200)).expect("mtime");
+        age(&store, "ferry/old/manifest", Duration::from_secs(7200));
+        age(&store, "ferry/old/piece-000000", Duration::from_secs(7200));
+
+        let removed = store.sweep_expired("ferry", Duration::from_secs(3600)).await.expect("sweep");
+
+        assert_eq!(removed, 2, "temporary files are removed but not counted as keys");
+        assert_eq!(store.list("").await.expect("list"), ["ferry/new/manifest"]);
+        assert!(!stale_tmp.exists());
+        assert!(!store.root().join("ferry/old").exists(), "the emptied directory is gone");
+        assert!(store.root().exists(), "the root stays even when empty");
+    }
+
+    #[tokio::test]
+    async fn sweep_of_the_whole_store_keeps_the_root() {
+        let (_dir, store) = store().await;
+        store.put("a/b", Bytes::from_static(b"v")).await.expect("put");
+        age(&store, "a/b", Duration::from_secs(10));
+        assert_eq!(store.sweep_expired("", Duration::from_secs(1)).await.expect("sweep"), 1);
+        assert!(store.root().is_dir());
+        store.put("a/b", Bytes::from_static(b"again")).await.expect("a put after a sweep recreates the directories");
+    }
+
+    #[tokio::test]
+    async fn listing_skips_symbolic_links_out_of_the_root() {
+        let (dir, store) = store().await;
+        let outside = dir.path().join("outside");
+        fs::create_dir_all(&outside).expect("mkdir");
+        fs::write(outside.join("secret"), b"s").expect("write");
+        std::os::unix::fs::symlink(&outside, store.root().join("link")).expect("symlink");
+        assert_eq!(store.list("").await.expect("list"), Vec::<String>::new());
+        store.sweep_expired("", Duration::ZERO).await.expect("sweep");
+        assert!(outside.join("secret").exists(), "a sweep never follows a link out of the root");
+    }
+
+    #[tokio::test]
+    async fn relative_roots_are_refused() {
+        assert!(matches!(FileStore::open(PathBuf::from("relative")).await, Err(StoreError::Config { .. })));
+    }
+}

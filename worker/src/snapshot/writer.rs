@@ -1,0 +1,416 @@
+//! Taking snapshots off the decode path.
+//!
+//! The engine thread calls [`SnapshotSink::offer`] at snapshot points: it copies out only the
+//! KV positions added since the last offer (cost proportional to the new tokens) and leaves them
+//! in a one-element slot. The writer task, on the async runtime, takes whatever is in the slot,
+//! stores it as a piece, then writes the manifest that names it. Decoding never waits for the
+//! store. If the store is slower than generation, a new offer merges into the one still waiting
+//! (coalescing to the newest state, counted in `skipped`) instead of queueing without bound.
+//! A failed write is counted and its data goes back into the slot, merged with anything newer,
+//! so the next write covers it: a piece is never silently lost from the chain.
+//!
+//! After `max_pieces` pieces the writer asks for a full copy at the next offer and, once the
+//! manifest names only that one piece, deletes the old ones (compaction).
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+use tracing::{debug, warn};
+
+use super::format::{KvShape, Manifest, Piece, PieceRef, FORMAT_VERSION};
+use super::store::SnapshotStore;
+use crate::engine::Sequence;
+use crate::model::ModelError;
+
+/// What a snapshot holds, and so how a resume rebuilds the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ResumeMode {
+    /// Token ids and the KV cache: resuming restores the cache (large snapshots, no recompute).
+    Cache,
+    /// Token ids only: resuming recomputes the cache (tiny snapshots, more compute).
+    Tokens,
+    /// Cache or tokens, whichever the measured store throughput and decode speed make cheaper
+    /// to resume from.
+    Auto,
+}
+
+/// When to snapshot and what.
+#[derive(Debug, Clone)]
+pub struct SnapshotPolicy {
+    /// Snapshot every this many generated tokens (0: not by count).
+    pub every_tokens: usize,
+    /// Snapshot when this much time has passed since the last one (None: not by time).
+    pub every: Option<Duration>,
+    pub mode: ResumeMode,
+    /// Compact once a snapshot has this many pieces.
+    pub max_pieces: usize,
+}
+
+impl SnapshotPolicy {
+    pub fn enabled(&self) -> bool {
+        self.every_tokens > 0 || self.every.is_some()
+    }
+}
+
+/// Counters, for logs and metrics.
+#[derive(Debug, Default)]
+pub struct SnapshotStats {
+    /// Manifests written (each a durable snapshot).
+    pub written: AtomicU64,
+    /// Bytes written, pieces and manifests.
+    pub bytes: AtomicU64,
+    /// Snapshot points merged into a newer one because the store was busy.
+    pub skipped: AtomicU64,
+    /// Writes that failed (retried with the next snapshot).
+    pub failed: AtomicU64,
+    /// Snapshots found but refused on resume (they did not verify).
+    pub discarded: AtomicU64,
+    /// Generations resumed from a snapshot.
+    pub resumed: AtomicU64,
+    /// Time spent writing, in microseconds.
+    pub write_micros: AtomicU64,
+    /// Tokens that had to be computed again on resume (tokens mode, or the last token).
+    pub tokens_recomputed: AtomicU64,
+    /// Decode speed and store throughput, measured, for the `auto` resume mode
+    /// (tokens/s and bytes/s, as f64 bits; 0 until measured).
+    pub decode_tps_bits: AtomicU64,
+    pub store_bps_bits: AtomicU64,
+}
+
+impl SnapshotStats {
+    /// Whether the next snapshot should carry the KV cache under `mode`, for a cache of
+    /// `bytes_per_token` bytes per position.
+    pub fn use_cache(&self, mode: ResumeMode, bytes_per_token: usize) -> bool {
+        match mode {
+            ResumeMode::Cache => true,
+            ResumeMode::Tokens => false,
+            ResumeMode::Auto => {
+                let tps = f64::from_bits(self.decode_tps_bits.load(Relaxed));
+                let bps = f64::from_bits(self.store_bps_bits.load(Relaxed));
+                // Until both are measured, keep the cache: it never recomputes.
+                if tps <= 0.0 || bps <= 0.0 {
+                    return true;
+                }
+                // Restoring a token's KV costs reading it; recomputing costs a decode step.
+                bytes_per_token as f64 / bps < 1.0 / tps
+            }
+        }
+    }
+
+    fn record_rate(cell: &AtomicU64, sample: f64) {
+        let old = f64::from_bits(cell.load(Relaxed));
+        let new = if old > 0.0 { 0.8 * old + 0.2 * sample } else { sample };
+        cell.store(new.to_bits(), Relaxed);
+    }
+
+    pub fn record_decode_speed(&self, tokens_per_s: f64) {
+        Self::record_rate(&self.decode_tps_bits, tokens_per_s);
+    }
+}
+
+/// What the engine hands over at a snapshot point.
+#[derive(Debug)]
+struct Delta {
+    tokens: Vec<u32>,
+    kv: Option<Piece>,
+}
+
+impl Delta {
+    /// `older` followed by `newer`, as one delta.
+    fn merge(older: Delta, newer: Delta) -> Delta {
+        let kv = match (older.kv, newer.kv) {
+            // A newer full copy (from position 0) supersedes everything older.
+            (Some(mut a), Some(b)) if b.from != 0 => match a.append(b) {
+                Ok(()) => Some(a),
+                // Not contiguous: cannot happen, since offers extract from where the last one
+                // ended; drop the older part rather than store a gap (the next full copy fixes it).
+                Err(_) => None,
+            },
+            (Some(a), None) => Some(a),
+            (_, kv) => kv,
+        };
+        Delta { tokens: newer.tokens, kv }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Slot {
+    pending: Option<Delta>,
+    /// Where the next extraction starts: the end of the last one.
+    next_from: usize,
+    /// The writer wants the next offer to copy the whole cache (compaction, or a failed chain).
+    full_next: bool,
+    /// No more offers will come; the writer exits once the slot is empty.
+    closed: bool,
+    /// The writer is between taking a delta and finishing its write.
+    busy: bool,
+}
+
+#[derive(Debug)]
+struct Shared {
+    slot: Mutex<Slot>,
+    wake: Notify,
+    idle: Notify,
+    stats: Arc<SnapshotStats>,
+    with_kv: bool,
+}
+
+/// Who the snapshot belongs to.
+#[derive(Debug, Clone)]
+pub struct SnapshotIdentity {
+    pub prefix: String,
+    pub model: String,
+    pub request: String,
+    pub prompt_len: u32,
+    pub attempt: u32,
+    pub worker: String,
+}
+
+/// The engine's side of a writer.
+#[derive(Debug, Clone)]
+pub struct SnapshotSink {
+    shared: Arc<Shared>,
+    policy: SnapshotPolicy,
+    last_tokens: usize,
+    last_at: Instant,
+}
+
+impl SnapshotSink {
+    /// Offers a snapshot if the policy says one is due.
+    pub fn maybe_offer(&mut self, seq: &Sequence) -> Result<(), ModelError> {
+        let n = seq.generated().len();
+        let by_count = self.policy.every_tokens > 0 && n >= self.last_tokens + self.policy.every_tokens;
+        let by_time = self.policy.every.is_some_and(|t| self.last_at.elapsed() >= t) && n > self.last_tokens;
+        if by_count || by_time {
+            self.offer(seq)?;
+        }
+        Ok(())
+    }
+
+    /// Hands the state of `seq` to the writer now.
+    pub fn offer(&mut self, seq: &Sequence) -> Result<(), ModelError> {
+        let Some(end) = seq.snapshot_positions() else { return Ok(()) };
+        let stats = &self.shared.stats;
+        let mut slot = self.shared.slot.lock().map_err(|_| ModelError::Unsupported("snapshot slot poisoned".into()))?;
+        let from = if slot.full_next { 0 } else { slot.next_from };
+        let kv = if self.shared.with_kv && end > from {
+            Some(Piece { from: from as u32, to: end as u32, layers: seq.kv_values(from, end)? })
+        } else {
+            None
+        };
+        let delta = Delta { tokens: seq.generated().to_vec(), kv };
+        slot.pending = Some(match slot.pending.take() {
+            Some(older) => {
+                stats.skipped.fetch_add(1, Relaxed);
+                Delta::merge(older, delta)
+            }
+            None => delta,
+        });
+        slot.next_from = end;
+        slot.full_next = false;
+        drop(slot);
+        self.shared.wake.notify_one();
+        self.last_tokens = seq.generated().len();
+        self.last_at = Instant::now();
+        Ok(())
+    }
+}
+
+/// The async side: a task that stores what the engine offers.
+#[derive(Debug)]
+pub struct SnapshotWriter {
+    shared: Arc<Shared>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Where the chain of a resumed snapshot left off.
+#[derive(Debug, Clone, Default)]
+pub struct ChainStart {
+    pub pieces: Vec<PieceRef>,
+    pub seq: u64,
+    pub tokens: usize,
+}
+
+impl SnapshotWriter {
+    /// Starts a writer for one generation. `chain` continues a resumed snapshot's pieces.
+    pub fn start(
+        store: Arc<dyn SnapshotStore>,
+        stats: Arc<SnapshotStats>,
+        policy: SnapshotPolicy,
+        shape: KvShape,
+        id: SnapshotIdentity,
+        chain: ChainStart,
+    ) -> (SnapshotWriter, SnapshotSink) {
+        let bytes_per_token = shape.values_per_tensor(1) * 2 * shape.n_layer as usize * 4;
+        let with_kv = stats.use_cache(policy.mode, bytes_per_token);
+        // A resumed chain continues where it ended; a tokens-only chain switching to the cache
+        // (or the reverse) starts a fresh, full copy.
+        let keep_chain = with_kv == !chain.pieces.is_empty();
+        let next_from = if keep_chain { chain.pieces.last().map_or(0, |p| p.to as usize) } else { 0 };
+        let shared = Arc::new(Shared {
+            slot: Mutex::new(Slot { next_from, full_next: !keep_chain && with_kv, ..Slot::default() }),
+            wake: Notify::new(),
+            idle: Notify::new(),
+            stats,
+            with_kv,
+        });
+        let pieces = if keep_chain { chain.pieces } else { Vec::new() };
+        let task = tokio::spawn(write_loop(store, shared.clone(), shape, id, pieces, chain.seq, policy.max_pieces));
+        let sink = SnapshotSink { shared: shared.clone(), policy, last_tokens: chain.tokens, last_at: Instant::now() };
+        (SnapshotWriter { shared, task }, sink)
+    }
+
+    /// Writes whatever is still pending, then stops. Used when draining: the caller bounds it
+    /// with its deadline.
+    pub async fn flush_and_stop(self) {
+        self.close();
+        let _ = self.task.await;
+    }
+
+    /// Stops without writing what is pending (the generation finished; its answer supersedes
+    /// any snapshot).
+    pub async fn stop(self) {
+        if let Ok(mut slot) = self.shared.slot.lock() {
+            slot.pending = None;
+        }
+        self.close();
+        let _ = self.task.await;
+    }
+
+    fn close(&self) {
+        if let Ok(mut slot) = self.shared.slot.lock() {
+            slot.closed = true;
+        }
+        self.shared.wake.notify_one();
+    }
+
+    /// Waits until everything offered so far is written (or has failed).
+    pub async fn idle(&self) {
+        loop {
+            let notified = self.shared.idle.notified();
+            let done = self.shared.slot.lock().map(|s| s.pending.is_none() && !s.busy).unwrap_or(true);
+            if done || self.task.is_finished() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+async fn write_loop(
+    store: Arc<dyn SnapshotStore>,
+    shared: Arc<Shared>,
+    shape: KvShape,
+    id: SnapshotIdentity,
+    mut pieces: Vec<PieceRef>,
+    mut seq: u64,
+    max_pieces: usize,
+) {
+    let stats = &shared.stats;
+    let tag = worker_tag(&id.worker);
+    loop {
+        let delta = loop {
+            let notified = shared.wake.notified();
+            {
+                let Ok(mut slot) = shared.slot.lock() else { return };
+                if let Some(d) = slot.pending.take() {
+                    slot.busy = true;
+                    break d;
+                }
+                if slot.closed {
+                    return;
+                }
+            }
+            shared.idle.notify_waiters();
+            notified.await;
+        };
+        let started = Instant::now();
+        let mut written = 0u64;
+        let mut new_pieces = pieces.clone();
+        let mut failed = false;
+        let full = delta.kv.as_ref().is_some_and(|kv| kv.from == 0);
+        if let Some(kv) = &delta.kv {
+            let name = format!("piece-{:06}-{tag}", seq + 1);
+            let body = kv.encode(shape);
+            let crc = u32::from_le_bytes(body[body.len() - 4..].try_into().expect("a piece ends with its crc"));
+            let entry = PieceRef { name: name.clone(), from: kv.from, to: kv.to, bytes: body.len() as u64, crc32: crc };
+            written += body.len() as u64;
+            match store.put(&format!("{}{name}", id.prefix), Bytes::from(body)).await {
+                Ok(()) => {
+                    if full {
+                        new_pieces.clear();
+                    }
+                    new_pieces.push(entry);
+                }
+                Err(e) => {
+                    warn!(error = %e, prefix = %id.prefix, "snapshot piece write failed; retrying with the next snapshot");
+                    failed = true;
+                }
+            }
+        }
+        if !failed {
+            let manifest = Manifest {
+                version: FORMAT_VERSION,
+                model: id.model.clone(),
+                request: id.request.clone(),
+                prompt_len: id.prompt_len,
+                tokens: delta.tokens.clone(),
+                pieces: new_pieces.clone(),
+                attempt: id.attempt,
+                worker: id.worker.clone(),
+                seq: seq + 1,
+            };
+            let body = manifest.encode();
+            written += body.len() as u64;
+            if let Err(e) = store.put(&format!("{}manifest", id.prefix), Bytes::from(body)).await {
+                warn!(error = %e, prefix = %id.prefix, "snapshot manifest write failed; retrying with the next snapshot");
+                failed = true;
+            }
+        }
+        let elapsed = started.elapsed();
+        stats.write_micros.fetch_add(elapsed.as_micros() as u64, Relaxed);
+        if failed {
+            stats.failed.fetch_add(1, Relaxed);
+            // Put the data back so the chain keeps no gap; a newer offer merges onto it.
+            if let Ok(mut slot) = shared.slot.lock() {
+                let newer = slot.pending.take();
+                slot.pending = Some(match newer {
+                    Some(n) => Delta::merge(delta, n),
+                    None => delta,
+                });
+                slot.busy = false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        seq += 1;
+        stats.written.fetch_add(1, Relaxed);
+        stats.bytes.fetch_add(written, Relaxed);
+        if elapsed > Duration::ZERO {
+            SnapshotStats::record_rate(&stats.store_bps_bits, written as f64 / elapsed.as_secs_f64());
+        }
+        debug!(prefix = %id.prefix, tokens = delta.tokens.len(), bytes = written, micros = elapsed.as_micros() as u64, "snapshot written");
+        if full && !pieces.is_empty() {
+            for old in pieces.iter().filter(|o| !new_pieces.iter().any(|n| n.name == o.name)) {
+                let _ = store.delete_prefix(&format!("{}{}", id.prefix, old.name)).await;
+            }
+        }
+        pieces = new_pieces;
+        if let Ok(mut slot) = shared.slot.lock() {
+            slot.busy = false;
+            if pieces.len() >= max_pieces.max(2) {
+                slot.full_next = true;
+            }
+        }
+        shared.idle.notify_waiters();
+    }
+}
+
+/// A short tag from the worker id, so two workers writing the same request (a frozen one that
+/// came back) never overwrite each other's pieces.
+fn worker_tag(worker: &str) -> String {
+    format!("{:08x}", crc32fast::hash(worker.as_bytes()))
+}

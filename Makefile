@@ -31,9 +31,10 @@ test: model
 	RAYON_NUM_THREADS=$(TEST_THREADS) FERRY_TEST_MODEL=$(CURDIR)/$(MODEL) \
 		$(CARGO) test --workspace -- --test-threads=2
 
-# The main job on the embedded broker: a broker, a worker, a handful of requests through Kafka.
+# The main job on the embedded broker: a broker and three workers, requests through Kafka, one
+# worker evicted and one killed mid-generation, every answer checked against the reference.
 demo: model build
-	./scripts/demo.sh
+	./scripts/demo.py
 
 # Engine speed, single sequence: prefill and decode tokens/s for the file's Q4_1 weights and for
 # Q8_0 re-quantised at load. Writes target/bench/engine.json.

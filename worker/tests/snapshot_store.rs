@@ -233,6 +233,45 @@ async fn list_and_delete_prefix_touch_only_their_prefix(kind: Kind) {
     );
 }
 
+/// One key goes alone, whether through `delete` or through `delete_prefix` naming it (how the
+/// writer drops a compacted piece): a key whose name merely starts with the same characters
+/// stays.
+async fn single_keys_delete_alone(kind: Kind) {
+    let b = backend(kind, LONG_TTL).await;
+    let p = unique_prefix();
+    let [manifest, piece_1, piece_10] =
+        ["manifest", "piece-000001", "piece-0000010"].map(|name| format!("{p}/a/{name}"));
+    for key in [&manifest, &piece_1, &piece_10] {
+        b.store.put(key, bytes(key)).await.expect("put");
+    }
+    assert_eq!(
+        b.store.list(&manifest).await.expect("list"),
+        std::slice::from_ref(&manifest)
+    );
+
+    b.store.delete(&piece_1).await.expect("delete");
+    assert_eq!(
+        b.store.list(&p).await.expect("list"),
+        [manifest.clone(), piece_10.clone()]
+    );
+    b.store
+        .delete_prefix(&piece_10)
+        .await
+        .expect("delete one key by prefix");
+    assert_eq!(
+        b.store.list(&p).await.expect("list"),
+        std::slice::from_ref(&manifest)
+    );
+    assert_eq!(
+        b.store.get(&manifest).await.expect("get"),
+        Some(bytes(&manifest))
+    );
+    b.store
+        .delete(&piece_1)
+        .await
+        .expect("deleting a missing key is not an error");
+}
+
 async fn prefixes_do_not_collide(kind: Kind) {
     let b = backend(kind, LONG_TTL).await;
     let (p, q) = (unique_prefix(), unique_prefix());
@@ -444,6 +483,11 @@ macro_rules! suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn list_and_delete_prefix_touch_only_their_prefix() {
                 super::list_and_delete_prefix_touch_only_their_prefix($kind).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn single_keys_delete_alone() {
+                super::single_keys_delete_alone($kind).await
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -395,7 +395,7 @@ async fn write_loop(
         debug!(prefix = %id.prefix, tokens = delta.tokens.len(), bytes = written, micros = elapsed.as_micros() as u64, "snapshot written");
         if full && !pieces.is_empty() {
             for old in pieces.iter().filter(|o| !new_pieces.iter().any(|n| n.name == o.name)) {
-                let _ = store.delete_prefix(&format!("{}{}", id.prefix, old.name)).await;
+                let _ = store.delete(&format!("{}{}", id.prefix, old.name)).await;
             }
         }
         pieces = new_pieces;

@@ -263,25 +263,28 @@ fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) 
 /// The `redis-server` binary, installed with apt if it is missing.
 fn redis_server_binary() -> PathBuf {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    let find = || find_program("redis-server");
     BINARY
         .get_or_init(|| {
-            if let Some(found) = find_program("redis-server") {
-                return found;
-            }
-            with_install_lock("redis-server", || {
-                if let Some(found) = find_program("redis-server") {
-                    return found;
-                }
-                let install = || run(Command::new("apt-get").args(["install", "-y", "--no-install-recommends", "redis-server"]));
-                // A fresh machine's package lists may be empty or stale: update once and retry.
-                let outcome = install().or_else(|_| run(Command::new("apt-get").arg("update"))).and_then(|()| install());
-                if let Err(e) = outcome {
-                    panic!("redis-server is not installed and `apt-get install redis-server` failed; install it (Debian: `apt-get install redis-server`) and run the tests again.\n{e}");
-                }
-                find_program("redis-server").expect("apt-get installed redis-server, but it is not on the PATH")
-            })
+            find().unwrap_or_else(|| with_install_lock("redis-server", find, install_redis_server))
         })
         .clone()
+}
+
+fn install_redis_server() -> PathBuf {
+    let apt = |args: &[&str]| run(Command::new("apt-get").args(args));
+    let install = || apt(&["install", "-y", "--no-install-recommends", "redis-server"]);
+    // A fresh machine's package lists may be empty or stale: update once and retry.
+    if let Err(e) = install()
+        .or_else(|_| apt(&["update"]))
+        .and_then(|()| install())
+    {
+        panic!(
+            "redis-server is missing and installing it failed; install it \
+             (Debian: `apt-get install redis-server`) and run the tests again.\n{e}"
+        );
+    }
+    find_program("redis-server").expect("apt-get installed redis-server, but it is not on the PATH")
 }
 
 /// A Python interpreter that can run `moto.server`: the system's `python3` (after a
@@ -289,42 +292,63 @@ fn redis_server_binary() -> PathBuf {
 /// "externally managed" system Python), a virtual environment of the tests' own.
 fn moto_python() -> PathBuf {
     static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+    let find = || {
+        [system_python(), moto_venv().join("bin/python3")]
+            .into_iter()
+            .find(|p| has_moto(p))
+    };
     PYTHON
-        .get_or_init(|| {
-            let system = PathBuf::from("python3");
-            let venv = std::env::temp_dir().join("ferry-test-moto-venv");
-            let venv_python = venv.join("bin").join("python3");
-            let has_moto = |python: &Path| run(Command::new(python).args(["-c", "import moto.server"])).is_ok();
-            let find = || [&system, &venv_python].into_iter().find(|p| has_moto(p)).cloned();
-            if let Some(found) = find() {
-                return found;
-            }
-            with_install_lock("moto", || {
-                if let Some(found) = find() {
-                    return found;
-                }
-                let pip = |python: &Path| run(Command::new(python).args(["-m", "pip", "install", "--quiet", "moto[server]"]));
-                let system_error = match pip(&system) {
-                    Ok(()) if has_moto(&system) => return system.clone(),
-                    Ok(()) => "pip succeeded but `import moto.server` still fails".to_string(),
-                    Err(e) => e,
-                };
-                let venv_outcome = run(Command::new(&system).arg("-m").arg("venv").arg(&venv)).and_then(|()| pip(&venv_python));
-                match venv_outcome {
-                    Ok(()) if has_moto(&venv_python) => venv_python.clone(),
-                    outcome => panic!(
-                        "moto (the S3 server the tests run) is not installed, and installing it failed; run `python3 -m pip install 'moto[server]'` and the tests again.\nsystem pip: {system_error}\nvirtual environment: {outcome:?}"
-                    ),
-                }
-            })
-        })
+        .get_or_init(|| find().unwrap_or_else(|| with_install_lock("moto", find, install_moto)))
         .clone()
 }
 
-/// Runs `install` holding an exclusive lock on a file named after `what`, so that only one
-/// test process on the machine installs it at a time; the others wait, then find it installed.
-#[allow(clippy::incompatible_msrv)] // File::lock is Rust 1.89; the workspace's dependencies already need it.
-fn with_install_lock<T>(what: &str, install: impl FnOnce() -> T) -> T {
+fn install_moto() -> PathBuf {
+    let pip = |python: &Path| {
+        run(Command::new(python).args(["-m", "pip", "install", "--quiet", "moto[server]"]))
+    };
+    let system = system_python();
+    let system_error = match pip(&system) {
+        Ok(()) if has_moto(&system) => return system,
+        Ok(()) => "pip succeeded, but `import moto.server` still fails".to_string(),
+        Err(e) => e,
+    };
+    let venv = moto_venv();
+    let venv_python = venv.join("bin/python3");
+    match run(Command::new(&system).arg("-m").arg("venv").arg(&venv))
+        .and_then(|()| pip(&venv_python))
+    {
+        Ok(()) if has_moto(&venv_python) => venv_python,
+        outcome => panic!(
+            "moto (the S3 server the tests run) is missing and installing it failed; run \
+             `python3 -m pip install 'moto[server]'` and the tests again.\n\
+             system pip: {system_error}\nvirtual environment: {outcome:?}"
+        ),
+    }
+}
+
+fn system_python() -> PathBuf {
+    PathBuf::from("python3")
+}
+
+fn moto_venv() -> PathBuf {
+    std::env::temp_dir().join("ferry-test-moto-venv")
+}
+
+fn has_moto(python: &Path) -> bool {
+    run(Command::new(python).args(["-c", "import moto.server"])).is_ok()
+}
+
+/// Installs something under an exclusive lock on a file named after `what`, so that only one
+/// test process on the machine installs at a time: under the lock, `find` looks again (another
+/// process may have installed it while this one waited) and only then `install` runs.
+// File::lock is Rust 1.89, past the workspace's declared 1.85; its dependencies already need
+// 1.89 (uuid), so this costs nothing.
+#[allow(clippy::incompatible_msrv)]
+fn with_install_lock(
+    what: &str,
+    find: impl FnOnce() -> Option<PathBuf>,
+    install: impl FnOnce() -> PathBuf,
+) -> PathBuf {
     let path = std::env::temp_dir().join(format!("ferry-test-install-{what}.lock"));
     let file = File::options()
         .create(true)
@@ -334,9 +358,8 @@ fn with_install_lock<T>(what: &str, install: impl FnOnce() -> T) -> T {
         .unwrap_or_else(|e| panic!("cannot open {}: {e}", path.display()));
     file.lock()
         .unwrap_or_else(|e| panic!("cannot lock {}: {e}", path.display()));
-    let result = install();
-    let _ = file.unlock();
-    result
+    // The lock is released when `file` is closed, at the end of this function.
+    find().unwrap_or_else(install)
 }
 
 /// The path of `program` on the `PATH`, or in the sbin directories a non-root `PATH` lacks.

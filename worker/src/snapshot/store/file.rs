@@ -56,7 +56,8 @@ impl FileStore {
 
     fn path(&self, key: &str) -> PathBuf {
         // Keys were checked: plain segments, no `.` or `..`, so the path stays under the root.
-        key.split('/').fold(self.root.clone(), |path, segment| path.join(segment))
+        key.split('/')
+            .fold(self.root.clone(), |path, segment| path.join(segment))
     }
 }
 
@@ -79,12 +80,31 @@ impl SnapshotStore for FileStore {
         .await
     }
 
-    async fn delete_prefix(&self, prefix: &str) -> Result<(), StoreError> {
-        let dir = self.path(check_delete_prefix(prefix)?);
-        blocking(move || match fs::remove_dir_all(&dir) {
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        check_key(key)?;
+        let path = self.path(key);
+        blocking(move || match fs::remove_file(&path) {
             Ok(()) => Ok(()),
             Err(e) if is_absent(&e) => Ok(()),
-            Err(e) => Err(io_error("remove", &dir)(e)),
+            Err(e) => Err(io_error("remove", &path)(e)),
+        })
+        .await
+    }
+
+    async fn delete_prefix(&self, prefix: &str) -> Result<(), StoreError> {
+        let path = self.path(check_delete_prefix(prefix)?);
+        blocking(move || {
+            // A directory is a group of keys; anything else is the one key the prefix names.
+            let removed = match fs::symlink_metadata(&path) {
+                Ok(meta) if meta.is_dir() => fs::remove_dir_all(&path),
+                Ok(_) => fs::remove_file(&path),
+                Err(e) => Err(e),
+            };
+            match removed {
+                Ok(()) => Ok(()),
+                Err(e) if is_absent(&e) => Ok(()),
+                Err(e) => Err(io_error("remove", &path)(e)),
+            }
         })
         .await
     }
@@ -127,13 +147,20 @@ impl FileStore {
 fn write_atomically(root: &Path, path: &Path, value: &[u8]) -> Result<(), StoreError> {
     // Paths built by `FileStore::path` from a valid key always have a parent and a file name.
     let dir = path.parent().expect("a key's path has a parent");
-    let name = path.file_name().expect("a key's path has a file name").to_string_lossy();
+    let name = path
+        .file_name()
+        .expect("a key's path has a file name")
+        .to_string_lossy();
     let tmp = dir.join(format!(".{name}.tmp-{:016x}", rand::random::<u64>()));
     let mut attempt = 0;
     let mut file = loop {
         attempt += 1;
         create_dirs(root, dir)?;
-        match fs::OpenOptions::new().write(true).create_new(true).open(&tmp) {
+        match fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+        {
             Ok(file) => break file,
             // A sweep removed the directory between its creation and ours: create it again.
             Err(e) if e.kind() == io::ErrorKind::NotFound && attempt < PUT_ATTEMPTS => continue,
@@ -159,7 +186,9 @@ fn create_dirs(root: &Path, dir: &Path) -> Result<(), StoreError> {
         return Ok(());
     }
     // `dir` is under `root`, so it has a parent.
-    let parent = dir.parent().expect("a directory under the root has a parent");
+    let parent = dir
+        .parent()
+        .expect("a directory under the root has a parent");
     create_dirs(root, parent)?;
     match fs::create_dir(dir) {
         Ok(()) => sync_dir(parent),
@@ -169,7 +198,9 @@ fn create_dirs(root: &Path, dir: &Path) -> Result<(), StoreError> {
 }
 
 fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io_error("fsync directory", dir))
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_error("fsync directory", dir))
 }
 
 /// Removes the files under `dir` last modified more than `ttl` ago, keys and stray temporary
@@ -180,7 +211,9 @@ fn sweep(root: &Path, dir: &Path, ttl: Duration) -> Result<usize, StoreError> {
     };
     let mut removed = 0;
     walk(dir, &mut |path, meta| {
-        let modified = meta.modified().map_err(io_error("read the mtime of", path))?;
+        let modified = meta
+            .modified()
+            .map_err(io_error("read the mtime of", path))?;
         if modified < cutoff {
             match fs::remove_file(path) {
                 Ok(()) => removed += usize::from(key_of(root, path).is_some()),
@@ -210,9 +243,27 @@ fn remove_empty_dirs(dir: &Path, keep: bool) {
     }
 }
 
-/// Calls `visit` on every regular file under `dir`, recursively. A missing `dir` has no files.
-/// Symbolic links are not followed: nothing outside the root is ever listed or removed.
-fn walk(dir: &Path, visit: &mut dyn FnMut(&Path, fs::Metadata) -> Result<(), StoreError>) -> Result<(), StoreError> {
+/// Calls `visit` on `start` if it is a regular file, or on every regular file under it,
+/// recursively. A missing `start` has no files. `start` itself may be a symbolic link (the
+/// root may well be one); links below it are not followed, so nothing outside is ever listed
+/// or removed.
+fn walk(
+    start: &Path,
+    visit: &mut dyn FnMut(&Path, fs::Metadata) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    match fs::metadata(start) {
+        Ok(meta) if meta.is_file() => visit(start, meta),
+        Ok(meta) if meta.is_dir() => walk_dir(start, visit),
+        Ok(_) => Ok(()),
+        Err(e) if is_absent(&e) => Ok(()),
+        Err(e) => Err(io_error("stat", start)(e)),
+    }
+}
+
+fn walk_dir(
+    dir: &Path,
+    visit: &mut dyn FnMut(&Path, fs::Metadata) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if is_absent(&e) => return Ok(()),
@@ -221,13 +272,14 @@ fn walk(dir: &Path, visit: &mut dyn FnMut(&Path, fs::Metadata) -> Result<(), Sto
     for entry in entries {
         let entry = entry.map_err(io_error("list", dir))?;
         let path = entry.path();
+        // `DirEntry::metadata` does not follow symbolic links.
         let meta = match entry.metadata() {
             Ok(meta) => meta,
             Err(e) if is_absent(&e) => continue,
             Err(e) => return Err(io_error("stat", &path)(e)),
         };
         if meta.is_dir() {
-            walk(&path, visit)?;
+            walk_dir(&path, visit)?;
         } else if meta.is_file() {
             visit(&path, meta)?;
         }
@@ -239,7 +291,10 @@ fn walk(dir: &Path, visit: &mut dyn FnMut(&Path, fs::Metadata) -> Result<(), Sto
 /// is not a valid key).
 fn key_of(root: &Path, path: &Path) -> Option<String> {
     let relative = path.strip_prefix(root).ok()?;
-    let segments: Option<Vec<&str>> = relative.components().map(|c| c.as_os_str().to_str()).collect();
+    let segments: Option<Vec<&str>> = relative
+        .components()
+        .map(|c| c.as_os_str().to_str())
+        .collect();
     let key = segments?.join("/");
     check_key(&key).is_ok().then_some(key)
 }
@@ -247,7 +302,10 @@ fn key_of(root: &Path, path: &Path) -> Option<String> {
 /// Whether an error means "there is nothing there": the file is missing, or one of its
 /// ancestors is a file rather than a directory.
 fn is_absent(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory)
+    matches!(
+        e.kind(),
+        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+    )
 }
 
 fn io_error(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError {
@@ -256,9 +314,15 @@ fn io_error(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreErr
 }
 
 /// Runs blocking file system work off the async runtime's threads.
-async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T, StoreError> + Send + 'static) -> Result<T, StoreError> {
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
     tokio::task::spawn_blocking(work).await.unwrap_or_else(|e| {
-        Err(StoreError::Io { op: "run", path: PathBuf::new(), source: io::Error::other(format!("file store task failed: {e}")) })
+        Err(StoreError::Io {
+            op: "run",
+            path: PathBuf::new(),
+            source: io::Error::other(format!("file store task failed: {e}")),
+        })
     })
 }
 
@@ -268,65 +332,116 @@ mod tests {
 
     async fn store() -> (tempfile::TempDir, FileStore) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = FileStore::open(dir.path().join("snapshots")).await.expect("open");
+        let store = FileStore::open(dir.path().join("snapshots"))
+            .await
+            .expect("open");
         (dir, store)
     }
 
     fn age(store: &FileStore, key: &str, by: Duration) {
-        let file = fs::File::options().write(true).open(store.path(key)).expect("open");
-        file.set_modified(SystemTime::now() - by).expect("set mtime");
+        let file = fs::File::options()
+            .write(true)
+            .open(store.path(key))
+            .expect("open");
+        file.set_modified(SystemTime::now() - by)
+            .expect("set mtime");
     }
 
     #[tokio::test]
     async fn a_put_leaves_only_the_value_behind() {
         let (_dir, store) = store().await;
-        store.put("ferry/ab/manifest", Bytes::from_static(b"one")).await.expect("put");
-        store.put("ferry/ab/manifest", Bytes::from_static(b"two")).await.expect("put");
+        store
+            .put("ferry/ab/manifest", Bytes::from_static(b"one"))
+            .await
+            .expect("put");
+        store
+            .put("ferry/ab/manifest", Bytes::from_static(b"two"))
+            .await
+            .expect("put");
         let names: Vec<_> = fs::read_dir(store.root().join("ferry/ab"))
             .expect("read_dir")
             .map(|e| e.expect("entry").file_name().into_string().expect("utf-8"))
             .collect();
         assert_eq!(names, ["manifest"], "no temporary file is left behind");
-        assert_eq!(store.get("ferry/ab/manifest").await.expect("get"), Some(Bytes::from_static(b"two")));
+        assert_eq!(
+            store.get("ferry/ab/manifest").await.expect("get"),
+            Some(Bytes::from_static(b"two"))
+        );
     }
 
     #[tokio::test]
     async fn a_key_below_a_file_is_absent_not_an_error() {
         let (_dir, store) = store().await;
-        store.put("ferry/ab", Bytes::from_static(b"x")).await.expect("put");
+        store
+            .put("ferry/ab", Bytes::from_static(b"x"))
+            .await
+            .expect("put");
         assert_eq!(store.get("ferry/ab/manifest").await.expect("get"), None);
-        assert_eq!(store.list("ferry/ab/manifest").await.expect("list"), Vec::<String>::new());
+        assert_eq!(
+            store.list("ferry/ab/manifest").await.expect("list"),
+            Vec::<String>::new()
+        );
     }
 
     #[tokio::test]
     async fn sweep_goes_by_mtime_and_removes_stale_temporary_files_and_empty_directories() {
         let (_dir, store) = store().await;
-        for key in ["ferry/old/manifest", "ferry/old/piece-000000", "ferry/new/manifest"] {
+        for key in [
+            "ferry/old/manifest",
+            "ferry/old/piece-000000",
+            "ferry/new/manifest",
+        ] {
             store.put(key, Bytes::from_static(b"v")).await.expect("put");
         }
         let stale_tmp = store.root().join("ferry/new/.manifest.tmp-dead");
         fs::write(&stale_tmp, b"torn").expect("write");
-        fs::File::options().write(true).open(&stale_tmp).expect("open").set_modified(SystemTime::now() - Duration::from_secs(7200)).expect("mtime");
+        fs::File::options()
+            .write(true)
+            .open(&stale_tmp)
+            .expect("open")
+            .set_modified(SystemTime::now() - Duration::from_secs(7200))
+            .expect("mtime");
         age(&store, "ferry/old/manifest", Duration::from_secs(7200));
         age(&store, "ferry/old/piece-000000", Duration::from_secs(7200));
 
-        let removed = store.sweep_expired("ferry", Duration::from_secs(3600)).await.expect("sweep");
+        let removed = store
+            .sweep_expired("ferry", Duration::from_secs(3600))
+            .await
+            .expect("sweep");
 
-        assert_eq!(removed, 2, "temporary files are removed but not counted as keys");
+        assert_eq!(
+            removed, 2,
+            "temporary files are removed but not counted as keys"
+        );
         assert_eq!(store.list("").await.expect("list"), ["ferry/new/manifest"]);
         assert!(!stale_tmp.exists());
-        assert!(!store.root().join("ferry/old").exists(), "the emptied directory is gone");
+        assert!(
+            !store.root().join("ferry/old").exists(),
+            "the emptied directory is gone"
+        );
         assert!(store.root().exists(), "the root stays even when empty");
     }
 
     #[tokio::test]
     async fn sweep_of_the_whole_store_keeps_the_root() {
         let (_dir, store) = store().await;
-        store.put("a/b", Bytes::from_static(b"v")).await.expect("put");
+        store
+            .put("a/b", Bytes::from_static(b"v"))
+            .await
+            .expect("put");
         age(&store, "a/b", Duration::from_secs(10));
-        assert_eq!(store.sweep_expired("", Duration::from_secs(1)).await.expect("sweep"), 1);
+        assert_eq!(
+            store
+                .sweep_expired("", Duration::from_secs(1))
+                .await
+                .expect("sweep"),
+            1
+        );
         assert!(store.root().is_dir());
-        store.put("a/b", Bytes::from_static(b"again")).await.expect("a put after a sweep recreates the directories");
+        store
+            .put("a/b", Bytes::from_static(b"again"))
+            .await
+            .expect("a put after a sweep recreates the directories");
     }
 
     #[tokio::test]
@@ -337,12 +452,21 @@ mod tests {
         fs::write(outside.join("secret"), b"s").expect("write");
         std::os::unix::fs::symlink(&outside, store.root().join("link")).expect("symlink");
         assert_eq!(store.list("").await.expect("list"), Vec::<String>::new());
-        store.sweep_expired("", Duration::ZERO).await.expect("sweep");
-        assert!(outside.join("secret").exists(), "a sweep never follows a link out of the root");
+        store
+            .sweep_expired("", Duration::ZERO)
+            .await
+            .expect("sweep");
+        assert!(
+            outside.join("secret").exists(),
+            "a sweep never follows a link out of the root"
+        );
     }
 
     #[tokio::test]
     async fn relative_roots_are_refused() {
-        assert!(matches!(FileStore::open(PathBuf::from("relative")).await, Err(StoreError::Config { .. })));
+        assert!(matches!(
+            FileStore::open(PathBuf::from("relative")).await,
+            Err(StoreError::Config { .. })
+        ));
     }
 }

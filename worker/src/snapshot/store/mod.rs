@@ -10,9 +10,10 @@
 //! - [`SnapshotStore::put`] returns only once the value is durable in that backend's terms, and
 //!   replaces atomically: a reader sees the old value or the new one, never a torn mix.
 //! - Keys are `/`-separated ASCII paths such as `ferry/<hex>/manifest` (see [`check_key`]).
-//!   A *prefix* is matched segment by segment: the keys under `ferry/ab` are those that start
-//!   with `ferry/ab/`, so `ferry/abc/manifest` is not under it. The empty prefix names the whole
-//!   store.
+//!   A *prefix* is matched segment by segment: the keys under `ferry/ab` are `ferry/ab` itself
+//!   and those that start with `ferry/ab/`, so `ferry/abc/manifest` is not under it. Deleting
+//!   the "prefix" that is one key (`ferry/ab/piece-000003`) deletes just that key. A trailing
+//!   `/` changes nothing, and the empty prefix names the whole store.
 //! - Expiry is coarse: [`SnapshotStore::sweep_expired`] removes keys whose last write is older
 //!   than a TTL. The TTL must be far longer than the longest generation, or the early pieces of a
 //!   live snapshot would be swept while its manifest still names them (the resume would then
@@ -40,7 +41,8 @@ pub use self::object::ObjectStoreBackend;
 pub use self::redis::RedisStore;
 
 /// The URL forms [`open`] accepts, for error messages and documentation.
-pub const SUPPORTED_URLS: &str = "file:///absolute/path, s3://bucket[/prefix], gs://bucket[/prefix], \
+pub const SUPPORTED_URLS: &str =
+    "file:///absolute/path, s3://bucket[/prefix], gs://bucket[/prefix], \
      az://container[/prefix], memory://, redis://host[:port][/db], rediss://host[:port][/db]";
 
 /// A durable key-value store for snapshot blobs. Object-safe: the worker holds an
@@ -54,8 +56,13 @@ pub trait SnapshotStore: Send + Sync + Debug {
     /// The value under `key`, or `None` if there is none.
     async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError>;
 
-    /// Removes every key under `prefix` (a request's whole snapshot). Removing nothing is not an
-    /// error. The empty prefix is refused, so that a bug cannot wipe every snapshot at once.
+    /// Removes `key`. Removing a missing key is not an error.
+    async fn delete(&self, key: &str) -> Result<(), StoreError>;
+
+    /// Removes every key under `prefix`: a request's whole snapshot, or, given a key, that one
+    /// key (for one key, [`SnapshotStore::delete`] is cheaper: it lists nothing). Removing
+    /// nothing is not an error. The empty prefix is refused, so that a bug cannot wipe every
+    /// snapshot at once.
     async fn delete_prefix(&self, prefix: &str) -> Result<(), StoreError>;
 
     /// Every key under `prefix`, sorted.
@@ -156,7 +163,10 @@ impl StoreError {
     }
 
     fn config(url: &str, reason: impl Into<String>) -> Self {
-        StoreError::Config { url: redact(url), reason: reason.into() }
+        StoreError::Config {
+            url: redact(url),
+            reason: reason.into(),
+        }
     }
 }
 
@@ -184,27 +194,41 @@ pub async fn open(url: &str, ttl: Duration) -> Result<Arc<dyn SnapshotStore>, St
 /// `aws_access_key_id`, `aws_secret_access_key`, `aws_region`, `aws_allow_http`, ...), and
 /// override the environment. Tests use this to point at a local S3 server without touching the
 /// process environment, which parallel tests share. Other schemes take no options.
-pub async fn open_with_options<I, K, V>(url: &str, ttl: Duration, options: I) -> Result<Arc<dyn SnapshotStore>, StoreError>
+pub async fn open_with_options<I, K, V>(
+    url: &str,
+    ttl: Duration,
+    options: I,
+) -> Result<Arc<dyn SnapshotStore>, StoreError>
 where
     I: IntoIterator<Item = (K, V)>,
     K: AsRef<str>,
     V: Into<String>,
 {
-    let parsed = url::Url::parse(url).map_err(|e| StoreError::config(url, format!("{e}; supported: {SUPPORTED_URLS}")))?;
-    let options: Vec<(String, String)> = options.into_iter().map(|(k, v)| (k.as_ref().to_string(), v.into())).collect();
+    let parsed = url::Url::parse(url)
+        .map_err(|e| StoreError::config(url, format!("{e}; supported: {SUPPORTED_URLS}")))?;
+    let options: Vec<(String, String)> = options
+        .into_iter()
+        .map(|(k, v)| (k.as_ref().to_string(), v.into()))
+        .collect();
     let no_options = || {
         if options.is_empty() {
             Ok(())
         } else {
-            Err(StoreError::config(url, format!("the {} scheme takes no options", parsed.scheme())))
+            Err(StoreError::config(
+                url,
+                format!("the {} scheme takes no options", parsed.scheme()),
+            ))
         }
     };
     match parsed.scheme() {
         "file" => {
             no_options()?;
-            let root = parsed
-                .to_file_path()
-                .map_err(|()| StoreError::config(url, "a file URL needs an absolute local path: file:///abs/path"))?;
+            let root = parsed.to_file_path().map_err(|()| {
+                StoreError::config(
+                    url,
+                    "a file URL needs an absolute local path: file:///abs/path",
+                )
+            })?;
             Ok(Arc::new(FileStore::open(root).await?))
         }
         "memory" => {
@@ -216,7 +240,10 @@ where
             no_options()?;
             Ok(Arc::new(RedisStore::open(url, ttl)?))
         }
-        other => Err(StoreError::config(url, format!("unknown scheme {other:?}; supported: {SUPPORTED_URLS}"))),
+        other => Err(StoreError::config(
+            url,
+            format!("unknown scheme {other:?}; supported: {SUPPORTED_URLS}"),
+        )),
     }
 }
 
@@ -229,7 +256,12 @@ where
 /// a `SCAN MATCH` pattern. Dot-names are reserved for the file backend's temporary files, and
 /// exclude `.` and `..`, so a key can never leave the store's directory.
 pub fn check_key(key: &str) -> Result<(), StoreError> {
-    let invalid = |reason| Err(StoreError::InvalidKey { key: key.to_string(), reason });
+    let invalid = |reason| {
+        Err(StoreError::InvalidKey {
+            key: key.to_string(),
+            reason,
+        })
+    };
     if key.is_empty() {
         return invalid("empty");
     }
@@ -240,7 +272,10 @@ pub fn check_key(key: &str) -> Result<(), StoreError> {
         if segment.starts_with('.') {
             return invalid("a segment starts with '.'");
         }
-        if !segment.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.') {
+        if !segment
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        {
             return invalid("only ASCII letters, digits, '-', '_', '.' and '/' are allowed");
         }
     }
@@ -261,7 +296,10 @@ pub(crate) fn check_prefix(prefix: &str) -> Result<&str, StoreError> {
 pub(crate) fn check_delete_prefix(prefix: &str) -> Result<&str, StoreError> {
     let trimmed = check_prefix(prefix)?;
     if trimmed.is_empty() {
-        return Err(StoreError::InvalidKey { key: prefix.to_string(), reason: "refusing to delete the whole store" });
+        return Err(StoreError::InvalidKey {
+            key: prefix.to_string(),
+            reason: "refusing to delete the whole store",
+        });
     }
     Ok(trimmed)
 }
@@ -284,15 +322,26 @@ mod tests {
 
     #[test]
     fn accepts_the_keys_the_format_uses() {
-        for key in ["ferry/0123abcd/manifest", "ferry/0123abcd/piece-000012", "a", "a.b/c_d-e"] {
+        for key in [
+            "ferry/0123abcd/manifest",
+            "ferry/0123abcd/piece-000012",
+            "a",
+            "a.b/c_d-e",
+        ] {
             assert!(check_key(key).is_ok(), "{key}");
         }
     }
 
     #[test]
     fn refuses_keys_that_could_escape_or_need_escaping() {
-        for key in ["", "/a", "a/", "a//b", "a/../b", "..", ".hidden", "a/.tmp", "a b", "a*", "a?b", "a[1]", "a\\b", "é"] {
-            assert!(matches!(check_key(key), Err(StoreError::InvalidKey { .. })), "{key:?} was accepted");
+        for key in [
+            "", "/a", "a/", "a//b", "a/../b", "..", ".hidden", "a/.tmp", "a b", "a*", "a?b",
+            "a[1]", "a\\b", "é",
+        ] {
+            assert!(
+                matches!(check_key(key), Err(StoreError::InvalidKey { .. })),
+                "{key:?} was accepted"
+            );
         }
     }
 
@@ -309,16 +358,30 @@ mod tests {
 
     #[test]
     fn redacts_passwords() {
-        assert_eq!(redact("redis://user:secret@host:6379/0"), "redis://user:REDACTED@host:6379/0");
+        assert_eq!(
+            redact("redis://user:secret@host:6379/0"),
+            "redis://user:REDACTED@host:6379/0"
+        );
         assert_eq!(redact("s3://bucket/prefix"), "s3://bucket/prefix");
     }
 
     #[tokio::test]
     async fn unknown_schemes_name_the_supported_ones() {
-        let err = open("ftp://host/x", Duration::from_secs(60)).await.expect_err("ftp is not a store");
+        let err = open("ftp://host/x", Duration::from_secs(60))
+            .await
+            .expect_err("ftp is not a store");
         let message = err.to_string();
-        assert!(message.contains("ftp") && message.contains("s3://") && message.contains("redis://"), "{message}");
-        assert!(matches!(open("not a url", Duration::from_secs(60)).await, Err(StoreError::Config { .. })));
-        assert!(matches!(open("file://relative", Duration::from_secs(60)).await, Err(StoreError::Config { .. })));
+        assert!(
+            message.contains("ftp") && message.contains("s3://") && message.contains("redis://"),
+            "{message}"
+        );
+        assert!(matches!(
+            open("not a url", Duration::from_secs(60)).await,
+            Err(StoreError::Config { .. })
+        ));
+        assert!(matches!(
+            open("file://relative", Duration::from_secs(60)).await,
+            Err(StoreError::Config { .. })
+        ));
     }
 }

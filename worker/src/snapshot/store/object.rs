@@ -78,10 +78,14 @@ impl ObjectStoreBackend {
                     .with_url(url.as_str())
                     .with_retry(retry);
                 for (key, value) in options {
-                    let key: AmazonS3ConfigKey = key.parse().map_err(|e| config_error(format!("{e}")))?;
+                    let key: AmazonS3ConfigKey =
+                        key.parse().map_err(|e| config_error(format!("{e}")))?;
                     builder = builder.with_config(key, value);
                 }
-                (Arc::new(builder.build().map_err(|e| config_error(e.to_string()))?), "s3")
+                (
+                    Arc::new(builder.build().map_err(|e| config_error(e.to_string()))?),
+                    "s3",
+                )
             }
             "gs" => {
                 use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
@@ -89,10 +93,14 @@ impl ObjectStoreBackend {
                     .with_url(url.as_str())
                     .with_retry(retry);
                 for (key, value) in options {
-                    let key: GoogleConfigKey = key.parse().map_err(|e| config_error(format!("{e}")))?;
+                    let key: GoogleConfigKey =
+                        key.parse().map_err(|e| config_error(format!("{e}")))?;
                     builder = builder.with_config(key, value);
                 }
-                (Arc::new(builder.build().map_err(|e| config_error(e.to_string()))?), "gcs")
+                (
+                    Arc::new(builder.build().map_err(|e| config_error(e.to_string()))?),
+                    "gcs",
+                )
             }
             "az" => {
                 use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
@@ -100,15 +108,27 @@ impl ObjectStoreBackend {
                     .with_url(url.as_str())
                     .with_retry(retry);
                 for (key, value) in options {
-                    let key: AzureConfigKey = key.parse().map_err(|e| config_error(format!("{e}")))?;
+                    let key: AzureConfigKey =
+                        key.parse().map_err(|e| config_error(format!("{e}")))?;
                     builder = builder.with_config(key, value);
                 }
-                (Arc::new(builder.build().map_err(|e| config_error(e.to_string()))?), "azure")
+                (
+                    Arc::new(builder.build().map_err(|e| config_error(e.to_string()))?),
+                    "azure",
+                )
             }
-            other => return Err(config_error(format!("{other} is not an object store scheme"))),
+            other => {
+                return Err(config_error(format!(
+                    "{other} is not an object store scheme"
+                )))
+            }
         };
         let root = Path::from_url_path(url.path()).map_err(|e| config_error(e.to_string()))?;
-        Ok(Self { store, root, backend })
+        Ok(Self {
+            store,
+            root,
+            backend,
+        })
     }
 
     /// The object a key lives in.
@@ -119,7 +139,10 @@ impl ObjectStoreBackend {
             format!("{}/{key}", self.root.as_ref())
         };
         // Valid keys are valid object paths; refuse rather than panic if that ever changes.
-        Path::parse(&full).map_err(|_| StoreError::InvalidKey { key: key.to_string(), reason: "not a valid object path" })
+        Path::parse(&full).map_err(|_| StoreError::InvalidKey {
+            key: key.to_string(),
+            reason: "not a valid object path",
+        })
     }
 
     /// The object prefix that a checked key prefix (maybe empty) names.
@@ -135,12 +158,33 @@ impl ObjectStoreBackend {
     /// ours (a name we could never have written).
     fn key_of(&self, location: &Path) -> Option<String> {
         let parts: Vec<_> = location.prefix_match(&self.root)?.collect();
-        let key = parts.iter().map(|p| p.as_ref()).collect::<Vec<_>>().join("/");
+        let key = parts
+            .iter()
+            .map(|p| p.as_ref())
+            .collect::<Vec<_>>()
+            .join("/");
         check_key(&key).is_ok().then_some(key)
     }
 
-    /// The objects under a checked key prefix, with their metadata.
+    /// The objects under a checked key prefix, with their metadata. An object store lists
+    /// `prefix/...` only, so the object named by the prefix itself is asked for separately.
     async fn objects(&self, prefix: &str) -> Result<Vec<object_store::ObjectMeta>, StoreError> {
+        let mut objects = self.objects_below(prefix).await?;
+        if !prefix.is_empty() {
+            match self.store.head(&self.location(prefix)?).await {
+                Ok(meta) => objects.push(meta),
+                Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(self.error(e)),
+            }
+        }
+        Ok(objects)
+    }
+
+    /// The objects strictly below a checked key prefix (`prefix/...`).
+    async fn objects_below(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<object_store::ObjectMeta>, StoreError> {
         let location = self.prefix_location(prefix)?;
         let listed = if location.as_ref().is_empty() {
             self.store.list(None)
@@ -190,15 +234,33 @@ impl SnapshotStore for ObjectStoreBackend {
         }
     }
 
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        check_key(key)?;
+        self.delete_all(vec![self.location(key)?]).await
+    }
+
     async fn delete_prefix(&self, prefix: &str) -> Result<(), StoreError> {
         let prefix = check_delete_prefix(prefix)?;
-        let objects = self.objects(prefix).await?;
-        self.delete_all(objects.into_iter().map(|meta| meta.location).collect()).await
+        // The object the prefix itself names is deleted blindly, which saves a request:
+        // deleting a missing object is not an error.
+        let mut locations = vec![self.location(prefix)?];
+        locations.extend(
+            self.objects_below(prefix)
+                .await?
+                .into_iter()
+                .map(|meta| meta.location),
+        );
+        self.delete_all(locations).await
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         let prefix = check_prefix(prefix)?;
-        let mut keys: Vec<String> = self.objects(prefix).await?.iter().filter_map(|meta| self.key_of(&meta.location)).collect();
+        let mut keys: Vec<String> = self
+            .objects(prefix)
+            .await?
+            .iter()
+            .filter_map(|meta| self.key_of(&meta.location))
+            .collect();
         keys.sort();
         Ok(keys)
     }
@@ -212,7 +274,10 @@ impl SnapshotStore for ObjectStoreBackend {
             .objects(prefix)
             .await?
             .into_iter()
-            .filter(|meta| SystemTime::from(meta.last_modified) < cutoff && self.key_of(&meta.location).is_some())
+            .filter(|meta| {
+                SystemTime::from(meta.last_modified) < cutoff
+                    && self.key_of(&meta.location).is_some()
+            })
             .map(|meta| meta.location)
             .collect();
         let count = expired.len();
@@ -227,9 +292,11 @@ impl SnapshotStore for ObjectStoreBackend {
 fn classify(backend: &'static str, e: object_store::Error) -> StoreError {
     use object_store::client::{HttpError, HttpErrorKind};
     match e {
-        object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
-            StoreError::Denied { backend, source: Box::new(e) }
-        }
+        object_store::Error::PermissionDenied { .. }
+        | object_store::Error::Unauthenticated { .. } => StoreError::Denied {
+            backend,
+            source: Box::new(e),
+        },
         e => {
             let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
             let mut transport = false;
@@ -237,16 +304,25 @@ fn classify(backend: &'static str, e: object_store::Error) -> StoreError {
                 if let Some(http) = c.downcast_ref::<HttpError>() {
                     transport = matches!(
                         http.kind(),
-                        HttpErrorKind::Connect | HttpErrorKind::Request | HttpErrorKind::Timeout | HttpErrorKind::Interrupted
+                        HttpErrorKind::Connect
+                            | HttpErrorKind::Request
+                            | HttpErrorKind::Timeout
+                            | HttpErrorKind::Interrupted
                     );
                     break;
                 }
                 cause = c.source();
             }
             if transport {
-                StoreError::Unavailable { backend, source: Box::new(e) }
+                StoreError::Unavailable {
+                    backend,
+                    source: Box::new(e),
+                }
             } else {
-                StoreError::Backend { backend, source: Box::new(e) }
+                StoreError::Backend {
+                    backend,
+                    source: Box::new(e),
+                }
             }
         }
     }
@@ -259,32 +335,65 @@ mod tests {
     #[tokio::test]
     async fn memory_round_trip_list_and_delete() {
         let store = ObjectStoreBackend::memory();
-        store.put("ferry/a/manifest", Bytes::from_static(b"m")).await.expect("put");
-        store.put("ferry/a/piece-000000", Bytes::from_static(b"p")).await.expect("put");
-        store.put("ferry/ab/manifest", Bytes::from_static(b"other")).await.expect("put");
-        assert_eq!(store.get("ferry/a/manifest").await.expect("get"), Some(Bytes::from_static(b"m")));
+        store
+            .put("ferry/a/manifest", Bytes::from_static(b"m"))
+            .await
+            .expect("put");
+        store
+            .put("ferry/a/piece-000000", Bytes::from_static(b"p"))
+            .await
+            .expect("put");
+        store
+            .put("ferry/ab/manifest", Bytes::from_static(b"other"))
+            .await
+            .expect("put");
+        assert_eq!(
+            store.get("ferry/a/manifest").await.expect("get"),
+            Some(Bytes::from_static(b"m"))
+        );
         assert_eq!(store.get("ferry/a/missing").await.expect("get"), None);
-        assert_eq!(store.list("ferry/a").await.expect("list"), ["ferry/a/manifest", "ferry/a/piece-000000"]);
+        assert_eq!(
+            store.list("ferry/a").await.expect("list"),
+            ["ferry/a/manifest", "ferry/a/piece-000000"]
+        );
         store.delete_prefix("ferry/a/").await.expect("delete");
         assert_eq!(store.list("").await.expect("list"), ["ferry/ab/manifest"]);
-        store.delete_prefix("ferry/nothing").await.expect("deleting nothing is fine");
+        store
+            .delete_prefix("ferry/nothing")
+            .await
+            .expect("deleting nothing is fine");
     }
 
     #[tokio::test]
     async fn memory_sweep_goes_by_last_modified() {
         let store = ObjectStoreBackend::memory();
-        store.put("ferry/a/manifest", Bytes::from_static(b"m")).await.expect("put");
-        assert_eq!(store.sweep_expired("ferry", Duration::from_secs(3600)).await.expect("sweep"), 0);
+        store
+            .put("ferry/a/manifest", Bytes::from_static(b"m"))
+            .await
+            .expect("put");
+        assert_eq!(
+            store
+                .sweep_expired("ferry", Duration::from_secs(3600))
+                .await
+                .expect("sweep"),
+            0
+        );
         assert_eq!(store.list("ferry").await.expect("list").len(), 1);
         // A zero TTL makes everything written before now expired; the in-memory store stamps
         // objects with the same clock, so no waiting is needed, only a strictly later "now".
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         let mut removed = 0;
         while removed == 0 && std::time::Instant::now() < deadline {
-            removed = store.sweep_expired("ferry", Duration::ZERO).await.expect("sweep");
+            removed = store
+                .sweep_expired("ferry", Duration::ZERO)
+                .await
+                .expect("sweep");
         }
         assert_eq!(removed, 1);
-        assert_eq!(store.list("ferry").await.expect("list"), Vec::<String>::new());
+        assert_eq!(
+            store.list("ferry").await.expect("list"),
+            Vec::<String>::new()
+        );
     }
 
     #[test]
@@ -293,20 +402,29 @@ mod tests {
         let options = [
             ("aws_region".to_string(), "us-east-1".to_string()),
             ("aws_access_key_id".to_string(), "AKIDEXAMPLE".to_string()),
-            ("aws_secret_access_key".to_string(), "very-secret-key".to_string()),
+            (
+                "aws_secret_access_key".to_string(),
+                "very-secret-key".to_string(),
+            ),
         ];
         let store = ObjectStoreBackend::from_url(&url, &options).expect("s3 store");
         let location = store.location("ferry/a/manifest").expect("location");
         assert_eq!(location.as_ref(), "some/root/ferry/a/manifest");
         assert_eq!(store.key_of(&location).as_deref(), Some("ferry/a/manifest"));
         assert_eq!(store.key_of(&Path::from("elsewhere/x")), None);
-        assert!(!format!("{store:?}").contains("very-secret-key"), "Debug never shows credentials");
+        assert!(
+            !format!("{store:?}").contains("very-secret-key"),
+            "Debug never shows credentials"
+        );
     }
 
     #[test]
     fn unknown_options_are_refused() {
         let url = Url::parse("s3://bucket").expect("url");
         let options = [("aws_no_such_setting".to_string(), "1".to_string())];
-        assert!(matches!(ObjectStoreBackend::from_url(&url, &options), Err(StoreError::Config { .. })));
+        assert!(matches!(
+            ObjectStoreBackend::from_url(&url, &options),
+            Err(StoreError::Config { .. })
+        ));
     }
 }

@@ -15,7 +15,8 @@
 //!
 //! Listing and prefix deletion walk the keyspace with `SCAN MATCH <prefix>/*`, which never
 //! blocks the server the way `KEYS` would, but visits every key of the database: keep the
-//! snapshots in a database (the URL's `/db`) or a server of their own. Deletion uses `UNLINK`,
+//! snapshots in a database (the URL's `/db`) or a server of their own, and delete single keys
+//! with [`SnapshotStore::delete`], which is one `UNLINK`. Deletion uses `UNLINK`,
 //! which frees large values in the background. The key alphabet (see [`check_key`]) has no glob
 //! characters, so a prefix needs no quoting in the pattern. Single-node Redis only: a cluster
 //! would need a `SCAN` per node.
@@ -47,7 +48,10 @@ pub struct RedisStore {
 
 impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RedisStore").field("url", &self.url).field("ttl_ms", &self.ttl_ms).finish()
+        f.debug_struct("RedisStore")
+            .field("url", &self.url)
+            .field("ttl_ms", &self.ttl_ms)
+            .finish()
     }
 }
 
@@ -58,10 +62,14 @@ impl RedisStore {
     pub fn open(url: &str, ttl: Duration) -> Result<Self, StoreError> {
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
         if ttl_ms == 0 {
-            return Err(StoreError::config(url, "the Redis store needs a TTL of at least a millisecond"));
+            return Err(StoreError::config(
+                url,
+                "the Redis store needs a TTL of at least a millisecond",
+            ));
         }
         install_crypto_provider();
-        let client = redis::Client::open(url).map_err(|e| StoreError::config(url, e.to_string()))?;
+        let client =
+            redis::Client::open(url).map_err(|e| StoreError::config(url, e.to_string()))?;
         // Fail fast: a snapshot that cannot be written within seconds is skipped, and a fresher
         // one follows. The crate's defaults retry a reconnect for several seconds more.
         let config = ConnectionManagerConfig::new()
@@ -69,21 +77,42 @@ impl RedisStore {
             .set_response_timeout(Some(Duration::from_secs(30)))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_secs(1));
-        let connection = ConnectionManager::new_lazy_with_config(client, config).map_err(|e| StoreError::config(url, e.to_string()))?;
-        Ok(Self { connection, ttl_ms, url: redact(url) })
+        let connection = ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|e| StoreError::config(url, e.to_string()))?;
+        Ok(Self {
+            connection,
+            ttl_ms,
+            url: redact(url),
+        })
     }
 
-    /// The keys matching `pattern`, sorted and deduplicated (`SCAN` may return a key twice),
+    /// The keys under a checked prefix: the prefix itself if it is a key, and the keys that
+    /// `SCAN MATCH <prefix>/*` finds. Sorted and deduplicated (`SCAN` may return a key twice),
     /// leaving out keys that are not ours: other programs may share the database.
-    async fn scan(&self, pattern: &str) -> Result<Vec<String>, StoreError> {
+    async fn keys_under(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         let mut connection = self.connection.clone();
-        let mut cursor: u64 = 0;
         let mut found = Vec::new();
+        if !prefix.is_empty() {
+            let exists: bool = redis::cmd("EXISTS")
+                .arg(prefix)
+                .query_async(&mut connection)
+                .await
+                .map_err(classify)?;
+            if exists {
+                found.push(prefix.to_string());
+            }
+        }
+        let pattern = if prefix.is_empty() {
+            "*".to_string()
+        } else {
+            format!("{prefix}/*")
+        };
+        let mut cursor: u64 = 0;
         loop {
             let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
                 .arg(cursor)
                 .arg("MATCH")
-                .arg(pattern)
+                .arg(&pattern)
                 .arg("COUNT")
                 .arg(SCAN_COUNT)
                 .query_async(&mut connection)
@@ -99,14 +128,17 @@ impl RedisStore {
         found.dedup();
         Ok(found)
     }
-}
 
-/// The `SCAN` pattern for a checked prefix.
-fn pattern(prefix: &str) -> String {
-    if prefix.is_empty() {
-        "*".to_string()
-    } else {
-        format!("{prefix}/*")
+    async fn unlink(&self, keys: &[String]) -> Result<(), StoreError> {
+        let mut connection = self.connection.clone();
+        for batch in keys.chunks(SCAN_COUNT) {
+            redis::cmd("UNLINK")
+                .arg(batch)
+                .query_async::<()>(&mut connection)
+                .await
+                .map_err(classify)?;
+        }
+        Ok(())
     }
 }
 
@@ -126,24 +158,27 @@ impl SnapshotStore for RedisStore {
 
     async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
         check_key(key)?;
-        let value: Option<Vec<u8>> =
-            redis::cmd("GET").arg(key).query_async(&mut self.connection.clone()).await.map_err(classify)?;
+        let value: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut self.connection.clone())
+            .await
+            .map_err(classify)?;
         Ok(value.map(Bytes::from))
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        check_key(key)?;
+        self.unlink(&[key.to_string()]).await
     }
 
     async fn delete_prefix(&self, prefix: &str) -> Result<(), StoreError> {
         let prefix = check_delete_prefix(prefix)?;
-        let keys = self.scan(&pattern(prefix)).await?;
-        let mut connection = self.connection.clone();
-        for batch in keys.chunks(SCAN_COUNT) {
-            redis::cmd("UNLINK").arg(batch).query_async::<()>(&mut connection).await.map_err(classify)?;
-        }
-        Ok(())
+        let keys = self.keys_under(prefix).await?;
+        self.unlink(&keys).await
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        let prefix = check_prefix(prefix)?;
-        self.scan(&pattern(prefix)).await
+        self.keys_under(check_prefix(prefix)?).await
     }
 
     /// Nothing to do: every key expires by itself, `ttl` after its last put (see the module
@@ -160,11 +195,24 @@ fn classify(e: redis::RedisError) -> StoreError {
     let denied = matches!(e.kind(), redis::ErrorKind::AuthenticationFailed)
         || matches!(e.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"));
     if denied {
-        StoreError::Denied { backend, source: Box::new(e) }
-    } else if e.is_io_error() || e.is_timeout() || e.is_connection_refusal() || e.is_connection_dropped() {
-        StoreError::Unavailable { backend, source: Box::new(e) }
+        StoreError::Denied {
+            backend,
+            source: Box::new(e),
+        }
+    } else if e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_refusal()
+        || e.is_connection_dropped()
+    {
+        StoreError::Unavailable {
+            backend,
+            source: Box::new(e),
+        }
     } else {
-        StoreError::Backend { backend, source: Box::new(e) }
+        StoreError::Backend {
+            backend,
+            source: Box::new(e),
+        }
     }
 }
 

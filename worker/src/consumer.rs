@@ -269,6 +269,7 @@ impl Worker {
         if let Ok(mut cur) = self.current.lock() {
             *cur = Some(control.clone());
         }
+        info!(prompt_tokens, resumed_from_token = resumed_from, attempt, "generating");
         let job = Job { prepared, resume: found.map(|f| f.resume), snapshots: sink, control };
         let outcome = self.engine_thread.run(job).await?;
         if let Ok(mut cur) = self.current.lock() {
@@ -280,7 +281,11 @@ impl Worker {
                 if let Some(w) = writer {
                     w.flush_and_stop().await;
                 }
-                info!(tokens, "suspended; snapshot written");
+                if tokens == 0 {
+                    info!("suspended before the first token; nothing to snapshot");
+                } else {
+                    info!(tokens, "suspended; snapshot written");
+                }
                 return Ok(Handled::Suspended);
             }
             Err(e) => {

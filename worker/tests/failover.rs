@@ -27,7 +27,7 @@ fn snapshot_tokens(dir: &std::path::Path, prefix: &str) -> usize {
 }
 
 #[test]
-fn generation_survives_an_eviction_and_a_crash_token_for_token() {
+fn generation_survives_evictions_and_crashes_token_for_token() {
     let mut rng = rand::rngs::StdRng::from_os_rng();
     let (requests, replies, group) = (unique("req"), unique("rep"), unique("group"));
     let dlq = format!("{requests}.dlq");
@@ -43,7 +43,7 @@ fn generation_survives_an_eviction_and_a_crash_token_for_token() {
     let request: Request = serde_json::from_value(serde_json::json!({
         "id": unique("failover"),
         "messages": [{"role": "user", "content": "Write a long story about a dragon who learns to bake bread."}],
-        "max_tokens": 120,
+        "max_tokens": 200,
         "temperature": 0.8,
         "top_p": 0.95,
         "seed": 99
@@ -51,7 +51,7 @@ fn generation_survives_an_eviction_and_a_crash_token_for_token() {
     .expect("request");
     let engine = Engine::new(support::model::shared());
     let reference = engine.generate(engine.prepare(&request).expect("prepares")).expect("reference");
-    assert_eq!(reference.tokens.len(), 120, "the reference must run long enough to interrupt twice");
+    assert_eq!(reference.tokens.len(), 200, "the reference must run long enough to interrupt four times");
     let prefix = snapshot_prefix(&requests, &request.id);
 
     let producer = cluster.producer();
@@ -63,28 +63,32 @@ fn generation_survives_an_eviction_and_a_crash_token_for_token() {
         &payload,
     ));
 
-    // Evict the first worker (SIGTERM) somewhere in the first third of the answer.
-    let mut a = cluster.worker("worker-a", &args);
-    let k1 = rng.random_range(9..40);
-    wait_for(Duration::from_secs(120), "worker-a's snapshot", || (snapshot_tokens(&store_dir, &prefix) >= k1).then_some(()));
-    let t = Instant::now();
-    a.signal("TERM");
-    let status = a.wait_exit(Duration::from_secs(20)).expect("worker-a drains and exits within the drain timeout");
-    assert!(status.success(), "drained worker exit status {status}");
-    let drained_at = snapshot_tokens(&store_dir, &prefix);
-    assert!(drained_at >= k1, "the drain snapshot holds {drained_at} tokens, fewer than the {k1} seen before it");
-    eprintln!("worker-a evicted at ~{k1} tokens, drained with {drained_at} in {:?}", t.elapsed());
+    // Interrupt the generation four times at random tokens, alternating eviction (SIGTERM)
+    // and crash (SIGKILL), each time in a new worker process that resumed it.
+    let mut seen = 0;
+    let mut crashed_at = 0;
+    for (round, sig) in ["TERM", "KILL", "TERM", "KILL"].into_iter().enumerate() {
+        let mut w = cluster.worker(&format!("worker-{round}"), &args);
+        let k = rng.random_range(seen + 9..seen + 36);
+        wait_for(Duration::from_secs(120), "a snapshot past the interruption point", || {
+            (snapshot_tokens(&store_dir, &prefix) >= k).then_some(())
+        });
+        w.signal(sig);
+        if sig == "TERM" {
+            let status = w.wait_exit(Duration::from_secs(20)).expect("a drained worker exits within the drain timeout");
+            assert!(status.success(), "drained worker exit status {status}");
+            let drained_at = snapshot_tokens(&store_dir, &prefix);
+            assert!(drained_at >= k, "the drain snapshot holds {drained_at} tokens, fewer than the {k} seen before it");
+            seen = drained_at;
+        } else {
+            w.wait_exit(Duration::from_secs(5)).expect("a killed worker is gone");
+            crashed_at = snapshot_tokens(&store_dir, &prefix);
+            seen = crashed_at;
+        }
+        eprintln!("round {round}: SIG{sig} after {k}+ tokens; the snapshot holds {seen}");
+    }
 
-    // Crash the second (SIGKILL) further on.
-    let b = cluster.worker("worker-b", &args);
-    let k2 = rng.random_range(drained_at + 9..drained_at + 40);
-    wait_for(Duration::from_secs(120), "worker-b's snapshot", || (snapshot_tokens(&store_dir, &prefix) >= k2).then_some(()));
-    b.signal("KILL");
-    let crashed_at = snapshot_tokens(&store_dir, &prefix);
-    eprintln!("worker-b killed with {crashed_at} tokens in its last snapshot");
-    drop(b);
-
-    let _c: ChildGuard = cluster.worker("worker-c", &args);
+    let _c: ChildGuard = cluster.worker("worker-last", &args);
     let group_reader = cluster.reader(&group);
     wait_for(Duration::from_secs(120), "the answer to be committed", || {
         cluster.committed(&group_reader, &requests).filter(|&c| c > 0)
@@ -98,10 +102,61 @@ fn generation_survives_an_eviction_and_a_crash_token_for_token() {
     let Reply::Response(r) = &answers[0] else { panic!("expected a response: {answers:?}") };
     assert_eq!(r.text, reference.text, "the resumed answer differs from the uninterrupted one");
     assert_eq!(r.usage.completion_tokens as usize, reference.tokens.len());
-    assert_eq!(r.worker, "worker-c");
-    assert_eq!(r.attempt, 3);
+    assert_eq!(r.worker, "worker-last");
+    assert_eq!(r.attempt, 5);
     let resumed = r.resumed_from_token.expect("worker-c resumed from a snapshot") as usize;
     assert!(resumed >= crashed_at.saturating_sub(8) && resumed <= crashed_at, "resumed from {resumed}, snapshot had {crashed_at}");
     // The snapshot is deleted once the answer is committed.
     wait_for(Duration::from_secs(10), "the snapshot to be deleted", || (!store_dir.join(&prefix).join("manifest").exists()).then_some(()));
+}
+
+/// Starts a worker whose snapshot store is unreachable (every write fails), publishes a long
+/// request, and returns once the worker is generating it.
+fn worker_with_a_dead_store(name: &str, drain_timeout: &str) -> (Cluster, ChildGuard, String, String) {
+    let (requests, replies, group) = (unique("req"), unique("rep"), unique("group"));
+    let dlq = format!("{requests}.dlq");
+    let cluster = Cluster::start(&[&requests, &replies, &dlq]);
+    let args = [
+        "--topic", &requests, "--reply-topic", &replies, "--group-id", &group,
+        "--snapshot-store", "redis://127.0.0.1:1", "--drain-timeout", drain_timeout,
+    ];
+    let worker = cluster.worker(name, &args);
+    let payload = br#"{"id":"long","prompt":"Once upon a time","max_tokens":4000}"#;
+    let producer = cluster.producer();
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt").block_on(cluster.publish(
+        &producer, &requests, "long", payload,
+    ));
+    // The first snapshot point (16 tokens) fails: the worker is well into the generation.
+    wait_for(Duration::from_secs(60), "a failed snapshot write", || worker.log().contains("write failed").then_some(()));
+    (cluster, worker, requests, group)
+}
+
+/// When the snapshot cannot be made durable, the drain deadline still ends the process (and
+/// the request stays uncommitted, to be redelivered).
+#[test]
+fn the_drain_deadline_bounds_the_exit() {
+    let (cluster, mut w, requests, group) = worker_with_a_dead_store("worker-deadline", "2s");
+    let t = Instant::now();
+    w.signal("TERM");
+    let status = w.wait_exit(Duration::from_secs(10)).expect("exits after the drain deadline");
+    let took = t.elapsed();
+    assert!(status.success(), "{status}");
+    assert!(took >= Duration::from_millis(1800) && took < Duration::from_secs(6), "exited after {took:?}");
+    assert!(w.log().contains("drain deadline passed"), "{}", w.log());
+    assert_eq!(cluster.committed(&cluster.reader(&group), &requests), None, "nothing may be committed");
+}
+
+/// A second signal ends the drain at once.
+#[test]
+fn a_second_signal_ends_the_drain() {
+    let (cluster, mut w, requests, group) = worker_with_a_dead_store("worker-twice", "20s");
+    let t = Instant::now();
+    w.signal("TERM");
+    wait_for(Duration::from_secs(10), "the drain to start", || w.log().contains("draining").then_some(()));
+    w.signal("TERM");
+    let status = w.wait_exit(Duration::from_secs(5)).expect("exits on the second signal");
+    assert!(status.success(), "{status}");
+    assert!(t.elapsed() < Duration::from_secs(5));
+    assert!(w.log().contains("second signal"), "{}", w.log());
+    assert_eq!(cluster.committed(&cluster.reader(&group), &requests), None, "nothing may be committed");
 }

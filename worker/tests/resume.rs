@@ -148,3 +148,72 @@ async fn corrupt_or_foreign_snapshots_are_discarded() {
     assert!(snaps.find(&prefix, &prepared).await.is_none(), "a torn manifest must not be resumed");
     assert_eq!(snaps.stats.discarded.load(std::sync::atomic::Ordering::Relaxed), 3);
 }
+
+/// A store slower than generation: every write takes a while.
+#[derive(Debug)]
+struct SlowStore {
+    inner: Arc<dyn store::SnapshotStore>,
+    delay: Duration,
+}
+
+#[async_trait::async_trait]
+impl store::SnapshotStore for SlowStore {
+    async fn put(&self, key: &str, value: bytes::Bytes) -> Result<(), store::StoreError> {
+        tokio::time::sleep(self.delay).await;
+        self.inner.put(key, value).await
+    }
+    async fn get(&self, key: &str) -> Result<Option<bytes::Bytes>, store::StoreError> {
+        self.inner.get(key).await
+    }
+    async fn delete(&self, key: &str) -> Result<(), store::StoreError> {
+        self.inner.delete(key).await
+    }
+    async fn delete_prefix(&self, prefix: &str) -> Result<(), store::StoreError> {
+        self.inner.delete_prefix(prefix).await
+    }
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, store::StoreError> {
+        self.inner.list(prefix).await
+    }
+    async fn sweep_expired(&self, prefix: &str, ttl: Duration) -> Result<usize, store::StoreError> {
+        self.inner.sweep_expired(prefix, ttl).await
+    }
+}
+
+/// When the store is slower than generation, decoding does not wait: snapshot points coalesce
+/// into the newest state (counted), and the snapshot that lands still resumes token-exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_store_coalesces_instead_of_queueing() {
+    let model = support::model::shared();
+    let engine = Engine::new(model.clone());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("file://{}", dir.path().display());
+    let inner = store::open(&url, Duration::from_secs(3600)).await.expect("file store");
+    let slow: Arc<dyn store::SnapshotStore> = Arc::new(SlowStore { inner, delay: Duration::from_millis(250) });
+    let policy = SnapshotPolicy { every_tokens: 2, every: None, mode: ResumeMode::Cache, max_pieces: 32 };
+    let snaps = Snapshots::new(slow, policy, &model, "q8_0", &candle_core::Device::Cpu);
+    let prepared = engine.prepare(&request("slow", 0.9)).expect("prepares");
+    let reference = engine.generate(prepared.clone()).expect("reference");
+    let prefix = snapshot_prefix("t", "slow");
+
+    let (writer, mut sink) = snaps.writer(&prefix, &prepared, "w", None).expect("snapshots on");
+    let mut seq = Sequence::new(&model, prepared.prompt.clone(), prepared.params.clone());
+    seq.prefill(&model).expect("prefill");
+    let started = std::time::Instant::now();
+    while seq.generated().len() < 30 {
+        seq.step(&model).expect("step");
+        sink.maybe_offer(&seq).expect("offer");
+    }
+    let decode = started.elapsed();
+    sink.offer(&seq).expect("final offer");
+    writer.flush_and_stop().await;
+    let stats = &snaps.stats;
+    let (written, skipped) = (stats.written.load(std::sync::atomic::Ordering::Relaxed), stats.skipped.load(std::sync::atomic::Ordering::Relaxed));
+    // 15 snapshot points and a final one, each write taking 2 × 250 ms: had decoding waited,
+    // 30 tokens would have taken at least 7.5 s.
+    assert!(skipped > 0, "no snapshot point was coalesced ({written} written)");
+    assert!(written < 16, "{written} snapshots written for 16 points");
+    assert!(decode < Duration::from_secs(7), "decoding waited for the store: {decode:?}");
+    let (from, tokens, text) = resume(&engine, &snaps, &prefix, &prepared).await;
+    assert_eq!(from, 30);
+    assert_eq!((tokens, text), (reference.tokens, reference.text));
+}

@@ -87,6 +87,10 @@ impl Snapshots {
                 Some(Found { resume: ResumeFrom { tokens: r.manifest.tokens.clone(), cache: r.cache }, manifest: r.manifest })
             }
             Ok(None) => None,
+            Err(resume::ResumeError::Store(e)) => {
+                warn!(prefix, error = %e, "cannot read the snapshot store; starting from the beginning");
+                None
+            }
             Err(e) => {
                 self.stats.discarded.fetch_add(1, Relaxed);
                 warn!(prefix, error = %e, "discarding a snapshot that does not verify; starting from the beginning");

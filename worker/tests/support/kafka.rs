@@ -216,3 +216,92 @@ pub fn find_line(path: &Path, needle: &str) -> Option<String> {
     let f = File::open(path).ok()?;
     BufReader::new(f).lines().map_while(Result::ok).find(|l| l.contains(needle))
 }
+
+/// Helpers for tests whose topics have several partitions, so that several workers of one group
+/// share the load. `start` and its readers above keep to partition 0; these cover every one.
+#[allow(dead_code)]
+impl Cluster {
+    /// A broker holding `topics`, each with `partitions` partitions.
+    pub fn start_with_partitions(topics: &[&str], partitions: i32) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        if let Ok(bootstrap) = std::env::var("FERRY_TEST_BOOTSTRAP_SERVERS") {
+            create_partitioned_topics(&bootstrap, topics, partitions);
+            return Self { bootstrap, dir, _broker: None };
+        }
+        let file = dir.path().join("bootstrap");
+        let mut cmd = Command::new(bin("ferry"));
+        cmd.arg("broker").arg("--partitions").arg(partitions.to_string()).arg("--bootstrap-file").arg(&file);
+        for t in topics {
+            cmd.arg("--topic").arg(t);
+        }
+        let broker = ChildGuard::spawn("ferry broker", &mut cmd, dir.path().join("broker.log"));
+        let bootstrap = wait_for(Duration::from_secs(30), "the broker's bootstrap file", || {
+            std::fs::read_to_string(&file).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
+        });
+        Self { bootstrap, dir, _broker: Some(broker) }
+    }
+
+    /// The high watermark (the offset the next message will get) of every partition of `topic`,
+    /// indexed by partition.
+    pub fn high_watermarks(&self, reader: &BaseConsumer, topic: &str) -> Vec<i64> {
+        let md = reader.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
+        let partitions = md.topics().iter().find(|t| t.name() == topic).map_or(0, |t| t.partitions().len());
+        assert!(partitions > 0, "topic {topic} has no partitions");
+        (0..partitions as i32)
+            .map(|p| reader.fetch_watermarks(topic, p, Duration::from_secs(10)).expect("watermarks").1)
+            .collect()
+    }
+
+    /// Every message of every partition of `topic` up to its current end, as
+    /// (partition, key, value, offset), partition by partition in offset order.
+    pub fn read_all_partitions(&self, topic: &str) -> Vec<(i32, String, Vec<u8>, i64)> {
+        let c = self.reader(&unique("reader"));
+        let highs = self.high_watermarks(&c, topic);
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..highs.len() as i32 {
+            tpl.add_partition_offset(topic, p, Offset::Beginning).expect("tpl");
+        }
+        c.assign(&tpl).expect("assign");
+        let total: i64 = highs.iter().sum();
+        let mut out = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while (out.len() as i64) < total {
+            assert!(Instant::now() < deadline, "read {} of {total} messages of {topic}", out.len());
+            if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+                // Messages published after the watermarks were read are not asked for.
+                if m.offset() >= highs[m.partition() as usize] {
+                    continue;
+                }
+                let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default();
+                out.push((m.partition(), key, m.payload().unwrap_or_default().to_vec(), m.offset()));
+            }
+        }
+        out.sort_by_key(|(p, _, _, o)| (*p, *o));
+        out
+    }
+
+    /// The group's committed offset for `partition` of `topic`, if it has one.
+    pub fn committed_in(&self, group_reader: &BaseConsumer, topic: &str, partition: i32) -> Option<i64> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(topic, partition);
+        let c = group_reader.committed_offsets(tpl, Duration::from_secs(10)).ok()?;
+        match c.find_partition(topic, partition)?.offset() {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        }
+    }
+}
+
+#[allow(dead_code)]
+fn create_partitioned_topics(bootstrap: &str, topics: &[&str], partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", bootstrap).create().expect("admin client");
+    let new: Vec<NewTopic> =
+        topics.iter().map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(-1))).collect();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    for r in rt.block_on(admin.create_topics(&new, &AdminOptions::new())).expect("create topics") {
+        if let Err((t, e)) = r {
+            assert_eq!(e, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists, "cannot create topic {t}");
+        }
+    }
+}

@@ -1,1 +1,4 @@
-fn main() { eprintln!("ferry-loadtest: not built yet; see the load generator issue"); std::process::exit(2); }
+fn main() {
+    eprintln!("ferry-loadtest: not built yet; see the load generator issue");
+    std::process::exit(2);
+}

@@ -45,12 +45,9 @@ pub fn write_atomically(path: &Path, servers: &str) -> Result<(), BootstrapError
         path: path.to_path_buf(),
         source,
     };
-    let file_name = path.file_name().ok_or_else(|| {
-        write_err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "the path names no file",
-        ))
-    })?;
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| write_err(io::Error::new(io::ErrorKind::InvalidInput, "the path names no file")))?;
     // The temporary file must live in the same directory: a rename is only atomic within one
     // file system. The process id keeps two writers from sharing a temporary file.
     let mut tmp_name = std::ffi::OsString::from(".");
@@ -104,10 +101,7 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("bootstrap");
         write_atomically(&path, "127.0.0.1:1234")?;
-        assert_eq!(
-            wait_for_file(&path, Duration::ZERO).await?,
-            "127.0.0.1:1234"
-        );
+        assert_eq!(wait_for_file(&path, Duration::ZERO).await?, "127.0.0.1:1234");
         let names = std::fs::read_dir(dir.path())?
             .map(|entry| entry.map(|e| e.file_name()))
             .collect::<Result<Vec<_>, _>>()?;
@@ -126,10 +120,7 @@ mod tests {
                 write_atomically(&path, "h:1,h:2")
             })
         };
-        assert_eq!(
-            wait_for_file(&path, Duration::from_secs(10)).await?,
-            "h:1,h:2"
-        );
+        assert_eq!(wait_for_file(&path, Duration::from_secs(10)).await?, "h:1,h:2");
         writer.await??;
         Ok(())
     }
@@ -138,10 +129,7 @@ mod tests {
     async fn missing_file_times_out() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let result = wait_for_file(&dir.path().join("never"), Duration::from_millis(50)).await;
-        assert!(
-            matches!(result, Err(BootstrapError::Timeout { .. })),
-            "{result:?}"
-        );
+        assert!(matches!(result, Err(BootstrapError::Timeout { .. })), "{result:?}");
         Ok(())
     }
 }

@@ -115,10 +115,7 @@ impl Broker {
 /// Runs `ferry broker`: starts the cluster, announces it on stdout (first line, flushed) and in
 /// the bootstrap file, and serves until `shutdown` completes. The file is removed on the way out
 /// so that no later reader mistakes it for a live broker.
-pub async fn serve(
-    args: &BrokerArgs,
-    shutdown: io::Result<impl Future<Output = ()>>,
-) -> Result<(), BrokerError> {
+pub async fn serve(args: &BrokerArgs, shutdown: io::Result<impl Future<Output = ()>>) -> Result<(), BrokerError> {
     // The signal handlers are installed by the caller before this starts, so a SIGTERM sent the
     // moment the bootstrap line appears is already caught rather than killing the process.
     let shutdown = shutdown.map_err(BrokerError::Signal)?;

@@ -218,11 +218,7 @@ pub fn parse_chat_message(s: &str) -> Result<ChatMessage, String> {
         "system" => Role::System,
         "user" => Role::User,
         "assistant" => Role::Assistant,
-        other => {
-            return Err(format!(
-                "unknown role {other:?}; expected system, user or assistant"
-            ))
-        }
+        other => return Err(format!("unknown role {other:?}; expected system, user or assistant")),
     };
     Ok(ChatMessage {
         role,
@@ -256,17 +252,8 @@ mod tests {
     #[test]
     fn request_needs_exactly_one_body() {
         assert!(Cli::try_parse_from(["ferry", "request"]).is_err());
-        assert!(
-            Cli::try_parse_from(["ferry", "request", "--prompt", "a", "--json", "{}"]).is_err()
-        );
-        let cli = Cli::try_parse_from([
-            "ferry",
-            "request",
-            "--message",
-            "system:s",
-            "--message",
-            "user:u",
-        ]);
+        assert!(Cli::try_parse_from(["ferry", "request", "--prompt", "a", "--json", "{}"]).is_err());
+        let cli = Cli::try_parse_from(["ferry", "request", "--message", "system:s", "--message", "user:u"]);
         match cli.map(|c| c.command) {
             Ok(Command::Request(args)) => assert_eq!(args.messages.len(), 2),
             other => panic!("expected a request, got {other:?}"),
@@ -290,10 +277,7 @@ mod tests {
     fn broker_defaults_to_the_three_ferry_topics() {
         match Cli::try_parse_from(["ferry", "broker"]).map(|c| c.command) {
             Ok(Command::Broker(args)) => {
-                assert_eq!(
-                    args.topics,
-                    ["ferry.requests", "ferry.replies", "ferry.requests.dlq"]
-                );
+                assert_eq!(args.topics, ["ferry.requests", "ferry.replies", "ferry.requests.dlq"]);
                 assert_eq!((args.brokers, args.partitions), (1, 3));
             }
             other => panic!("expected broker, got {other:?}"),

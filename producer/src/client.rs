@@ -129,10 +129,7 @@ impl Client {
     /// Creates the producer. It connects lazily, so this succeeds without a reachable broker.
     pub fn new(config: KafkaConfig) -> Result<Self, ClientError> {
         // librdkafka reads 0 as "no timeout", the opposite of what a zero duration means.
-        let delivery_ms = config
-            .delivery_timeout
-            .as_millis()
-            .clamp(1, i32::MAX as u128);
+        let delivery_ms = config.delivery_timeout.as_millis().clamp(1, i32::MAX as u128);
         let producer = ClientConfig::new()
             .set("bootstrap.servers", &config.bootstrap_servers)
             .set("enable.idempotence", "true")
@@ -188,14 +185,14 @@ impl Client {
         if let Some(headers) = headers {
             record = record.headers(headers);
         }
-        let delivery = self
-            .producer
-            .send(record, self.config.delivery_timeout)
-            .await
-            .map_err(|(source, _message)| ClientError::Delivery {
-                topic: topic.to_string(),
-                source,
-            })?;
+        let delivery =
+            self.producer
+                .send(record, self.config.delivery_timeout)
+                .await
+                .map_err(|(source, _message)| ClientError::Delivery {
+                    topic: topic.to_string(),
+                    source,
+                })?;
         Ok(Published {
             partition: delivery.partition,
             offset: delivery.offset,
@@ -203,11 +200,7 @@ impl Client {
     }
 
     /// Starts listening on `reply_topic` from its current end; see the module documentation.
-    pub async fn reply_listener(
-        &self,
-        reply_topic: &str,
-        deadline: Instant,
-    ) -> Result<ReplyListener, ClientError> {
+    pub async fn reply_listener(&self, reply_topic: &str, deadline: Instant) -> Result<ReplyListener, ClientError> {
         let consumer: StreamConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.config.bootstrap_servers)
             .set("group.id", format!("ferry-reply-{}", uuid::Uuid::new_v4()))
@@ -231,12 +224,7 @@ impl Client {
 
     /// Publishes `request` and waits until `timeout` for the reply keyed by its id on its
     /// `reply_to` topic. The timeout covers setting up, publishing and waiting.
-    pub async fn request(
-        &self,
-        topic: &str,
-        request: &Request,
-        timeout: Duration,
-    ) -> Result<Reply, ClientError> {
+    pub async fn request(&self, topic: &str, request: &Request, timeout: Duration) -> Result<Reply, ClientError> {
         let started = Instant::now();
         let deadline = started + timeout;
         let id = &request.id;
@@ -301,14 +289,15 @@ impl ReplyListener {
             }
             let (partition, offset) = (message.partition(), message.offset());
             debug!(request_id = id, topic, partition, offset, "reply received");
-            let reply: Reply = serde_json::from_slice(message.payload().unwrap_or_default())
-                .map_err(|source| ClientError::InvalidReply {
+            let reply: Reply = serde_json::from_slice(message.payload().unwrap_or_default()).map_err(|source| {
+                ClientError::InvalidReply {
                     id: id.to_string(),
                     topic: topic.clone(),
                     partition,
                     offset,
                     source,
-                })?;
+                }
+            })?;
             if reply.id() != id {
                 return Err(ClientError::ReplyIdMismatch {
                     id: id.to_string(),
@@ -322,11 +311,7 @@ impl ReplyListener {
 
 /// Assigns every partition of `topic` at its current high watermark, retrying what a broker
 /// cannot answer yet until `deadline`. Blocks the calling thread.
-fn assign_at_end(
-    consumer: &StreamConsumer,
-    topic: &str,
-    deadline: std::time::Instant,
-) -> Result<(), ClientError> {
+fn assign_at_end(consumer: &StreamConsumer, topic: &str, deadline: std::time::Instant) -> Result<(), ClientError> {
     let metadata_err = |source| ClientError::Metadata {
         topic: topic.to_string(),
         source,
@@ -359,16 +344,10 @@ fn assign_at_end(
                 })
             }
             Some(code) => retry_or(KafkaError::MetadataFetch(code))?,
-            None if found.partitions().is_empty() => retry_or(KafkaError::MetadataFetch(
-                RDKafkaErrorCode::LeaderNotAvailable,
-            ))?,
-            None => {
-                break found
-                    .partitions()
-                    .iter()
-                    .map(|p| p.id())
-                    .collect::<Vec<_>>()
+            None if found.partitions().is_empty() => {
+                retry_or(KafkaError::MetadataFetch(RDKafkaErrorCode::LeaderNotAvailable))?
             }
+            None => break found.partitions().iter().map(|p| p.id()).collect::<Vec<_>>(),
         }
     };
     let mut assignment = TopicPartitionList::new();

@@ -13,9 +13,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("ferry: {error:#}");
-            let code = error
-                .downcast_ref::<ferry::Error>()
-                .map_or(1, ferry::Error::exit_code);
+            let code = error.downcast_ref::<ferry::Error>().map_or(1, ferry::Error::exit_code);
             ExitCode::from(code)
         }
     }

@@ -133,11 +133,8 @@ pub fn parse_line(line: usize, bytes: &[u8], raw: bool) -> Result<Option<Outgoin
     }
     let error = |reason: String| LineError { line, reason };
     let text = std::str::from_utf8(bytes).map_err(|e| error(format!("not UTF-8 ({e})")))?;
-    let request: Request =
-        serde_json::from_str(text).map_err(|e| error(format!("not a request: {e}")))?;
-    request
-        .validate()
-        .map_err(|e| error(format!("invalid request: {e}")))?;
+    let request: Request = serde_json::from_str(text).map_err(|e| error(format!("not a request: {e}")))?;
+    request.validate().map_err(|e| error(format!("invalid request: {e}")))?;
     Ok(Some(Outgoing {
         line,
         key: Some(request.id),
@@ -218,11 +215,7 @@ pub async fn run(args: &PublishArgs) -> Result<(), PublishError> {
         writeln!(
             stdout,
             "{}",
-            result_line(
-                message.key.as_deref(),
-                published.partition,
-                published.offset
-            )
+            result_line(message.key.as_deref(), published.partition, published.offset)
         )
         .map_err(PublishError::Stdout)?;
         count += 1;
@@ -271,8 +264,7 @@ mod tests {
 
     #[test]
     fn raw_lines_are_keyed_when_an_id_can_be_read() {
-        let parsed =
-            parse_input(b"{\"id\":\"x\",\"bogus\":1}\n\xff\n\n[1]\n", true).unwrap_or_default();
+        let parsed = parse_input(b"{\"id\":\"x\",\"bogus\":1}\n\xff\n\n[1]\n", true).unwrap_or_default();
         let keys: Vec<Option<&str>> = parsed.iter().map(|m| m.key.as_deref()).collect();
         assert_eq!(keys, [Some("x"), None, None, None]);
         assert_eq!(parsed[1].payload, b"\xff");

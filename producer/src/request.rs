@@ -47,9 +47,7 @@ impl RequestError {
     pub fn exit_code(&self) -> u8 {
         match self {
             RequestError::ErrorReply { .. } => 3,
-            RequestError::Client(
-                ClientError::Timeout { .. } | ClientError::PublishTimeout { .. },
-            ) => 4,
+            RequestError::Client(ClientError::Timeout { .. } | ClientError::PublishTimeout { .. }) => 4,
             _ => 1,
         }
     }
@@ -62,8 +60,7 @@ pub fn build_request(args: &RequestArgs, default_id: String) -> Result<Request, 
         Some(json) => serde_json::from_str(json).map_err(RequestError::Json)?,
         // Built through serde rather than a struct literal so that fields the contract gains
         // later take their serde defaults here too.
-        None => serde_json::from_value(serde_json::json!({ "id": default_id }))
-            .map_err(RequestError::Json)?,
+        None => serde_json::from_value(serde_json::json!({ "id": default_id })).map_err(RequestError::Json)?,
     };
     if let Some(id) = &args.id {
         request.id = id.clone();
@@ -156,16 +153,7 @@ mod tests {
     #[test]
     fn prompt_flags_build_a_request_with_the_default_reply_topic() -> Result<(), RequestError> {
         let r = build_request(
-            &args(&[
-                "--prompt",
-                "hi",
-                "--max-tokens",
-                "5",
-                "--stop",
-                "a",
-                "--stop",
-                "b",
-            ]),
+            &args(&["--prompt", "hi", "--max-tokens", "5", "--stop", "a", "--stop", "b"]),
             "id-1".into(),
         )?;
         assert_eq!(r.id, "id-1");
@@ -179,12 +167,7 @@ mod tests {
     #[test]
     fn messages_keep_their_order() -> Result<(), RequestError> {
         let r = build_request(
-            &args(&[
-                "--message",
-                "system:be brief",
-                "--message",
-                "user:hi: there",
-            ]),
+            &args(&["--message", "system:be brief", "--message", "user:hi: there"]),
             "x".into(),
         )?;
         assert_eq!(
@@ -215,10 +198,7 @@ mod tests {
             &args(&["--json", json, "--reply-topic", "theirs", "--id", "k"]),
             "unused".into(),
         )?;
-        assert_eq!(
-            (r.id.as_str(), r.reply_to.as_deref()),
-            ("k", Some("theirs"))
-        );
+        assert_eq!((r.id.as_str(), r.reply_to.as_deref()), ("k", Some("theirs")));
         Ok(())
     }
 
@@ -260,10 +240,7 @@ mod tests {
             message: "too long".into(),
         };
         assert_eq!(err.exit_code(), 3);
-        assert_eq!(
-            err.to_string(),
-            "request r failed: prompt_too_long: too long"
-        );
+        assert_eq!(err.to_string(), "request r failed: prompt_too_long: too long");
         Ok(())
     }
 }

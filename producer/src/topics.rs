@@ -65,16 +65,10 @@ pub enum TopicError {
     },
     /// The cluster refused to create the topic.
     #[error("could not create topic {topic}: {code}")]
-    Create {
-        topic: String,
-        code: RDKafkaErrorCode,
-    },
+    Create { topic: String, code: RDKafkaErrorCode },
     /// The cluster refused to delete the topic.
     #[error("could not delete topic {topic}: {code}")]
-    Delete {
-        topic: String,
-        code: RDKafkaErrorCode,
-    },
+    Delete { topic: String, code: RDKafkaErrorCode },
     /// The topic did not have a leader for every partition before the deadline.
     #[error("topic {topic} was not ready within {waited:.1?}")]
     NotReady { topic: String, waited: Duration },
@@ -94,23 +88,11 @@ fn admin_client(bootstrap_servers: &str) -> Result<Admin, TopicError> {
 }
 
 /// Tells the mock from a real cluster by its cluster id.
-pub async fn cluster_kind(
-    bootstrap_servers: &str,
-    timeout: Duration,
-) -> Result<ClusterKind, TopicError> {
-    kind_of(
-        &admin_client(bootstrap_servers)?,
-        bootstrap_servers,
-        timeout,
-    )
-    .await
+pub async fn cluster_kind(bootstrap_servers: &str, timeout: Duration) -> Result<ClusterKind, TopicError> {
+    kind_of(&admin_client(bootstrap_servers)?, bootstrap_servers, timeout).await
 }
 
-async fn kind_of(
-    admin: &Admin,
-    bootstrap_servers: &str,
-    timeout: Duration,
-) -> Result<ClusterKind, TopicError> {
+async fn kind_of(admin: &Admin, bootstrap_servers: &str, timeout: Duration) -> Result<ClusterKind, TopicError> {
     let admin = Arc::clone(admin);
     // Blocks inside librdkafka until a broker answers or the timeout passes.
     let id = tokio::task::spawn_blocking(move || admin.inner().fetch_cluster_id(timeout)).await?;
@@ -188,11 +170,7 @@ async fn wait_until_ready(
                 .find(|t| t.name() == topic && t.error().is_none())
                 .map(|t| t.partitions())
                 .unwrap_or_default();
-            if !partitions.is_empty()
-                && partitions
-                    .iter()
-                    .all(|p| p.error().is_none() && p.leader() >= 0)
-            {
+            if !partitions.is_empty() && partitions.iter().all(|p| p.error().is_none() && p.leader() >= 0) {
                 return Some(partitions.len());
             }
         }
@@ -207,11 +185,7 @@ async fn wait_until_ready(
 
 /// Deletes `topic` from a real cluster; a topic that does not exist is not an error. On the
 /// mock this does nothing: it has no DeleteTopics, and its topics end with the broker process.
-pub async fn delete_topic(
-    bootstrap_servers: &str,
-    topic: &str,
-    timeout: Duration,
-) -> Result<(), TopicError> {
+pub async fn delete_topic(bootstrap_servers: &str, topic: &str, timeout: Duration) -> Result<(), TopicError> {
     let admin = admin_client(bootstrap_servers)?;
     if kind_of(&admin, bootstrap_servers, timeout).await? == ClusterKind::Mock {
         return Ok(());

@@ -59,10 +59,7 @@ async fn first_stdout_line_is_the_bootstrap_servers_and_topics_exist() -> anyhow
     let mut child = child;
     child.start_kill()?;
     let output = tokio::time::timeout(PATIENCE, child.wait_with_output()).await??;
-    assert_eq!(
-        String::from_utf8(output.stdout)?.lines().next(),
-        Some(servers.as_str())
-    );
+    assert_eq!(String::from_utf8(output.stdout)?.lines().next(), Some(servers.as_str()));
     Ok(())
 }
 
@@ -76,10 +73,7 @@ async fn topics_made_later_are_auto_created_with_the_mock_default() -> anyhow::R
     assert_eq!(partitions, MOCK_AUTO_CREATE_PARTITIONS as usize);
     assert_eq!(partition_count(&servers, &topic)?, partitions);
     // Creating it again is not an error.
-    assert_eq!(
-        create_topic(&servers, &topic, 2, PATIENCE).await?,
-        partitions
-    );
+    assert_eq!(create_topic(&servers, &topic, 2, PATIENCE).await?, partitions);
     Ok(())
 }
 
@@ -105,9 +99,6 @@ async fn sigterm_stops_the_broker_with_exit_0_and_removes_the_file() -> anyhow::
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(exit.code(), Some(0));
-    assert!(
-        !file.exists(),
-        "the bootstrap file should be removed on shutdown"
-    );
+    assert!(!file.exists(), "the bootstrap file should be removed on shutdown");
     Ok(())
 }

@@ -21,10 +21,7 @@ fn request(id: &str, prompt: &str) -> anyhow::Result<Request> {
 }
 
 /// Runs `ferry publish` with `stdin` as its input; returns (exit code, stdout, stderr).
-async fn ferry_publish(
-    args: &[&str],
-    stdin: &[u8],
-) -> anyhow::Result<(Option<i32>, String, String)> {
+async fn ferry_publish(args: &[&str], stdin: &[u8]) -> anyhow::Result<(Option<i32>, String, String)> {
     // stdin from a file: the whole input is there at once, with an end the reader sees.
     let mut input = tempfile::tempfile()?;
     input.write_all(stdin)?;
@@ -69,10 +66,7 @@ async fn library_publish_is_consumed_back_keyed_by_id() -> anyhow::Result<()> {
     assert_eq!(received, sent);
     let version = message
         .headers()
-        .and_then(|h| {
-            h.iter()
-                .find(|h| h.key == ferry_schemas::headers::SCHEMA_VERSION)
-        })
+        .and_then(|h| h.iter().find(|h| h.key == ferry_schemas::headers::SCHEMA_VERSION))
         .and_then(|h| h.value.map(<[u8]>::to_vec));
     assert_eq!(version.as_deref(), Some(&b"1"[..]));
     Ok(())
@@ -82,10 +76,7 @@ async fn library_publish_is_consumed_back_keyed_by_id() -> anyhow::Result<()> {
 async fn publish_command_keys_each_line_by_its_id() -> anyhow::Result<()> {
     let cluster = TestCluster::start().await?;
     let topic = cluster.topic("cli-publish").await?;
-    let ids = [
-        uuid::Uuid::new_v4().to_string(),
-        uuid::Uuid::new_v4().to_string(),
-    ];
+    let ids = [uuid::Uuid::new_v4().to_string(), uuid::Uuid::new_v4().to_string()];
     let lines = [
         format!(r#"{{"id":"{}","prompt":"one"}}"#, ids[0]),
         format!(
@@ -96,12 +87,7 @@ async fn publish_command_keys_each_line_by_its_id() -> anyhow::Result<()> {
     let input = format!("{}\n\n{}\n", lines[0], lines[1]);
 
     let (code, stdout, stderr) = ferry_publish(
-        &[
-            "--bootstrap-servers",
-            cluster.bootstrap_servers(),
-            "--topic",
-            &topic,
-        ],
+        &["--bootstrap-servers", cluster.bootstrap_servers(), "--topic", &topic],
         input.as_bytes(),
     )
     .await?;
@@ -110,18 +96,10 @@ async fn publish_command_keys_each_line_by_its_id() -> anyhow::Result<()> {
     let printed: Vec<Vec<&str>> = stdout.lines().map(|l| l.split('\t').collect()).collect();
     assert_eq!(printed.len(), 2, "stdout: {stdout}");
     let mut messages = read_messages(cluster.bootstrap_servers(), &topic, 2).await?;
-    messages.sort_by_key(|m| {
-        ids.iter()
-            .position(|id| Some(id.as_str()) == key_of(m).as_deref())
-    });
-    for ((id, line), (message, fields)) in ids.iter().zip(&lines).zip(messages.iter().zip(&printed))
-    {
+    messages.sort_by_key(|m| ids.iter().position(|id| Some(id.as_str()) == key_of(m).as_deref()));
+    for ((id, line), (message, fields)) in ids.iter().zip(&lines).zip(messages.iter().zip(&printed)) {
         assert_eq!(key_of(message).as_deref(), Some(id.as_str()));
-        assert_eq!(
-            message.payload(),
-            Some(line.as_bytes()),
-            "published exactly as read"
-        );
+        assert_eq!(message.payload(), Some(line.as_bytes()), "published exactly as read");
         assert_eq!(
             fields[..],
             [
@@ -141,12 +119,7 @@ async fn publish_command_refuses_invalid_lines_and_publishes_nothing() -> anyhow
     let input = "{\"id\":\"ok\",\"prompt\":\"p\"}\n{\"id\":\"bad\",\"prompt\":\"p\",\"temperature\":9}\nnot json\n";
 
     let (code, stdout, stderr) = ferry_publish(
-        &[
-            "--bootstrap-servers",
-            cluster.bootstrap_servers(),
-            "--topic",
-            &topic,
-        ],
+        &["--bootstrap-servers", cluster.bootstrap_servers(), "--topic", &topic],
         input.as_bytes(),
     )
     .await?;

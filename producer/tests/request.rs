@@ -8,9 +8,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use cluster::{
-    consumer_from_beginning, ferry_command, write_bootstrap_file, TestCluster, PATIENCE,
-};
+use cluster::{consumer_from_beginning, ferry_command, write_bootstrap_file, TestCluster, PATIENCE};
 use ferry::client::{Client, ClientError, KafkaConfig};
 use ferry_schemas::{Reply, Request};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -31,8 +29,7 @@ impl Responder {
         Ok(Responder(tokio::spawn(async move {
             loop {
                 let message = consumer.recv().await?;
-                let request: Request =
-                    serde_json::from_slice(message.payload().unwrap_or_default())?;
+                let request: Request = serde_json::from_slice(message.payload().unwrap_or_default())?;
                 let reply = reply_to(&request);
                 let topic = request
                     .reply_to
@@ -40,10 +37,7 @@ impl Responder {
                     .context("requests in these tests name reply_to")?;
                 let payload = serde_json::to_vec(&reply)?;
                 producer
-                    .send(
-                        FutureRecord::to(topic).key(&request.id).payload(&payload),
-                        PATIENCE,
-                    )
+                    .send(FutureRecord::to(topic).key(&request.id).payload(&payload), PATIENCE)
                     .await
                     .map_err(|(e, _)| e)?;
             }
@@ -143,16 +137,7 @@ async fn request_command_prints_the_whole_reply_as_json() -> anyhow::Result<()> 
     let id = uuid::Uuid::new_v4().to_string();
     let run = ferry_request(
         &setup,
-        &[
-            "--prompt",
-            "p",
-            "--id",
-            &id,
-            "--output",
-            "json",
-            "--max-tokens",
-            "3",
-        ],
+        &["--prompt", "p", "--id", &id, "--output", "json", "--max-tokens", "3"],
     )
     .await?;
     assert_eq!(run.code, Some(0), "stderr: {}", run.stderr);
@@ -211,11 +196,7 @@ async fn request_without_a_worker_times_out_with_exit_4() -> anyhow::Result<()> 
     let setup = setup(false).await?;
     let run = ferry_request(&setup, &["--prompt", "anyone?", "--timeout", "1500ms"]).await?;
     assert_eq!(run.code, Some(4), "stderr: {}", run.stderr);
-    assert!(
-        run.stderr.contains("no reply to request"),
-        "stderr: {}",
-        run.stderr
-    );
+    assert!(run.stderr.contains("no reply to request"), "stderr: {}", run.stderr);
     assert!(
         run.took >= Duration::from_millis(1500),
         "gave up early, after {:?}",
@@ -232,9 +213,8 @@ async fn library_request_returns_the_reply() -> anyhow::Result<()> {
         delivery_timeout: PATIENCE,
     })?;
     let id = uuid::Uuid::new_v4().to_string();
-    let request: Request = serde_json::from_value(
-        serde_json::json!({ "id": id, "prompt": "lib", "reply_to": setup.replies }),
-    )?;
+    let request: Request =
+        serde_json::from_value(serde_json::json!({ "id": id, "prompt": "lib", "reply_to": setup.replies }))?;
     match client.request(&setup.requests, &request, PATIENCE).await? {
         Reply::Response(r) => {
             assert_eq!((r.id.as_str(), r.text.as_str()), (id.as_str(), "echo: lib"))
@@ -252,9 +232,8 @@ async fn library_request_names_a_missing_reply_topic() -> anyhow::Result<()> {
         delivery_timeout: PATIENCE,
     })?;
     let missing = format!("ferry-test-missing-{}", uuid::Uuid::new_v4());
-    let request: Request = serde_json::from_value(
-        serde_json::json!({ "id": "x", "prompt": "p", "reply_to": missing }),
-    )?;
+    let request: Request =
+        serde_json::from_value(serde_json::json!({ "id": "x", "prompt": "p", "reply_to": missing }))?;
     let result = client.request(&setup.requests, &request, PATIENCE).await;
     assert!(
         matches!(result, Err(ClientError::UnknownTopic { ref topic }) if *topic == missing),

@@ -17,10 +17,10 @@
 //! - [`DeadLetter`]: what the worker publishes to `<request topic>.dlq` for a message it could
 //!   not serve, with the original bytes.
 
-mod limits;
-mod request;
-mod reply;
 mod dead_letter;
+mod limits;
+mod reply;
+mod request;
 
 pub use dead_letter::{DeadLetter, SourceRecord};
 pub use limits::*;

@@ -169,7 +169,10 @@ mod tests {
             ErrorCode::TemplateError,
             ErrorCode::EngineError,
         ] {
-            assert_eq!(serde_json::to_value(code).ok(), Some(Value::String(code.as_str().into())));
+            assert_eq!(
+                serde_json::to_value(code).ok(),
+                Some(Value::String(code.as_str().into()))
+            );
         }
     }
 }

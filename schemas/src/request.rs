@@ -102,7 +102,10 @@ pub struct ValidationError {
 }
 
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> ValidationError {
-    ValidationError { field: field.into(), message: message.into() }
+    ValidationError {
+        field: field.into(),
+        message: message.into(),
+    }
 }
 
 impl Request {
@@ -111,7 +114,11 @@ impl Request {
         if self.version != crate::SCHEMA_VERSION {
             return Err(invalid(
                 "version",
-                format!("unsupported version {}; this worker speaks {}", self.version, crate::SCHEMA_VERSION),
+                format!(
+                    "unsupported version {}; this worker speaks {}",
+                    self.version,
+                    crate::SCHEMA_VERSION
+                ),
             ));
         }
         check_len("id", &self.id, 1, MAX_ID_LEN)?;
@@ -119,11 +126,19 @@ impl Request {
             check_len("model", model, 1, MAX_MODEL_LEN)?;
         }
         match (&self.messages, &self.prompt) {
-            (Some(_), Some(_)) => return Err(invalid("messages", "give exactly one of `messages` and `prompt`, not both")),
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "messages",
+                    "give exactly one of `messages` and `prompt`, not both",
+                ))
+            }
             (None, None) => return Err(invalid("messages", "give exactly one of `messages` and `prompt`")),
             (Some(messages), None) => {
                 if messages.is_empty() || messages.len() > MAX_MESSAGES {
-                    return Err(invalid("messages", format!("must hold 1 to {MAX_MESSAGES} messages, got {}", messages.len())));
+                    return Err(invalid(
+                        "messages",
+                        format!("must hold 1 to {MAX_MESSAGES} messages, got {}", messages.len()),
+                    ));
                 }
                 for (i, m) in messages.iter().enumerate() {
                     check_len(&format!("messages[{i}].content"), &m.content, 0, MAX_TEXT_LEN)?;
@@ -138,12 +153,18 @@ impl Request {
         }
         if let Some(t) = self.temperature {
             if !(0.0..=MAX_TEMPERATURE).contains(&t) {
-                return Err(invalid("temperature", format!("must be 0 to {MAX_TEMPERATURE}, got {t}")));
+                return Err(invalid(
+                    "temperature",
+                    format!("must be 0 to {MAX_TEMPERATURE}, got {t}"),
+                ));
             }
         }
         if let Some(p) = self.top_p {
             if !(p > 0.0 && p <= 1.0) {
-                return Err(invalid("top_p", format!("must be greater than 0 and at most 1, got {p}")));
+                return Err(invalid(
+                    "top_p",
+                    format!("must be greater than 0 and at most 1, got {p}"),
+                ));
             }
         }
         if let Some(k) = self.top_k {
@@ -152,7 +173,10 @@ impl Request {
             }
         }
         if self.stop.len() > MAX_STOP {
-            return Err(invalid("stop", format!("at most {MAX_STOP} stop strings, got {}", self.stop.len())));
+            return Err(invalid(
+                "stop",
+                format!("at most {MAX_STOP} stop strings, got {}", self.stop.len()),
+            ));
         }
         for (i, s) in self.stop.iter().enumerate() {
             check_len(&format!("stop[{i}]"), s, 1, MAX_STOP_LEN)?;
@@ -163,7 +187,10 @@ impl Request {
         if let Some(metadata) = &self.metadata {
             let size = serde_json::to_string(metadata).map(|s| s.len()).unwrap_or(usize::MAX);
             if size > MAX_METADATA_BYTES {
-                return Err(invalid("metadata", format!("at most {MAX_METADATA_BYTES} bytes of JSON, got {size}")));
+                return Err(invalid(
+                    "metadata",
+                    format!("at most {MAX_METADATA_BYTES} bytes of JSON, got {size}"),
+                ));
             }
         }
         Ok(())
@@ -187,7 +214,10 @@ impl Request {
 
 fn check_len(field: &str, s: &str, min: usize, max: usize) -> Result<(), ValidationError> {
     if s.len() < min || s.len() > max {
-        return Err(invalid(field, format!("length must be {min} to {max} bytes, got {}", s.len())));
+        return Err(invalid(
+            field,
+            format!("length must be {min} to {max} bytes, got {}", s.len()),
+        ));
     }
     Ok(())
 }
@@ -195,8 +225,14 @@ fn check_len(field: &str, s: &str, min: usize, max: usize) -> Result<(), Validat
 /// Kafka's own topic-name rule: 1 to 249 characters of `[a-zA-Z0-9._-]`.
 fn check_topic(field: &str, topic: &str) -> Result<(), ValidationError> {
     check_len(field, topic, 1, MAX_TOPIC_LEN)?;
-    if !topic.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')) {
-        return Err(invalid(field, "a topic name may only hold letters, digits, '.', '_' and '-'"));
+    if !topic
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err(invalid(
+            field,
+            "a topic name may only hold letters, digits, '.', '_' and '-'",
+        ));
     }
     Ok(())
 }
@@ -220,7 +256,10 @@ mod tests {
     #[test]
     fn exactly_one_of_messages_and_prompt() {
         let mut r = base();
-        r.messages = Some(vec![ChatMessage { role: Role::User, content: "x".into() }]);
+        r.messages = Some(vec![ChatMessage {
+            role: Role::User,
+            content: "x".into(),
+        }]);
         assert_eq!(r.validate().map_err(|e| e.field), Err("messages".into()));
         r.prompt = None;
         assert_eq!(r.validate(), Ok(()));

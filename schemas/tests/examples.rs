@@ -46,24 +46,38 @@ fn schema(file: &str) -> Value {
 /// A validator for one schema file that resolves references to the other files from disk, never
 /// from the network, and asserts `format` (so `date-time` is checked, not merely annotated).
 fn validator(file: &str) -> Validator {
-    let mut options = jsonschema::options().with_draft(Draft::Draft202012).should_validate_formats(true);
+    let mut options = jsonschema::options()
+        .with_draft(Draft::Draft202012)
+        .should_validate_formats(true);
     for other in SCHEMA_FILES {
         let contents = schema(other);
-        let id = contents["$id"].as_str().unwrap_or_else(|| panic!("{other} has no $id")).to_string();
+        let id = contents["$id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{other} has no $id"))
+            .to_string();
         let resource = Resource::from_contents(contents).unwrap_or_else(|e| panic!("{other}: {e}"));
         options = options.with_resource(id, resource);
     }
-    options.build(&schema(file)).unwrap_or_else(|e| panic!("{file} does not compile: {e}"))
+    options
+        .build(&schema(file))
+        .unwrap_or_else(|e| panic!("{file} does not compile: {e}"))
 }
 
 /// The schema's complaints about `instance`, one line each; empty when it is valid.
 fn schema_errors(validator: &Validator, instance: &Value) -> Vec<String> {
-    validator.iter_errors(instance).map(|e| format!("{}: {e}", e.instance_path)).collect()
+    validator
+        .iter_errors(instance)
+        .map(|e| format!("{}: {e}", e.instance_path))
+        .collect()
 }
 
 fn assert_schema_accepts(validator: &Validator, instance: &Value, what: &str) {
     let errors = schema_errors(validator, instance);
-    assert!(errors.is_empty(), "{what} should satisfy the schema:\n{}", errors.join("\n"));
+    assert!(
+        errors.is_empty(),
+        "{what} should satisfy the schema:\n{}",
+        errors.join("\n")
+    );
 }
 
 /// The JSON files directly inside `dir`, sorted, as (file name, contents).
@@ -73,7 +87,11 @@ fn json_files(dir: &Path) -> Vec<(String, Value)> {
         .map(|entry| entry.expect("a readable directory entry").path())
         .filter(|path| path.extension().is_some_and(|ext| ext == "json"))
         .map(|path| {
-            let name = path.file_name().expect("a file has a name").to_string_lossy().into_owned();
+            let name = path
+                .file_name()
+                .expect("a file has a name")
+                .to_string_lossy()
+                .into_owned();
             (name, read_json(&path))
         })
         .collect();
@@ -96,7 +114,11 @@ fn schema_files_are_2020_12_schemas_with_versioned_ids() {
     for file in SCHEMA_FILES {
         let s = schema(file);
         assert_eq!(s["$schema"], "https://json-schema.org/draft/2020-12/schema", "{file}");
-        assert_eq!(s["$id"], format!("https://ferry.dev/schemas/v{SCHEMA_VERSION}/{file}"), "{file}");
+        assert_eq!(
+            s["$id"],
+            format!("https://ferry.dev/schemas/v{SCHEMA_VERSION}/{file}"),
+            "{file}"
+        );
         if let Err(e) = jsonschema::meta::validate(&s) {
             panic!("{file} is not a valid JSON Schema: {e}");
         }
@@ -111,8 +133,10 @@ fn undocumented(node: &Value, path: &str, missing: &mut Vec<String>) {
         Value::Object(map) => {
             if let Some(Value::Object(props)) = map.get("properties") {
                 for (name, prop) in props {
-                    let documented =
-                        prop.get("description").and_then(Value::as_str).is_some_and(|d| !d.trim().is_empty());
+                    let documented = prop
+                        .get("description")
+                        .and_then(Value::as_str)
+                        .is_some_and(|d| !d.trim().is_empty());
                     if !documented {
                         missing.push(format!("{path}/properties/{name}"));
                     }
@@ -136,8 +160,15 @@ fn every_field_is_documented() {
     for file in SCHEMA_FILES {
         let mut missing = Vec::new();
         undocumented(&schema(file), file, &mut missing);
-        assert!(missing.is_empty(), "fields without a description:\n{}", missing.join("\n"));
-        assert!(schema(file)["description"].is_string(), "{file} has no top-level description");
+        assert!(
+            missing.is_empty(),
+            "fields without a description:\n{}",
+            missing.join("\n")
+        );
+        assert!(
+            schema(file)["description"].is_string(),
+            "{file} has no top-level description"
+        );
     }
 }
 
@@ -151,7 +182,13 @@ fn valid_examples_satisfy_schema_and_types_and_round_trip() {
 
     let examples = json_files(&crate_dir().join("examples"));
     let names: BTreeSet<&str> = examples.iter().map(|(name, _)| name.as_str()).collect();
-    for required in ["request-chat.json", "request-prompt.json", "response.json", "error.json", "dead-letter.json"] {
+    for required in [
+        "request-chat.json",
+        "request-prompt.json",
+        "response.json",
+        "error.json",
+        "dead-letter.json",
+    ] {
         assert!(names.contains(required), "examples/{required} is missing");
     }
 
@@ -163,10 +200,18 @@ fn valid_examples_satisfy_schema_and_types_and_round_trip() {
             assert_eq!(parsed.validate(), Ok(()), "{what}");
             // `version` is the one field serde fills in on the way in; it is then written out.
             let mut expected = example.clone();
-            expected.as_object_mut().expect("a request is an object").entry("version").or_insert(json!(SCHEMA_VERSION));
+            expected
+                .as_object_mut()
+                .expect("a request is an object")
+                .entry("version")
+                .or_insert(json!(SCHEMA_VERSION));
             assert_eq!(written, expected, "{what} is not written back as it was read");
         } else if name.starts_with("response") || name.starts_with("error") {
-            let (own, kind) = if name.starts_with("response") { (&response, "response") } else { (&error, "error") };
+            let (own, kind) = if name.starts_with("response") {
+                (&response, "response")
+            } else {
+                (&error, "error")
+            };
             assert_schema_accepts(own, example, &what);
             assert_schema_accepts(&reply, example, &what);
             let (parsed, written) = round_trip::<Reply>(example, &what);
@@ -184,7 +229,9 @@ fn valid_examples_satisfy_schema_and_types_and_round_trip() {
             assert_schema_accepts(&dead_letter, example, &what);
             let (parsed, written) = round_trip::<DeadLetter>(example, &what);
             assert_eq!(&written, example, "{what} is not written back as it was read");
-            let payload = parsed.payload().unwrap_or_else(|e| panic!("{what}: payload_base64: {e}"));
+            let payload = parsed
+                .payload()
+                .unwrap_or_else(|e| panic!("{what}: payload_base64: {e}"));
             assert_eq!(DeadLetter::encode_payload(&payload), parsed.payload_base64, "{what}");
         } else {
             panic!("{what}: name it request-*, response*, error* or dead-letter* so this test knows its schema");
@@ -195,9 +242,15 @@ fn valid_examples_satisfy_schema_and_types_and_round_trip() {
 #[test]
 fn the_full_request_example_sets_every_field() {
     let example = read_json(&crate_dir().join("examples/request-prompt.json"));
-    let properties = schema("request.schema.json")["properties"].as_object().expect("request has properties").clone();
+    let properties = schema("request.schema.json")["properties"]
+        .as_object()
+        .expect("request has properties")
+        .clone();
     for field in properties.keys().filter(|f| *f != "messages") {
-        assert!(example.get(field).is_some(), "examples/request-prompt.json should show `{field}`");
+        assert!(
+            example.get(field).is_some(),
+            "examples/request-prompt.json should show `{field}`"
+        );
     }
 }
 
@@ -243,12 +296,22 @@ fn invalid_examples_fail_schema_and_rust() {
     let examples = json_files(&crate_dir().join("examples/invalid"));
     let on_disk: BTreeSet<&str> = examples.iter().map(|(name, _)| name.as_str()).collect();
     let listed: BTreeSet<&str> = INVALID.iter().map(|(name, _)| *name).collect();
-    assert_eq!(on_disk, listed, "examples/invalid/ and INVALID must list the same files");
+    assert_eq!(
+        on_disk, listed,
+        "examples/invalid/ and INVALID must list the same files"
+    );
 
     for (name, example) in &examples {
         let what = format!("examples/invalid/{name}");
-        assert!(!schema_errors(&request, example).is_empty(), "the schema accepts {what}");
-        let expected = INVALID.iter().find(|(n, _)| n == name).map(|(_, r)| *r).expect("listed above");
+        assert!(
+            !schema_errors(&request, example).is_empty(),
+            "the schema accepts {what}"
+        );
+        let expected = INVALID
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, r)| *r)
+            .expect("listed above");
         let parsed = serde_json::from_value::<Request>(example.clone());
         match (expected, parsed) {
             (Rejected::ByParsing, Err(_)) => {}
@@ -298,22 +361,53 @@ fn schema_numbers_equal_the_crate_constants() {
         assert_eq!(integer_at(r, pointer), expected, "{r}#{pointer}");
     }
     let request = schema(r);
-    assert_eq!(request.pointer("/properties/temperature/maximum").and_then(Value::as_f64), Some(MAX_TEMPERATURE));
-    assert_eq!(request.pointer("/properties/temperature/minimum").and_then(Value::as_f64), Some(0.0));
-    assert_eq!(request.pointer("/properties/top_p/exclusiveMinimum").and_then(Value::as_f64), Some(0.0));
-    assert_eq!(request.pointer("/properties/top_p/maximum").and_then(Value::as_f64), Some(1.0));
+    assert_eq!(
+        request
+            .pointer("/properties/temperature/maximum")
+            .and_then(Value::as_f64),
+        Some(MAX_TEMPERATURE)
+    );
+    assert_eq!(
+        request
+            .pointer("/properties/temperature/minimum")
+            .and_then(Value::as_f64),
+        Some(0.0)
+    );
+    assert_eq!(
+        request
+            .pointer("/properties/top_p/exclusiveMinimum")
+            .and_then(Value::as_f64),
+        Some(0.0)
+    );
+    assert_eq!(
+        request.pointer("/properties/top_p/maximum").and_then(Value::as_f64),
+        Some(1.0)
+    );
 
     let topic_pattern = "^[a-zA-Z0-9._-]+$";
-    assert_eq!(request.pointer("/properties/reply_to/pattern"), Some(&json!(topic_pattern)));
-    let dead_letter = schema("dead_letter.schema.json");
-    assert_eq!(dead_letter.pointer("/properties/source/properties/topic/pattern"), Some(&json!(topic_pattern)));
     assert_eq!(
-        integer_at("dead_letter.schema.json", "/properties/source/properties/topic/maxLength"),
+        request.pointer("/properties/reply_to/pattern"),
+        Some(&json!(topic_pattern))
+    );
+    let dead_letter = schema("dead_letter.schema.json");
+    assert_eq!(
+        dead_letter.pointer("/properties/source/properties/topic/pattern"),
+        Some(&json!(topic_pattern))
+    );
+    assert_eq!(
+        integer_at(
+            "dead_letter.schema.json",
+            "/properties/source/properties/topic/maxLength"
+        ),
         as_u64(MAX_TOPIC_LEN)
     );
 
     for file in ["response.schema.json", "error.schema.json", "dead_letter.schema.json"] {
-        assert_eq!(integer_at(file, "/properties/version/const"), u64::from(SCHEMA_VERSION), "{file}");
+        assert_eq!(
+            integer_at(file, "/properties/version/const"),
+            u64::from(SCHEMA_VERSION),
+            "{file}"
+        );
     }
 }
 
@@ -323,7 +417,11 @@ fn enum_at(file: &str, pointer: &str) -> Vec<String> {
     let values = values.unwrap_or_else(|| panic!("{file}#{pointer} is not an enum"));
     values
         .iter()
-        .map(|v| v.as_str().unwrap_or_else(|| panic!("{file}#{pointer}: {v} is not a string")).to_string())
+        .map(|v| {
+            v.as_str()
+                .unwrap_or_else(|| panic!("{file}#{pointer}: {v} is not a string"))
+                .to_string()
+        })
         .collect()
 }
 
@@ -347,14 +445,27 @@ fn schema_enums_equal_the_rust_enums() {
             Role::System | Role::User | Role::Assistant => {}
         }
     }
-    let finish = [FinishReason::Stop, FinishReason::Length, FinishReason::ContextLength, FinishReason::Deadline];
+    let finish = [
+        FinishReason::Stop,
+        FinishReason::Length,
+        FinishReason::ContextLength,
+        FinishReason::Deadline,
+    ];
     for reason in finish {
         match reason {
             FinishReason::Stop | FinishReason::Length | FinishReason::ContextLength | FinishReason::Deadline => {}
         }
     }
     use ErrorCode::*;
-    let codes = [InvalidJson, InvalidSchema, InvalidRequest, PromptTooLong, UnknownModel, TemplateError, EngineError];
+    let codes = [
+        InvalidJson,
+        InvalidSchema,
+        InvalidRequest,
+        PromptTooLong,
+        UnknownModel,
+        TemplateError,
+        EngineError,
+    ];
     for code in codes {
         match code {
             InvalidJson | InvalidSchema | InvalidRequest | PromptTooLong | UnknownModel | TemplateError
@@ -362,10 +473,22 @@ fn schema_enums_equal_the_rust_enums() {
         }
     }
 
-    assert_eq!(enum_at("request.schema.json", "/$defs/chat_message/properties/role/enum"), serde_names(&roles));
-    assert_eq!(enum_at("response.schema.json", "/properties/finish_reason/enum"), serde_names(&finish));
-    assert_eq!(enum_at("error.schema.json", "/$defs/error_code/enum"), serde_names(&codes));
-    assert_eq!(enum_at("reply.schema.json", "/properties/kind/enum"), ["response", "error"]);
+    assert_eq!(
+        enum_at("request.schema.json", "/$defs/chat_message/properties/role/enum"),
+        serde_names(&roles)
+    );
+    assert_eq!(
+        enum_at("response.schema.json", "/properties/finish_reason/enum"),
+        serde_names(&finish)
+    );
+    assert_eq!(
+        enum_at("error.schema.json", "/$defs/error_code/enum"),
+        serde_names(&codes)
+    );
+    assert_eq!(
+        enum_at("reply.schema.json", "/properties/kind/enum"),
+        ["response", "error"]
+    );
 }
 
 /// A valid request with one field replaced.
@@ -395,7 +518,11 @@ fn each_limit_holds_at_its_edge_in_schema_and_rust() {
     // Each case builds a request from a size; `limit` is read from the schema, so the case checks
     // that the schema's number is exactly where the Rust side starts to refuse.
     let cases: Vec<(&str, u64, BuildRequest)> = vec![
-        ("id", integer_at(r, "/properties/id/maxLength"), Box::new(move |n| request_with("id", json!(text(n))))),
+        (
+            "id",
+            integer_at(r, "/properties/id/maxLength"),
+            Box::new(move |n| request_with("id", json!(text(n)))),
+        ),
         (
             "model",
             integer_at(r, "/properties/model/maxLength"),
@@ -436,7 +563,11 @@ fn each_limit_holds_at_its_edge_in_schema_and_rust() {
             integer_at(r, "/properties/max_tokens/maximum"),
             Box::new(|n| request_with("max_tokens", json!(n))),
         ),
-        ("top_k", integer_at(r, "/properties/top_k/maximum"), Box::new(|n| request_with("top_k", json!(n)))),
+        (
+            "top_k",
+            integer_at(r, "/properties/top_k/maximum"),
+            Box::new(|n| request_with("top_k", json!(n))),
+        ),
         (
             "metadata",
             integer_at(r, "/properties/metadata/x-max-json-bytes"),
@@ -449,26 +580,45 @@ fn each_limit_holds_at_its_edge_in_schema_and_rust() {
         let at = build(limit);
         let over = build(limit + 1);
         assert!(rust_accepts(&at), "{name}: Rust refuses the limit {limit}");
-        assert!(!rust_accepts(&over), "{name}: Rust accepts {} (limit {limit})", limit + 1);
+        assert!(
+            !rust_accepts(&over),
+            "{name}: Rust accepts {} (limit {limit})",
+            limit + 1
+        );
         assert_schema_accepts(&schema, &at, &format!("{name} at its limit {limit}"));
         if name != "metadata" {
-            assert!(!schema.is_valid(&over), "{name}: the schema accepts {} (limit {limit})", limit + 1);
+            assert!(
+                !schema.is_valid(&over),
+                "{name}: the schema accepts {} (limit {limit})",
+                limit + 1
+            );
         }
     }
 
     // The fractional limits, from both sides.
     let max_temperature = schema_number(r, "/properties/temperature/maximum");
-    for (field, ok, bad) in
-        [("temperature", max_temperature, max_temperature + 0.01), ("top_p", 1.0, 1.01), ("top_p", 0.001, 0.0)]
-    {
+    for (field, ok, bad) in [
+        ("temperature", max_temperature, max_temperature + 0.01),
+        ("top_p", 1.0, 1.01),
+        ("top_p", 0.001, 0.0),
+    ] {
         let (ok, bad) = (request_with(field, json!(ok)), request_with(field, json!(bad)));
-        assert!(rust_accepts(&ok) && schema.is_valid(&ok), "{field}: {ok} should be accepted");
-        assert!(!rust_accepts(&bad) && !schema.is_valid(&bad), "{field}: {bad} should be refused");
+        assert!(
+            rust_accepts(&ok) && schema.is_valid(&ok),
+            "{field}: {ok} should be accepted"
+        );
+        assert!(
+            !rust_accepts(&bad) && !schema.is_valid(&bad),
+            "{field}: {bad} should be refused"
+        );
     }
 }
 
 fn schema_number(file: &str, pointer: &str) -> f64 {
-    schema(file).pointer(pointer).and_then(Value::as_f64).unwrap_or_else(|| panic!("{file}#{pointer} is not a number"))
+    schema(file)
+        .pointer(pointer)
+        .and_then(Value::as_f64)
+        .unwrap_or_else(|| panic!("{file}#{pointer} is not a number"))
 }
 
 #[test]
@@ -477,11 +627,20 @@ fn a_reply_of_one_kind_with_the_others_fields_is_refused() {
     let reply = validator("reply.schema.json");
     let mut mislabelled = read_json(&crate_dir().join("examples/error.json"));
     mislabelled["kind"] = json!("response");
-    assert!(!reply.is_valid(&mislabelled), "the schema accepts an error labelled as a response");
-    assert!(serde_json::from_value::<Reply>(mislabelled).is_err(), "serde accepts an error labelled as a response");
+    assert!(
+        !reply.is_valid(&mislabelled),
+        "the schema accepts an error labelled as a response"
+    );
+    assert!(
+        serde_json::from_value::<Reply>(mislabelled).is_err(),
+        "serde accepts an error labelled as a response"
+    );
 
     let mut unknown = read_json(&crate_dir().join("examples/response.json"));
     unknown["kind"] = json!("partial");
     assert!(!reply.is_valid(&unknown), "the schema accepts an unknown kind");
-    assert!(serde_json::from_value::<Reply>(unknown).is_err(), "serde accepts an unknown kind");
+    assert!(
+        serde_json::from_value::<Reply>(unknown).is_err(),
+        "serde accepts an unknown kind"
+    );
 }

@@ -39,8 +39,14 @@ fn measure(path: &Path, weights: WeightFormat) -> anyhow::Result<Measure> {
     };
     let model = Model::load(&opts, &candle_core::Device::Cpu)?;
     let load_s = start.elapsed().as_secs_f64();
-    let template = model.template.as_ref().ok_or_else(|| anyhow::anyhow!("no chat template"))?;
-    let msg = ferry_schemas::ChatMessage { role: ferry_schemas::Role::User, content: QUESTION.into() };
+    let template = model
+        .template
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("no chat template"))?;
+    let msg = ferry_schemas::ChatMessage {
+        role: ferry_schemas::Role::User,
+        content: QUESTION.into(),
+    };
     let text = template.render(&[msg], "", "")?;
     let prompt = model.tokenizer.encode(&text)?;
     let (mut prefill, mut decode) = (Vec::new(), Vec::new());
@@ -59,7 +65,12 @@ fn measure(path: &Path, weights: WeightFormat) -> anyhow::Result<Measure> {
         }
         decode.push(DECODE_TOKENS as f64 / t.elapsed().as_secs_f64());
     }
-    Ok(Measure { prompt_tokens: prompt.len(), prefill_tps: median(prefill), decode_tps: median(decode), load_s })
+    Ok(Measure {
+        prompt_tokens: prompt.len(),
+        prefill_tps: median(prefill),
+        decode_tps: median(decode),
+        load_s,
+    })
 }
 
 fn main() -> anyhow::Result<()> {

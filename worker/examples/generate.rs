@@ -16,7 +16,11 @@ fn main() -> anyhow::Result<()> {
         source: ModelSource::Path(PathBuf::from(path)),
         cache_dir: None,
         sha256: None,
-        weights: if native { WeightFormat::Native } else { WeightFormat::Q8_0 },
+        weights: if native {
+            WeightFormat::Native
+        } else {
+            WeightFormat::Q8_0
+        },
         name: None,
         max_context: None,
     };

@@ -74,7 +74,9 @@ const MANAGED_PROPERTIES: &[&str] = &[
 
 impl KafkaConfig {
     pub fn dead_letter_topic(&self) -> String {
-        self.dead_letter_topic.clone().unwrap_or_else(|| ferry_schemas::dead_letter_topic(&self.topic))
+        self.dead_letter_topic
+            .clone()
+            .unwrap_or_else(|| ferry_schemas::dead_letter_topic(&self.topic))
     }
 
     /// The extra properties as pairs.
@@ -228,8 +230,9 @@ impl DeviceChoice {
     pub fn open(self) -> Result<candle_core::Device, ConfigError> {
         match self {
             DeviceChoice::Cpu => Ok(candle_core::Device::Cpu),
-            DeviceChoice::Cuda(n) if cfg!(feature = "cuda") => candle_core::Device::new_cuda(n)
-                .map_err(|e| ConfigError(format!("--device cuda:{n}: {e}"))),
+            DeviceChoice::Cuda(n) if cfg!(feature = "cuda") => {
+                candle_core::Device::new_cuda(n).map_err(|e| ConfigError(format!("--device cuda:{n}: {e}")))
+            }
             DeviceChoice::Cuda(_) => Err(ConfigError(
                 "--device cuda needs a worker built with `--features cuda`".into(),
             )),
@@ -272,8 +275,15 @@ impl Config {
     /// Checks every rule that clap's types do not.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let k = &self.kafka;
-        for (flag, topic) in [("--topic", &k.topic), ("--reply-topic", &k.reply_topic), ("--dead-letter-topic", &k.dead_letter_topic())] {
-            if topic.is_empty() || topic.len() > 249 || !topic.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
+        for (flag, topic) in [
+            ("--topic", &k.topic),
+            ("--reply-topic", &k.reply_topic),
+            ("--dead-letter-topic", &k.dead_letter_topic()),
+        ] {
+            if topic.is_empty()
+                || topic.len() > 249
+                || !topic.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            {
                 return Err(ConfigError(format!("{flag} {topic:?} is not a valid Kafka topic name")));
             }
         }
@@ -312,9 +322,20 @@ impl Config {
             return Err(ConfigError("--snapshot-max-pieces must be at least 2".into()));
         }
         if let Some(url) = &self.snapshot.snapshot_store {
-            let known = ["file://", "s3://", "gs://", "az://", "memory://", "redis://", "rediss://"];
+            let known = [
+                "file://",
+                "s3://",
+                "gs://",
+                "az://",
+                "memory://",
+                "redis://",
+                "rediss://",
+            ];
             if !known.iter().any(|k| url.starts_with(k)) {
-                return Err(ConfigError(format!("--snapshot-store {url:?}: use one of {}", known.join(", "))));
+                return Err(ConfigError(format!(
+                    "--snapshot-store {url:?}: use one of {}",
+                    known.join(", ")
+                )));
             }
         }
         if self.runtime.threads == Some(0) {
@@ -336,7 +357,10 @@ pub async fn read_bootstrap_file(path: &std::path::Path, wait: Duration) -> Resu
             }
         }
         if tokio::time::Instant::now() >= deadline {
-            return Err(ConfigError(format!("no bootstrap servers in {} after {wait:?}", path.display())));
+            return Err(ConfigError(format!(
+                "no bootstrap servers in {} after {wait:?}",
+                path.display()
+            )));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -388,7 +412,12 @@ mod tests {
 
     #[test]
     fn extra_properties_pass_through() {
-        let c = parse(&["--kafka-property", "security.protocol=SASL_SSL", "--kafka-property", "sasl.mechanism=PLAIN"]);
+        let c = parse(&[
+            "--kafka-property",
+            "security.protocol=SASL_SSL",
+            "--kafka-property",
+            "sasl.mechanism=PLAIN",
+        ]);
         assert_eq!(
             c.kafka.property_pairs(),
             Ok(vec![
@@ -398,4 +427,3 @@ mod tests {
         );
     }
 }
-

@@ -30,10 +30,10 @@ use tracing::{error, info, warn};
 
 use crate::config::KafkaConfig;
 use crate::engine::{Engine, EngineHandle, Job, JobControl, Outcome};
-use crate::snapshot::format::snapshot_prefix;
-use crate::snapshot::Snapshots;
 use crate::intake::{self, Invalid};
 use crate::reply::{self, WorkContext};
+use crate::snapshot::format::snapshot_prefix;
+use crate::snapshot::Snapshots;
 
 /// Failures that stop the worker. Its uncommitted message is then redelivered to another.
 #[derive(Debug, thiserror::Error)]
@@ -87,7 +87,9 @@ pub type Signals = tokio::sync::watch::Receiver<u32>;
 
 impl std::fmt::Debug for Worker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Worker").field("worker_id", &self.worker_id).finish_non_exhaustive()
+        f.debug_struct("Worker")
+            .field("worker_id", &self.worker_id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -95,7 +97,10 @@ impl std::fmt::Debug for Worker {
 fn base_config(bootstrap: &str, cfg: &KafkaConfig) -> Result<ClientConfig, WorkerError> {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", bootstrap);
-    for (k, v) in cfg.property_pairs().map_err(|e| WorkerError::Setup(KafkaError::ClientCreation(e.0)))? {
+    for (k, v) in cfg
+        .property_pairs()
+        .map_err(|e| WorkerError::Setup(KafkaError::ClientCreation(e.0)))?
+    {
         c.set(k, v);
     }
     Ok(c)
@@ -270,7 +275,12 @@ impl Worker {
             *cur = Some(control.clone());
         }
         info!(prompt_tokens, resumed_from_token = resumed_from, attempt, "generating");
-        let job = Job { prepared, resume: found.map(|f| f.resume), snapshots: sink, control };
+        let job = Job {
+            prepared,
+            resume: found.map(|f| f.resume),
+            snapshots: sink,
+            control,
+        };
         let outcome = self.engine_thread.run(job).await?;
         if let Ok(mut cur) = self.current.lock() {
             *cur = None;
@@ -313,7 +323,11 @@ impl Worker {
             w.stop().await;
         }
         let decode_s = completion.decode.as_secs_f64();
-        let tps = if decode_s > 0.0 { completion.tokens.len() as f64 / decode_s } else { 0.0 };
+        let tps = if decode_s > 0.0 {
+            completion.tokens.len() as f64 / decode_s
+        } else {
+            0.0
+        };
         if let Some(s) = &self.snapshots {
             if tps > 0.0 {
                 s.stats.record_decode_speed(tps);
@@ -352,9 +366,17 @@ impl Worker {
         let record = reply::dead_letter(invalid, source, msg.payload().unwrap_or_default(), &self.worker_id);
         let body = serde_json::to_vec(&record)?;
         let hdrs = OwnedHeaders::new()
-            .insert(Header { key: headers::DLQ_REASON, value: Some(invalid.code.as_str()) })
-            .insert(Header { key: headers::SCHEMA_VERSION, value: Some(&SCHEMA_VERSION.to_string()) });
-        let mut rec = FutureRecord::<[u8], [u8]>::to(&self.dead_letter_topic).payload(&body).headers(hdrs);
+            .insert(Header {
+                key: headers::DLQ_REASON,
+                value: Some(invalid.code.as_str()),
+            })
+            .insert(Header {
+                key: headers::SCHEMA_VERSION,
+                value: Some(&SCHEMA_VERSION.to_string()),
+            });
+        let mut rec = FutureRecord::<[u8], [u8]>::to(&self.dead_letter_topic)
+            .payload(&body)
+            .headers(hdrs);
         if let Some(key) = msg.key() {
             rec = rec.key(key);
         }
@@ -370,15 +392,35 @@ impl Worker {
         Ok(())
     }
 
-    async fn publish_reply(&self, topic: &str, reply: &Reply, request: &BorrowedMessage<'_>) -> Result<(), WorkerError> {
+    async fn publish_reply(
+        &self,
+        topic: &str,
+        reply: &Reply,
+        request: &BorrowedMessage<'_>,
+    ) -> Result<(), WorkerError> {
         let body = serde_json::to_vec(reply)?;
         let mut hdrs = OwnedHeaders::new()
-            .insert(Header { key: headers::KIND, value: Some(reply.kind()) })
-            .insert(Header { key: headers::SCHEMA_VERSION, value: Some(&SCHEMA_VERSION.to_string()) });
-        if let Some(tp) = request.headers().and_then(|h| h.iter().find(|h| h.key == headers::TRACEPARENT)) {
-            hdrs = hdrs.insert(Header { key: headers::TRACEPARENT, value: tp.value });
+            .insert(Header {
+                key: headers::KIND,
+                value: Some(reply.kind()),
+            })
+            .insert(Header {
+                key: headers::SCHEMA_VERSION,
+                value: Some(&SCHEMA_VERSION.to_string()),
+            });
+        if let Some(tp) = request
+            .headers()
+            .and_then(|h| h.iter().find(|h| h.key == headers::TRACEPARENT))
+        {
+            hdrs = hdrs.insert(Header {
+                key: headers::TRACEPARENT,
+                value: tp.value,
+            });
         }
-        let rec = FutureRecord::to(topic).key(reply.id()).payload(body.as_slice()).headers(hdrs);
+        let rec = FutureRecord::to(topic)
+            .key(reply.id())
+            .payload(body.as_slice())
+            .headers(hdrs);
         self.send(topic, rec).await
     }
 
@@ -390,7 +432,10 @@ impl Worker {
     ) -> Result<(), WorkerError> {
         match self.producer.send(rec, self.publish_timeout).await {
             Ok(_) => Ok(()),
-            Err((source, _)) => Err(WorkerError::Publish { topic: topic.to_string(), source }),
+            Err((source, _)) => Err(WorkerError::Publish {
+                topic: topic.to_string(),
+                source,
+            }),
         }
     }
 
@@ -416,7 +461,10 @@ impl Worker {
             return true;
         }
         let exists = match self.consumer.fetch_metadata(Some(topic), Duration::from_secs(10)) {
-            Ok(md) => md.topics().iter().any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty()),
+            Ok(md) => md
+                .topics()
+                .iter()
+                .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty()),
             // Metadata trouble is not the request's fault: assume the topic exists and let
             // publishing decide.
             Err(e) => {
@@ -434,5 +482,11 @@ impl Worker {
 }
 
 fn rejected(req: &Request, code: ferry_schemas::ErrorCode, message: String) -> Invalid {
-    Invalid { code, message, id: Some(req.id.clone()), reply_to: req.reply_to.clone(), metadata: req.metadata.clone() }
+    Invalid {
+        code,
+        message,
+        id: Some(req.id.clone()),
+        reply_to: req.reply_to.clone(),
+        metadata: req.metadata.clone(),
+    }
 }

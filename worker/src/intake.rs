@@ -21,7 +21,15 @@ pub struct Invalid {
 
 /// Parses and validates a message value.
 pub fn parse(payload: Option<&[u8]>) -> Result<Request, Box<Invalid>> {
-    let bare = |code, message: String| Box::new(Invalid { code, message, id: None, reply_to: None, metadata: None });
+    let bare = |code, message: String| {
+        Box::new(Invalid {
+            code,
+            message,
+            id: None,
+            reply_to: None,
+            metadata: None,
+        })
+    };
     let Some(bytes) = payload else {
         return Err(bare(ErrorCode::InvalidJson, "the message has no value".into()));
     };
@@ -33,10 +41,19 @@ pub fn parse(payload: Option<&[u8]>) -> Result<Request, Box<Invalid>> {
         let id = field("id").filter(|id| !id.is_empty() && id.len() <= ferry_schemas::MAX_ID_LEN);
         let reply_to = field("reply_to").filter(|t| valid_topic(t));
         let metadata = value.get("metadata").and_then(Value::as_object).cloned();
-        Box::new(Invalid { code, message, id, reply_to, metadata })
+        Box::new(Invalid {
+            code,
+            message,
+            id,
+            reply_to,
+            metadata,
+        })
     };
     if !value.is_object() {
-        return Err(salvage(ErrorCode::InvalidSchema, "the message must be a JSON object".into()));
+        return Err(salvage(
+            ErrorCode::InvalidSchema,
+            "the message must be a JSON object".into(),
+        ));
     }
     let request: Request = serde_json::from_value(value.clone())
         .map_err(|e| salvage(ErrorCode::InvalidSchema, format!("not a valid request: {e}")))?;
@@ -49,7 +66,8 @@ pub fn parse(payload: Option<&[u8]>) -> Result<Request, Box<Invalid>> {
 fn valid_topic(t: &str) -> bool {
     !t.is_empty()
         && t.len() <= ferry_schemas::MAX_TOPIC_LEN
-        && t.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 #[cfg(test)]
@@ -73,14 +91,19 @@ mod tests {
         assert_eq!(code(b"[1,2]"), ErrorCode::InvalidSchema);
         assert_eq!(code(br#"{"id":"a","prompt":5}"#), ErrorCode::InvalidSchema);
         assert_eq!(code(br#"{"id":"a"}"#), ErrorCode::InvalidRequest);
-        assert_eq!(code(br#"{"id":"a","prompt":"x","temperature":9}"#), ErrorCode::InvalidRequest);
+        assert_eq!(
+            code(br#"{"id":"a","prompt":"x","temperature":9}"#),
+            ErrorCode::InvalidRequest
+        );
         assert_eq!(parse(None).expect_err("empty").code, ErrorCode::InvalidJson);
     }
 
     #[test]
     fn salvages_id_reply_to_and_metadata() {
-        let bad = parse(Some(br#"{"id":"a","reply_to":"r.t","prompt":"x","max_tokens":-1,"metadata":{"k":1}}"#))
-            .expect_err("negative max_tokens");
+        let bad = parse(Some(
+            br#"{"id":"a","reply_to":"r.t","prompt":"x","max_tokens":-1,"metadata":{"k":1}}"#,
+        ))
+        .expect_err("negative max_tokens");
         assert_eq!(bad.id.as_deref(), Some("a"));
         assert_eq!(bad.reply_to.as_deref(), Some("r.t"));
         assert_eq!(bad.metadata.and_then(|m| m.get("k").cloned()), Some(Value::from(1)));

@@ -78,7 +78,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
     };
     let engine = Engine::new(Arc::new(model));
-    let worker = Worker::new(&bootstrap, &config.kafka, engine, worker_id, snapshots, config.shutdown.drain_timeout)?;
+    let worker = Worker::new(
+        &bootstrap,
+        &config.kafka,
+        engine,
+        worker_id,
+        snapshots,
+        config.shutdown.drain_timeout,
+    )?;
     let (tx, signals) = tokio::sync::watch::channel(0u32);
     tokio::spawn(count_signals(tx));
     worker.run(signals).await?;

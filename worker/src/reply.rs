@@ -38,7 +38,11 @@ pub fn response(req: &Request, completion: &Completion, cx: &WorkContext<'_>) ->
         text: completion.text.clone(),
         finish_reason: completion.finish.reason,
         stop_sequence: completion.finish.stop_sequence.clone(),
-        usage: Usage { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens },
+        usage: Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        },
         timings: Timings {
             queued_ms: ms(cx.queued),
             prefill_ms: ms(completion.prefill),
@@ -58,7 +62,10 @@ pub fn error_reply(invalid: &Invalid, worker: &str, attempt: u32) -> Option<Repl
     Some(Reply::Error(ErrorReply {
         version: SCHEMA_VERSION,
         id,
-        error: ErrorDetail { code: invalid.code, message: invalid.message.clone() },
+        error: ErrorDetail {
+            code: invalid.code,
+            message: invalid.message.clone(),
+        },
         worker: worker.to_string(),
         attempt,
         metadata: invalid.metadata.clone(),
@@ -69,7 +76,10 @@ pub fn error_reply(invalid: &Invalid, worker: &str, attempt: u32) -> Option<Repl
 pub fn dead_letter(invalid: &Invalid, source: SourceRecord, payload: &[u8], worker: &str) -> DeadLetter {
     DeadLetter {
         version: SCHEMA_VERSION,
-        reason: ErrorDetail { code: invalid.code, message: invalid.message.clone() },
+        reason: ErrorDetail {
+            code: invalid.code,
+            message: invalid.message.clone(),
+        },
         source,
         request_id: invalid.id.clone(),
         payload_base64: DeadLetter::encode_payload(payload),
@@ -103,7 +113,13 @@ mod tests {
 
     #[test]
     fn dead_letter_keeps_the_original_bytes() {
-        let source = SourceRecord { topic: "t".into(), partition: 2, offset: 9, key: None, timestamp_ms: None };
+        let source = SourceRecord {
+            topic: "t".into(),
+            partition: 2,
+            offset: 9,
+            key: None,
+            timestamp_ms: None,
+        };
         let dl = dead_letter(&invalid(Some("r1")), source, b"\x00\xffraw", "w");
         assert_eq!(dl.payload().ok(), Some(b"\x00\xffraw".to_vec()));
         assert_eq!(dl.source.offset, 9);

@@ -13,11 +13,16 @@ use rdkafka::consumer::Consumer;
 use support::kafka::{unique, wait_for, Cluster};
 
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime").block_on(f)
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(f)
 }
 
 fn parse_reply(bytes: &[u8]) -> Reply {
-    serde_json::from_slice(bytes).unwrap_or_else(|e| panic!("reply is not a Reply ({e}): {}", String::from_utf8_lossy(bytes)))
+    serde_json::from_slice(bytes)
+        .unwrap_or_else(|e| panic!("reply is not a Reply ({e}): {}", String::from_utf8_lossy(bytes)))
 }
 
 /// A request published with rdkafka gets the answer the engine gives in-process, and the group's
@@ -42,7 +47,9 @@ fn answers_through_kafka_and_commits_only_after_the_reply() {
     }))
     .expect("request");
     let engine = Engine::new(support::model::shared());
-    let expected = engine.generate(engine.prepare(&request).expect("prepares")).expect("generates");
+    let expected = engine
+        .generate(engine.prepare(&request).expect("prepares"))
+        .expect("generates");
 
     let producer = cluster.producer();
     let payload = serde_json::to_vec(&request).expect("json");
@@ -54,14 +61,24 @@ fn answers_through_kafka_and_commits_only_after_the_reply() {
     let group_reader = cluster.reader(&group);
     let reply_end = wait_for(Duration::from_secs(180), "the commit past the request", || {
         let committed = cluster.committed(&group_reader, &requests)?;
-        let (_, high) = group_reader.fetch_watermarks(&replies, 0, Duration::from_secs(10)).ok()?;
+        let (_, high) = group_reader
+            .fetch_watermarks(&replies, 0, Duration::from_secs(10))
+            .ok()?;
         (committed > offset).then_some(high)
     });
     let all = cluster.read_all(&replies);
-    let (_, body, reply_offset) = all.iter().find(|(k, _, _)| k == &request.id).expect("a reply keyed by the id");
-    assert!(*reply_offset < reply_end, "the offset was committed before the reply was published");
+    let (_, body, reply_offset) = all
+        .iter()
+        .find(|(k, _, _)| k == &request.id)
+        .expect("a reply keyed by the id");
+    assert!(
+        *reply_offset < reply_end,
+        "the offset was committed before the reply was published"
+    );
 
-    let Reply::Response(r) = parse_reply(body) else { panic!("expected a response") };
+    let Reply::Response(r) = parse_reply(body) else {
+        panic!("expected a response")
+    };
     assert_eq!(r.text, expected.text);
     assert_eq!(r.usage.completion_tokens as usize, expected.tokens.len());
     assert_eq!(r.usage.prompt_tokens as usize, expected.prompt_tokens);
@@ -83,7 +100,16 @@ fn bad_messages_are_dead_lettered_and_the_worker_keeps_serving() {
     let cluster = Cluster::start(&[&requests, &replies, &dlq]);
     let _worker = cluster.worker(
         "worker-dlq",
-        &["--topic", &requests, "--reply-topic", &replies, "--group-id", &group, "--max-context", "128"],
+        &[
+            "--topic",
+            &requests,
+            "--reply-topic",
+            &replies,
+            "--group-id",
+            &group,
+            "--max-context",
+            "128",
+        ],
     );
 
     let long_prompt = "word ".repeat(300);
@@ -91,14 +117,26 @@ fn bad_messages_are_dead_lettered_and_the_worker_keeps_serving() {
     let bad: Vec<(&str, Vec<u8>, ErrorCode)> = vec![
         ("k-not-json", b"this is not json".to_vec(), ErrorCode::InvalidJson),
         ("k-not-utf8", b"\xff\xfe{\"id\":1}".to_vec(), ErrorCode::InvalidJson),
-        ("bad-types", br#"{"id":"bad-types","prompt":42}"#.to_vec(), ErrorCode::InvalidSchema),
-        ("bad-range", br#"{"id":"bad-range","prompt":"hi","max_tokens":0}"#.to_vec(), ErrorCode::InvalidRequest),
+        (
+            "bad-types",
+            br#"{"id":"bad-types","prompt":42}"#.to_vec(),
+            ErrorCode::InvalidSchema,
+        ),
+        (
+            "bad-range",
+            br#"{"id":"bad-range","prompt":"hi","max_tokens":0}"#.to_vec(),
+            ErrorCode::InvalidRequest,
+        ),
         (
             "too-long",
             serde_json::to_vec(&serde_json::json!({"id": "too-long", "prompt": long_prompt})).expect("json"),
             ErrorCode::PromptTooLong,
         ),
-        ("wrong-model", br#"{"id":"wrong-model","model":"gpt-17","prompt":"hi"}"#.to_vec(), ErrorCode::UnknownModel),
+        (
+            "wrong-model",
+            br#"{"id":"wrong-model","model":"gpt-17","prompt":"hi"}"#.to_vec(),
+            ErrorCode::UnknownModel,
+        ),
         (
             "no-topic",
             serde_json::to_vec(&serde_json::json!({"id": "no-topic", "prompt": "hi", "reply_to": missing_topic}))
@@ -128,13 +166,24 @@ fn bad_messages_are_dead_lettered_and_the_worker_keeps_serving() {
     for ((key, payload, code), (record, offset)) in bad.iter().zip(dead.iter().zip(&offsets)) {
         assert_eq!(record.reason.code, *code, "{key}: {}", record.reason.message);
         assert!(!record.reason.message.is_empty());
-        assert_eq!((record.source.topic.as_str(), record.source.partition, record.source.offset), (requests.as_str(), 0, *offset));
+        assert_eq!(
+            (
+                record.source.topic.as_str(),
+                record.source.partition,
+                record.source.offset
+            ),
+            (requests.as_str(), 0, *offset)
+        );
         assert_eq!(record.source.key.as_deref(), Some(*key));
         assert_eq!(record.payload().expect("base64"), *payload, "{key}");
         assert_eq!(record.worker, "worker-dlq");
     }
 
-    let replies: Vec<Reply> = cluster.read_all(&replies).iter().map(|(_, v, _)| parse_reply(v)).collect();
+    let replies: Vec<Reply> = cluster
+        .read_all(&replies)
+        .iter()
+        .map(|(_, v, _)| parse_reply(v))
+        .collect();
     let errors: Vec<(&str, ErrorCode)> = replies
         .iter()
         .filter_map(|r| match r {

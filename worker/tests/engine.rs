@@ -16,7 +16,10 @@ use support::model::{load, model_path, shared};
 fn chat_request(id: &str, content: &str, max_tokens: u32) -> Request {
     let mut r: Request = serde_json::from_str(&format!(r#"{{"id":"{id}","prompt":"x"}}"#)).expect("parses");
     r.prompt = None;
-    r.messages = Some(vec![ChatMessage { role: Role::User, content: content.into() }]);
+    r.messages = Some(vec![ChatMessage {
+        role: Role::User,
+        content: content.into(),
+    }]);
     r.max_tokens = Some(max_tokens);
     r
 }
@@ -36,20 +39,37 @@ fn logits_match_candle_quantized_llama() {
     let ct = gguf_file::Content::read(&mut file).expect("reads gguf");
     let mut reference = quantized_llama::ModelWeights::from_gguf(ct, &mut file, &Device::Cpu).expect("loads");
 
-    let prompt = model.tokenizer.encode("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n").expect("encodes");
+    let prompt = model
+        .tokenizer
+        .encode("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+        .expect("encodes");
     let mut cache = SequenceCache::new(&model.weights.config);
     let ours = model.weights.forward(&prompt, &mut cache).expect("forward");
-    let input = Tensor::new(prompt.as_slice(), &Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("tensor");
-    let theirs = reference.forward(&input, 0).and_then(|t| t.squeeze(0)).expect("reference forward");
+    let input = Tensor::new(prompt.as_slice(), &Device::Cpu)
+        .and_then(|t| t.unsqueeze(0))
+        .expect("tensor");
+    let theirs = reference
+        .forward(&input, 0)
+        .and_then(|t| t.squeeze(0))
+        .expect("reference forward");
     let (ours, theirs): (Vec<f32>, Vec<f32>) = (ours.to_vec1().expect("f32"), theirs.to_vec1().expect("f32"));
     let diff = max_abs_diff(&ours, &theirs);
     assert!(diff <= 1e-4, "prefill logits differ by {diff}");
 
     let mut pos = prompt.len();
     for token in [504u32, 3575, 282] {
-        let ours: Vec<f32> = model.weights.forward(&[token], &mut cache).and_then(|t| Ok(t.to_vec1()?)).expect("step");
-        let input = Tensor::new(&[token], &Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("tensor");
-        let theirs: Vec<f32> = reference.forward(&input, pos).and_then(|t| t.squeeze(0)?.to_vec1()).expect("reference step");
+        let ours: Vec<f32> = model
+            .weights
+            .forward(&[token], &mut cache)
+            .and_then(|t| Ok(t.to_vec1()?))
+            .expect("step");
+        let input = Tensor::new(&[token], &Device::Cpu)
+            .and_then(|t| t.unsqueeze(0))
+            .expect("tensor");
+        let theirs: Vec<f32> = reference
+            .forward(&input, pos)
+            .and_then(|t| t.squeeze(0)?.to_vec1())
+            .expect("reference step");
         let diff = max_abs_diff(&ours, &theirs);
         assert!(diff <= 1e-4, "step logits at position {pos} differ by {diff}");
         pos += 1;
@@ -84,7 +104,9 @@ fn chat_prompt_renders_with_the_gguf_template() {
     let req = chat_request("t", "What is the capital of France? Answer in one word.", 8);
     let text = engine.prompt_text(&req).expect("renders");
     assert!(text.starts_with("<|im_start|>system\nYou are a helpful AI assistant named SmolLM"));
-    assert!(text.ends_with("<|im_start|>user\nWhat is the capital of France? Answer in one word.<|im_end|>\n<|im_start|>assistant\n"));
+    assert!(text.ends_with(
+        "<|im_start|>user\nWhat is the capital of France? Answer in one word.<|im_end|>\n<|im_start|>assistant\n"
+    ));
     let prepared = engine.prepare(&req).expect("prepares");
     assert_eq!(&prepared.prompt[..3], &[1, 9690, 198]);
 }
@@ -93,8 +115,12 @@ fn chat_prompt_renders_with_the_gguf_template() {
 fn greedy_answer_is_deterministic() {
     let engine = Engine::new(shared());
     let req = chat_request("g", "Write a haiku about autumn.", 24);
-    let a = engine.generate(engine.prepare(&req).expect("prepares")).expect("generates");
-    let b = engine.generate(engine.prepare(&req).expect("prepares")).expect("generates");
+    let a = engine
+        .generate(engine.prepare(&req).expect("prepares"))
+        .expect("generates");
+    let b = engine
+        .generate(engine.prepare(&req).expect("prepares"))
+        .expect("generates");
     assert!(a.text.to_lowercase().contains("autumn"), "{:?}", a.text);
     assert_eq!(a.tokens, b.tokens);
     assert_eq!(a.text, b.text);
@@ -104,17 +130,23 @@ fn greedy_answer_is_deterministic() {
 fn stops_on_max_tokens_and_on_stop_strings() {
     let engine = Engine::new(shared());
     let mut req = chat_request("s", "Count from 1 to 20, separated by commas.", 5);
-    let c = engine.generate(engine.prepare(&req).expect("prepares")).expect("generates");
+    let c = engine
+        .generate(engine.prepare(&req).expect("prepares"))
+        .expect("generates");
     assert_eq!((c.tokens.len(), c.finish.reason), (5, FinishReason::Length));
 
     req.max_tokens = Some(64);
-    let full = engine.generate(engine.prepare(&req).expect("prepares")).expect("generates");
+    let full = engine
+        .generate(engine.prepare(&req).expect("prepares"))
+        .expect("generates");
     // Stop at a piece of text the unconstrained answer contains: the answer must be cut just
     // before it.
     let stop = "5";
     let at = full.text.find(stop).expect("the count reaches 5");
     req.stop = vec![stop.into()];
-    let cut = engine.generate(engine.prepare(&req).expect("prepares")).expect("generates");
+    let cut = engine
+        .generate(engine.prepare(&req).expect("prepares"))
+        .expect("generates");
     assert_eq!(cut.finish.reason, FinishReason::Stop);
     assert_eq!(cut.finish.stop_sequence.as_deref(), Some(stop));
     assert_eq!(cut.text, full.text[..at]);
@@ -129,16 +161,26 @@ fn seeded_sampling_is_reproducible() {
     req.top_p = Some(0.95);
     req.top_k = Some(50);
     req.seed = Some(42);
-    let a = engine.generate(engine.prepare(&req).expect("prepares")).expect("generates");
-    let b = engine.generate(engine.prepare(&req).expect("prepares")).expect("generates");
+    let a = engine
+        .generate(engine.prepare(&req).expect("prepares"))
+        .expect("generates");
+    let b = engine
+        .generate(engine.prepare(&req).expect("prepares"))
+        .expect("generates");
     assert_eq!(a.tokens, b.tokens);
     let others: Vec<Vec<u32>> = (43..46)
         .map(|seed| {
             req.seed = Some(seed);
-            engine.generate(engine.prepare(&req).expect("prepares")).expect("generates").tokens
+            engine
+                .generate(engine.prepare(&req).expect("prepares"))
+                .expect("generates")
+                .tokens
         })
         .collect();
-    assert!(others.iter().any(|o| o != &a.tokens), "three other seeds all gave the same text");
+    assert!(
+        others.iter().any(|o| o != &a.tokens),
+        "three other seeds all gave the same text"
+    );
 }
 
 /// The KV cache is a value: a copy taken mid-generation continues exactly as the original.
@@ -178,5 +220,8 @@ fn rejects_prompts_longer_than_the_context() {
     assert_eq!(err.code(), ferry_schemas::ErrorCode::PromptTooLong);
     req.prompt = Some("short".into());
     req.model = Some("another-model".into());
-    assert_eq!(engine.prepare(&req).expect_err("wrong model").code(), ferry_schemas::ErrorCode::UnknownModel);
+    assert_eq!(
+        engine.prepare(&req).expect_err("wrong model").code(),
+        ferry_schemas::ErrorCode::UnknownModel
+    );
 }

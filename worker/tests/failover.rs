@@ -17,7 +17,9 @@ use support::kafka::{unique, wait_for, ChildGuard, Cluster};
 
 /// Generated tokens in the request's snapshot manifest, read straight from the file store.
 fn snapshot_tokens(dir: &std::path::Path, prefix: &str) -> usize {
-    let Ok(bytes) = std::fs::read(dir.join(prefix).join("manifest")) else { return 0 };
+    let Ok(bytes) = std::fs::read(dir.join(prefix).join("manifest")) else {
+        return 0;
+    };
     let body = &bytes[bytes.iter().position(|&b| b == b'\n').map_or(0, |i| i + 1)..];
     let json = &body[..body.iter().rposition(|&b| b == b'\n').unwrap_or(body.len())];
     serde_json::from_slice::<serde_json::Value>(json)
@@ -36,8 +38,18 @@ fn generation_survives_evictions_and_crashes_token_for_token() {
     std::fs::create_dir_all(&store_dir).expect("store dir");
     let store_url = format!("file://{}", store_dir.display());
     let args = [
-        "--topic", &requests, "--reply-topic", &replies, "--group-id", &group,
-        "--snapshot-store", &store_url, "--snapshot-every-tokens", "8", "--session-timeout", "6s",
+        "--topic",
+        &requests,
+        "--reply-topic",
+        &replies,
+        "--group-id",
+        &group,
+        "--snapshot-store",
+        &store_url,
+        "--snapshot-every-tokens",
+        "8",
+        "--session-timeout",
+        "6s",
     ];
 
     let request: Request = serde_json::from_value(serde_json::json!({
@@ -50,18 +62,23 @@ fn generation_survives_evictions_and_crashes_token_for_token() {
     }))
     .expect("request");
     let engine = Engine::new(support::model::shared());
-    let reference = engine.generate(engine.prepare(&request).expect("prepares")).expect("reference");
-    assert_eq!(reference.tokens.len(), 200, "the reference must run long enough to interrupt four times");
+    let reference = engine
+        .generate(engine.prepare(&request).expect("prepares"))
+        .expect("reference");
+    assert_eq!(
+        reference.tokens.len(),
+        200,
+        "the reference must run long enough to interrupt four times"
+    );
     let prefix = snapshot_prefix(&requests, &request.id);
 
     let producer = cluster.producer();
     let payload = serde_json::to_vec(&request).expect("json");
-    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt").block_on(cluster.publish(
-        &producer,
-        &requests,
-        &request.id,
-        &payload,
-    ));
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt")
+        .block_on(cluster.publish(&producer, &requests, &request.id, &payload));
 
     // Interrupt the generation four times at random tokens, alternating eviction (SIGTERM)
     // and crash (SIGKILL), each time in a new worker process that resumed it.
@@ -70,15 +87,22 @@ fn generation_survives_evictions_and_crashes_token_for_token() {
     for (round, sig) in ["TERM", "KILL", "TERM", "KILL"].into_iter().enumerate() {
         let mut w = cluster.worker(&format!("worker-{round}"), &args);
         let k = rng.random_range(seen + 9..seen + 36);
-        wait_for(Duration::from_secs(120), "a snapshot past the interruption point", || {
-            (snapshot_tokens(&store_dir, &prefix) >= k).then_some(())
-        });
+        wait_for(
+            Duration::from_secs(120),
+            "a snapshot past the interruption point",
+            || (snapshot_tokens(&store_dir, &prefix) >= k).then_some(()),
+        );
         w.signal(sig);
         if sig == "TERM" {
-            let status = w.wait_exit(Duration::from_secs(20)).expect("a drained worker exits within the drain timeout");
+            let status = w
+                .wait_exit(Duration::from_secs(20))
+                .expect("a drained worker exits within the drain timeout");
             assert!(status.success(), "drained worker exit status {status}");
             let drained_at = snapshot_tokens(&store_dir, &prefix);
-            assert!(drained_at >= k, "the drain snapshot holds {drained_at} tokens, fewer than the {k} seen before it");
+            assert!(
+                drained_at >= k,
+                "the drain snapshot holds {drained_at} tokens, fewer than the {k} seen before it"
+            );
             seen = drained_at;
         } else {
             w.wait_exit(Duration::from_secs(5)).expect("a killed worker is gone");
@@ -99,15 +123,25 @@ fn generation_survives_evictions_and_crashes_token_for_token() {
         .map(|(_, v, _)| serde_json::from_slice(v).expect("a reply"))
         .collect();
     assert_eq!(answers.len(), 1, "exactly one answer: {answers:?}");
-    let Reply::Response(r) = &answers[0] else { panic!("expected a response: {answers:?}") };
-    assert_eq!(r.text, reference.text, "the resumed answer differs from the uninterrupted one");
+    let Reply::Response(r) = &answers[0] else {
+        panic!("expected a response: {answers:?}")
+    };
+    assert_eq!(
+        r.text, reference.text,
+        "the resumed answer differs from the uninterrupted one"
+    );
     assert_eq!(r.usage.completion_tokens as usize, reference.tokens.len());
     assert_eq!(r.worker, "worker-last");
     assert_eq!(r.attempt, 5);
     let resumed = r.resumed_from_token.expect("worker-c resumed from a snapshot") as usize;
-    assert!(resumed >= crashed_at.saturating_sub(8) && resumed <= crashed_at, "resumed from {resumed}, snapshot had {crashed_at}");
+    assert!(
+        resumed >= crashed_at.saturating_sub(8) && resumed <= crashed_at,
+        "resumed from {resumed}, snapshot had {crashed_at}"
+    );
     // The snapshot is deleted once the answer is committed.
-    wait_for(Duration::from_secs(10), "the snapshot to be deleted", || (!store_dir.join(&prefix).join("manifest").exists()).then_some(()));
+    wait_for(Duration::from_secs(10), "the snapshot to be deleted", || {
+        (!store_dir.join(&prefix).join("manifest").exists()).then_some(())
+    });
 }
 
 /// Starts a worker whose snapshot store is unreachable (every write fails), publishes a long
@@ -117,17 +151,29 @@ fn worker_with_a_dead_store(name: &str, drain_timeout: &str) -> (Cluster, ChildG
     let dlq = format!("{requests}.dlq");
     let cluster = Cluster::start(&[&requests, &replies, &dlq]);
     let args = [
-        "--topic", &requests, "--reply-topic", &replies, "--group-id", &group,
-        "--snapshot-store", "redis://127.0.0.1:1", "--drain-timeout", drain_timeout,
+        "--topic",
+        &requests,
+        "--reply-topic",
+        &replies,
+        "--group-id",
+        &group,
+        "--snapshot-store",
+        "redis://127.0.0.1:1",
+        "--drain-timeout",
+        drain_timeout,
     ];
     let worker = cluster.worker(name, &args);
     let payload = br#"{"id":"long","prompt":"Once upon a time","max_tokens":4000}"#;
     let producer = cluster.producer();
-    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt").block_on(cluster.publish(
-        &producer, &requests, "long", payload,
-    ));
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt")
+        .block_on(cluster.publish(&producer, &requests, "long", payload));
     // The first snapshot point (16 tokens) fails: the worker is well into the generation.
-    wait_for(Duration::from_secs(60), "a failed snapshot write", || worker.log().contains("write failed").then_some(()));
+    wait_for(Duration::from_secs(60), "a failed snapshot write", || {
+        worker.log().contains("write failed").then_some(())
+    });
     (cluster, worker, requests, group)
 }
 
@@ -138,12 +184,21 @@ fn the_drain_deadline_bounds_the_exit() {
     let (cluster, mut w, requests, group) = worker_with_a_dead_store("worker-deadline", "2s");
     let t = Instant::now();
     w.signal("TERM");
-    let status = w.wait_exit(Duration::from_secs(10)).expect("exits after the drain deadline");
+    let status = w
+        .wait_exit(Duration::from_secs(10))
+        .expect("exits after the drain deadline");
     let took = t.elapsed();
     assert!(status.success(), "{status}");
-    assert!(took >= Duration::from_millis(1800) && took < Duration::from_secs(6), "exited after {took:?}");
+    assert!(
+        took >= Duration::from_millis(1800) && took < Duration::from_secs(6),
+        "exited after {took:?}"
+    );
     assert!(w.log().contains("drain deadline passed"), "{}", w.log());
-    assert_eq!(cluster.committed(&cluster.reader(&group), &requests), None, "nothing may be committed");
+    assert_eq!(
+        cluster.committed(&cluster.reader(&group), &requests),
+        None,
+        "nothing may be committed"
+    );
 }
 
 /// A second signal ends the drain at once.
@@ -152,11 +207,17 @@ fn a_second_signal_ends_the_drain() {
     let (cluster, mut w, requests, group) = worker_with_a_dead_store("worker-twice", "20s");
     let t = Instant::now();
     w.signal("TERM");
-    wait_for(Duration::from_secs(10), "the drain to start", || w.log().contains("draining").then_some(()));
+    wait_for(Duration::from_secs(10), "the drain to start", || {
+        w.log().contains("draining").then_some(())
+    });
     w.signal("TERM");
     let status = w.wait_exit(Duration::from_secs(5)).expect("exits on the second signal");
     assert!(status.success(), "{status}");
     assert!(t.elapsed() < Duration::from_secs(5));
     assert!(w.log().contains("second signal"), "{}", w.log());
-    assert_eq!(cluster.committed(&cluster.reader(&group), &requests), None, "nothing may be committed");
+    assert_eq!(
+        cluster.committed(&cluster.reader(&group), &requests),
+        None,
+        "nothing may be committed"
+    );
 }

@@ -33,14 +33,28 @@ fn request(id: &str, temperature: f64) -> Request {
 async fn snapshots(model: &Model, dir: &std::path::Path, mode: ResumeMode) -> Snapshots {
     let url = format!("file://{}", dir.display());
     let store = store::open(&url, Duration::from_secs(3600)).await.expect("file store");
-    let policy = SnapshotPolicy { every_tokens: 4, every: None, mode, max_pieces: 3 };
+    let policy = SnapshotPolicy {
+        every_tokens: 4,
+        every: None,
+        mode,
+        max_pieces: 3,
+    };
     Snapshots::new(store, policy, model, "q8_0", &candle_core::Device::Cpu)
 }
 
 /// Generates up to `k` tokens with snapshots on, then stops as a drain (`graceful`) or a crash
 /// would, and returns once the store holds what it would hold after that.
-async fn interrupt_at(model: &Arc<Model>, snaps: &Snapshots, prefix: &str, prepared: &Prepared, k: usize, graceful: bool) {
-    let (writer, mut sink) = snaps.writer(prefix, prepared, "interrupted", None).expect("snapshots on");
+async fn interrupt_at(
+    model: &Arc<Model>,
+    snaps: &Snapshots,
+    prefix: &str,
+    prepared: &Prepared,
+    k: usize,
+    graceful: bool,
+) {
+    let (writer, mut sink) = snaps
+        .writer(prefix, prepared, "interrupted", None)
+        .expect("snapshots on");
     let mut seq = Sequence::new(model, prepared.prompt.clone(), prepared.params.clone());
     seq.prefill(model).expect("prefill");
     while seq.generated().len() < k && seq.finish().is_none() {
@@ -64,7 +78,12 @@ async fn resume(engine: &Engine, snaps: &Snapshots, prefix: &str, prepared: &Pre
     let found = snaps.find(prefix, prepared).await;
     let from = found.as_ref().map_or(0, |f| f.manifest.tokens.len());
     let resume = found.map(|f| f.resume);
-    let job = Job { prepared: prepared.clone(), resume, snapshots: None, control: Arc::new(JobControl::default()) };
+    let job = Job {
+        prepared: prepared.clone(),
+        resume,
+        snapshots: None,
+        control: Arc::new(JobControl::default()),
+    };
     match engine.run(job).expect("resumed run") {
         Outcome::Finished(c) => (from, c.tokens, c.text),
         Outcome::Suspended { .. } => panic!("not asked to suspend"),
@@ -81,7 +100,10 @@ async fn check_mode(mode: ResumeMode) {
         let req = request(name, temperature);
         let prepared = engine.prepare(&req).expect("prepares");
         let reference = engine.generate(prepared.clone()).expect("reference");
-        assert!(reference.tokens.len() > 8, "the reference must be long enough to interrupt");
+        assert!(
+            reference.tokens.len() > 8,
+            "the reference must be long enough to interrupt"
+        );
         for round in 0..4 {
             let graceful = round % 2 == 0;
             let k = rng.random_range(1..reference.tokens.len());
@@ -94,10 +116,16 @@ async fn check_mode(mode: ResumeMode) {
                 // Periodic snapshots every 4 tokens: a crash loses fewer than 4.
                 assert!(from <= k && k - from < 4, "crash at {k} resumed from {from}");
             }
-            assert_eq!(tokens, reference.tokens, "{name}, {mode:?}, interrupted at {k}, resumed from {from}");
+            assert_eq!(
+                tokens, reference.tokens,
+                "{name}, {mode:?}, interrupted at {k}, resumed from {from}"
+            );
             assert_eq!(text, reference.text);
             snaps.delete(&prefix).await;
-            assert!(snaps.store.list(&prefix).await.expect("list").is_empty(), "delete leaves nothing");
+            assert!(
+                snaps.store.list(&prefix).await.expect("list").is_empty(),
+                "delete leaves nothing"
+            );
         }
     }
 }
@@ -133,19 +161,36 @@ async fn corrupt_or_foreign_snapshots_are_discarded() {
 
     // Flip a byte in a piece: the checksum catches it.
     interrupt_at(&model, &snaps, &prefix, &prepared, 10, true).await;
-    let piece = snaps.store.list(&prefix).await.expect("list").into_iter().find(|k| k.contains("piece-")).expect("a piece");
+    let piece = snaps
+        .store
+        .list(&prefix)
+        .await
+        .expect("list")
+        .into_iter()
+        .find(|k| k.contains("piece-"))
+        .expect("a piece");
     let mut bytes = snaps.store.get(&piece).await.expect("get").expect("exists").to_vec();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x01;
     snaps.store.put(&piece, bytes.into()).await.expect("put");
-    assert!(snaps.find(&prefix, &prepared).await.is_none(), "a corrupt piece must not be resumed");
+    assert!(
+        snaps.find(&prefix, &prepared).await.is_none(),
+        "a corrupt piece must not be resumed"
+    );
 
     // A torn manifest likewise.
     interrupt_at(&model, &snaps, &prefix, &prepared, 10, true).await;
     let manifest = format!("{prefix}manifest");
     let bytes = snaps.store.get(&manifest).await.expect("get").expect("exists");
-    snaps.store.put(&manifest, bytes.slice(..bytes.len() / 2)).await.expect("put");
-    assert!(snaps.find(&prefix, &prepared).await.is_none(), "a torn manifest must not be resumed");
+    snaps
+        .store
+        .put(&manifest, bytes.slice(..bytes.len() / 2))
+        .await
+        .expect("put");
+    assert!(
+        snaps.find(&prefix, &prepared).await.is_none(),
+        "a torn manifest must not be resumed"
+    );
     assert_eq!(snaps.stats.discarded.load(std::sync::atomic::Ordering::Relaxed), 3);
 }
 
@@ -188,8 +233,16 @@ async fn a_slow_store_coalesces_instead_of_queueing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let url = format!("file://{}", dir.path().display());
     let inner = store::open(&url, Duration::from_secs(3600)).await.expect("file store");
-    let slow: Arc<dyn store::SnapshotStore> = Arc::new(SlowStore { inner, delay: Duration::from_millis(250) });
-    let policy = SnapshotPolicy { every_tokens: 2, every: None, mode: ResumeMode::Cache, max_pieces: 32 };
+    let slow: Arc<dyn store::SnapshotStore> = Arc::new(SlowStore {
+        inner,
+        delay: Duration::from_millis(250),
+    });
+    let policy = SnapshotPolicy {
+        every_tokens: 2,
+        every: None,
+        mode: ResumeMode::Cache,
+        max_pieces: 32,
+    };
     let snaps = Snapshots::new(slow, policy, &model, "q8_0", &candle_core::Device::Cpu);
     let prepared = engine.prepare(&request("slow", 0.9)).expect("prepares");
     let reference = engine.generate(prepared.clone()).expect("reference");
@@ -207,12 +260,18 @@ async fn a_slow_store_coalesces_instead_of_queueing() {
     sink.offer(&seq).expect("final offer");
     writer.flush_and_stop().await;
     let stats = &snaps.stats;
-    let (written, skipped) = (stats.written.load(std::sync::atomic::Ordering::Relaxed), stats.skipped.load(std::sync::atomic::Ordering::Relaxed));
+    let (written, skipped) = (
+        stats.written.load(std::sync::atomic::Ordering::Relaxed),
+        stats.skipped.load(std::sync::atomic::Ordering::Relaxed),
+    );
     // 15 snapshot points and a final one, each write taking 2 × 250 ms: had decoding waited,
     // 30 tokens would have taken at least 7.5 s.
     assert!(skipped > 0, "no snapshot point was coalesced ({written} written)");
     assert!(written < 16, "{written} snapshots written for 16 points");
-    assert!(decode < Duration::from_secs(7), "decoding waited for the store: {decode:?}");
+    assert!(
+        decode < Duration::from_secs(7),
+        "decoding waited for the store: {decode:?}"
+    );
     let (from, tokens, text) = resume(&engine, &snaps, &prefix, &prepared).await;
     assert_eq!(from, 30);
     assert_eq!((tokens, text), (reference.tokens, reference.text));

@@ -43,10 +43,7 @@ async fn backend(kind: Kind, ttl: Duration) -> Backend {
             let url = format!("file://{}/snapshots", dir.path().display());
             (open(&url, ttl).await.expect("file store"), Box::new(dir))
         }
-        Kind::Memory => (
-            open("memory://", ttl).await.expect("memory store"),
-            Box::new(()),
-        ),
+        Kind::Memory => (open("memory://", ttl).await.expect("memory store"), Box::new(())),
         Kind::S3 => {
             let server = S3Server::start();
             let store = open_with_options(&server.url("snapshots"), ttl, server.options())
@@ -56,10 +53,7 @@ async fn backend(kind: Kind, ttl: Duration) -> Backend {
         }
         Kind::Redis => {
             let server = RedisServer::start();
-            (
-                open(&server.url, ttl).await.expect("redis store"),
-                Box::new(server),
-            )
+            (open(&server.url, ttl).await.expect("redis store"), Box::new(server))
         }
     };
     Backend {
@@ -103,17 +97,8 @@ async fn round_trip(kind: Kind) {
 async fn missing_keys_are_none(kind: Kind) {
     let b = backend(kind, LONG_TTL).await;
     let p = unique_prefix();
-    b.store
-        .put(&format!("{p}/manifest"), bytes("m"))
-        .await
-        .expect("put");
-    assert_eq!(
-        b.store
-            .get(&format!("{p}/piece-000000"))
-            .await
-            .expect("get"),
-        None
-    );
+    b.store.put(&format!("{p}/manifest"), bytes("m")).await.expect("put");
+    assert_eq!(b.store.get(&format!("{p}/piece-000000")).await.expect("get"), None);
     assert_eq!(
         b.store
             .get(&format!("{}/manifest", unique_prefix()))
@@ -135,10 +120,7 @@ async fn overwrite_is_atomic(kind: Kind) {
     let b = backend(kind, LONG_TTL).await;
     let key = format!("{}/manifest", unique_prefix());
     let values = [Bytes::from(vec![0xAA; SIZE]), Bytes::from(vec![0xBB; SIZE])];
-    b.store
-        .put(&key, values[0].clone())
-        .await
-        .expect("first put");
+    b.store.put(&key, values[0].clone()).await.expect("first put");
 
     let writers: Vec<_> = values
         .iter()
@@ -188,10 +170,7 @@ async fn list_and_delete_prefix_touch_only_their_prefix(kind: Kind) {
         b.store.put(key, bytes(key)).await.expect("put");
     }
 
-    assert_eq!(
-        b.store.list(&format!("{p}/a")).await.expect("list"),
-        under_a
-    );
+    assert_eq!(b.store.list(&format!("{p}/a")).await.expect("list"), under_a);
     assert_eq!(
         b.store.list(&format!("{p}/a/")).await.expect("list"),
         under_a,
@@ -201,17 +180,10 @@ async fn list_and_delete_prefix_touch_only_their_prefix(kind: Kind) {
     all.sort();
     assert_eq!(b.store.list(&p).await.expect("list"), all);
 
-    b.store
-        .delete_prefix(&format!("{p}/a"))
-        .await
-        .expect("delete");
+    b.store.delete_prefix(&format!("{p}/a")).await.expect("delete");
     assert_eq!(b.store.list(&p).await.expect("list"), others);
     for key in &under_a {
-        assert_eq!(
-            b.store.get(key).await.expect("get"),
-            None,
-            "{key} was deleted"
-        );
+        assert_eq!(b.store.get(key).await.expect("get"), None, "{key} was deleted");
     }
     for key in &others {
         assert_eq!(
@@ -225,10 +197,7 @@ async fn list_and_delete_prefix_touch_only_their_prefix(kind: Kind) {
         .await
         .expect("deleting nothing is not an error");
     assert!(
-        matches!(
-            b.store.delete_prefix("").await,
-            Err(StoreError::InvalidKey { .. })
-        ),
+        matches!(b.store.delete_prefix("").await, Err(StoreError::InvalidKey { .. })),
         "the whole store is never deleted"
     );
 }
@@ -258,14 +227,8 @@ async fn single_keys_delete_alone(kind: Kind) {
         .delete_prefix(&piece_10)
         .await
         .expect("delete one key by prefix");
-    assert_eq!(
-        b.store.list(&p).await.expect("list"),
-        std::slice::from_ref(&manifest)
-    );
-    assert_eq!(
-        b.store.get(&manifest).await.expect("get"),
-        Some(bytes(&manifest))
-    );
+    assert_eq!(b.store.list(&p).await.expect("list"), std::slice::from_ref(&manifest));
+    assert_eq!(b.store.get(&manifest).await.expect("get"), Some(bytes(&manifest)));
     b.store
         .delete(&piece_1)
         .await
@@ -339,23 +302,14 @@ async fn sweep_expired_removes_old_keys_and_keeps_fresh_ones(kind: Kind) {
     let removed = b.store.sweep_expired(&p, TTL).await.expect("sweep");
 
     assert_eq!(removed, old.len(), "{:?}", b.kind);
-    assert_eq!(
-        b.store.list(&p).await.expect("list"),
-        std::slice::from_ref(&fresh)
-    );
-    assert_eq!(
-        b.store.get(&fresh).await.expect("get"),
-        Some(bytes("fresh"))
-    );
+    assert_eq!(b.store.list(&p).await.expect("list"), std::slice::from_ref(&fresh));
+    assert_eq!(b.store.get(&fresh).await.expect("get"), Some(bytes("fresh")));
     assert_eq!(
         b.store.list(&other).await.expect("list"),
         [format!("{other}/manifest")],
         "another prefix is not swept"
     );
-    assert_eq!(
-        b.store.sweep_expired(&p, TTL).await.expect("sweep again"),
-        0
-    );
+    assert_eq!(b.store.sweep_expired(&p, TTL).await.expect("sweep again"), 0);
 }
 
 async fn redis_keys_expire_by_themselves() {
@@ -363,10 +317,7 @@ async fn redis_keys_expire_by_themselves() {
     let key = format!("{}/manifest", unique_prefix());
     b.store.put(&key, bytes("short-lived")).await.expect("put");
     assert_eq!(
-        b.store
-            .sweep_expired("", Duration::ZERO)
-            .await
-            .expect("sweep"),
+        b.store.sweep_expired("", Duration::ZERO).await.expect("sweep"),
         0,
         "Redis sweeps nothing"
     );
@@ -377,10 +328,7 @@ async fn redis_keys_expire_by_themselves() {
     );
     let deadline = Instant::now() + Duration::from_secs(10);
     while b.store.get(&key).await.expect("get").is_some() {
-        assert!(
-            Instant::now() < deadline,
-            "the key outlived its 1 s TTL by far"
-        );
+        assert!(Instant::now() < deadline, "the key outlived its 1 s TTL by far");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -452,10 +400,7 @@ async fn rediss_fails_cleanly_against_a_plain_text_server() {
         .await
         .expect_err("no TLS there");
     assert!(
-        !matches!(
-            err,
-            StoreError::InvalidKey { .. } | StoreError::Config { .. }
-        ),
+        !matches!(err, StoreError::InvalidKey { .. } | StoreError::Config { .. }),
         "{err:?}"
     );
 }

@@ -114,10 +114,7 @@ pub struct TestCluster {
 impl TestCluster {
     /// The external cluster named by `FERRY_TEST_BOOTSTRAP_SERVERS`, or a fresh `ferry broker`.
     pub async fn start() -> anyhow::Result<Self> {
-        if let Some(servers) = std::env::var(BOOTSTRAP_ENV)
-            .ok()
-            .filter(|s| !s.trim().is_empty())
-        {
+        if let Some(servers) = std::env::var(BOOTSTRAP_ENV).ok().filter(|s| !s.trim().is_empty()) {
             return Ok(TestCluster {
                 bootstrap_servers: servers,
                 broker: None,
@@ -155,11 +152,7 @@ impl TestCluster {
 
 impl Drop for TestCluster {
     fn drop(&mut self) {
-        let topics = self
-            .topics
-            .get_mut()
-            .map(std::mem::take)
-            .unwrap_or_default();
+        let topics = self.topics.get_mut().map(std::mem::take).unwrap_or_default();
         if self.broker.is_some() || topics.is_empty() {
             return;
         }
@@ -167,9 +160,7 @@ impl Drop for TestCluster {
         // where blocking on another future would stall it.
         let servers = self.bootstrap_servers.clone();
         let cleanup = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             runtime.block_on(async {
                 for topic in topics {
                     ferry::topics::delete_topic(&servers, &topic, PATIENCE).await?;
@@ -186,10 +177,7 @@ impl Drop for TestCluster {
 }
 
 /// A consumer that reads `topic` from the beginning of every partition, without a group.
-pub fn consumer_from_beginning(
-    bootstrap_servers: &str,
-    topic: &str,
-) -> anyhow::Result<StreamConsumer> {
+pub fn consumer_from_beginning(bootstrap_servers: &str, topic: &str) -> anyhow::Result<StreamConsumer> {
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap_servers)
         .set("group.id", format!("ferry-test-{}", uuid::Uuid::new_v4()))
@@ -211,23 +199,14 @@ pub fn consumer_from_beginning(
 }
 
 /// Reads exactly `count` messages from the start of `topic`, failing at `PATIENCE`.
-pub async fn read_messages(
-    bootstrap_servers: &str,
-    topic: &str,
-    count: usize,
-) -> anyhow::Result<Vec<OwnedMessage>> {
+pub async fn read_messages(bootstrap_servers: &str, topic: &str, count: usize) -> anyhow::Result<Vec<OwnedMessage>> {
     let consumer = consumer_from_beginning(bootstrap_servers, topic)?;
     let deadline = Instant::now() + PATIENCE;
     let mut messages = Vec::with_capacity(count);
     while messages.len() < count {
         let message = tokio::time::timeout_at(deadline, consumer.recv())
             .await
-            .with_context(|| {
-                format!(
-                    "only {} of {count} messages arrived on {topic}",
-                    messages.len()
-                )
-            })??;
+            .with_context(|| format!("only {} of {count} messages arrived on {topic}", messages.len()))??;
         messages.push(message.detach());
     }
     Ok(messages)
@@ -248,9 +227,7 @@ pub fn message_count(bootstrap_servers: &str, topic: &str) -> anyhow::Result<i64
 
 /// The message key as text.
 pub fn key_of(message: &OwnedMessage) -> Option<String> {
-    message
-        .key()
-        .map(|k| String::from_utf8_lossy(k).into_owned())
+    message.key().map(|k| String::from_utf8_lossy(k).into_owned())
 }
 
 /// Writes `servers` where a `--bootstrap-file` flag can read it, for tests of that flag that

@@ -49,7 +49,9 @@ fn main() -> anyhow::Result<()> {
         }
         let req: Request = serde_json::from_str(&line).with_context(|| format!("line {}", n + 1))?;
         req.validate().with_context(|| format!("line {}", n + 1))?;
-        let prepared = engine.prepare(&req).map_err(|e| anyhow::anyhow!("line {}: {e}", n + 1))?;
+        let prepared = engine
+            .prepare(&req)
+            .map_err(|e| anyhow::anyhow!("line {}: {e}", n + 1))?;
         let c = engine.generate(prepared)?;
         let row = serde_json::json!({
             "id": req.id,

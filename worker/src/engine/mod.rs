@@ -73,14 +73,18 @@ impl Engine {
         match (&req.messages, &req.prompt) {
             (Some(messages), _) => {
                 let Some(template) = &m.template else {
-                    return Err(Rejection::Template("this model has no chat template; send `prompt` instead".into()));
+                    return Err(Rejection::Template(
+                        "this model has no chat template; send `prompt` instead".into(),
+                    ));
                 };
                 template
                     .render(messages, m.tokenizer.bos_token(), m.tokenizer.eos_token())
                     .map_err(|e| Rejection::Template(e.to_string()))
             }
             (None, Some(prompt)) => Ok(prompt.clone()),
-            (None, None) => Err(Rejection::Template("the request has neither messages nor prompt".into())),
+            (None, None) => Err(Rejection::Template(
+                "the request has neither messages nor prompt".into(),
+            )),
         }
     }
 
@@ -89,13 +93,22 @@ impl Engine {
         let m = &self.model;
         if let Some(requested) = &req.model {
             if requested != &m.name {
-                return Err(Rejection::UnknownModel { requested: requested.clone(), served: m.name.clone() });
+                return Err(Rejection::UnknownModel {
+                    requested: requested.clone(),
+                    served: m.name.clone(),
+                });
             }
         }
         let text = self.prompt_text(req)?;
-        let prompt = m.tokenizer.encode(&text).map_err(|e| Rejection::Template(e.to_string()))?;
+        let prompt = m
+            .tokenizer
+            .encode(&text)
+            .map_err(|e| Rejection::Template(e.to_string()))?;
         if prompt.is_empty() || prompt.len() >= m.context_length {
-            return Err(Rejection::PromptTooLong { tokens: prompt.len(), context_length: m.context_length });
+            return Err(Rejection::PromptTooLong {
+                tokens: prompt.len(),
+                context_length: m.context_length,
+            });
         }
         let sampling = SamplingParams {
             temperature: req.temperature.unwrap_or(0.0),
@@ -141,7 +154,9 @@ pub enum Outcome {
     Finished(Completion),
     /// Stopped on request after `tokens` generated tokens; the snapshot sink was handed the
     /// state at that token.
-    Suspended { tokens: usize },
+    Suspended {
+        tokens: usize,
+    },
 }
 
 /// One generation for the engine thread.
@@ -157,7 +172,12 @@ impl Engine {
     /// Runs a job to its end, or until it is told to suspend, offering snapshots as it goes.
     pub fn run(&self, job: Job) -> Result<Outcome, ModelError> {
         let m = &self.model;
-        let Job { prepared, resume, mut snapshots, control } = job;
+        let Job {
+            prepared,
+            resume,
+            mut snapshots,
+            control,
+        } = job;
         let mut seq = match resume {
             Some(r) => Sequence::resume(m, prepared.prompt, prepared.params, r.tokens, r.cache)?,
             None => {
@@ -171,7 +191,9 @@ impl Engine {
                 if let Some(sink) = &mut snapshots {
                     sink.offer(&seq)?;
                 }
-                return Ok(Outcome::Suspended { tokens: seq.generated().len() });
+                return Ok(Outcome::Suspended {
+                    tokens: seq.generated().len(),
+                });
             }
             seq.step(m)?;
             if let Some(sink) = &mut snapshots {
@@ -215,7 +237,10 @@ impl EngineHandle {
     /// Runs a job on the engine thread and waits for it.
     pub async fn run(&self, job: Job) -> Result<Result<Outcome, ModelError>, EngineStopped> {
         let (reply, rx) = oneshot::channel();
-        self.jobs.send(Envelope { job, reply }).await.map_err(|_| EngineStopped)?;
+        self.jobs
+            .send(Envelope { job, reply })
+            .await
+            .map_err(|_| EngineStopped)?;
         rx.await.map_err(|_| EngineStopped)
     }
 }

@@ -21,7 +21,12 @@ pub struct SamplingParams {
 }
 
 impl SamplingParams {
-    pub const GREEDY: Self = Self { temperature: 0.0, top_p: 1.0, top_k: 0, seed: 0 };
+    pub const GREEDY: Self = Self {
+        temperature: 0.0,
+        top_p: 1.0,
+        top_k: 0,
+        seed: 0,
+    };
 
     pub fn is_greedy(&self) -> bool {
         self.temperature <= 0.0
@@ -40,7 +45,9 @@ pub fn sample(logits: &[f32], params: &SamplingParams, position: u64) -> u32 {
     let mut order: Vec<u32> = (0..logits.len() as u32).collect();
     order.sort_unstable_by(|&a, &b| {
         let (la, lb) = (logits[a as usize], logits[b as usize]);
-        lb.partial_cmp(&la).unwrap_or_else(|| la.is_nan().cmp(&lb.is_nan())).then(a.cmp(&b))
+        lb.partial_cmp(&la)
+            .unwrap_or_else(|| la.is_nan().cmp(&lb.is_nan()))
+            .then(a.cmp(&b))
     });
     if params.top_k > 0 {
         order.truncate(params.top_k.max(1));
@@ -98,7 +105,12 @@ mod tests {
     use super::*;
 
     fn params(temperature: f64, top_p: f64, top_k: usize, seed: u64) -> SamplingParams {
-        SamplingParams { temperature, top_p, top_k, seed }
+        SamplingParams {
+            temperature,
+            top_p,
+            top_k,
+            seed,
+        }
     }
 
     #[test]
@@ -139,7 +151,9 @@ mod tests {
     fn sampling_follows_the_distribution() {
         // Two tokens at probabilities e/(1+e) = 0.731 and 0.269.
         let logits = [1.0, 0.0];
-        let hits = (0..4000).filter(|&n| sample(&logits, &params(1.0, 1.0, 0, 77), n) == 0).count();
+        let hits = (0..4000)
+            .filter(|&n| sample(&logits, &params(1.0, 1.0, 0, 77), n) == 0)
+            .count();
         let share = hits as f64 / 4000.0;
         assert!((share - 0.731).abs() < 0.03, "share {share}");
     }

@@ -90,7 +90,9 @@ impl Sequence {
         cache: Option<SequenceCache>,
     ) -> Result<Self, ModelError> {
         let Some(&last) = tokens.last() else {
-            return Err(ModelError::Unsupported("resuming needs at least one generated token".into()));
+            return Err(ModelError::Unsupported(
+                "resuming needs at least one generated token".into(),
+            ));
         };
         let mut seq = Self::new(model, prompt, params);
         let start = Instant::now();
@@ -188,17 +190,26 @@ impl Sequence {
     /// Records `token` and decides whether the generation is over.
     fn accept(&mut self, model: &Model, token: u32) -> Result<String, ModelError> {
         if model.tokenizer.is_eos(token) {
-            self.finish = Some(Finish { reason: FinishReason::Stop, stop_sequence: None });
+            self.finish = Some(Finish {
+                reason: FinishReason::Stop,
+                stop_sequence: None,
+            });
             return self.flush(model);
         }
         self.generated.push(token);
         let old_len = self.text.len();
-        let mut delta = self.decoder.next(&model.tokenizer, &self.generated)?.unwrap_or_default();
+        let mut delta = self
+            .decoder
+            .next(&model.tokenizer, &self.generated)?
+            .unwrap_or_default();
         self.text.push_str(&delta);
         if let Some((at, stop)) = find_stop(&self.text, old_len, &self.params.stop) {
             self.text.truncate(at);
             delta.truncate(at.saturating_sub(old_len));
-            self.finish = Some(Finish { reason: FinishReason::Stop, stop_sequence: Some(stop) });
+            self.finish = Some(Finish {
+                reason: FinishReason::Stop,
+                stop_sequence: Some(stop),
+            });
             return Ok(delta);
         }
         let reason = if self.generated.len() >= self.params.max_tokens {
@@ -209,7 +220,10 @@ impl Sequence {
             None
         };
         if let Some(reason) = reason {
-            self.finish = Some(Finish { reason, stop_sequence: None });
+            self.finish = Some(Finish {
+                reason,
+                stop_sequence: None,
+            });
             delta.push_str(&self.flush(model)?);
         }
         Ok(delta)
@@ -252,7 +266,9 @@ impl Sequence {
 
     /// The result of a finished sequence.
     pub fn into_completion(self) -> Result<Completion, ModelError> {
-        let finish = self.finish.ok_or_else(|| ModelError::Unsupported("sequence has not finished".into()))?;
+        let finish = self
+            .finish
+            .ok_or_else(|| ModelError::Unsupported("sequence has not finished".into()))?;
         Ok(Completion {
             text: self.text,
             finish,
@@ -294,7 +310,10 @@ mod tests {
 
     #[test]
     fn earliest_stop_wins() {
-        assert_eq!(find_stop("x\n\nyEND", 0, &stops(&["END", "\n\n"])), Some((1, "\n\n".into())));
+        assert_eq!(
+            find_stop("x\n\nyEND", 0, &stops(&["END", "\n\n"])),
+            Some((1, "\n\n".into()))
+        );
     }
 
     #[test]

@@ -38,7 +38,10 @@ impl ChatTemplate {
             .iter()
             .map(|m| context! { role => m.role.as_str(), content => m.content.as_str() })
             .collect();
-        let tmpl = self.env.get_template(NAME).map_err(|e| ModelError::Template(e.to_string()))?;
+        let tmpl = self
+            .env
+            .get_template(NAME)
+            .map_err(|e| ModelError::Template(e.to_string()))?;
         tmpl.render(context! {
             messages => messages,
             add_generation_prompt => true,
@@ -58,7 +61,10 @@ mod tests {
     const SMOLLM2: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
 
     fn msg(role: Role, content: &str) -> ChatMessage {
-        ChatMessage { role, content: content.into() }
+        ChatMessage {
+            role,
+            content: content.into(),
+        }
     }
 
     #[test]
@@ -75,7 +81,9 @@ mod tests {
     #[test]
     fn explicit_system_prompt_replaces_default() {
         let t = ChatTemplate::new(SMOLLM2).expect("template compiles");
-        let out = t.render(&[msg(Role::System, "Be brief."), msg(Role::User, "Hi")], "", "").expect("renders");
+        let out = t
+            .render(&[msg(Role::System, "Be brief."), msg(Role::User, "Hi")], "", "")
+            .expect("renders");
         assert!(out.starts_with("<|im_start|>system\nBe brief.<|im_end|>\n"), "{out}");
         assert!(!out.contains("SmolLM"));
     }

@@ -68,7 +68,9 @@ impl LlamaConfig {
 }
 
 pub(crate) fn md<'a>(ct: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::Value, ModelError> {
-    ct.metadata.get(key).ok_or_else(|| ModelError::MissingMetadata(key.to_string()))
+    ct.metadata
+        .get(key)
+        .ok_or_else(|| ModelError::MissingMetadata(key.to_string()))
 }
 
 pub(crate) fn md_u32(ct: &gguf_file::Content, key: &str) -> Result<u32, ModelError> {
@@ -128,7 +130,9 @@ pub struct LlamaWeights {
 
 impl std::fmt::Debug for LlamaWeights {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LlamaWeights").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("LlamaWeights")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
@@ -149,7 +153,10 @@ const CACHE_CHUNK: usize = 256;
 
 impl SequenceCache {
     pub fn new(config: &LlamaConfig) -> Self {
-        Self { layers: (0..config.n_layer).map(|_| KvCache::new(2, CACHE_CHUNK)).collect(), len: 0 }
+        Self {
+            layers: (0..config.n_layer).map(|_| KvCache::new(2, CACHE_CHUNK)).collect(),
+            len: 0,
+        }
     }
 
     /// Number of positions held.
@@ -165,12 +172,22 @@ impl SequenceCache {
     /// (`(to - from, n_kv_head, head_dim)` flattened), as snapshot pieces hold them.
     pub fn range_values(&self, from: usize, to: usize) -> Result<Vec<(Vec<f32>, Vec<f32>)>, ModelError> {
         if from >= to || to > self.len {
-            return Err(ModelError::Unsupported(format!("cache range [{from}, {to}) of {}", self.len)));
+            return Err(ModelError::Unsupported(format!(
+                "cache range [{from}, {to}) of {}",
+                self.len
+            )));
         }
         let take = |t: Tensor| -> Result<Vec<f32>, ModelError> {
-            Ok(t.narrow(2, from, to - from)?.transpose(1, 2)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?)
+            Ok(t.narrow(2, from, to - from)?
+                .transpose(1, 2)?
+                .contiguous()?
+                .flatten_all()?
+                .to_vec1::<f32>()?)
         };
-        self.layer_tensors()?.into_iter().map(|(k, v)| Ok((take(k)?, take(v)?))).collect()
+        self.layer_tensors()?
+            .into_iter()
+            .map(|(k, v)| Ok((take(k)?, take(v)?)))
+            .collect()
     }
 
     /// Rebuilds a cache from position-major values covering `positions` positions from 0.
@@ -241,7 +258,10 @@ impl LlamaWeights {
         let matrix = |reader: &mut R, name: &str| load_matrix(ct, reader, name, format, device);
         let eps = config.rms_norm_eps as f32;
         let norm = |reader: &mut R, name: &str| -> Result<RmsNorm, ModelError> {
-            Ok(RmsNorm { weight: ct.tensor(reader, name, device)?.dequantize(device)?, eps })
+            Ok(RmsNorm {
+                weight: ct.tensor(reader, name, device)?.dequantize(device)?,
+                eps,
+            })
         };
         let mut layers = Vec::with_capacity(config.n_layer);
         for i in 0..config.n_layer {
@@ -269,7 +289,16 @@ impl LlamaWeights {
             QMatMul::from_qtensor(embd_q)?
         };
         let (cos, sin) = rope_tables(config.head_dim, config.rope_freq_base, config.context_length, device)?;
-        Ok(Self { config, tok_embeddings, layers, norm: final_norm, output, cos, sin, device: device.clone() })
+        Ok(Self {
+            config,
+            tok_embeddings,
+            layers,
+            norm: final_norm,
+            output,
+            cos,
+            sin,
+            device: device.clone(),
+        })
     }
 
     pub fn device(&self) -> &Device {
@@ -285,19 +314,33 @@ impl LlamaWeights {
             return Err(ModelError::Unsupported("forward pass over no tokens".into()));
         }
         if index_pos + seq_len > self.config.context_length {
-            return Err(ModelError::ContextFull { context_length: self.config.context_length });
+            return Err(ModelError::ContextFull {
+                context_length: self.config.context_length,
+            });
         }
         let c = &self.config;
         let input = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
-        let mask = if seq_len == 1 { None } else { Some(causal_mask(seq_len, index_pos, &self.device)?) };
+        let mask = if seq_len == 1 {
+            None
+        } else {
+            Some(causal_mask(seq_len, index_pos, &self.device)?)
+        };
         let cos = self.cos.narrow(0, index_pos, seq_len)?;
         let sin = self.sin.narrow(0, index_pos, seq_len)?;
         let mut x = self.tok_embeddings.forward(&input)?;
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
             let residual = &x;
             let h = layer.attn_norm.forward(&x)?;
-            let q = layer.wq.forward(&h)?.reshape((1, seq_len, c.n_head, c.head_dim))?.transpose(1, 2)?;
-            let k = layer.wk.forward(&h)?.reshape((1, seq_len, c.n_kv_head, c.head_dim))?.transpose(1, 2)?;
+            let q = layer
+                .wq
+                .forward(&h)?
+                .reshape((1, seq_len, c.n_head, c.head_dim))?
+                .transpose(1, 2)?;
+            let k = layer
+                .wk
+                .forward(&h)?
+                .reshape((1, seq_len, c.n_kv_head, c.head_dim))?
+                .transpose(1, 2)?;
             let v = layer
                 .wv
                 .forward(&h)?
@@ -384,7 +427,10 @@ fn causal_mask(seq_len: usize, index_pos: usize, device: &Device) -> candle_core
 /// cos and sin of `position * theta_i` for every position of the context, with
 /// `theta_i = base^(-2i / head_dim)`.
 fn rope_tables(head_dim: usize, base: f32, positions: usize, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
-    let theta: Vec<f32> = (0..head_dim).step_by(2).map(|i| 1f32 / base.powf(i as f32 / head_dim as f32)).collect();
+    let theta: Vec<f32> = (0..head_dim)
+        .step_by(2)
+        .map(|i| 1f32 / base.powf(i as f32 / head_dim as f32))
+        .collect();
     let theta = Tensor::new(theta.as_slice(), device)?;
     let idx_theta = Tensor::arange(0, positions as u32, device)?
         .to_dtype(DType::F32)?

@@ -27,7 +27,11 @@ pub enum ModelError {
     Io { path: PathBuf, source: std::io::Error },
     /// The file's sha256 is not the pinned one. The worker cannot start.
     #[error("model file {path} has sha256 {actual}, expected {expected}")]
-    Checksum { path: PathBuf, expected: String, actual: String },
+    Checksum {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
     /// Downloading from the Hugging Face Hub failed. The worker cannot start.
     #[error("cannot fetch {reference} from the Hugging Face Hub: {message}")]
     Hub { reference: String, message: String },
@@ -59,7 +63,11 @@ pub enum ModelSource {
     Path(PathBuf),
     /// `hf://<owner>/<repo>/<file>[@<revision>]`: a file of a Hugging Face Hub model repository,
     /// downloaded once into the cache directory and read from there afterwards.
-    Hub { repo: String, file: String, revision: Option<String> },
+    Hub {
+        repo: String,
+        file: String,
+        revision: Option<String>,
+    },
 }
 
 impl std::str::FromStr for ModelSource {
@@ -76,9 +84,15 @@ impl std::str::FromStr for ModelSource {
         let mut parts = rest.splitn(3, '/');
         match (parts.next(), parts.next(), parts.next()) {
             (Some(owner), Some(repo), Some(file)) if !owner.is_empty() && !repo.is_empty() && !file.is_empty() => {
-                Ok(ModelSource::Hub { repo: format!("{owner}/{repo}"), file: file.to_string(), revision })
+                Ok(ModelSource::Hub {
+                    repo: format!("{owner}/{repo}"),
+                    file: file.to_string(),
+                    revision,
+                })
             }
-            _ => Err(format!("{s:?} is not of the form hf://<owner>/<repo>/<file.gguf>[@<revision>]")),
+            _ => Err(format!(
+                "{s:?} is not of the form hf://<owner>/<repo>/<file.gguf>[@<revision>]"
+            )),
         }
     }
 }
@@ -140,18 +154,28 @@ pub struct Model {
 
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Model").field("name", &self.name).field("sha256", &self.sha256).finish_non_exhaustive()
+        f.debug_struct("Model")
+            .field("name", &self.name)
+            .field("sha256", &self.sha256)
+            .finish_non_exhaustive()
     }
 }
 
 impl Model {
     pub fn load(opts: &LoadOptions, device: &Device) -> Result<Self, ModelError> {
         let path = opts.source.resolve(opts.cache_dir.as_deref())?;
-        let io = |source| ModelError::Io { path: path.clone(), source };
+        let io = |source| ModelError::Io {
+            path: path.clone(),
+            source,
+        };
         let sha256 = file_sha256(&path).map_err(io)?;
         if let Some(expected) = &opts.sha256 {
             if !expected.eq_ignore_ascii_case(&sha256) {
-                return Err(ModelError::Checksum { path, expected: expected.clone(), actual: sha256 });
+                return Err(ModelError::Checksum {
+                    path,
+                    expected: expected.clone(),
+                    actual: sha256,
+                });
             }
         }
         let mut file = std::io::BufReader::new(std::fs::File::open(&path).map_err(io)?);
@@ -167,9 +191,18 @@ impl Model {
             None => weights.config.context_length,
         };
         let name = opts.name.clone().unwrap_or_else(|| {
-            path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
+            path.file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "model".into())
         });
-        Ok(Self { name, sha256, weights, tokenizer, template, context_length })
+        Ok(Self {
+            name,
+            sha256,
+            weights,
+            tokenizer,
+            template,
+            context_length,
+        })
     }
 }
 

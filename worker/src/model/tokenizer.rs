@@ -32,7 +32,9 @@ pub struct Tokenizer {
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tokenizer").field("eos_ids", &self.eos_ids).finish_non_exhaustive()
+        f.debug_struct("Tokenizer")
+            .field("eos_ids", &self.eos_ids)
+            .finish_non_exhaustive()
     }
 }
 
@@ -102,14 +104,19 @@ impl Tokenizer {
     /// Token ids of `text`. Special tokens written in the text (such as `<|im_start|>`) become
     /// their ids, as the chat template needs; nothing is added around the text.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, ModelError> {
-        let enc = self.inner.encode_fast(text, false).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        let enc = self
+            .inner
+            .encode_fast(text, false)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Text of `ids`, special tokens left out. Bytes that do not form UTF-8 yet (a character
     /// split across tokens) come out as U+FFFD.
     pub fn decode(&self, ids: &[u32]) -> Result<String, ModelError> {
-        self.inner.decode(ids, true).map_err(|e| ModelError::Tokenizer(e.to_string()))
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))
     }
 
     pub fn is_eos(&self, id: u32) -> bool {
@@ -144,7 +151,10 @@ pub struct IncrementalDecoder {
 impl IncrementalDecoder {
     /// A decoder whose first `emitted` tokens of `ids` were already turned into text (resuming).
     pub fn starting_at(emitted: usize) -> Self {
-        Self { prefix_offset: emitted, read_offset: emitted }
+        Self {
+            prefix_offset: emitted,
+            read_offset: emitted,
+        }
     }
 
     /// The new text that `ids` (all tokens so far) adds, if any is complete.

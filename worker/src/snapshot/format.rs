@@ -82,7 +82,13 @@ pub fn request_fingerprint(prompt: &[u32], params: &GenerationParams) -> String 
         h.update(t.to_le_bytes());
     }
     let s = &params.sampling;
-    h.update(format!("|{}|{}|{}|{}|{}|", s.temperature, s.top_p, s.top_k, s.seed, params.max_tokens).as_bytes());
+    h.update(
+        format!(
+            "|{}|{}|{}|{}|{}|",
+            s.temperature, s.top_p, s.top_k, s.seed, params.max_tokens
+        )
+        .as_bytes(),
+    );
     for stop in &params.stop {
         h.update((stop.len() as u64).to_le_bytes());
         h.update(stop.as_bytes());
@@ -165,7 +171,10 @@ impl Manifest {
         let mut at = 0;
         for p in &m.pieces {
             if p.from != at || p.to <= p.from {
-                return Err(FormatError::Malformed(format!("piece {} covers [{}, {}), expected to start at {at}", p.name, p.from, p.to)));
+                return Err(FormatError::Malformed(format!(
+                    "piece {} covers [{}, {}), expected to start at {at}",
+                    p.name, p.from, p.to
+                )));
             }
             at = p.to;
         }
@@ -209,7 +218,10 @@ impl Piece {
     /// Extends this piece with the one that follows it.
     pub fn append(&mut self, next: Piece) -> Result<(), FormatError> {
         if next.from != self.to || next.layers.len() != self.layers.len() {
-            return Err(FormatError::Malformed(format!("cannot append [{}, {}) to [{}, {})", next.from, next.to, self.from, self.to)));
+            return Err(FormatError::Malformed(format!(
+                "cannot append [{}, {}) to [{}, {})",
+                next.from, next.to, self.from, self.to
+            )));
         }
         for ((k, v), (nk, nv)) in self.layers.iter_mut().zip(next.layers) {
             k.extend(nk);
@@ -232,7 +244,14 @@ impl Piece {
         let per = shape.values_per_tensor(self.to - self.from);
         let mut out = Vec::with_capacity(PIECE_HEADER + self.layers.len() * per * 8 + 4);
         out.extend_from_slice(PIECE_MAGIC);
-        for v in [FORMAT_VERSION, self.from, self.to, shape.n_layer, shape.n_kv_head, shape.head_dim] {
+        for v in [
+            FORMAT_VERSION,
+            self.from,
+            self.to,
+            shape.n_layer,
+            shape.n_kv_head,
+            shape.head_dim,
+        ] {
             out.extend_from_slice(&v.to_le_bytes());
         }
         for (k, v) in &self.layers {
@@ -255,24 +274,35 @@ impl Piece {
         if crc32fast::hash(body) != crc || crc != entry.crc32 || bytes.len() as u64 != entry.bytes {
             return Err(FormatError::Checksum);
         }
-        let word = |i: usize| u32::from_le_bytes([body[8 + 4 * i], body[9 + 4 * i], body[10 + 4 * i], body[11 + 4 * i]]);
+        let word =
+            |i: usize| u32::from_le_bytes([body[8 + 4 * i], body[9 + 4 * i], body[10 + 4 * i], body[11 + 4 * i]]);
         if word(0) != FORMAT_VERSION {
             return Err(FormatError::Version(word(0)));
         }
         let (from, to) = (word(1), word(2));
-        let got = KvShape { n_layer: word(3), n_kv_head: word(4), head_dim: word(5) };
+        let got = KvShape {
+            n_layer: word(3),
+            n_kv_head: word(4),
+            head_dim: word(5),
+        };
         if got != shape {
             return Err(FormatError::WrongModel);
         }
         if (from, to) != (entry.from, entry.to) || to <= from {
-            return Err(FormatError::Malformed(format!("piece holds [{from}, {to}), manifest says [{}, {})", entry.from, entry.to)));
+            return Err(FormatError::Malformed(format!(
+                "piece holds [{from}, {to}), manifest says [{}, {})",
+                entry.from, entry.to
+            )));
         }
         let per = shape.values_per_tensor(to - from);
         let data = &body[PIECE_HEADER..];
         if data.len() != shape.n_layer as usize * per * 8 {
             return Err(FormatError::Malformed("piece length does not match its shape".into()));
         }
-        let floats: Vec<f32> = data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let floats: Vec<f32> = data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
         let layers = floats
             .chunks_exact(per * 2)
             .map(|kv| (kv[..per].to_vec(), kv[per..].to_vec()))
@@ -286,7 +316,11 @@ mod tests {
     use super::*;
     use crate::engine::SamplingParams;
 
-    const SHAPE: KvShape = KvShape { n_layer: 2, n_kv_head: 3, head_dim: 4 };
+    const SHAPE: KvShape = KvShape {
+        n_layer: 2,
+        n_kv_head: 3,
+        head_dim: 4,
+    };
 
     fn piece(from: u32, to: u32) -> Piece {
         let per = SHAPE.values_per_tensor(to - from);
@@ -301,11 +335,27 @@ mod tests {
     }
 
     fn entry(p: &Piece, bytes: &[u8]) -> PieceRef {
-        PieceRef { name: "piece-0".into(), from: p.from, to: p.to, bytes: bytes.len() as u64, crc32: u32::from_le_bytes(bytes[bytes.len() - 4..].try_into().expect("4 bytes")) }
+        PieceRef {
+            name: "piece-0".into(),
+            from: p.from,
+            to: p.to,
+            bytes: bytes.len() as u64,
+            crc32: u32::from_le_bytes(bytes[bytes.len() - 4..].try_into().expect("4 bytes")),
+        }
     }
 
     fn manifest(tokens: Vec<u32>, pieces: Vec<PieceRef>) -> Manifest {
-        Manifest { version: FORMAT_VERSION, model: "m".into(), request: "r".into(), prompt_len: 5, tokens, pieces, attempt: 1, worker: "w".into(), seq: 1 }
+        Manifest {
+            version: FORMAT_VERSION,
+            model: "m".into(),
+            request: "r".into(),
+            prompt_len: 5,
+            tokens,
+            pieces,
+            attempt: 1,
+            worker: "w".into(),
+            seq: 1,
+        }
     }
 
     #[test]
@@ -314,7 +364,12 @@ mod tests {
         p.layers[0].0[1] = f32::from_bits(0x7f80_0001); // a NaN payload survives too
         let bytes = p.encode(SHAPE);
         let back = Piece::decode(&bytes, SHAPE, &entry(&p, &bytes)).expect("decodes");
-        let bits = |p: &Piece| p.layers.iter().flat_map(|(k, v)| k.iter().chain(v).map(|x| x.to_bits())).collect::<Vec<_>>();
+        let bits = |p: &Piece| {
+            p.layers
+                .iter()
+                .flat_map(|(k, v)| k.iter().chain(v).map(|x| x.to_bits()))
+                .collect::<Vec<_>>()
+        };
         assert_eq!(bits(&back), bits(&p));
     }
 
@@ -329,7 +384,10 @@ mod tests {
             assert!(Piece::decode(&bad, SHAPE, &e).is_err(), "flip at {i} went unnoticed");
         }
         for cut in [0, 10, bytes.len() / 2, bytes.len() - 1] {
-            assert!(Piece::decode(&bytes[..cut], SHAPE, &e).is_err(), "cut at {cut} went unnoticed");
+            assert!(
+                Piece::decode(&bytes[..cut], SHAPE, &e).is_err(),
+                "cut at {cut} went unnoticed"
+            );
         }
         let other = KvShape { head_dim: 8, ..SHAPE };
         assert_eq!(Piece::decode(&bytes, other, &e), Err(FormatError::WrongModel));
@@ -363,19 +421,33 @@ mod tests {
         let p2 = piece(6, 7);
         let b2 = p2.encode(SHAPE);
         let gap = manifest(vec![1, 2, 3], vec![entry(&p0, &b0), entry(&p2, &b2)]);
-        assert!(matches!(Manifest::decode(&gap.encode(), "m", "r"), Err(FormatError::Malformed(_))));
+        assert!(matches!(
+            Manifest::decode(&gap.encode(), "m", "r"),
+            Err(FormatError::Malformed(_))
+        ));
         // Five prompt positions and three tokens means seven cached positions, not five.
         let short = manifest(vec![1, 2, 3], vec![entry(&p0, &b0)]);
-        assert!(matches!(Manifest::decode(&short.encode(), "m", "r"), Err(FormatError::Malformed(_))));
+        assert!(matches!(
+            Manifest::decode(&short.encode(), "m", "r"),
+            Err(FormatError::Malformed(_))
+        ));
         let mut future = manifest(vec![1], vec![]);
         future.version = 99;
-        assert_eq!(Manifest::decode(&future.encode(), "m", "r"), Err(FormatError::Version(99)));
+        assert_eq!(
+            Manifest::decode(&future.encode(), "m", "r"),
+            Err(FormatError::Version(99))
+        );
     }
 
     #[test]
     fn fingerprints_separate_what_must_be_separate() {
         let params = |seed| GenerationParams {
-            sampling: SamplingParams { temperature: 0.7, top_p: 0.9, top_k: 40, seed },
+            sampling: SamplingParams {
+                temperature: 0.7,
+                top_p: 0.9,
+                top_k: 40,
+                seed,
+            },
             max_tokens: 64,
             stop: vec!["\n\n".into()],
         };
@@ -383,7 +455,10 @@ mod tests {
         assert_eq!(a, request_fingerprint(&[1, 2, 3], &params(1)));
         assert_ne!(a, request_fingerprint(&[1, 2, 3], &params(2)));
         assert_ne!(a, request_fingerprint(&[1, 2, 4], &params(1)));
-        assert_ne!(model_fingerprint("abc", "q8-0", "cpu"), model_fingerprint("abc", "native", "cpu"));
+        assert_ne!(
+            model_fingerprint("abc", "q8-0", "cpu"),
+            model_fingerprint("abc", "native", "cpu")
+        );
         assert_ne!(snapshot_prefix("t", "a"), snapshot_prefix("t2", "a"));
         assert!(snapshot_prefix("t", "a/../b").starts_with("ferry/"));
     }

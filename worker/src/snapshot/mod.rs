@@ -15,10 +15,10 @@ pub mod store;
 pub mod writer;
 
 pub use resume::{load, Restored};
-pub use writer::{ResumeMode, SnapshotPolicy, SnapshotStats, SnapshotWriter};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
+pub use writer::{ResumeMode, SnapshotPolicy, SnapshotStats, SnapshotWriter};
 
 use candle_core::Device;
 use tracing::{info, warn};
@@ -77,14 +77,33 @@ impl Snapshots {
     /// counted, deleted, and the request starts from the beginning.
     pub async fn find(&self, prefix: &str, prepared: &Prepared) -> Option<Found> {
         let request = format::request_fingerprint(&prepared.prompt, &prepared.params);
-        match resume::load(&self.store, prefix, &self.model_fingerprint, &request, &self.config, &self.device).await {
+        match resume::load(
+            &self.store,
+            prefix,
+            &self.model_fingerprint,
+            &request,
+            &self.config,
+            &self.device,
+        )
+        .await
+        {
             Ok(Some(r)) => {
                 self.stats.resumed.fetch_add(1, Relaxed);
-                let recomputed = if r.cache.is_some() { 0 } else { r.manifest.tokens.len() as u64 };
+                let recomputed = if r.cache.is_some() {
+                    0
+                } else {
+                    r.manifest.tokens.len() as u64
+                };
                 self.stats.tokens_recomputed.fetch_add(recomputed, Relaxed);
                 info!(prefix, tokens = r.manifest.tokens.len(), with_cache = r.cache.is_some(),
                     from_worker = %r.manifest.worker, "resuming from snapshot");
-                Some(Found { resume: ResumeFrom { tokens: r.manifest.tokens.clone(), cache: r.cache }, manifest: r.manifest })
+                Some(Found {
+                    resume: ResumeFrom {
+                        tokens: r.manifest.tokens.clone(),
+                        cache: r.cache,
+                    },
+                    manifest: r.manifest,
+                })
             }
             Ok(None) => None,
             Err(resume::ResumeError::Store(e)) => {
@@ -124,7 +143,14 @@ impl Snapshots {
             seq: m.seq,
             tokens: m.tokens.len(),
         });
-        Some(SnapshotWriter::start(self.store.clone(), self.stats.clone(), self.policy.clone(), self.shape(), id, chain))
+        Some(SnapshotWriter::start(
+            self.store.clone(),
+            self.stats.clone(),
+            self.policy.clone(),
+            self.shape(),
+            id,
+            chain,
+        ))
     }
 
     /// Deletes a request's snapshot once its answer is committed.

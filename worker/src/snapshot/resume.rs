@@ -70,7 +70,12 @@ pub async fn load(
     }
     let cache = match whole {
         None => None,
-        Some(p) => Some(SequenceCache::from_range_values(config, p.to as usize, p.layers, device)?),
+        Some(p) => Some(SequenceCache::from_range_values(
+            config,
+            p.to as usize,
+            p.layers,
+            device,
+        )?),
     };
     Ok(Some(Restored { manifest, cache }))
 }

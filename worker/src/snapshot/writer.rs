@@ -132,7 +132,10 @@ impl Delta {
             (Some(a), None) => Some(a),
             (_, kv) => kv,
         };
-        Delta { tokens: newer.tokens, kv }
+        Delta {
+            tokens: newer.tokens,
+            kv,
+        }
     }
 }
 
@@ -192,16 +195,29 @@ impl SnapshotSink {
 
     /// Hands the state of `seq` to the writer now.
     pub fn offer(&mut self, seq: &Sequence) -> Result<(), ModelError> {
-        let Some(end) = seq.snapshot_positions() else { return Ok(()) };
+        let Some(end) = seq.snapshot_positions() else {
+            return Ok(());
+        };
         let stats = &self.shared.stats;
-        let mut slot = self.shared.slot.lock().map_err(|_| ModelError::Unsupported("snapshot slot poisoned".into()))?;
+        let mut slot = self
+            .shared
+            .slot
+            .lock()
+            .map_err(|_| ModelError::Unsupported("snapshot slot poisoned".into()))?;
         let from = if slot.full_next { 0 } else { slot.next_from };
         let kv = if self.shared.with_kv && end > from {
-            Some(Piece { from: from as u32, to: end as u32, layers: seq.kv_values(from, end)? })
+            Some(Piece {
+                from: from as u32,
+                to: end as u32,
+                layers: seq.kv_values(from, end)?,
+            })
         } else {
             None
         };
-        let delta = Delta { tokens: seq.generated().to_vec(), kv };
+        let delta = Delta {
+            tokens: seq.generated().to_vec(),
+            kv,
+        };
         slot.pending = Some(match slot.pending.take() {
             Some(older) => {
                 stats.skipped.fetch_add(1, Relaxed);
@@ -249,17 +265,38 @@ impl SnapshotWriter {
         // A resumed chain continues where it ended; a tokens-only chain switching to the cache
         // (or the reverse) starts a fresh, full copy.
         let keep_chain = with_kv == !chain.pieces.is_empty();
-        let next_from = if keep_chain { chain.pieces.last().map_or(0, |p| p.to as usize) } else { 0 };
+        let next_from = if keep_chain {
+            chain.pieces.last().map_or(0, |p| p.to as usize)
+        } else {
+            0
+        };
         let shared = Arc::new(Shared {
-            slot: Mutex::new(Slot { next_from, full_next: !keep_chain && with_kv, ..Slot::default() }),
+            slot: Mutex::new(Slot {
+                next_from,
+                full_next: !keep_chain && with_kv,
+                ..Slot::default()
+            }),
             wake: Notify::new(),
             idle: Notify::new(),
             stats,
             with_kv,
         });
         let pieces = if keep_chain { chain.pieces } else { Vec::new() };
-        let task = tokio::spawn(write_loop(store, shared.clone(), shape, id, pieces, chain.seq, policy.max_pieces));
-        let sink = SnapshotSink { shared: shared.clone(), policy, last_tokens: chain.tokens, last_at: Instant::now() };
+        let task = tokio::spawn(write_loop(
+            store,
+            shared.clone(),
+            shape,
+            id,
+            pieces,
+            chain.seq,
+            policy.max_pieces,
+        ));
+        let sink = SnapshotSink {
+            shared: shared.clone(),
+            policy,
+            last_tokens: chain.tokens,
+            last_at: Instant::now(),
+        };
         (SnapshotWriter { shared, task }, sink)
     }
 
@@ -291,7 +328,12 @@ impl SnapshotWriter {
     pub async fn idle(&self) {
         loop {
             let notified = self.shared.idle.notified();
-            let done = self.shared.slot.lock().map(|s| s.pending.is_none() && !s.busy).unwrap_or(true);
+            let done = self
+                .shared
+                .slot
+                .lock()
+                .map(|s| s.pending.is_none() && !s.busy)
+                .unwrap_or(true);
             if done || self.task.is_finished() {
                 return;
             }
@@ -337,7 +379,13 @@ async fn write_loop(
             let name = format!("piece-{:06}-{tag}", seq + 1);
             let body = kv.encode(shape);
             let crc = u32::from_le_bytes(body[body.len() - 4..].try_into().expect("a piece ends with its crc"));
-            let entry = PieceRef { name: name.clone(), from: kv.from, to: kv.to, bytes: body.len() as u64, crc32: crc };
+            let entry = PieceRef {
+                name: name.clone(),
+                from: kv.from,
+                to: kv.to,
+                bytes: body.len() as u64,
+                crc32: crc,
+            };
             written += body.len() as u64;
             match store.put(&format!("{}{name}", id.prefix), Bytes::from(body)).await {
                 Ok(()) => {
@@ -442,19 +490,38 @@ mod tests {
     }
 
     fn piece(from: u32, to: u32) -> Piece {
-        Piece { from, to, layers: vec![((from..to).map(|x| x as f32).collect(), (from..to).map(|x| -(x as f32)).collect())] }
+        Piece {
+            from,
+            to,
+            layers: vec![(
+                (from..to).map(|x| x as f32).collect(),
+                (from..to).map(|x| -(x as f32)).collect(),
+            )],
+        }
     }
 
     #[test]
     fn merging_keeps_the_chain_contiguous_and_the_newest_tokens() {
-        let older = Delta { tokens: vec![1, 2], kv: Some(piece(0, 3)) };
-        let newer = Delta { tokens: vec![1, 2, 3, 4], kv: Some(piece(3, 5)) };
+        let older = Delta {
+            tokens: vec![1, 2],
+            kv: Some(piece(0, 3)),
+        };
+        let newer = Delta {
+            tokens: vec![1, 2, 3, 4],
+            kv: Some(piece(3, 5)),
+        };
         let m = Delta::merge(older, newer);
         assert_eq!(m.tokens, [1, 2, 3, 4]);
         assert_eq!(m.kv, Some(piece(0, 5)));
         // A newer full copy replaces everything before it.
-        let older = Delta { tokens: vec![1], kv: Some(piece(4, 6)) };
-        let full = Delta { tokens: vec![1, 2, 3], kv: Some(piece(0, 8)) };
+        let older = Delta {
+            tokens: vec![1],
+            kv: Some(piece(4, 6)),
+        };
+        let full = Delta {
+            tokens: vec![1, 2, 3],
+            kv: Some(piece(0, 8)),
+        };
         assert_eq!(Delta::merge(older, full).kv, Some(piece(0, 8)));
     }
 }

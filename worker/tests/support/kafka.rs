@@ -1,4 +1,5 @@
 //! A Kafka-protocol broker and worker processes for integration tests.
+#![allow(dead_code)] // Each test binary uses its own subset of these helpers.
 //!
 //! By default each test starts its own `ferry broker` (librdkafka's mock cluster, in a separate
 //! process, over TCP). With `FERRY_TEST_BOOTSTRAP_SERVERS` set, the same tests run against that
@@ -33,7 +34,11 @@ impl ChildGuard {
             .stdin(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Self { name: name.to_string(), child, log }
+        Self {
+            name: name.to_string(),
+            child,
+            log,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -42,7 +47,11 @@ impl ChildGuard {
 
     /// Sends a signal by name (`TERM`, `KILL`, `STOP`, `CONT`).
     pub fn signal(&self, name: &str) {
-        let ok = Command::new("kill").arg(format!("-{name}")).arg(self.pid().to_string()).status().map(|s| s.success());
+        let ok = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status()
+            .map(|s| s.success());
         assert!(matches!(ok, Ok(true)), "kill -{name} {} failed", self.pid());
     }
 
@@ -79,7 +88,11 @@ impl Drop for ChildGuard {
 pub fn bin(name: &str) -> PathBuf {
     let worker = Path::new(env!("CARGO_BIN_EXE_ferry-worker"));
     let path = worker.with_file_name(name);
-    assert!(path.exists(), "{} is not built: run `cargo build --workspace --bins` first", path.display());
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build --workspace --bins` first",
+        path.display()
+    );
     path
 }
 
@@ -101,19 +114,34 @@ impl Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         if let Ok(bootstrap) = std::env::var("FERRY_TEST_BOOTSTRAP_SERVERS") {
             create_topics(&bootstrap, topics);
-            return Self { bootstrap, dir, _broker: None };
+            return Self {
+                bootstrap,
+                dir,
+                _broker: None,
+            };
         }
         let file = dir.path().join("bootstrap");
         let mut cmd = Command::new(bin("ferry"));
-        cmd.arg("broker").arg("--partitions").arg("1").arg("--bootstrap-file").arg(&file);
+        cmd.arg("broker")
+            .arg("--partitions")
+            .arg("1")
+            .arg("--bootstrap-file")
+            .arg(&file);
         for t in topics {
             cmd.arg("--topic").arg(t);
         }
         let broker = ChildGuard::spawn("ferry broker", &mut cmd, dir.path().join("broker.log"));
         let bootstrap = wait_for(Duration::from_secs(30), "the broker's bootstrap file", || {
-            std::fs::read_to_string(&file).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
+            std::fs::read_to_string(&file)
+                .ok()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
         });
-        Self { bootstrap, dir, _broker: Some(broker) }
+        Self {
+            bootstrap,
+            dir,
+            _broker: Some(broker),
+        }
     }
 
     /// Starts a worker on this cluster with the test model and `args`.
@@ -142,7 +170,11 @@ impl Cluster {
     /// Publishes `payload` keyed by `key` and returns its offset.
     pub async fn publish(&self, producer: &FutureProducer, topic: &str, key: &str, payload: &[u8]) -> i64 {
         let rec = FutureRecord::to(topic).key(key).payload(payload);
-        producer.send(rec, Duration::from_secs(10)).await.expect("published").offset
+        producer
+            .send(rec, Duration::from_secs(10))
+            .await
+            .expect("published")
+            .offset
     }
 
     /// A consumer outside any group, for reading topics and asking about a group's offsets.
@@ -158,16 +190,25 @@ impl Cluster {
     /// Every message of partition 0 of `topic` up to its current end, as (key, value, offset).
     pub fn read_all(&self, topic: &str) -> Vec<(String, Vec<u8>, i64)> {
         let c = self.reader(&unique("reader"));
-        let (_, high) = c.fetch_watermarks(topic, 0, Duration::from_secs(10)).expect("watermarks");
+        let (_, high) = c
+            .fetch_watermarks(topic, 0, Duration::from_secs(10))
+            .expect("watermarks");
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(topic, 0, Offset::Beginning).expect("tpl");
         c.assign(&tpl).expect("assign");
         let mut out = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(30);
         while out.len() < high as usize {
-            assert!(Instant::now() < deadline, "read {} of {high} messages of {topic}", out.len());
+            assert!(
+                Instant::now() < deadline,
+                "read {} of {high} messages of {topic}",
+                out.len()
+            );
             if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
-                let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default();
+                let key = m
+                    .key()
+                    .map(|k| String::from_utf8_lossy(k).into_owned())
+                    .unwrap_or_default();
                 out.push((key, m.payload().unwrap_or_default().to_vec(), m.offset()));
             }
         }
@@ -187,13 +228,28 @@ impl Cluster {
 }
 
 fn create_topics(bootstrap: &str, topics: &[&str]) {
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", bootstrap).create().expect("admin client");
-    let new: Vec<NewTopic> = topics.iter().map(|t| NewTopic::new(t, 1, TopicReplication::Fixed(-1))).collect();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    for r in rt.block_on(admin.create_topics(&new, &AdminOptions::new())).expect("create topics") {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("admin client");
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, 1, TopicReplication::Fixed(-1)))
+        .collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    for r in rt
+        .block_on(admin.create_topics(&new, &AdminOptions::new()))
+        .expect("create topics")
+    {
         if let Err((t, e)) = r {
-            assert_eq!(e, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists, "cannot create topic {t}");
+            assert_eq!(
+                e,
+                rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists,
+                "cannot create topic {t}"
+            );
         }
     }
 }
@@ -205,7 +261,10 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<
         if let Some(v) = f() {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -214,7 +273,10 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<
 #[allow(dead_code)]
 pub fn find_line(path: &Path, needle: &str) -> Option<String> {
     let f = File::open(path).ok()?;
-    BufReader::new(f).lines().map_while(Result::ok).find(|l| l.contains(needle))
+    BufReader::new(f)
+        .lines()
+        .map_while(Result::ok)
+        .find(|l| l.contains(needle))
 }
 
 /// Helpers for tests whose topics have several partitions, so that several workers of one group
@@ -226,29 +288,55 @@ impl Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         if let Ok(bootstrap) = std::env::var("FERRY_TEST_BOOTSTRAP_SERVERS") {
             create_partitioned_topics(&bootstrap, topics, partitions);
-            return Self { bootstrap, dir, _broker: None };
+            return Self {
+                bootstrap,
+                dir,
+                _broker: None,
+            };
         }
         let file = dir.path().join("bootstrap");
         let mut cmd = Command::new(bin("ferry"));
-        cmd.arg("broker").arg("--partitions").arg(partitions.to_string()).arg("--bootstrap-file").arg(&file);
+        cmd.arg("broker")
+            .arg("--partitions")
+            .arg(partitions.to_string())
+            .arg("--bootstrap-file")
+            .arg(&file);
         for t in topics {
             cmd.arg("--topic").arg(t);
         }
         let broker = ChildGuard::spawn("ferry broker", &mut cmd, dir.path().join("broker.log"));
         let bootstrap = wait_for(Duration::from_secs(30), "the broker's bootstrap file", || {
-            std::fs::read_to_string(&file).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
+            std::fs::read_to_string(&file)
+                .ok()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
         });
-        Self { bootstrap, dir, _broker: Some(broker) }
+        Self {
+            bootstrap,
+            dir,
+            _broker: Some(broker),
+        }
     }
 
     /// The high watermark (the offset the next message will get) of every partition of `topic`,
     /// indexed by partition.
     pub fn high_watermarks(&self, reader: &BaseConsumer, topic: &str) -> Vec<i64> {
-        let md = reader.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
-        let partitions = md.topics().iter().find(|t| t.name() == topic).map_or(0, |t| t.partitions().len());
+        let md = reader
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .expect("metadata");
+        let partitions = md
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic)
+            .map_or(0, |t| t.partitions().len());
         assert!(partitions > 0, "topic {topic} has no partitions");
         (0..partitions as i32)
-            .map(|p| reader.fetch_watermarks(topic, p, Duration::from_secs(10)).expect("watermarks").1)
+            .map(|p| {
+                reader
+                    .fetch_watermarks(topic, p, Duration::from_secs(10))
+                    .expect("watermarks")
+                    .1
+            })
             .collect()
     }
 
@@ -266,13 +354,20 @@ impl Cluster {
         let mut out = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(30);
         while (out.len() as i64) < total {
-            assert!(Instant::now() < deadline, "read {} of {total} messages of {topic}", out.len());
+            assert!(
+                Instant::now() < deadline,
+                "read {} of {total} messages of {topic}",
+                out.len()
+            );
             if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
                 // Messages published after the watermarks were read are not asked for.
                 if m.offset() >= highs[m.partition() as usize] {
                     continue;
                 }
-                let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default();
+                let key = m
+                    .key()
+                    .map(|k| String::from_utf8_lossy(k).into_owned())
+                    .unwrap_or_default();
                 out.push((m.partition(), key, m.payload().unwrap_or_default().to_vec(), m.offset()));
             }
         }
@@ -294,14 +389,28 @@ impl Cluster {
 
 #[allow(dead_code)]
 fn create_partitioned_topics(bootstrap: &str, topics: &[&str], partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", bootstrap).create().expect("admin client");
-    let new: Vec<NewTopic> =
-        topics.iter().map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(-1))).collect();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    for r in rt.block_on(admin.create_topics(&new, &AdminOptions::new())).expect("create topics") {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .expect("admin client");
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(-1)))
+        .collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    for r in rt
+        .block_on(admin.create_topics(&new, &AdminOptions::new()))
+        .expect("create topics")
+    {
         if let Err((t, e)) = r {
-            assert_eq!(e, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists, "cannot create topic {t}");
+            assert_eq!(
+                e,
+                rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists,
+                "cannot create topic {t}"
+            );
         }
     }
 }

@@ -90,14 +90,7 @@ impl S3Server {
             "moto",
             |port, _| {
                 let mut cmd = Command::new(&python);
-                cmd.args([
-                    "-m",
-                    "moto.server",
-                    "-H",
-                    "127.0.0.1",
-                    "-p",
-                    &port.to_string(),
-                ]);
+                cmd.args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()]);
                 cmd
             },
             |port| TcpStream::connect(("127.0.0.1", port)).is_ok(),
@@ -163,11 +156,7 @@ struct ServiceProcess {
 
 impl ServiceProcess {
     /// Starts `command(port, dir)` on a free port and waits until `ready(port)`.
-    fn start(
-        name: &'static str,
-        command: impl Fn(u16, &Path) -> Command,
-        ready: impl Fn(u16) -> bool,
-    ) -> Self {
+    fn start(name: &'static str, command: impl Fn(u16, &Path) -> Command, ready: impl Fn(u16) -> bool) -> Self {
         let mut last_log = String::new();
         for _ in 0..PORT_ATTEMPTS {
             let dir = tempfile::tempdir().expect("tempdir");
@@ -180,12 +169,7 @@ impl ServiceProcess {
                 .stderr(Stdio::from(out))
                 .spawn()
                 .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-            let mut process = Self {
-                name,
-                port,
-                child,
-                dir,
-            };
+            let mut process = Self { name, port, child, dir };
             let deadline = Instant::now() + START_DEADLINE;
             loop {
                 if ready(port) {
@@ -208,8 +192,7 @@ impl ServiceProcess {
     }
 
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join(format!("{}.log", self.name)))
-            .unwrap_or_default()
+        std::fs::read_to_string(self.dir.path().join(format!("{}.log", self.name))).unwrap_or_default()
     }
 }
 
@@ -218,12 +201,7 @@ impl Drop for ServiceProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
-            eprintln!(
-                "----- log of {} (port {}) -----\n{}",
-                self.name,
-                self.port,
-                self.log()
-            );
+            eprintln!("----- log of {} (port {}) -----\n{}", self.name, self.port, self.log());
         }
     }
 }
@@ -240,9 +218,7 @@ fn redis_answers_ping(port: u16) -> bool {
     };
     let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
     let mut reply = [0u8; 7];
-    stream.write_all(b"PING\r\n").is_ok()
-        && stream.read_exact(&mut reply).is_ok()
-        && &reply == b"+PONG\r\n"
+    stream.write_all(b"PING\r\n").is_ok() && stream.read_exact(&mut reply).is_ok() && &reply == b"+PONG\r\n"
 }
 
 /// Polls `f` until it gives a value, failing the test after `timeout`.
@@ -265,9 +241,7 @@ fn redis_server_binary() -> PathBuf {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
     let find = || find_program("redis-server");
     BINARY
-        .get_or_init(|| {
-            find().unwrap_or_else(|| with_install_lock("redis-server", find, install_redis_server))
-        })
+        .get_or_init(|| find().unwrap_or_else(|| with_install_lock("redis-server", find, install_redis_server)))
         .clone()
 }
 
@@ -275,10 +249,7 @@ fn install_redis_server() -> PathBuf {
     let apt = |args: &[&str]| run(Command::new("apt-get").args(args));
     let install = || apt(&["install", "-y", "--no-install-recommends", "redis-server"]);
     // A fresh machine's package lists may be empty or stale: update once and retry.
-    if let Err(e) = install()
-        .or_else(|_| apt(&["update"]))
-        .and_then(|()| install())
-    {
+    if let Err(e) = install().or_else(|_| apt(&["update"])).and_then(|()| install()) {
         panic!(
             "redis-server is missing and installing it failed; install it \
              (Debian: `apt-get install redis-server`) and run the tests again.\n{e}"
@@ -303,9 +274,7 @@ fn moto_python() -> PathBuf {
 }
 
 fn install_moto() -> PathBuf {
-    let pip = |python: &Path| {
-        run(Command::new(python).args(["-m", "pip", "install", "--quiet", "moto[server]"]))
-    };
+    let pip = |python: &Path| run(Command::new(python).args(["-m", "pip", "install", "--quiet", "moto[server]"]));
     let system = system_python();
     let system_error = match pip(&system) {
         Ok(()) if has_moto(&system) => return system,
@@ -314,9 +283,7 @@ fn install_moto() -> PathBuf {
     };
     let venv = moto_venv();
     let venv_python = venv.join("bin/python3");
-    match run(Command::new(&system).arg("-m").arg("venv").arg(&venv))
-        .and_then(|()| pip(&venv_python))
-    {
+    match run(Command::new(&system).arg("-m").arg("venv").arg(&venv)).and_then(|()| pip(&venv_python)) {
         Ok(()) if has_moto(&venv_python) => venv_python,
         outcome => panic!(
             "moto (the S3 server the tests run) is missing and installing it failed; run \
@@ -344,11 +311,7 @@ fn has_moto(python: &Path) -> bool {
 // File::lock is Rust 1.89, past the workspace's declared 1.85; its dependencies already need
 // 1.89 (uuid), so this costs nothing.
 #[allow(clippy::incompatible_msrv)]
-fn with_install_lock(
-    what: &str,
-    find: impl FnOnce() -> Option<PathBuf>,
-    install: impl FnOnce() -> PathBuf,
-) -> PathBuf {
+fn with_install_lock(what: &str, find: impl FnOnce() -> Option<PathBuf>, install: impl FnOnce() -> PathBuf) -> PathBuf {
     let path = std::env::temp_dir().join(format!("ferry-test-install-{what}.lock"));
     let file = File::options()
         .create(true)
@@ -380,11 +343,7 @@ fn run(cmd: &mut Command) -> Result<(), String> {
         .output()
     {
         Ok(Output { status, .. }) if status.success() => Ok(()),
-        Ok(Output {
-            status,
-            stdout,
-            stderr,
-        }) => Err(format!(
+        Ok(Output { status, stdout, stderr }) => Err(format!(
             "{described} exited with {status}\n{}{}",
             String::from_utf8_lossy(&stdout),
             String::from_utf8_lossy(&stderr)

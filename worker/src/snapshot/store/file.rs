@@ -156,11 +156,7 @@ fn write_atomically(root: &Path, path: &Path, value: &[u8]) -> Result<(), StoreE
     let mut file = loop {
         attempt += 1;
         create_dirs(root, dir)?;
-        match fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-        {
+        match fs::OpenOptions::new().write(true).create_new(true).open(&tmp) {
             Ok(file) => break file,
             // A sweep removed the directory between its creation and ours: create it again.
             Err(e) if e.kind() == io::ErrorKind::NotFound && attempt < PUT_ATTEMPTS => continue,
@@ -186,9 +182,7 @@ fn create_dirs(root: &Path, dir: &Path) -> Result<(), StoreError> {
         return Ok(());
     }
     // `dir` is under `root`, so it has a parent.
-    let parent = dir
-        .parent()
-        .expect("a directory under the root has a parent");
+    let parent = dir.parent().expect("a directory under the root has a parent");
     create_dirs(root, parent)?;
     match fs::create_dir(dir) {
         Ok(()) => sync_dir(parent),
@@ -211,9 +205,7 @@ fn sweep(root: &Path, dir: &Path, ttl: Duration) -> Result<usize, StoreError> {
     };
     let mut removed = 0;
     walk(dir, &mut |path, meta| {
-        let modified = meta
-            .modified()
-            .map_err(io_error("read the mtime of", path))?;
+        let modified = meta.modified().map_err(io_error("read the mtime of", path))?;
         if modified < cutoff {
             match fs::remove_file(path) {
                 Ok(()) => removed += usize::from(key_of(root, path).is_some()),
@@ -247,10 +239,7 @@ fn remove_empty_dirs(dir: &Path, keep: bool) {
 /// recursively. A missing `start` has no files. `start` itself may be a symbolic link (the
 /// root may well be one); links below it are not followed, so nothing outside is ever listed
 /// or removed.
-fn walk(
-    start: &Path,
-    visit: &mut dyn FnMut(&Path, fs::Metadata) -> Result<(), StoreError>,
-) -> Result<(), StoreError> {
+fn walk(start: &Path, visit: &mut dyn FnMut(&Path, fs::Metadata) -> Result<(), StoreError>) -> Result<(), StoreError> {
     match fs::metadata(start) {
         Ok(meta) if meta.is_file() => visit(start, meta),
         Ok(meta) if meta.is_dir() => walk_dir(start, visit),
@@ -291,10 +280,7 @@ fn walk_dir(
 /// is not a valid key).
 fn key_of(root: &Path, path: &Path) -> Option<String> {
     let relative = path.strip_prefix(root).ok()?;
-    let segments: Option<Vec<&str>> = relative
-        .components()
-        .map(|c| c.as_os_str().to_str())
-        .collect();
+    let segments: Option<Vec<&str>> = relative.components().map(|c| c.as_os_str().to_str()).collect();
     let key = segments?.join("/");
     check_key(&key).is_ok().then_some(key)
 }
@@ -302,10 +288,7 @@ fn key_of(root: &Path, path: &Path) -> Option<String> {
 /// Whether an error means "there is nothing there": the file is missing, or one of its
 /// ancestors is a file rather than a directory.
 fn is_absent(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
-    )
+    matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory)
 }
 
 fn io_error(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError {
@@ -332,19 +315,13 @@ mod tests {
 
     async fn store() -> (tempfile::TempDir, FileStore) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = FileStore::open(dir.path().join("snapshots"))
-            .await
-            .expect("open");
+        let store = FileStore::open(dir.path().join("snapshots")).await.expect("open");
         (dir, store)
     }
 
     fn age(store: &FileStore, key: &str, by: Duration) {
-        let file = fs::File::options()
-            .write(true)
-            .open(store.path(key))
-            .expect("open");
-        file.set_modified(SystemTime::now() - by)
-            .expect("set mtime");
+        let file = fs::File::options().write(true).open(store.path(key)).expect("open");
+        file.set_modified(SystemTime::now() - by).expect("set mtime");
     }
 
     #[tokio::test]
@@ -372,10 +349,7 @@ mod tests {
     #[tokio::test]
     async fn a_key_below_a_file_is_absent_not_an_error() {
         let (_dir, store) = store().await;
-        store
-            .put("ferry/ab", Bytes::from_static(b"x"))
-            .await
-            .expect("put");
+        store.put("ferry/ab", Bytes::from_static(b"x")).await.expect("put");
         assert_eq!(store.get("ferry/ab/manifest").await.expect("get"), None);
         assert_eq!(
             store.list("ferry/ab/manifest").await.expect("list"),
@@ -386,11 +360,7 @@ mod tests {
     #[tokio::test]
     async fn sweep_goes_by_mtime_and_removes_stale_temporary_files_and_empty_directories() {
         let (_dir, store) = store().await;
-        for key in [
-            "ferry/old/manifest",
-            "ferry/old/piece-000000",
-            "ferry/new/manifest",
-        ] {
+        for key in ["ferry/old/manifest", "ferry/old/piece-000000", "ferry/new/manifest"] {
             store.put(key, Bytes::from_static(b"v")).await.expect("put");
         }
         let stale_tmp = store.root().join("ferry/new/.manifest.tmp-dead");
@@ -409,10 +379,7 @@ mod tests {
             .await
             .expect("sweep");
 
-        assert_eq!(
-            removed, 2,
-            "temporary files are removed but not counted as keys"
-        );
+        assert_eq!(removed, 2, "temporary files are removed but not counted as keys");
         assert_eq!(store.list("").await.expect("list"), ["ferry/new/manifest"]);
         assert!(!stale_tmp.exists());
         assert!(
@@ -425,18 +392,9 @@ mod tests {
     #[tokio::test]
     async fn sweep_of_the_whole_store_keeps_the_root() {
         let (_dir, store) = store().await;
-        store
-            .put("a/b", Bytes::from_static(b"v"))
-            .await
-            .expect("put");
+        store.put("a/b", Bytes::from_static(b"v")).await.expect("put");
         age(&store, "a/b", Duration::from_secs(10));
-        assert_eq!(
-            store
-                .sweep_expired("", Duration::from_secs(1))
-                .await
-                .expect("sweep"),
-            1
-        );
+        assert_eq!(store.sweep_expired("", Duration::from_secs(1)).await.expect("sweep"), 1);
         assert!(store.root().is_dir());
         store
             .put("a/b", Bytes::from_static(b"again"))
@@ -452,10 +410,7 @@ mod tests {
         fs::write(outside.join("secret"), b"s").expect("write");
         std::os::unix::fs::symlink(&outside, store.root().join("link")).expect("symlink");
         assert_eq!(store.list("").await.expect("list"), Vec::<String>::new());
-        store
-            .sweep_expired("", Duration::ZERO)
-            .await
-            .expect("sweep");
+        store.sweep_expired("", Duration::ZERO).await.expect("sweep");
         assert!(
             outside.join("secret").exists(),
             "a sweep never follows a link out of the root"

@@ -41,8 +41,7 @@ pub use self::object::ObjectStoreBackend;
 pub use self::redis::RedisStore;
 
 /// The URL forms [`open`] accepts, for error messages and documentation.
-pub const SUPPORTED_URLS: &str =
-    "file:///absolute/path, s3://bucket[/prefix], gs://bucket[/prefix], \
+pub const SUPPORTED_URLS: &str = "file:///absolute/path, s3://bucket[/prefix], gs://bucket[/prefix], \
      az://container[/prefix], memory://, redis://host[:port][/db], rediss://host[:port][/db]";
 
 /// A durable key-value store for snapshot blobs. Object-safe: the worker holds an
@@ -204,8 +203,8 @@ where
     K: AsRef<str>,
     V: Into<String>,
 {
-    let parsed = url::Url::parse(url)
-        .map_err(|e| StoreError::config(url, format!("{e}; supported: {SUPPORTED_URLS}")))?;
+    let parsed =
+        url::Url::parse(url).map_err(|e| StoreError::config(url, format!("{e}; supported: {SUPPORTED_URLS}")))?;
     let options: Vec<(String, String)> = options
         .into_iter()
         .map(|(k, v)| (k.as_ref().to_string(), v.into()))
@@ -223,12 +222,9 @@ where
     match parsed.scheme() {
         "file" => {
             no_options()?;
-            let root = parsed.to_file_path().map_err(|()| {
-                StoreError::config(
-                    url,
-                    "a file URL needs an absolute local path: file:///abs/path",
-                )
-            })?;
+            let root = parsed
+                .to_file_path()
+                .map_err(|()| StoreError::config(url, "a file URL needs an absolute local path: file:///abs/path"))?;
             Ok(Arc::new(FileStore::open(root).await?))
         }
         "memory" => {
@@ -335,8 +331,7 @@ mod tests {
     #[test]
     fn refuses_keys_that_could_escape_or_need_escaping() {
         for key in [
-            "", "/a", "a/", "a//b", "a/../b", "..", ".hidden", "a/.tmp", "a b", "a*", "a?b",
-            "a[1]", "a\\b", "é",
+            "", "/a", "a/", "a//b", "a/../b", "..", ".hidden", "a/.tmp", "a b", "a*", "a?b", "a[1]", "a\\b", "é",
         ] {
             assert!(
                 matches!(check_key(key), Err(StoreError::InvalidKey { .. })),

@@ -74,12 +74,9 @@ impl ObjectStoreBackend {
         let (store, backend): (Arc<dyn ObjectStore>, _) = match url.scheme() {
             "s3" => {
                 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
-                let mut builder = AmazonS3Builder::from_env()
-                    .with_url(url.as_str())
-                    .with_retry(retry);
+                let mut builder = AmazonS3Builder::from_env().with_url(url.as_str()).with_retry(retry);
                 for (key, value) in options {
-                    let key: AmazonS3ConfigKey =
-                        key.parse().map_err(|e| config_error(format!("{e}")))?;
+                    let key: AmazonS3ConfigKey = key.parse().map_err(|e| config_error(format!("{e}")))?;
                     builder = builder.with_config(key, value);
                 }
                 (
@@ -93,8 +90,7 @@ impl ObjectStoreBackend {
                     .with_url(url.as_str())
                     .with_retry(retry);
                 for (key, value) in options {
-                    let key: GoogleConfigKey =
-                        key.parse().map_err(|e| config_error(format!("{e}")))?;
+                    let key: GoogleConfigKey = key.parse().map_err(|e| config_error(format!("{e}")))?;
                     builder = builder.with_config(key, value);
                 }
                 (
@@ -108,8 +104,7 @@ impl ObjectStoreBackend {
                     .with_url(url.as_str())
                     .with_retry(retry);
                 for (key, value) in options {
-                    let key: AzureConfigKey =
-                        key.parse().map_err(|e| config_error(format!("{e}")))?;
+                    let key: AzureConfigKey = key.parse().map_err(|e| config_error(format!("{e}")))?;
                     builder = builder.with_config(key, value);
                 }
                 (
@@ -117,18 +112,10 @@ impl ObjectStoreBackend {
                     "azure",
                 )
             }
-            other => {
-                return Err(config_error(format!(
-                    "{other} is not an object store scheme"
-                )))
-            }
+            other => return Err(config_error(format!("{other} is not an object store scheme"))),
         };
         let root = Path::from_url_path(url.path()).map_err(|e| config_error(e.to_string()))?;
-        Ok(Self {
-            store,
-            root,
-            backend,
-        })
+        Ok(Self { store, root, backend })
     }
 
     /// The object a key lives in.
@@ -158,11 +145,7 @@ impl ObjectStoreBackend {
     /// ours (a name we could never have written).
     fn key_of(&self, location: &Path) -> Option<String> {
         let parts: Vec<_> = location.prefix_match(&self.root)?.collect();
-        let key = parts
-            .iter()
-            .map(|p| p.as_ref())
-            .collect::<Vec<_>>()
-            .join("/");
+        let key = parts.iter().map(|p| p.as_ref()).collect::<Vec<_>>().join("/");
         check_key(&key).is_ok().then_some(key)
     }
 
@@ -181,10 +164,7 @@ impl ObjectStoreBackend {
     }
 
     /// The objects strictly below a checked key prefix (`prefix/...`).
-    async fn objects_below(
-        &self,
-        prefix: &str,
-    ) -> Result<Vec<object_store::ObjectMeta>, StoreError> {
+    async fn objects_below(&self, prefix: &str) -> Result<Vec<object_store::ObjectMeta>, StoreError> {
         let location = self.prefix_location(prefix)?;
         let listed = if location.as_ref().is_empty() {
             self.store.list(None)
@@ -244,12 +224,7 @@ impl SnapshotStore for ObjectStoreBackend {
         // The object the prefix itself names is deleted blindly, which saves a request:
         // deleting a missing object is not an error.
         let mut locations = vec![self.location(prefix)?];
-        locations.extend(
-            self.objects_below(prefix)
-                .await?
-                .into_iter()
-                .map(|meta| meta.location),
-        );
+        locations.extend(self.objects_below(prefix).await?.into_iter().map(|meta| meta.location));
         self.delete_all(locations).await
     }
 
@@ -274,10 +249,7 @@ impl SnapshotStore for ObjectStoreBackend {
             .objects(prefix)
             .await?
             .into_iter()
-            .filter(|meta| {
-                SystemTime::from(meta.last_modified) < cutoff
-                    && self.key_of(&meta.location).is_some()
-            })
+            .filter(|meta| SystemTime::from(meta.last_modified) < cutoff && self.key_of(&meta.location).is_some())
             .map(|meta| meta.location)
             .collect();
         let count = expired.len();
@@ -292,11 +264,12 @@ impl SnapshotStore for ObjectStoreBackend {
 fn classify(backend: &'static str, e: object_store::Error) -> StoreError {
     use object_store::client::{HttpError, HttpErrorKind};
     match e {
-        object_store::Error::PermissionDenied { .. }
-        | object_store::Error::Unauthenticated { .. } => StoreError::Denied {
-            backend,
-            source: Box::new(e),
-        },
+        object_store::Error::PermissionDenied { .. } | object_store::Error::Unauthenticated { .. } => {
+            StoreError::Denied {
+                backend,
+                source: Box::new(e),
+            }
+        }
         e => {
             let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
             let mut transport = false;
@@ -384,16 +357,10 @@ mod tests {
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         let mut removed = 0;
         while removed == 0 && std::time::Instant::now() < deadline {
-            removed = store
-                .sweep_expired("ferry", Duration::ZERO)
-                .await
-                .expect("sweep");
+            removed = store.sweep_expired("ferry", Duration::ZERO).await.expect("sweep");
         }
         assert_eq!(removed, 1);
-        assert_eq!(
-            store.list("ferry").await.expect("list"),
-            Vec::<String>::new()
-        );
+        assert_eq!(store.list("ferry").await.expect("list"), Vec::<String>::new());
     }
 
     #[test]
@@ -402,10 +369,7 @@ mod tests {
         let options = [
             ("aws_region".to_string(), "us-east-1".to_string()),
             ("aws_access_key_id".to_string(), "AKIDEXAMPLE".to_string()),
-            (
-                "aws_secret_access_key".to_string(),
-                "very-secret-key".to_string(),
-            ),
+            ("aws_secret_access_key".to_string(), "very-secret-key".to_string()),
         ];
         let store = ObjectStoreBackend::from_url(&url, &options).expect("s3 store");
         let location = store.location("ferry/a/manifest").expect("location");

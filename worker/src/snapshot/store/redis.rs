@@ -68,8 +68,7 @@ impl RedisStore {
             ));
         }
         install_crypto_provider();
-        let client =
-            redis::Client::open(url).map_err(|e| StoreError::config(url, e.to_string()))?;
+        let client = redis::Client::open(url).map_err(|e| StoreError::config(url, e.to_string()))?;
         // Fail fast: a snapshot that cannot be written within seconds is skipped, and a fresher
         // one follows. The crate's defaults retry a reconnect for several seconds more.
         let config = ConnectionManagerConfig::new()
@@ -199,11 +198,7 @@ fn classify(e: redis::RedisError) -> StoreError {
             backend,
             source: Box::new(e),
         }
-    } else if e.is_io_error()
-        || e.is_timeout()
-        || e.is_connection_refusal()
-        || e.is_connection_dropped()
-    {
+    } else if e.is_io_error() || e.is_timeout() || e.is_connection_refusal() || e.is_connection_dropped() {
         StoreError::Unavailable {
             backend,
             source: Box::new(e),

@@ -37,10 +37,14 @@ demo: model build
 	./scripts/demo.py
 
 # Engine speed, single sequence: prefill and decode tokens/s for the file's Q4_1 weights and for
-# Q8_0 re-quantised at load. Writes target/bench/engine.json.
+# Q8_0 re-quantised at load (target/bench/engine.json). Snapshot costs: decode overhead, bytes per
+# token, restore against re-prefill, recovery after SIGTERM and SIGKILL (target/bench/snapshot.json).
+# One compute thread by default, the figure that stays stable when anything else shares the cores.
+BENCH_THREADS ?= 1
 bench: model
-	FERRY_BENCH_OUT=$(CURDIR)/target/bench FERRY_TEST_MODEL=$(CURDIR)/$(MODEL) \
-		$(CARGO) bench -p ferry-worker --bench engine
+	$(CARGO) build --release -p ferry -p ferry-worker --bins
+	RAYON_NUM_THREADS=$(BENCH_THREADS) FERRY_BENCH_OUT=$(CURDIR)/target/bench FERRY_TEST_MODEL=$(CURDIR)/$(MODEL) \
+		$(CARGO) bench -p ferry-worker --bench engine --bench snapshot
 
 lint:
 	$(CARGO) fmt --all --check

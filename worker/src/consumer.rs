@@ -16,14 +16,14 @@
 //! Limit: one request at a time, and a generation longer than `max.poll.interval.ms` would get
 //! the worker thrown out of the group; the concurrency issue lifts both.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_schemas::{headers, Reply, Request, SourceRecord, SCHEMA_VERSION};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
+use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use tracing::{error, info, warn};
@@ -153,27 +153,57 @@ impl Worker {
     /// Serves requests until the first signal, then drains (see the module doc).
     pub async fn run(&self, mut signals: Signals) -> Result<(), WorkerError> {
         info!(worker = %self.worker_id, "consuming");
+        // Messages received while a request was running (from partitions assigned meanwhile),
+        // served next. Each such partition is paused on receipt, so this stays small.
+        let mut backlog: VecDeque<OwnedMessage> = VecDeque::new();
         loop {
-            let msg = tokio::select! {
-                _ = signals.changed() => break,
-                msg = self.consumer.recv() => msg,
-            };
-            let msg = match msg {
-                Ok(m) => m,
-                Err(e) => {
-                    // librdkafka reports transient broker trouble here and recovers by itself.
-                    warn!(error = %e, "consumer error");
-                    if matches!(e, KafkaError::MessageConsumption(RDKafkaErrorCode::Fatal)) {
-                        return Err(WorkerError::Consume(e));
+            let msg = match backlog.pop_front() {
+                Some(m) => m,
+                None => {
+                    self.set_paused(false);
+                    let received = tokio::select! {
+                        _ = signals.changed() => break,
+                        m = self.consumer.recv() => m,
+                    };
+                    match received {
+                        Ok(m) => m.detach(),
+                        Err(e) => {
+                            // librdkafka reports transient broker trouble here and recovers.
+                            warn!(error = %e, "consumer error");
+                            if matches!(e, KafkaError::MessageConsumption(RDKafkaErrorCode::Fatal)) {
+                                return Err(WorkerError::Consume(e));
+                            }
+                            continue;
+                        }
                     }
-                    continue;
                 }
             };
+            // One request at a time: stop fetching while it runs, but keep polling. A member
+            // that stops polling holds up every rebalance of the group, and so every takeover
+            // of an evicted worker's partitions.
+            self.set_paused(true);
             let handling = self.handle(&msg);
             tokio::pin!(handling);
-            let (handled, draining) = tokio::select! {
-                r = &mut handling => (r?, false),
-                _ = signals.changed() => {
+            let finished = loop {
+                tokio::select! {
+                    r = &mut handling => break Some(r?),
+                    _ = signals.changed() => break None,
+                    m = self.consumer.recv() => match m {
+                        Ok(m) => {
+                            let mut tpl = TopicPartitionList::new();
+                            tpl.add_partition(m.topic(), m.partition());
+                            if let Err(e) = self.consumer.pause(&tpl) {
+                                warn!(error = %e, "cannot pause a newly assigned partition");
+                            }
+                            backlog.push_back(m.detach());
+                        }
+                        Err(e) => warn!(error = %e, "consumer error"),
+                    },
+                }
+            };
+            let (handled, draining) = match finished {
+                Some(h) => (h, false),
+                None => {
                     info!(partition = msg.partition(), offset = msg.offset(), "draining: suspending the generation in flight");
                     self.suspend_current();
                     let drained = tokio::time::timeout(self.drain_timeout, async {
@@ -214,6 +244,18 @@ impl Worker {
         Ok(())
     }
 
+    /// Pauses (or resumes) fetching from every assigned partition.
+    fn set_paused(&self, paused: bool) {
+        let Ok(assignment) = self.consumer.assignment() else { return };
+        if assignment.count() == 0 {
+            return;
+        }
+        let r = if paused { self.consumer.pause(&assignment) } else { self.consumer.resume(&assignment) };
+        if let Err(e) = r {
+            warn!(error = %e, paused, "cannot change the partitions' pause state");
+        }
+    }
+
     fn suspend_current(&self) {
         if let Ok(cur) = self.current.lock() {
             if let Some(c) = cur.as_ref() {
@@ -224,7 +266,7 @@ impl Worker {
 
     /// Answers or dead-letters one message, or suspends it when draining. Returns once what it
     /// published is acknowledged (or the snapshot is durable).
-    async fn handle(&self, msg: &BorrowedMessage<'_>) -> Result<Handled, WorkerError> {
+    async fn handle(&self, msg: &OwnedMessage) -> Result<Handled, WorkerError> {
         let started = Instant::now();
         let queued = msg
             .timestamp()
@@ -347,7 +389,7 @@ impl Worker {
     }
 
     /// Dead-letters a message and tells its caller, when it can be told.
-    async fn reject(&self, msg: &BorrowedMessage<'_>, invalid: &Invalid) -> Result<(), WorkerError> {
+    async fn reject(&self, msg: &OwnedMessage, invalid: &Invalid) -> Result<(), WorkerError> {
         warn!(
             request_id = invalid.id.as_deref().unwrap_or(""),
             partition = msg.partition(),
@@ -396,7 +438,7 @@ impl Worker {
         &self,
         topic: &str,
         reply: &Reply,
-        request: &BorrowedMessage<'_>,
+        request: &OwnedMessage,
     ) -> Result<(), WorkerError> {
         let body = serde_json::to_vec(reply)?;
         let mut hdrs = OwnedHeaders::new()
@@ -441,7 +483,7 @@ impl Worker {
 
     /// Commits the offset after `msg`. A failed commit is logged, not fatal: the message is then
     /// answered again after a redelivery, with the same answer.
-    fn commit(&self, msg: &BorrowedMessage<'_>) {
+    fn commit(&self, msg: &OwnedMessage) {
         let mut tpl = TopicPartitionList::new();
         if let Err(e) = tpl.add_partition_offset(msg.topic(), msg.partition(), Offset::Offset(msg.offset() + 1)) {
             warn!(error = %e, "cannot build the commit");

@@ -22,10 +22,8 @@
 //! file store lives on the local disk, and a restore reads a snapshot just written (in the page
 //! cache): a survivor on another node reading a network volume pays more.
 
-#[allow(dead_code)]
 #[path = "../tests/support/kafka.rs"]
 mod kafka;
-#[allow(dead_code)]
 #[path = "../tests/support/model.rs"]
 mod model;
 
@@ -52,10 +50,10 @@ use time::OffsetDateTime;
 const SNAPSHOT_EVERY_TOKENS: usize = 16;
 const DECODE_TOKENS: usize = 256;
 const REPEATS: usize = 3;
-const CONTEXTS: [usize; 3] = [256, 1024, 4096];
-/// Re-prefilling 4096 positions takes tens of seconds on one core; one sample is plenty next
-/// to a restore two orders of magnitude faster.
-const LONG_CONTEXT_REPEATS: usize = 1;
+/// Context sizes for restore against re-prefill, and how many re-prefills each: a re-prefill
+/// of 1024 or more positions takes many seconds on one core, and one sample is plenty next to a
+/// restore two orders of magnitude faster.
+const CONTEXTS: [(usize, usize); 3] = [(256, REPEATS), (1024, 1), (4096, 1)];
 const SESSION_TIMEOUT: &str = "6s";
 const FAILOVER_MAX_TOKENS: u32 = 200;
 /// The worker is interrupted once its snapshot holds at least this many tokens.
@@ -115,15 +113,30 @@ struct Written {
 impl InProcess {
     fn new() -> anyhow::Result<Self> {
         let model = Arc::new(model::load(WeightFormat::Q8_0));
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
         let dir = tempfile::tempdir()?;
         let url = format!("file://{}", dir.path().display());
         let store = rt.block_on(store::open(&url, Duration::from_secs(3600)))?;
-        Ok(Self { engine: Engine::new(model.clone()), model, rt, store, _dir: dir })
+        Ok(Self {
+            engine: Engine::new(model.clone()),
+            model,
+            rt,
+            store,
+            _dir: dir,
+        })
     }
 
     fn snapshots(&self, mode: &str) -> anyhow::Result<Snapshots> {
-        Ok(Snapshots::new(self.store.clone(), worker_policy(mode)?, &self.model, "q8_0", &Device::Cpu))
+        Ok(Snapshots::new(
+            self.store.clone(),
+            worker_policy(mode)?,
+            &self.model,
+            "q8_0",
+            &Device::Cpu,
+        ))
     }
 
     /// Decodes `prepared` from a fresh prefill to its `max_tokens`, offering snapshots to `sink`
@@ -141,7 +154,10 @@ impl InProcess {
         }
         let secs = start.elapsed().as_secs_f64();
         let n = seq.generated().len();
-        ensure!(n == prepared.params.max_tokens, "the count prompt ended after {n} tokens: runs would differ");
+        ensure!(
+            n == prepared.params.max_tokens,
+            "the count prompt ended after {n} tokens: runs would differ"
+        );
         Ok(n as f64 / secs)
     }
 
@@ -151,7 +167,9 @@ impl InProcess {
         let prefix = snapshot_prefix("bench", &format!("decode-{mode}-{run}"));
         let (writer, mut sink) = {
             let _rt = self.rt.enter();
-            snaps.writer(&prefix, prepared, "bench", None).context("snapshots are on")?
+            snaps
+                .writer(&prefix, prepared, "bench", None)
+                .context("snapshots are on")?
         };
         let tps = self.decode(prepared, Some(&mut sink));
         // Everything offered is written before the counters are read, so that every run
@@ -175,7 +193,9 @@ impl InProcess {
 
     /// Parts 1 and 2.
     fn overhead(&self) -> anyhow::Result<serde_json::Value> {
-        let prepared = self.engine.prepare(&count_request("bench-decode", DECODE_TOKENS as u32)?)?;
+        let prepared = self
+            .engine
+            .prepare(&count_request("bench-decode", DECODE_TOKENS as u32)?)?;
         // A short warm-up, so the first measured run does not pay for first touches.
         let mut warm = prepared.clone();
         warm.params.max_tokens = 32;
@@ -220,16 +240,27 @@ impl InProcess {
     }
 
     /// Part 3, for one context size: `positions - 1` prompt tokens and one generated token.
-    fn restore_vs_reprefill(&self, filler: &[u32], positions: usize) -> anyhow::Result<serde_json::Value> {
+    fn restore_vs_reprefill(
+        &self,
+        filler: &[u32],
+        positions: usize,
+        repeats: usize,
+    ) -> anyhow::Result<serde_json::Value> {
         let m = &*self.model;
         let prompt = filler[..positions - 1].to_vec();
         let tokens = vec![filler[positions - 1]];
-        let params = GenerationParams { sampling: SamplingParams::GREEDY, max_tokens: 64, stop: Vec::new() };
-        let prepared = Prepared { prompt: prompt.clone(), params: params.clone() };
+        let params = GenerationParams {
+            sampling: SamplingParams::GREEDY,
+            max_tokens: 64,
+            stop: Vec::new(),
+        };
+        let prepared = Prepared {
+            prompt: prompt.clone(),
+            params: params.clone(),
+        };
         // Re-prefill: a resume without a cache runs the prompt and the generated token through
         // the model, as a worker that finds no snapshot does (it would then decode the
         // generated tokens one at a time, which costs more; one token keeps this a lower bound).
-        let repeats = if positions >= 4096 { LONG_CONTEXT_REPEATS } else { REPEATS };
         let mut reprefill = Vec::new();
         let mut fresh = None;
         for _ in 0..repeats {
@@ -243,7 +274,9 @@ impl InProcess {
         let prefix = snapshot_prefix("bench", &format!("restore-{positions}"));
         let (writer, mut sink) = {
             let _rt = self.rt.enter();
-            snaps.writer(&prefix, &prepared, "bench", None).context("snapshots are on")?
+            snaps
+                .writer(&prefix, &prepared, "bench", None)
+                .context("snapshots are on")?
         };
         sink.offer(&fresh)?;
         self.rt.block_on(writer.flush_and_stop());
@@ -251,7 +284,10 @@ impl InProcess {
         let (mut find, mut restore, mut restored) = (Vec::new(), Vec::new(), None);
         for _ in 0..REPEATS {
             let start = Instant::now();
-            let found = self.rt.block_on(snaps.find(&prefix, &prepared)).context("the snapshot just written")?;
+            let found = self
+                .rt
+                .block_on(snaps.find(&prefix, &prepared))
+                .context("the snapshot just written")?;
             find.push(ms(start.elapsed()));
             let r = found.resume;
             let seq = Sequence::resume(m, prompt.clone(), params.clone(), r.tokens, r.cache)?;
@@ -263,7 +299,10 @@ impl InProcess {
         let mut restored = restored.context("at least one restore")?;
         fresh.step(m)?;
         restored.step(m)?;
-        ensure!(fresh.generated() == restored.generated(), "restored and re-prefilled sequences differ at {positions}");
+        ensure!(
+            fresh.generated() == restored.generated(),
+            "restored and re-prefilled sequences differ at {positions}"
+        );
         let (reprefill_ms, restore_ms) = (median(reprefill.clone()), median(restore.clone()));
         Ok(json!({
             "positions": positions,
@@ -278,12 +317,15 @@ impl InProcess {
     }
 
     fn restores(&self) -> anyhow::Result<serde_json::Value> {
-        let longest = CONTEXTS.iter().copied().max().unwrap_or(0);
+        let longest = CONTEXTS.iter().map(|c| c.0).max().unwrap_or(0);
         let mut filler = Vec::new();
         while filler.len() < longest {
             filler.extend(self.model.tokenizer.encode(FILLER)?);
         }
-        let sizes = CONTEXTS.iter().map(|&n| self.restore_vs_reprefill(&filler, n)).collect::<anyhow::Result<Vec<_>>>()?;
+        let sizes = CONTEXTS
+            .iter()
+            .map(|&(n, repeats)| self.restore_vs_reprefill(&filler, n, repeats))
+            .collect::<anyhow::Result<Vec<_>>>()?;
         Ok(json!(sizes))
     }
 }
@@ -326,7 +368,11 @@ mod failover {
             if let Some((tokens, worker)) = read_manifest(&self.path) {
                 let last = self.seen.last();
                 if last.is_none_or(|s| s.tokens != tokens || s.worker != worker) {
-                    self.seen.push(Seen { at: Instant::now(), tokens, worker });
+                    self.seen.push(Seen {
+                        at: Instant::now(),
+                        tokens,
+                        worker,
+                    });
                 }
             }
         }
@@ -347,7 +393,10 @@ mod failover {
                     return Ok(());
                 }
                 if Instant::now() >= deadline {
-                    bail!("timed out after {timeout:?} waiting for {what}; manifests seen: {:?}", self.seen);
+                    bail!(
+                        "timed out after {timeout:?} waiting for {what}; manifests seen: {:?}",
+                        self.seen
+                    );
                 }
                 std::thread::sleep(Duration::from_millis(5));
             }
@@ -383,10 +432,16 @@ mod failover {
 
     /// The `tokens=N` field of a log line.
     pub fn tokens_field(line: &str) -> Option<usize> {
-        line.split_whitespace().find_map(|w| w.strip_prefix("tokens=")?.parse().ok())
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix("tokens=")?.parse().ok())
     }
 
-    fn poll_until<T>(timeout: Duration, every: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> anyhow::Result<T> {
+    fn poll_until<T>(
+        timeout: Duration,
+        every: Duration,
+        what: &str,
+        mut f: impl FnMut() -> Option<T>,
+    ) -> anyhow::Result<T> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(v) = f() {
@@ -427,19 +482,40 @@ mod failover {
             let store_dir = cluster.dir.path().join("snapshots");
             std::fs::create_dir_all(&store_dir)?;
             let args = [
-                "--topic", &requests, "--reply-topic", &replies, "--group-id", &group,
-                "--snapshot-store", &format!("file://{}", store_dir.display()),
-                "--snapshot-every-tokens", &SNAPSHOT_EVERY_TOKENS.to_string(),
-                "--session-timeout", SESSION_TIMEOUT,
+                "--topic",
+                &requests,
+                "--reply-topic",
+                &replies,
+                "--group-id",
+                &group,
+                "--snapshot-store",
+                &format!("file://{}", store_dir.display()),
+                "--snapshot-every-tokens",
+                &SNAPSHOT_EVERY_TOKENS.to_string(),
+                "--session-timeout",
+                SESSION_TIMEOUT,
                 // librdkafka's group log, to see when the group has settled and when a
                 // survivor is handed the partition.
-                "--kafka-property", "debug=cgrp", "--log", "info,librdkafka=debug",
+                "--kafka-property",
+                "debug=cgrp",
+                "--log",
+                "info,librdkafka=debug",
             ]
             .map(String::from)
             .to_vec();
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let producer = cluster.producer();
-            let mut rig = Self { cluster, store_dir, requests, replies, group, args, workers: Vec::new(), rt, producer };
+            let mut rig = Self {
+                cluster,
+                store_dir,
+                requests,
+                replies,
+                group,
+                args,
+                workers: Vec::new(),
+                rt,
+                producer,
+            };
             rig.add_worker("worker-a")?;
             rig.add_worker("worker-b")?;
             Ok(rig)
@@ -451,38 +527,64 @@ mod failover {
             let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
             self.workers.push(self.cluster.worker(name, &args));
             let workers = &self.workers;
-            poll_until(Duration::from_secs(120), Duration::from_millis(50), "the consumer group to settle", || {
-                // Each member reaches `steady` once a generation that includes it is assigned;
-                // the newest worker's generation includes every earlier one.
-                workers.iter().all(|w| w.log().contains("-> steady")).then_some(())
-            })
+            poll_until(
+                Duration::from_secs(120),
+                Duration::from_millis(50),
+                "the consumer group to settle",
+                || {
+                    // Each member reaches `steady` once a generation that includes it is assigned;
+                    // the newest worker's generation includes every earlier one.
+                    workers.iter().all(|w| w.log().contains("-> steady")).then_some(())
+                },
+            )
             .with_context(|| self.log_tails())
         }
 
         pub fn log_tails(&self) -> String {
-            let tail = |s: String| s.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
-            self.workers.iter().map(|w| format!("----- {} -----\n{}", w.name, tail(w.log()))).collect::<Vec<_>>().join("\n")
+            let tail = |s: String| {
+                s.lines()
+                    .rev()
+                    .take(15)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            };
+            self.workers
+                .iter()
+                .map(|w| format!("----- {} -----\n{}", w.name, tail(w.log())))
+                .collect::<Vec<_>>()
+                .join("\n")
         }
 
         /// Publishes a long request and returns its id, offset and manifest watch.
         pub fn publish(&self, label: &str) -> anyhow::Result<(String, i64, Watch)> {
             let id = unique(label);
             let payload = serde_json::to_vec(&count_request(&id, FAILOVER_MAX_TOKENS)?)?;
-            let offset = self.rt.block_on(self.cluster.publish(&self.producer, &self.requests, &id, &payload));
+            let offset = self
+                .rt
+                .block_on(self.cluster.publish(&self.producer, &self.requests, &id, &payload));
             let prefix = snapshot_prefix(&self.requests, &id);
             Ok((id, offset, Watch::new(self.store_dir.join(prefix).join("manifest"))))
         }
 
         pub fn worker_index(&self, name: &str) -> anyhow::Result<usize> {
-            self.workers.iter().position(|w| w.name == name).with_context(|| format!("no worker {name}"))
+            self.workers
+                .iter()
+                .position(|w| w.name == name)
+                .with_context(|| format!("no worker {name}"))
         }
 
         /// Waits until the request at `offset` is committed and returns its answer.
         pub fn answer(&self, id: &str, offset: i64) -> anyhow::Result<ferry_schemas::Response> {
             let reader = self.cluster.reader(&self.group);
-            poll_until(Duration::from_secs(180), Duration::from_millis(200), "the answer to be committed", || {
-                self.cluster.committed(&reader, &self.requests).filter(|&c| c > offset)
-            })
+            poll_until(
+                Duration::from_secs(180),
+                Duration::from_millis(200),
+                "the answer to be committed",
+                || self.cluster.committed(&reader, &self.requests).filter(|&c| c > offset),
+            )
             .with_context(|| self.log_tails())?;
             let answers: Vec<Reply> = self
                 .cluster
@@ -507,23 +609,28 @@ mod failover {
         t0: Instant,
         tick: impl FnMut(),
     ) -> anyhow::Result<(Seen, Option<f64>)> {
-        watch.until(Duration::from_secs(180), "the survivor's new snapshots", |s| {
-            s.iter().filter(|m| m.worker == survivor && m.at > t0).count() >= 2
-        }, tick)?;
+        watch.until(
+            Duration::from_secs(180),
+            "the survivor's new snapshots",
+            |s| s.iter().filter(|m| m.worker == survivor && m.at > t0).count() >= 2,
+            tick,
+        )?;
         let new = watch.by(survivor, t0);
         let first = (*new.first().context("a new snapshot")?).clone();
         Ok((first, rate(&new)))
     }
 
     /// The survivor's timeline after a signal at `wall`, from its log.
-    fn survivor_log(log: &str, wall: SystemTime) -> serde_json::Value {
+    fn survivor_log(rig: &Rig, survivor: &str, wall: SystemTime) -> anyhow::Result<serde_json::Value> {
+        let log = rig.workers[rig.worker_index(survivor)?].log();
+        let log = log.as_str();
         let assigned = log_event(log, "delegating assign of 1 partition(s)", wall).map(|e| e.0);
         let resumed = log_event(log, "resuming from snapshot", wall);
-        json!({
+        Ok(json!({
             "signal_to_assigned_s": assigned,
             "signal_to_resume_found_s": resumed.as_ref().map(|e| e.0),
             "resume_found_tokens": resumed.as_ref().and_then(|e| tokens_field(&e.1)),
-        })
+        }))
     }
 
     /// The signal to the survivor's first new token, estimated from its first new snapshot
@@ -536,29 +643,57 @@ mod failover {
     /// SIGTERM the worker generating a request; the other resumes it.
     pub fn sigterm(rig: &mut Rig) -> anyhow::Result<serde_json::Value> {
         let (id, offset, mut watch) = rig.publish("bench-sigterm")?;
-        watch.until(Duration::from_secs(180), "a first snapshot", |s| s.last().is_some_and(|m| m.tokens >= INTERRUPT_AFTER), || {})?;
+        watch.until(
+            Duration::from_secs(180),
+            "a first snapshot",
+            |s| s.last().is_some_and(|m| m.tokens >= INTERRUPT_AFTER),
+            || {},
+        )?;
         let at_signal = watch.last()?.clone();
         let hi = rig.worker_index(&at_signal.worker)?;
-        let survivor = rig.workers.iter().find(|w| w.name != at_signal.worker).context("a survivor")?.name.clone();
+        let survivor = rig
+            .workers
+            .iter()
+            .find(|w| w.name != at_signal.worker)
+            .context("a survivor")?
+            .name
+            .clone();
         let (t0, wall) = (Instant::now(), SystemTime::now());
         rig.workers[hi].signal("TERM");
         let mut exited = None;
         let holder = &mut rig.workers[hi];
         let (first, survivor_tps) = survivor_progress(&mut watch, &survivor, t0, || {
             if exited.is_none() {
-                exited = holder.wait_exit(Duration::ZERO).map(|status| (t0.elapsed().as_secs_f64(), status));
+                exited = holder
+                    .wait_exit(Duration::ZERO)
+                    .map(|status| (t0.elapsed().as_secs_f64(), status));
             }
         })?;
         let (exit_s, status) = match exited {
             Some(e) => e,
-            None => (f64::NAN, holder.wait_exit(Duration::from_secs(30)).context("the drained worker exits")?),
+            None => (
+                f64::NAN,
+                holder
+                    .wait_exit(Duration::from_secs(30))
+                    .context("the drained worker exits")?,
+            ),
         };
         ensure!(status.success(), "the drained worker exited with {status}");
         let drained_log = log_event(&holder.log(), "suspended; snapshot written", wall);
+        // Only live workers stay in the rig: the next round picks its survivor among them.
+        rig.workers.remove(hi);
         // The drain snapshot is the drained worker's last manifest.
-        let drained = watch.seen.iter().filter(|s| s.worker == at_signal.worker).map(|s| s.tokens).max().unwrap_or(0);
+        let drained = watch
+            .seen
+            .iter()
+            .filter(|s| s.worker == at_signal.worker)
+            .map(|s| s.tokens)
+            .max()
+            .unwrap_or(0);
         let answer = rig.answer(&id, offset)?;
-        let resumed = answer.resumed_from_token.context("the survivor resumed from a snapshot")? as usize;
+        let resumed = answer
+            .resumed_from_token
+            .context("the survivor resumed from a snapshot")? as usize;
         let recovery_s = first.at.duration_since(t0).as_secs_f64();
         Ok(json!({
             "drained_worker": at_signal.worker,
@@ -572,7 +707,7 @@ mod failover {
             "tokens_recomputed": drained as i64 - resumed as i64,
             "signal_to_drained_s": drained_log.map(|e| e.0),
             "signal_to_exit_s": exit_s,
-            "survivor_log": survivor_log(&rig.workers.iter().find(|w| w.name == survivor).context("survivor")?.log(), wall),
+            "survivor_log": survivor_log(rig, &survivor, wall)?,
             "first_new_snapshot_tokens": first.tokens,
             "signal_to_first_new_snapshot_s": recovery_s,
             "signal_to_first_new_token_est_s": first_new_token_s(&first, resumed, survivor_tps, t0),
@@ -585,9 +720,12 @@ mod failover {
     pub fn sigkill(rig: &mut Rig) -> anyhow::Result<serde_json::Value> {
         let (id, offset, mut watch) = rig.publish("bench-sigkill")?;
         // Two snapshots by the same worker give its speed; the kill comes after a third.
-        watch.until(Duration::from_secs(180), "two snapshots", |s| {
-            s.last().is_some_and(|m| m.tokens >= INTERRUPT_AFTER) && s.len() >= 2
-        }, || {})?;
+        watch.until(
+            Duration::from_secs(180),
+            "two snapshots",
+            |s| s.last().is_some_and(|m| m.tokens >= INTERRUPT_AFTER) && s.len() >= 2,
+            || {},
+        )?;
         let n = watch.seen.len();
         watch.until(Duration::from_secs(60), "another snapshot", |s| s.len() > n, || {})?;
         let last = watch.last()?.clone();
@@ -597,14 +735,22 @@ mod failover {
         let delay = rand::random::<f64>() * SNAPSHOT_EVERY_TOKENS as f64 / tps;
         std::thread::sleep(Duration::from_secs_f64(delay));
         let hi = rig.worker_index(&last.worker)?;
-        let survivor = rig.workers.iter().find(|w| w.name != last.worker).context("a survivor")?.name.clone();
+        let survivor = rig
+            .workers
+            .iter()
+            .find(|w| w.name != last.worker)
+            .context("a survivor")?
+            .name
+            .clone();
         let (t0, wall) = (Instant::now(), SystemTime::now());
         rig.workers[hi].signal("KILL");
         let since_write = t0.duration_since(last.at).as_secs_f64();
         let generated_est = last.tokens as f64 + tps * since_write;
         let (first, survivor_tps) = survivor_progress(&mut watch, &survivor, t0, || {})?;
         let answer = rig.answer(&id, offset)?;
-        let resumed = answer.resumed_from_token.context("the survivor resumed from a snapshot")? as usize;
+        let resumed = answer
+            .resumed_from_token
+            .context("the survivor resumed from a snapshot")? as usize;
         Ok(json!({
             "killed_worker": last.worker,
             "survivor": survivor,
@@ -616,7 +762,7 @@ mod failover {
             "generated_at_kill_est": generated_est,
             "resumed_from_token": resumed,
             "tokens_recomputed_est": generated_est - resumed as f64,
-            "survivor_log": survivor_log(&rig.workers.iter().find(|w| w.name == survivor).context("survivor")?.log(), wall),
+            "survivor_log": survivor_log(rig, &survivor, wall)?,
             "first_new_snapshot_tokens": first.tokens,
             "signal_to_first_new_snapshot_s": first.at.duration_since(t0).as_secs_f64(),
             "signal_to_first_new_token_est_s": first_new_token_s(&first, resumed, survivor_tps, t0),
@@ -634,18 +780,42 @@ mod failover {
     }
 }
 
+/// Whether `part` is to run: `FERRY_BENCH_PARTS` lists some of `decode,restore,failover`
+/// (all when unset), to rerun one part alone.
+fn selected(part: &str) -> bool {
+    std::env::var("FERRY_BENCH_PARTS").map_or(true, |parts| parts.split(',').any(|p| p.trim() == part))
+}
+
+/// `{"256": x, "1024": y, …}` from the restore results' field `key`.
+fn by_positions(restores: &serde_json::Value, key: &str) -> serde_json::Value {
+    let sizes = restores.as_array().into_iter().flatten();
+    json!(sizes
+        .map(|r| (r["positions"].to_string(), r[key].clone()))
+        .collect::<serde_json::Map<_, _>>())
+}
+
 fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let threads = candle_core::utils::get_num_threads();
-    let bench = InProcess::new()?;
     let policy = worker_policy("cache")?;
-    eprintln!("decode overhead and bytes per token…");
-    let overhead = bench.overhead()?;
-    eprintln!("restore against re-prefill…");
-    let restores = bench.restores()?;
-    drop(bench);
-    eprintln!("recovery across processes…");
-    let failover = failover::run();
+    let (mut overhead, mut restores) = (serde_json::Value::Null, serde_json::Value::Null);
+    if selected("decode") || selected("restore") {
+        let bench = InProcess::new()?;
+        if selected("decode") {
+            eprintln!("decode overhead and bytes per token…");
+            overhead = bench.overhead()?;
+        }
+        if selected("restore") {
+            eprintln!("restore against re-prefill…");
+            restores = bench.restores()?;
+        }
+    }
+    let failover = if selected("failover") {
+        eprintln!("recovery across processes…");
+        failover::run()
+    } else {
+        Ok(serde_json::Value::Null)
+    };
     let f = failover.as_ref().ok();
     let pick = |round: &str, key: &str| f.map_or(serde_json::Value::Null, |f| f[round][key].clone());
     let report = json!({
@@ -657,9 +827,9 @@ fn main() -> anyhow::Result<()> {
         "snapshot_overhead_ratio": overhead["snapshot_overhead_ratio"],
         "bytes_per_token_cache": overhead["bytes_per_token_cache"],
         "bytes_per_token_tokens": overhead["bytes_per_token_tokens"],
-        "reprefill_vs_restore_ratio": restores.as_array().map(|a| {
-            a.iter().map(|r| (r["positions"].to_string(), r["reprefill_vs_restore_ratio"].clone())).collect::<serde_json::Map<_, _>>()
-        }),
+        "reprefill_vs_restore_ratio": by_positions(&restores, "reprefill_vs_restore_ratio"),
+        "restore_ms": by_positions(&restores, "restore_ms"),
+        "reprefill_ms": by_positions(&restores, "reprefill_ms"),
         "session_timeout_s": humantime::parse_duration(SESSION_TIMEOUT)?.as_secs_f64(),
         "sigterm_recovery_s": pick("sigterm", "signal_to_first_new_snapshot_s"),
         "sigterm_tokens_recomputed": pick("sigterm", "tokens_recomputed"),
@@ -687,11 +857,26 @@ fn main() -> anyhow::Result<()> {
 
 /// How the figures were taken, for whoever reads the JSON without this file.
 const NOTES: &[&str] = &[
-    "snapshot_overhead_ratio: median decode tokens/s without snapshots over median with a snapshot every 16 tokens (cache mode, file store on local disk, writer task on a one-thread tokio runtime, decode on the bench thread), runs alternating without/with; both runs decode the same greedy count prompt to exactly the same number of tokens.",
-    "bytes_per_token_*: bytes the writer stored (pieces and manifests) over generated tokens; the cache-mode figure includes the prompt's KV once; tokens-mode manifests carry all token ids, so they grow with the answer.",
-    "restore: Snapshots::find (read, verify, rebuild the cache) plus Sequence::resume (one forward pass of the last token), from a snapshot just written (page cache warm). reprefill: Sequence::resume without a cache, one forward pass over all positions; a worker without a snapshot would also re-decode the generated tokens one by one, so the ratio is a lower bound.",
-    "recovery_s: from the signal to the survivor's first new snapshot manifest (polled every 5 ms), i.e. up to 16 tokens after its first new token; signal_to_first_new_token_est_s subtracts those tokens at the survivor's measured speed; survivor_log gives, from its log timestamps, when it was assigned the partition and when it found the snapshot.",
-    "sigterm tokens_recomputed: tokens in the drained worker's final snapshot minus the survivor's resumed_from_token from the reply.",
-    "sigkill tokens_recomputed_est: the killed worker's last manifest plus its measured tokens/s times the time from seeing that manifest to the kill (the kill is placed uniformly within one snapshot interval), minus resumed_from_token; it slightly underestimates by the manifest's write latency.",
-    "recovery times on ferry broker (librdkafka's mock cluster) include its group coordinator's rebalance delays, longer than a real broker's; SIGKILL recovery includes the session timeout.",
+    "snapshot_overhead_ratio: median decode tokens/s without snapshots over median with a snapshot every \
+     16 tokens (cache mode, file store on local disk, writer task on a one-thread tokio runtime, decode \
+     on the bench thread), runs alternating without/with; both runs decode the same greedy count prompt \
+     to exactly the same number of tokens.",
+    "bytes_per_token_*: bytes the writer stored (pieces and manifests) over generated tokens; the \
+     cache-mode figure includes the prompt's KV once; tokens-mode manifests carry all token ids, so they \
+     grow with the answer.",
+    "restore: Snapshots::find (read, verify, rebuild the cache) plus Sequence::resume (one forward pass \
+     of the last token), from a snapshot just written (page cache warm). reprefill: Sequence::resume \
+     without a cache, one forward pass over all positions; a worker without a snapshot would also \
+     re-decode the generated tokens one by one, so the ratio is a lower bound.",
+    "recovery_s: from the signal to the survivor's first new snapshot manifest (polled every 5 ms), 16 \
+     tokens after the resume point; signal_to_first_new_token_est_s subtracts those tokens at \
+     the survivor's measured speed; survivor_log gives, from its log timestamps, when it was assigned the \
+     partition and when it found the snapshot.",
+    "sigterm tokens_recomputed: tokens in the drained worker's final snapshot minus the survivor's \
+     resumed_from_token from the reply.",
+    "sigkill tokens_recomputed_est: the killed worker's last manifest plus its measured tokens/s times \
+     the time from seeing that manifest to the kill (the kill is placed uniformly within one snapshot \
+     interval), minus resumed_from_token; it slightly underestimates by the manifest's write latency.",
+    "recovery times on ferry broker (librdkafka's mock cluster) include its group coordinator's rebalance \
+     delays, longer than a real broker's; SIGKILL recovery includes the session timeout.",
 ];

@@ -97,6 +97,9 @@ impl std::fmt::Debug for Worker {
 fn base_config(bootstrap: &str, cfg: &KafkaConfig) -> Result<ClientConfig, WorkerError> {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", bootstrap);
+    // A worker that was just handed an evicted worker's partition should see its message at
+    // once, not after librdkafka's default 500 ms fetch wait. Overridable.
+    c.set("fetch.wait.max.ms", "100");
     for (k, v) in cfg
         .property_pairs()
         .map_err(|e| WorkerError::Setup(KafkaError::ClientCreation(e.0)))?

@@ -281,7 +281,6 @@ pub fn find_line(path: &Path, needle: &str) -> Option<String> {
 
 /// Helpers for tests whose topics have several partitions, so that several workers of one group
 /// share the load. `start` and its readers above keep to partition 0; these cover every one.
-#[allow(dead_code)]
 impl Cluster {
     /// A broker holding `topics`, each with `partitions` partitions.
     pub fn start_with_partitions(topics: &[&str], partitions: i32) -> Self {
@@ -387,7 +386,6 @@ impl Cluster {
     }
 }
 
-#[allow(dead_code)]
 fn create_partitioned_topics(bootstrap: &str, topics: &[&str], partitions: i32) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)

@@ -29,7 +29,7 @@ build:
 test: model
 	$(CARGO) build --workspace --bins
 	RAYON_NUM_THREADS=$(TEST_THREADS) FERRY_TEST_MODEL=$(CURDIR)/$(MODEL) \
-		$(CARGO) test --workspace -- --test-threads=2
+		$(CARGO) test --workspace --no-fail-fast -- --test-threads=2
 
 # The main job on the embedded broker: a broker and three workers, requests through Kafka, one
 # worker evicted and one killed mid-generation, every answer checked against the reference.

@@ -16,16 +16,16 @@
 //! Limit: one request at a time, and a generation longer than `max.poll.interval.ms` would get
 //! the worker thrown out of the group; the concurrency issue lifts both.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_schemas::{headers, Reply, Request, SourceRecord, SCHEMA_VERSION};
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
 use tracing::{error, info, warn};
 
 use crate::config::KafkaConfig;
@@ -57,7 +57,7 @@ pub enum WorkerError {
 
 /// The worker's Kafka side.
 pub struct Worker {
-    consumer: StreamConsumer,
+    consumer: WorkerConsumer,
     producer: FutureProducer,
     engine: Engine,
     engine_thread: EngineHandle,
@@ -93,13 +93,40 @@ impl std::fmt::Debug for Worker {
     }
 }
 
+/// Consumer callbacks.
+struct WorkerContext;
+
+impl ClientContext for WorkerContext {}
+
+impl ConsumerContext for WorkerContext {
+    /// A partition handed (back) to this worker starts unpaused. librdkafka keeps an
+    /// application's pause across a revoke and a re-assign, which would leave a partition paused
+    /// during one request, and reassigned while the worker waits idle, unfetched forever.
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                info!(partitions = tpl.count(), "partitions assigned");
+                if tpl.count() > 0 {
+                    if let Err(e) = consumer.resume(tpl) {
+                        warn!(error = %e, "cannot resume newly assigned partitions");
+                    }
+                }
+            }
+            Rebalance::Revoke(tpl) => info!(partitions = tpl.count(), "partitions revoked"),
+            Rebalance::Error(e) => warn!(error = %e, "rebalance error"),
+        }
+    }
+}
+
+type WorkerConsumer = StreamConsumer<WorkerContext>;
+
 /// librdkafka settings shared by the consumer and the producer.
-fn base_config(bootstrap: &str, cfg: &KafkaConfig) -> Result<ClientConfig, WorkerError> {
+fn base_config(bootstrap: &str, cfg: &KafkaConfig, defaults: &[(&str, &str)]) -> Result<ClientConfig, WorkerError> {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", bootstrap);
-    // A worker that was just handed an evicted worker's partition should see its message at
-    // once, not after librdkafka's default 500 ms fetch wait. Overridable.
-    c.set("fetch.wait.max.ms", "100");
+    for (k, v) in defaults {
+        c.set(*k, *v);
+    }
     for (k, v) in cfg
         .property_pairs()
         .map_err(|e| WorkerError::Setup(KafkaError::ClientCreation(e.0)))?
@@ -118,16 +145,18 @@ impl Worker {
         snapshots: Option<Snapshots>,
         drain_timeout: Duration,
     ) -> Result<Self, WorkerError> {
-        let consumer: StreamConsumer = base_config(bootstrap, cfg)?
+        // A worker just handed an evicted worker's partition should see its message at once,
+        // not after librdkafka's default 500 ms fetch wait. Overridable.
+        let consumer: WorkerConsumer = base_config(bootstrap, cfg, &[("fetch.wait.max.ms", "100")])?
             .set("group.id", &cfg.group_id)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", cfg.session_timeout.as_millis().to_string())
             .set("client.id", &worker_id)
-            .create()
+            .create_with_context(WorkerContext)
             .map_err(WorkerError::Setup)?;
-        let producer: FutureProducer = base_config(bootstrap, cfg)?
+        let producer: FutureProducer = base_config(bootstrap, cfg, &[])?
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("message.timeout.ms", cfg.publish_timeout.as_millis().to_string())
@@ -159,11 +188,26 @@ impl Worker {
         // Messages received while a request was running (from partitions assigned meanwhile),
         // served next. Each such partition is paused on receipt, so this stays small.
         let mut backlog: VecDeque<OwnedMessage> = VecDeque::new();
+        // Per partition, the offset after the last message this worker answered. A message
+        // below it is a redelivery of an answered one (its partition was revoked and handed back
+        // mid-request): its offset is committed again instead of answering it twice.
+        let mut answered: HashMap<(String, i32), i64> = HashMap::new();
+        // Whether a partition was paused for the backlog (resuming is only done then: it makes
+        // librdkafka restart its fetch).
+        let mut paused = false;
         loop {
             let msg = match backlog.pop_front() {
-                Some(m) => m,
+                Some(m) => {
+                    if !self.is_assigned(m.topic(), m.partition()) {
+                        // The partition moved to another worker while the message waited here.
+                        continue;
+                    }
+                    m
+                }
                 None => {
-                    self.set_paused(false);
+                    if std::mem::take(&mut paused) {
+                        self.resume_all();
+                    }
                     let received = tokio::select! {
                         _ = signals.changed() => break,
                         m = self.consumer.recv() => m,
@@ -181,10 +225,17 @@ impl Worker {
                     }
                 }
             };
-            // One request at a time: stop fetching while it runs, but keep polling. A member
-            // that stops polling holds up every rebalance of the group, and so every takeover
-            // of an evicted worker's partitions.
-            self.set_paused(true);
+            if let Some(&next) = answered.get(&(msg.topic().to_string(), msg.partition())) {
+                if msg.offset() < next {
+                    info!(partition = msg.partition(), offset = msg.offset(), "already answered here; committing again");
+                    self.commit_offset(msg.topic(), msg.partition(), next);
+                    continue;
+                }
+            }
+            // One request at a time. The worker keeps polling while it runs (a member that stops
+            // polling holds up every rebalance of the group, and so every takeover of an evicted
+            // worker's partitions); a message that arrives meanwhile waits in the backlog, and
+            // its partition is paused until the backlog is served.
             let handling = self.handle(&msg);
             tokio::pin!(handling);
             let finished = loop {
@@ -196,8 +247,9 @@ impl Worker {
                             let mut tpl = TopicPartitionList::new();
                             tpl.add_partition(m.topic(), m.partition());
                             if let Err(e) = self.consumer.pause(&tpl) {
-                                warn!(error = %e, "cannot pause a newly assigned partition");
+                                warn!(error = %e, "cannot pause a partition for the backlog");
                             }
+                            paused = true;
                             backlog.push_back(m.detach());
                         }
                         Err(e) => warn!(error = %e, "consumer error"),
@@ -231,8 +283,11 @@ impl Worker {
             };
             let suspended = handled == Handled::Suspended;
             if let Handled::Done(prefix) = handled {
-                self.commit(&msg);
-                if let (Some(s), Some(prefix)) = (&self.snapshots, prefix) {
+                answered.insert((msg.topic().to_string(), msg.partition()), msg.offset() + 1);
+                let committed = self.commit_offset(msg.topic(), msg.partition(), msg.offset() + 1);
+                // After a failed commit the request may come back: keep its snapshot for that
+                // (it expires with the TTL otherwise).
+                if let (true, Some(s), Some(prefix)) = (committed, &self.snapshots, prefix) {
                     s.delete(&prefix).await;
                 }
             }
@@ -247,15 +302,13 @@ impl Worker {
         Ok(())
     }
 
-    /// Pauses (or resumes) fetching from every assigned partition.
-    fn set_paused(&self, paused: bool) {
+    /// Resumes fetching from every assigned partition (the backlog is empty).
+    fn resume_all(&self) {
         let Ok(assignment) = self.consumer.assignment() else { return };
-        if assignment.count() == 0 {
-            return;
-        }
-        let r = if paused { self.consumer.pause(&assignment) } else { self.consumer.resume(&assignment) };
-        if let Err(e) = r {
-            warn!(error = %e, paused, "cannot change the partitions' pause state");
+        if assignment.count() > 0 {
+            if let Err(e) = self.consumer.resume(&assignment) {
+                warn!(error = %e, "cannot resume the assigned partitions");
+            }
         }
     }
 
@@ -484,19 +537,32 @@ impl Worker {
         }
     }
 
-    /// Commits the offset after `msg`. A failed commit is logged, not fatal: the message is then
-    /// answered again after a redelivery, with the same answer.
-    fn commit(&self, msg: &OwnedMessage) {
+    /// Commits `next` as the partition's position. A failed commit is logged, not fatal: the
+    /// message is then answered again after a redelivery, with the same answer.
+    fn commit_offset(&self, topic: &str, partition: i32, next: i64) -> bool {
         let mut tpl = TopicPartitionList::new();
-        if let Err(e) = tpl.add_partition_offset(msg.topic(), msg.partition(), Offset::Offset(msg.offset() + 1)) {
+        if let Err(e) = tpl.add_partition_offset(topic, partition, Offset::Offset(next)) {
             warn!(error = %e, "cannot build the commit");
-            return;
+            return false;
         }
-        if let Err(e) = self.consumer.commit(&tpl, CommitMode::Sync) {
-            warn!(partition = msg.partition(), offset = msg.offset(), error = %e,
-                "commit failed; the message may be redelivered and answered again");
+        match self.consumer.commit(&tpl, CommitMode::Sync) {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(partition, offset = next - 1, error = %e,
+                    "commit failed; the message may be redelivered and answered again");
+                false
+            }
         }
     }
+
+    fn is_assigned(&self, topic: &str, partition: i32) -> bool {
+        self.consumer
+            .assignment()
+            .map(|a| a.find_partition(topic, partition).is_some())
+            .unwrap_or(false)
+    }
+
+
 
     /// Whether `topic` exists, asking the broker once per topic. A request whose reply topic
     /// does not exist is dead-lettered instead of blocking the worker on a reply it cannot send.

@@ -145,6 +145,16 @@ impl Fleet<'_> {
         self.stop(all);
     }
 
+    /// Fails the test at once if a worker that should be running has exited (a bad flag, a
+    /// crash), rather than after a deadline that waits for its work.
+    fn check_alive(&mut self) {
+        for w in &mut self.alive {
+            if let Some(status) = w.wait_exit(Duration::ZERO) {
+                panic!("{} exited on its own with {status}", w.name);
+            }
+        }
+    }
+
     /// A request some live worker is generating, with at least `min_tokens` in its snapshot:
     /// (worker, request id, tokens). The one furthest along, so the interruption has work to
     /// save.
@@ -212,7 +222,6 @@ fn a_churning_fleet_loses_no_request_and_never_answers_one_two_ways() {
         "6s",
         "--drain-timeout",
         &drain,
-        "--kafka-property", "debug=consumer", "--log", "info,librdkafka=trace,rdkafka=trace", // TEMPORARY
     ];
     let mut fleet = Fleet {
         cluster: &cluster,
@@ -239,12 +248,14 @@ fn a_churning_fleet_loses_no_request_and_never_answers_one_two_ways() {
 
         // A third worker joins once the first two are at work.
         wait_for(Duration::from_secs(90), "a first generation", || {
+            fleet.check_alive();
             fleet.busy(&store, &prefixes, 1)
         });
         fleet.join("worker-c");
 
         // One worker is evicted mid-generation, and a replacement joins.
         let (victim, id, tokens) = wait_for(Duration::from_secs(90), "a generation to evict", || {
+            fleet.check_alive();
             fleet.busy(&store, &prefixes, SNAPSHOT_EVERY)
         });
         eprintln!("evicting {victim}, generating {id} ({tokens} tokens in its snapshot)");
@@ -253,6 +264,7 @@ fn a_churning_fleet_loses_no_request_and_never_answers_one_two_ways() {
 
         // Another crashes mid-generation, and a replacement joins.
         let (victim, id, tokens) = wait_for(Duration::from_secs(90), "a generation to crash", || {
+            fleet.check_alive();
             fleet.busy(&store, &prefixes, SNAPSHOT_EVERY)
         });
         eprintln!("killing {victim}, generating {id} ({tokens} tokens in its snapshot)");
@@ -262,19 +274,30 @@ fn a_churning_fleet_loses_no_request_and_never_answers_one_two_ways() {
         publisher.join().expect("the publisher");
     });
 
-    // Every request is answered and committed, on every partition.
+    // Every request is answered and committed, on every partition. On a timeout the committed
+    // offsets say which partitions were left behind.
     let reader = cluster.reader(&group);
     let highs = cluster.high_watermarks(&reader, &requests);
     assert_eq!(highs.iter().sum::<i64>(), REQUESTS as i64, "published {highs:?}");
-    wait_for(Duration::from_secs(150), "every request to be committed", || {
-        let done = highs.iter().enumerate().all(|(p, &high)| {
-            high == 0
-                || cluster
-                    .committed_in(&reader, &requests, p as i32)
-                    .is_some_and(|c| c >= high)
-        });
-        done.then_some(())
-    });
+    let deadline = Instant::now() + Duration::from_secs(150);
+    loop {
+        fleet.check_alive();
+        let committed: Vec<Option<i64>> = (0..highs.len() as i32)
+            .map(|p| cluster.committed_in(&reader, &requests, p))
+            .collect();
+        if highs
+            .iter()
+            .zip(&committed)
+            .all(|(&high, c)| high == 0 || c.is_some_and(|c| c >= high))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not every request was committed in time: per partition, committed {committed:?} of {highs:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     // Stop the survivors gracefully, so that a reply still on its way is in the topic when it is
     // read, and the last drains are checked too.
     fleet.stop_all();
@@ -339,13 +362,6 @@ fn a_churning_fleet_loses_no_request_and_never_answers_one_two_ways() {
         .flatten()
         .filter(|r| r.resumed_from_token.is_some())
         .count();
-    let _ = std::fs::remove_dir_all("/tmp/churn-logs"); // TEMPORARY
-    std::fs::create_dir_all("/tmp/churn-logs").unwrap();
-    for e in std::fs::read_dir(cluster.dir.path()).unwrap().flatten() {
-        if e.path().extension().is_some_and(|x| x == "log") {
-            std::fs::copy(e.path(), Path::new("/tmp/churn-logs").join(e.file_name())).unwrap();
-        }
-    }
     eprintln!(
         "churn summary: requests={REQUESTS} answered={} duplicates={duplicates} resumed={resumed} elapsed={:?}",
         answers.len(),

@@ -115,7 +115,7 @@ pub struct ModelConfig {
     #[arg(long, env = "FERRY_MODEL_NAME")]
     pub model_name: Option<String>,
     /// How matrix weights are held in memory: `q8-0` re-quantises 4- and 5-bit weights to Q8_0
-    /// at load, which candle runs several times faster on CPU; `native` keeps the file's format.
+    /// at load, which candle runs about twice as fast on CPU; `native` keeps the file's format.
     #[arg(long, env = "FERRY_WEIGHTS", value_enum, default_value = "q8-0")]
     pub weights: WeightFormat,
     /// Caps the context window below the model's own, to bound KV-cache memory per request.

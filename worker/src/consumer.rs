@@ -227,7 +227,11 @@ impl Worker {
             };
             if let Some(&next) = answered.get(&(msg.topic().to_string(), msg.partition())) {
                 if msg.offset() < next {
-                    info!(partition = msg.partition(), offset = msg.offset(), "already answered here; committing again");
+                    info!(
+                        partition = msg.partition(),
+                        offset = msg.offset(),
+                        "already answered here; committing again"
+                    );
                     self.commit_offset(msg.topic(), msg.partition(), next);
                     continue;
                 }
@@ -259,7 +263,11 @@ impl Worker {
             let (handled, draining) = match finished {
                 Some(h) => (h, false),
                 None => {
-                    info!(partition = msg.partition(), offset = msg.offset(), "draining: suspending the generation in flight");
+                    info!(
+                        partition = msg.partition(),
+                        offset = msg.offset(),
+                        "draining: suspending the generation in flight"
+                    );
                     self.suspend_current();
                     let drained = tokio::time::timeout(self.drain_timeout, async {
                         tokio::select! {
@@ -304,7 +312,9 @@ impl Worker {
 
     /// Resumes fetching from every assigned partition (the backlog is empty).
     fn resume_all(&self) {
-        let Ok(assignment) = self.consumer.assignment() else { return };
+        let Ok(assignment) = self.consumer.assignment() else {
+            return;
+        };
         if assignment.count() > 0 {
             if let Err(e) = self.consumer.resume(&assignment) {
                 warn!(error = %e, "cannot resume the assigned partitions");
@@ -490,12 +500,7 @@ impl Worker {
         Ok(())
     }
 
-    async fn publish_reply(
-        &self,
-        topic: &str,
-        reply: &Reply,
-        request: &OwnedMessage,
-    ) -> Result<(), WorkerError> {
+    async fn publish_reply(&self, topic: &str, reply: &Reply, request: &OwnedMessage) -> Result<(), WorkerError> {
         let body = serde_json::to_vec(reply)?;
         let mut hdrs = OwnedHeaders::new()
             .insert(Header {
@@ -561,8 +566,6 @@ impl Worker {
             .map(|a| a.find_partition(topic, partition).is_some())
             .unwrap_or(false)
     }
-
-
 
     /// Whether `topic` exists, asking the broker once per topic. A request whose reply topic
     /// does not exist is dead-lettered instead of blocking the worker on a reply it cannot send.

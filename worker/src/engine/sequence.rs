@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use ferry_schemas::FinishReason;
 
 use super::sampler::{sample, SamplingParams};
-use crate::model::{IncrementalDecoder, Model, ModelError, SequenceCache};
+use crate::model::{IncrementalDecoder, LayerValues, Model, ModelError, SequenceCache};
 
 /// What a sequence needs to know about its request.
 #[derive(Debug, Clone, PartialEq)]
@@ -135,7 +135,7 @@ impl Sequence {
     }
 
     /// Keys and values of positions `[from, to)`, position-major, for a snapshot piece.
-    pub fn kv_values(&self, from: usize, to: usize) -> Result<Vec<(Vec<f32>, Vec<f32>)>, ModelError> {
+    pub fn kv_values(&self, from: usize, to: usize) -> Result<LayerValues, ModelError> {
         self.cache.range_values(from, to)
     }
 

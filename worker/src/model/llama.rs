@@ -81,6 +81,10 @@ pub(crate) fn md_string(ct: &gguf_file::Content, key: &str) -> Result<String, Mo
     Ok(md(ct, key)?.to_string()?.clone())
 }
 
+/// Keys and values of every layer for a range of positions, each position-major
+/// (`(positions, n_kv_head, head_dim)` flattened): how snapshots carry the cache.
+pub type LayerValues = Vec<(Vec<f32>, Vec<f32>)>;
+
 /// The format matrix weights are kept in after loading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum WeightFormat {
@@ -170,7 +174,7 @@ impl SequenceCache {
 
     /// Keys and values of every layer for positions `[from, to)`, position-major
     /// (`(to - from, n_kv_head, head_dim)` flattened), as snapshot pieces hold them.
-    pub fn range_values(&self, from: usize, to: usize) -> Result<Vec<(Vec<f32>, Vec<f32>)>, ModelError> {
+    pub fn range_values(&self, from: usize, to: usize) -> Result<LayerValues, ModelError> {
         if from >= to || to > self.len {
             return Err(ModelError::Unsupported(format!(
                 "cache range [{from}, {to}) of {}",
@@ -194,7 +198,7 @@ impl SequenceCache {
     pub fn from_range_values(
         config: &LlamaConfig,
         positions: usize,
-        layers: Vec<(Vec<f32>, Vec<f32>)>,
+        layers: LayerValues,
         device: &Device,
     ) -> Result<Self, ModelError> {
         let shape = (1, positions, config.n_kv_head, config.head_dim);

@@ -264,7 +264,7 @@ impl SnapshotWriter {
         let with_kv = stats.use_cache(policy.mode, bytes_per_token);
         // A resumed chain continues where it ended; a tokens-only chain switching to the cache
         // (or the reverse) starts a fresh, full copy.
-        let keep_chain = with_kv == !chain.pieces.is_empty();
+        let keep_chain = with_kv != chain.pieces.is_empty();
         let next_from = if keep_chain {
             chain.pieces.last().map_or(0, |p| p.to as usize)
         } else {

@@ -111,37 +111,7 @@ pub struct Cluster {
 impl Cluster {
     /// A broker holding `topics`, each with one partition.
     pub fn start(topics: &[&str]) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        if let Ok(bootstrap) = std::env::var("FERRY_TEST_BOOTSTRAP_SERVERS") {
-            create_topics(&bootstrap, topics);
-            return Self {
-                bootstrap,
-                dir,
-                _broker: None,
-            };
-        }
-        let file = dir.path().join("bootstrap");
-        let mut cmd = Command::new(bin("ferry"));
-        cmd.arg("broker")
-            .arg("--partitions")
-            .arg("1")
-            .arg("--bootstrap-file")
-            .arg(&file);
-        for t in topics {
-            cmd.arg("--topic").arg(t);
-        }
-        let broker = ChildGuard::spawn("ferry broker", &mut cmd, dir.path().join("broker.log"));
-        let bootstrap = wait_for(Duration::from_secs(30), "the broker's bootstrap file", || {
-            std::fs::read_to_string(&file)
-                .ok()
-                .map(|s| s.trim().to_string())
-                .filter(|s| !s.is_empty())
-        });
-        Self {
-            bootstrap,
-            dir,
-            _broker: Some(broker),
-        }
+        Self::start_with_partitions(topics, 1)
     }
 
     /// Starts a worker on this cluster with the test model and `args`.
@@ -227,33 +197,6 @@ impl Cluster {
     }
 }
 
-fn create_topics(bootstrap: &str, topics: &[&str]) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()
-        .expect("admin client");
-    let new: Vec<NewTopic> = topics
-        .iter()
-        .map(|t| NewTopic::new(t, 1, TopicReplication::Fixed(-1)))
-        .collect();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    for r in rt
-        .block_on(admin.create_topics(&new, &AdminOptions::new()))
-        .expect("create topics")
-    {
-        if let Err((t, e)) = r {
-            assert_eq!(
-                e,
-                rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists,
-                "cannot create topic {t}"
-            );
-        }
-    }
-}
-
 /// Polls `f` until it gives a value, failing the test after `timeout`.
 pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
@@ -280,13 +223,13 @@ pub fn find_line(path: &Path, needle: &str) -> Option<String> {
 }
 
 /// Helpers for tests whose topics have several partitions, so that several workers of one group
-/// share the load. `start` and its readers above keep to partition 0; these cover every one.
+/// share the load. The readers above keep to partition 0; these cover every one.
 impl Cluster {
     /// A broker holding `topics`, each with `partitions` partitions.
     pub fn start_with_partitions(topics: &[&str], partitions: i32) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         if let Ok(bootstrap) = std::env::var("FERRY_TEST_BOOTSTRAP_SERVERS") {
-            create_partitioned_topics(&bootstrap, topics, partitions);
+            create_topics(&bootstrap, topics, partitions);
             return Self {
                 bootstrap,
                 dir,
@@ -386,7 +329,7 @@ impl Cluster {
     }
 }
 
-fn create_partitioned_topics(bootstrap: &str, topics: &[&str], partitions: i32) {
+fn create_topics(bootstrap: &str, topics: &[&str], partitions: i32) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .create()

@@ -48,7 +48,10 @@ pub struct Response {
     pub timings: Timings,
     /// The worker that answered (its pod name in Kubernetes).
     pub worker: String,
-    /// 1 for the first delivery of the request, higher after redeliveries.
+    /// How many workers have worked on this request, as far as its snapshots record: 1 for a
+    /// generation run from the start, n + 1 for one resumed from a snapshot written by the n-th.
+    /// A worker that dies before its first snapshot leaves no record, so a redelivery can still
+    /// say 1 (durable attempt counting is the delivery issue's).
     pub attempt: u32,
     /// When the generation continued from a snapshot, the number of generated tokens it
     /// started from; null for a generation run from the start.

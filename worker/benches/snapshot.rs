@@ -345,11 +345,8 @@ mod failover {
     /// Generated tokens and writer of the manifest at `path`, read straight from the file store:
     /// a first line `FERRY-SNAPSHOT-MANIFEST`, the JSON, and a checksum line of 8 hex digits.
     fn read_manifest(path: &Path) -> Option<(usize, String)> {
-        let bytes = std::fs::read(path).ok()?;
-        let body = bytes.strip_prefix(b"FERRY-SNAPSHOT-MANIFEST\n")?;
-        let json = &body[..body.len().checked_sub(9)?];
-        let m: serde_json::Value = serde_json::from_slice(json).ok()?;
-        Some((m["tokens"].as_array()?.len(), m["worker"].as_str()?.to_string()))
+        let m = ferry_worker::snapshot::format::Manifest::peek(&std::fs::read(path).ok()?).ok()?;
+        Some((m.tokens.len(), m.worker))
     }
 
     /// Every change of one manifest, polled every few milliseconds (a write is a rename, so a

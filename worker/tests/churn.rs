@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use ferry_schemas::{Reply, Request, Response};
 use ferry_worker::config::DRAIN_MARGIN;
 use ferry_worker::engine::Engine;
-use ferry_worker::snapshot::format::snapshot_prefix;
+use ferry_worker::snapshot::format::{snapshot_prefix, Manifest};
 use support::kafka::{unique, wait_for, ChildGuard, Cluster};
 
 /// Requests published in the run.
@@ -75,11 +75,8 @@ fn request(i: usize) -> Request {
 /// What a snapshot manifest in the file store says, read straight from the file: who wrote it
 /// and how many tokens it holds. `None` while there is no manifest (or it is being replaced).
 fn manifest(store: &Path, prefix: &str) -> Option<(String, usize)> {
-    let bytes = std::fs::read(store.join(prefix).join("manifest")).ok()?;
-    let body = &bytes[bytes.iter().position(|&b| b == b'\n')? + 1..];
-    let json = &body[..body.iter().rposition(|&b| b == b'\n')?];
-    let v: serde_json::Value = serde_json::from_slice(json).ok()?;
-    Some((v["worker"].as_str()?.to_string(), v["tokens"].as_array()?.len()))
+    let m = Manifest::peek(&std::fs::read(store.join(prefix).join("manifest")).ok()?).ok()?;
+    Some((m.worker, m.tokens.len()))
 }
 
 /// The worker processes of the test, by name. Dropping it kills every one still running; on a

@@ -11,21 +11,16 @@ use std::time::{Duration, Instant};
 
 use ferry_schemas::{Reply, Request};
 use ferry_worker::engine::Engine;
-use ferry_worker::snapshot::format::snapshot_prefix;
+use ferry_worker::snapshot::format::{snapshot_prefix, Manifest};
 use rand::{Rng, SeedableRng};
 use support::kafka::{unique, wait_for, ChildGuard, Cluster};
 
 /// Generated tokens in the request's snapshot manifest, read straight from the file store.
 fn snapshot_tokens(dir: &std::path::Path, prefix: &str) -> usize {
-    let Ok(bytes) = std::fs::read(dir.join(prefix).join("manifest")) else {
-        return 0;
-    };
-    let body = &bytes[bytes.iter().position(|&b| b == b'\n').map_or(0, |i| i + 1)..];
-    let json = &body[..body.iter().rposition(|&b| b == b'\n').unwrap_or(body.len())];
-    serde_json::from_slice::<serde_json::Value>(json)
+    std::fs::read(dir.join(prefix).join("manifest"))
         .ok()
-        .and_then(|v| v["tokens"].as_array().map(Vec::len))
-        .unwrap_or(0)
+        .and_then(|b| Manifest::peek(&b).ok())
+        .map_or(0, |m| m.tokens.len())
 }
 
 #[test]

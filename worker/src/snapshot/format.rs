@@ -146,6 +146,20 @@ impl Manifest {
 
     /// Decodes and checks a manifest against the model and request it must belong to.
     pub fn decode(bytes: &[u8], model: &str, request: &str) -> Result<Self, FormatError> {
+        let m = Self::peek(bytes)?;
+        if m.model != model {
+            return Err(FormatError::WrongModel);
+        }
+        if m.request != request {
+            return Err(FormatError::WrongRequest);
+        }
+        m.check_coverage()?;
+        Ok(m)
+    }
+
+    /// Decodes a manifest and checks its integrity (magic, checksum, version) but not whom it
+    /// belongs to: for inspecting a store, never for resuming.
+    pub fn peek(bytes: &[u8]) -> Result<Self, FormatError> {
         let body = bytes.strip_prefix(MANIFEST_MAGIC).ok_or(FormatError::Magic)?;
         if body.len() < 9 || body[body.len() - 9] != b'\n' {
             return Err(FormatError::Malformed("manifest has no checksum line".into()));
@@ -162,12 +176,13 @@ impl Manifest {
         if m.version != FORMAT_VERSION {
             return Err(FormatError::Version(m.version));
         }
-        if m.model != model {
-            return Err(FormatError::WrongModel);
-        }
-        if m.request != request {
-            return Err(FormatError::WrongRequest);
-        }
+        Ok(m)
+    }
+
+    /// The pieces are contiguous from position 0 and cover every position but the last
+    /// generated token's.
+    fn check_coverage(&self) -> Result<(), FormatError> {
+        let m = self;
         let mut at = 0;
         for p in &m.pieces {
             if p.from != at || p.to <= p.from {
@@ -185,7 +200,7 @@ impl Manifest {
                 m.tokens.len()
             )));
         }
-        Ok(m)
+        Ok(())
     }
 }
 

@@ -225,3 +225,27 @@ fn rejects_prompts_longer_than_the_context() {
         ferry_schemas::ErrorCode::UnknownModel
     );
 }
+
+/// Generation stops when the context window is full, with its own finish reason.
+#[test]
+fn stops_at_the_context_length() {
+    let opts = ferry_worker::model::LoadOptions {
+        source: ferry_worker::model::ModelSource::Path(model_path()),
+        cache_dir: None,
+        sha256: None,
+        weights: WeightFormat::Q8_0,
+        name: None,
+        max_context: Some(48),
+    };
+    let model = std::sync::Arc::new(ferry_worker::model::Model::load(&opts, &Device::Cpu).expect("loads"));
+    let engine = Engine::new(model);
+    let mut req = chat_request("ctx", "Count from 1 to 100.", 200);
+    req.messages = None;
+    req.prompt = Some("Count from one to one hundred: one, two, three, four,".into());
+    let prepared = engine.prepare(&req).expect("prepares");
+    let prompt = prepared.prompt.len();
+    assert!(prompt < 40, "{prompt}");
+    let c = engine.generate(prepared).expect("generates");
+    assert_eq!(c.finish.reason, FinishReason::ContextLength);
+    assert_eq!(c.tokens.len(), 48 - prompt);
+}

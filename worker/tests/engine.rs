@@ -249,3 +249,20 @@ fn stops_at_the_context_length() {
     assert_eq!(c.finish.reason, FinishReason::ContextLength);
     assert_eq!(c.tokens.len(), 48 - prompt);
 }
+
+/// The model's end-of-sequence token ends the answer; it is not part of the text or the count.
+#[test]
+fn stops_on_end_of_sequence() {
+    let engine = Engine::new(shared());
+    let req = chat_request("eos", "What is 12 plus 30?", 64);
+    let c = engine
+        .generate(engine.prepare(&req).expect("prepares"))
+        .expect("generates");
+    assert_eq!(
+        (c.finish.reason, c.finish.stop_sequence.as_deref()),
+        (FinishReason::Stop, None)
+    );
+    assert!(c.tokens.len() < 64, "{} tokens: {:?}", c.tokens.len(), c.text);
+    assert!(c.tokens.iter().all(|&t| !shared().tokenizer.is_eos(t)));
+    assert!(!c.text.contains("<|im_end|>"));
+}

@@ -185,8 +185,8 @@ impl Worker {
     /// Serves requests until the first signal, then drains (see the module doc).
     pub async fn run(&self, mut signals: Signals) -> Result<(), WorkerError> {
         info!(worker = %self.worker_id, "consuming");
-        // Messages received while a request was running (from partitions assigned meanwhile),
-        // served next. Each such partition is paused on receipt, so this stays small.
+        // Messages received while a request was running, served next. A partition is paused when
+        // one of its messages lands here, so this holds at most one message per partition.
         let mut backlog: VecDeque<OwnedMessage> = VecDeque::new();
         // Per partition, the offset after the last message this worker answered. A message
         // below it is a redelivery of an answered one (its partition was revoked and handed back

@@ -16,11 +16,14 @@
 //!   the tokenizer and the chat template.
 //! - [`snapshot`]: periodic KV-cache snapshots to a durable store, and resuming from them.
 //! - [`reply`]: building the reply and dead-letter messages.
+//! - [`offsets`]: the commit position of a partition when requests finish out of order (for
+//!   the concurrency issue; not used while the worker runs one request at a time).
 
 pub mod config;
 pub mod consumer;
 pub mod engine;
 pub mod intake;
 pub mod model;
+pub mod offsets;
 pub mod reply;
 pub mod snapshot;

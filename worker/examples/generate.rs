@@ -12,18 +12,12 @@ fn main() -> anyhow::Result<()> {
     let native = args.iter().any(|a| a == "--native");
     args.retain(|a| a != "--native");
     let path = std::env::var("FERRY_TEST_MODEL").unwrap_or_else(|_| "models/SmolLM2-135M-Instruct.Q4_1.gguf".into());
-    let opts = LoadOptions {
-        source: ModelSource::Path(PathBuf::from(path)),
-        cache_dir: None,
-        sha256: None,
-        weights: if native {
-            WeightFormat::Native
-        } else {
-            WeightFormat::Q8_0
-        },
-        name: None,
-        max_context: None,
+    let weights = if native {
+        WeightFormat::Native
+    } else {
+        WeightFormat::Q8_0
     };
+    let opts = LoadOptions::new(ModelSource::Path(PathBuf::from(path)), weights);
     let engine = Engine::new(std::sync::Arc::new(Model::load(&opts, &candle_core::Device::Cpu)?));
     for q in args {
         let req: Request = serde_json::from_value(serde_json::json!({

@@ -230,12 +230,11 @@ fn rejects_prompts_longer_than_the_context() {
 #[test]
 fn stops_at_the_context_length() {
     let opts = ferry_worker::model::LoadOptions {
-        source: ferry_worker::model::ModelSource::Path(model_path()),
-        cache_dir: None,
-        sha256: None,
-        weights: WeightFormat::Q8_0,
-        name: None,
         max_context: Some(48),
+        ..ferry_worker::model::LoadOptions::new(
+            ferry_worker::model::ModelSource::Path(model_path()),
+            WeightFormat::Q8_0,
+        )
     };
     let model = std::sync::Arc::new(ferry_worker::model::Model::load(&opts, &Device::Cpu).expect("loads"));
     let engine = Engine::new(model);

@@ -31,14 +31,7 @@ fn main() -> anyhow::Result<()> {
     if let Some(t) = args.threads {
         std::env::set_var("RAYON_NUM_THREADS", t.to_string());
     }
-    let opts = LoadOptions {
-        source: args.model,
-        cache_dir: None,
-        sha256: None,
-        weights: args.weights,
-        name: None,
-        max_context: None,
-    };
+    let opts = LoadOptions::new(args.model, args.weights);
     let engine = Engine::new(Arc::new(Model::load(&opts, &candle_core::Device::Cpu)?));
     let stdout = std::io::stdout();
     let mut out = stdout.lock();

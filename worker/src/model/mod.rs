@@ -139,6 +139,20 @@ pub struct LoadOptions {
     pub max_context: Option<usize>,
 }
 
+impl LoadOptions {
+    /// `source` with `weights`, and nothing else pinned, renamed or capped.
+    pub fn new(source: ModelSource, weights: WeightFormat) -> Self {
+        Self {
+            source,
+            cache_dir: None,
+            sha256: None,
+            weights,
+            name: None,
+            max_context: None,
+        }
+    }
+}
+
 /// A loaded model, ready to serve.
 pub struct Model {
     /// The name requests may ask for in their `model` field.

@@ -19,14 +19,7 @@ pub fn model_path() -> PathBuf {
 }
 
 pub fn load(weights: WeightFormat) -> Model {
-    let opts = LoadOptions {
-        source: ModelSource::Path(model_path()),
-        cache_dir: None,
-        sha256: None,
-        weights,
-        name: None,
-        max_context: None,
-    };
+    let opts = LoadOptions::new(ModelSource::Path(model_path()), weights);
     Model::load(&opts, &candle_core::Device::Cpu).expect("test model loads")
 }
 

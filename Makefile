@@ -27,9 +27,9 @@ build:
 # against a real cluster instead of `ferry broker`.
 # Tests use the dev profile (dependencies fully optimised, see Cargo.toml).
 test: model
-	$(CARGO) build --workspace --bins
+	$(CARGO) build --workspace --bins --features ferry-worker/fault-injection
 	RAYON_NUM_THREADS=$(TEST_THREADS) FERRY_TEST_MODEL=$(CURDIR)/$(MODEL) \
-		$(CARGO) test --workspace --no-fail-fast -- --test-threads=2
+		$(CARGO) test --workspace --features ferry-worker/fault-injection --no-fail-fast -- --test-threads=2
 
 # The main job on the embedded broker: a broker and three workers, requests through Kafka, one
 # worker evicted and one killed mid-generation, every answer checked against the reference.

@@ -262,8 +262,9 @@ pub struct ReplyListener {
 }
 
 impl ReplyListener {
-    /// Waits until `deadline` for the first message keyed `id` and returns it as a reply.
-    /// Messages for other ids are skipped (and consumed: a later call will not see them).
+    /// Waits until `deadline` for the first final reply (a response or an error) keyed `id`.
+    /// Messages for other ids, and chunks of a streamed answer, are skipped (and consumed: a
+    /// later call will not see them).
     pub async fn wait_for(&self, id: &str, deadline: Instant) -> Result<Reply, ClientError> {
         let started = Instant::now();
         let topic = &self.topic;
@@ -303,6 +304,9 @@ impl ReplyListener {
                     id: id.to_string(),
                     body_id: reply.id().to_string(),
                 });
+            }
+            if !reply.is_final() {
+                continue;
             }
             return Ok(reply);
         }

@@ -109,7 +109,9 @@ pub fn render(reply: &Reply, output: Output) -> Option<String> {
         // below still reports the reply's outcome.
         (Output::Json, reply) => serde_json::to_string(reply).ok(),
         (Output::Text, Reply::Response(response)) => Some(response.text.clone()),
-        (Output::Text, Reply::Error(_)) => None,
+        // A chunk is not an answer; `wait_for` never returns one, and text mode would print
+        // only a piece of the text.
+        (Output::Text, Reply::Error(_) | Reply::Chunk(_)) => None,
     }
 }
 
@@ -126,7 +128,8 @@ pub async fn run(args: &RequestArgs) -> Result<(), RequestError> {
             .map_err(RequestError::Stdout)?;
     }
     match reply {
-        Reply::Response(_) => Ok(()),
+        // `wait_for` returns only final replies, so a chunk cannot get here.
+        Reply::Response(_) | Reply::Chunk(_) => Ok(()),
         Reply::Error(e) => Err(RequestError::ErrorReply {
             id: e.id,
             code: e.error.code,

@@ -23,6 +23,11 @@ pub struct DeadLetter {
     pub worker: String,
     #[serde(with = "time::serde::rfc3339")]
     pub dead_lettered_at: OffsetDateTime,
+    /// The attempts to serve the request, oldest first, as far as they were recorded: a record
+    /// with the reason `attempts_exhausted` carries them; one refused before any attempt (not
+    /// JSON, not a valid request) has none. Omitted from the JSON when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attempts: Vec<Attempt>,
 }
 
 impl DeadLetter {
@@ -35,6 +40,36 @@ impl DeadLetter {
     pub fn payload(&self) -> Result<Vec<u8>, base64::DecodeError> {
         base64::engine::general_purpose::STANDARD.decode(&self.payload_base64)
     }
+}
+
+/// One attempt to serve a request: which worker took it, when, and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Attempt {
+    /// The attempt's number, counting from 1.
+    pub attempt: u32,
+    /// The worker that made it (its pod name in Kubernetes).
+    pub worker: String,
+    /// When the worker started on the request.
+    #[serde(with = "time::serde::rfc3339")]
+    pub started_at: OffsetDateTime,
+    pub outcome: AttemptOutcome,
+    /// What went wrong, for a person, when the worker recorded it (a `failed` attempt).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttemptOutcome {
+    /// The worker stopped without recording an outcome: a crash or the loss of its node.
+    Died,
+    /// Generation returned an error.
+    Failed,
+    /// The worker stopped on purpose, for a drain or a rebalance. Not counted against the
+    /// `--max-attempts` budget.
+    Suspended,
 }
 
 /// The Kafka coordinates of the original message.

@@ -13,18 +13,21 @@
 //!
 //! - [`Request`]: what a caller publishes to a request topic, keyed by its `id`.
 //! - [`Reply`]: what the worker publishes to the request's `reply_to` topic, keyed by the same
-//!   `id`: either a [`Response`] or an [`ErrorReply`], told apart by the `kind` field.
+//!   `id`, told apart by the `kind` field: a [`Response`] or an [`ErrorReply`], the final reply,
+//!   and for a request with `stream: true`, [`Chunk`]s of the text before it. Chunks are
+//!   numbered by generation step so that a resumed generation can resend them safely; see
+//!   [`Chunk`] for how a client puts them together.
 //! - [`DeadLetter`]: what the worker publishes to `<request topic>.dlq` for a message it could
-//!   not serve, with the original bytes.
+//!   not serve, with the original bytes and, when known, its history of [`Attempt`]s.
 
 mod dead_letter;
 mod limits;
 mod reply;
 mod request;
 
-pub use dead_letter::{DeadLetter, SourceRecord};
+pub use dead_letter::{Attempt, AttemptOutcome, DeadLetter, SourceRecord};
 pub use limits::*;
-pub use reply::{ErrorCode, ErrorDetail, ErrorReply, FinishReason, Reply, Response, Timings, Usage};
+pub use reply::{Chunk, ErrorCode, ErrorDetail, ErrorReply, FinishReason, Reply, Response, Timings, Usage};
 pub use request::{ChatMessage, Request, Role, ValidationError};
 
 /// The version of the message contract these types implement. Every message carries it in its
@@ -34,7 +37,7 @@ pub const SCHEMA_VERSION: u32 = 1;
 /// Kafka header names Ferry reads and writes. Headers are optional for callers; they let
 /// consumers route or filter replies without parsing the JSON body.
 pub mod headers {
-    /// On replies: `response` or `error`, the same as the body's `kind`.
+    /// On replies: `response`, `error` or `chunk`, the same as the body's `kind`.
     pub const KIND: &str = "ferry-kind";
     /// On every message Ferry writes: the contract version, as decimal text.
     pub const SCHEMA_VERSION: &str = "ferry-schema-version";

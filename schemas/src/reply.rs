@@ -3,12 +3,18 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-/// A message on a reply topic, keyed by the request id: the answer, or why there is none.
+/// A message on a reply topic, keyed by the request id: the answer, why there is none, or, for
+/// a request with `stream: true`, a piece of the answer sent ahead of it.
+///
+/// Every processing of a request ends with exactly one final reply, a [`Reply::Response`] or a
+/// [`Reply::Error`]; any [`Reply::Chunk`]s come before it on the same partition, because they
+/// share its key.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Reply {
     Response(Response),
     Error(ErrorReply),
+    Chunk(Chunk),
 }
 
 impl Reply {
@@ -17,6 +23,16 @@ impl Reply {
         match self {
             Reply::Response(r) => &r.id,
             Reply::Error(e) => &e.id,
+            Reply::Chunk(c) => &c.id,
+        }
+    }
+
+    /// Whether this reply ends the request: a response or an error, not a chunk. A client that
+    /// waits for the answer skips replies for which this is false.
+    pub fn is_final(&self) -> bool {
+        match self {
+            Reply::Response(_) | Reply::Error(_) => true,
+            Reply::Chunk(_) => false,
         }
     }
 
@@ -25,8 +41,40 @@ impl Reply {
         match self {
             Reply::Response(_) => "response",
             Reply::Error(_) => "error",
+            Reply::Chunk(_) => "chunk",
         }
     }
+}
+
+/// A piece of the generated text, published ahead of the final reply when the request asked for
+/// `stream: true`.
+///
+/// # Numbering, and why a chunk can arrive twice
+///
+/// `seq` is the number of the generation step that released `text`, counted from 0 over the
+/// whole generation; it is not a count of chunks. A step that releases no text (for example a
+/// token that is only part of a character, or text held back while it may still turn into a
+/// stop string) sends no chunk, so seqs can have gaps. When a worker resumes an interrupted
+/// generation from a snapshot, it continues from the snapshot's step with the same numbering,
+/// so the chunks the first worker sent after that step come again, with the same seq and the
+/// same text.
+///
+/// A client therefore keeps the highest seq it has seen for a request and appends a chunk's
+/// text only when its seq is higher; the concatenation is then the final response's `text`.
+/// The final [`Response`] (or [`ErrorReply`]) always follows the chunks on the same partition,
+/// since it has the same key, and it is authoritative: a client that only wants the answer
+/// ignores chunks altogether. As with any reply, a redelivered request can be processed again,
+/// so a client that has its final reply ignores later messages for that id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Chunk {
+    pub version: u32,
+    /// The request's id.
+    pub id: String,
+    /// The generation step that released `text`, from 0; see the type's documentation.
+    pub seq: u32,
+    /// The text released at that step.
+    pub text: String,
 }
 
 /// The answer to a request.
@@ -140,6 +188,9 @@ pub enum ErrorCode {
     TemplateError,
     /// The engine failed on a valid request.
     EngineError,
+    /// The request failed, or its worker died, `--max-attempts` times; it is in the dead-letter
+    /// topic with its history ([`crate::DeadLetter::attempts`]).
+    AttemptsExhausted,
 }
 
 impl ErrorCode {
@@ -153,6 +204,7 @@ impl ErrorCode {
             ErrorCode::UnknownModel => "unknown_model",
             ErrorCode::TemplateError => "template_error",
             ErrorCode::EngineError => "engine_error",
+            ErrorCode::AttemptsExhausted => "attempts_exhausted",
         }
     }
 }
@@ -171,6 +223,7 @@ mod tests {
             ErrorCode::UnknownModel,
             ErrorCode::TemplateError,
             ErrorCode::EngineError,
+            ErrorCode::AttemptsExhausted,
         ] {
             assert_eq!(
                 serde_json::to_value(code).ok(),

@@ -57,6 +57,10 @@ pub struct Request {
     /// Caller data echoed unchanged on the reply.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metadata: Option<Map<String, Value>>,
+    /// With `stream: true`, token chunks ([`crate::Chunk`]) go to the reply topic before the
+    /// final response. False when omitted, and then omitted when written.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stream: bool,
 }
 
 fn default_version() -> u32 {

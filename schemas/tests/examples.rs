@@ -22,11 +22,12 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 /// The schema files, named as in their `$id`.
-const SCHEMA_FILES: [&str; 5] = [
+const SCHEMA_FILES: [&str; 6] = [
     "request.schema.json",
     "reply.schema.json",
     "response.schema.json",
     "error.schema.json",
+    "chunk.schema.json",
     "dead_letter.schema.json",
 ];
 
@@ -178,6 +179,7 @@ fn valid_examples_satisfy_schema_and_types_and_round_trip() {
     let reply = validator("reply.schema.json");
     let response = validator("response.schema.json");
     let error = validator("error.schema.json");
+    let chunk = validator("chunk.schema.json");
     let dead_letter = validator("dead_letter.schema.json");
 
     let examples = json_files(&crate_dir().join("examples"));
@@ -187,7 +189,9 @@ fn valid_examples_satisfy_schema_and_types_and_round_trip() {
         "request-prompt.json",
         "response.json",
         "error.json",
+        "chunk.json",
         "dead-letter.json",
+        "dead-letter-attempts-exhausted.json",
     ] {
         assert!(names.contains(required), "examples/{required} is missing");
     }
@@ -206,16 +210,19 @@ fn valid_examples_satisfy_schema_and_types_and_round_trip() {
                 .entry("version")
                 .or_insert(json!(SCHEMA_VERSION));
             assert_eq!(written, expected, "{what} is not written back as it was read");
-        } else if name.starts_with("response") || name.starts_with("error") {
+        } else if name.starts_with("response") || name.starts_with("error") || name.starts_with("chunk") {
             let (own, kind) = if name.starts_with("response") {
                 (&response, "response")
-            } else {
+            } else if name.starts_with("error") {
                 (&error, "error")
+            } else {
+                (&chunk, "chunk")
             };
             assert_schema_accepts(own, example, &what);
             assert_schema_accepts(&reply, example, &what);
             let (parsed, written) = round_trip::<Reply>(example, &what);
             assert_eq!(parsed.kind(), kind, "{what}");
+            assert_eq!(parsed.is_final(), kind != "chunk", "{what}");
             assert_eq!(parsed.id(), example["id"], "{what}");
             assert_eq!(&written, example, "{what} is not written back as it was read");
             // The body without its tag is the variant's own type, as the worker builds it.
@@ -224,6 +231,7 @@ fn valid_examples_satisfy_schema_and_types_and_round_trip() {
             match &parsed {
                 Reply::Response(r) => assert_eq!(&round_trip::<Response>(&body, &what).0, r, "{what}"),
                 Reply::Error(e) => assert_eq!(&round_trip::<ErrorReply>(&body, &what).0, e, "{what}"),
+                Reply::Chunk(c) => assert_eq!(&round_trip::<Chunk>(&body, &what).0, c, "{what}"),
             }
         } else if name.starts_with("dead-letter") {
             assert_schema_accepts(&dead_letter, example, &what);
@@ -234,7 +242,9 @@ fn valid_examples_satisfy_schema_and_types_and_round_trip() {
                 .unwrap_or_else(|e| panic!("{what}: payload_base64: {e}"));
             assert_eq!(DeadLetter::encode_payload(&payload), parsed.payload_base64, "{what}");
         } else {
-            panic!("{what}: name it request-*, response*, error* or dead-letter* so this test knows its schema");
+            panic!(
+                "{what}: name it request-*, response*, error*, chunk* or dead-letter* so this test knows its schema"
+            );
         }
     }
 }
@@ -263,9 +273,12 @@ enum Rejected {
     ByValidation(&'static str),
 }
 
-/// Every file in `examples/invalid/` and why it is invalid.
+/// Every file in `examples/invalid/` and why it is invalid. A file named `chunk-*` is a reply
+/// (checked against the chunk and reply schemas and parsed as a [`Reply`]); every other file is
+/// a request.
 const INVALID: &[(&str, Rejected)] = &[
     ("bad-topic-name.json", Rejected::ByValidation("reply_to")),
+    ("chunk-negative-seq.json", Rejected::ByParsing),
     ("both-messages-and-prompt.json", Rejected::ByValidation("messages")),
     ("deadline-not-rfc3339.json", Rejected::ByParsing),
     ("empty-id.json", Rejected::ByValidation("id")),
@@ -293,6 +306,8 @@ const INVALID: &[(&str, Rejected)] = &[
 #[test]
 fn invalid_examples_fail_schema_and_rust() {
     let request = validator("request.schema.json");
+    let chunk = validator("chunk.schema.json");
+    let reply = validator("reply.schema.json");
     let examples = json_files(&crate_dir().join("examples/invalid"));
     let on_disk: BTreeSet<&str> = examples.iter().map(|(name, _)| name.as_str()).collect();
     let listed: BTreeSet<&str> = INVALID.iter().map(|(name, _)| *name).collect();
@@ -303,6 +318,17 @@ fn invalid_examples_fail_schema_and_rust() {
 
     for (name, example) in &examples {
         let what = format!("examples/invalid/{name}");
+        if name.starts_with("chunk-") {
+            assert!(
+                !schema_errors(&chunk, example).is_empty(),
+                "the chunk schema accepts {what}"
+            );
+            assert!(!reply.is_valid(example), "the reply schema accepts {what}");
+            match serde_json::from_value::<Reply>(example.clone()) {
+                Err(_) => continue,
+                Ok(r) => panic!("{what} should not parse, got {r:?}"),
+            }
+        }
         assert!(
             !schema_errors(&request, example).is_empty(),
             "the schema accepts {what}"
@@ -402,7 +428,22 @@ fn schema_numbers_equal_the_crate_constants() {
         as_u64(MAX_TOPIC_LEN)
     );
 
-    for file in ["response.schema.json", "error.schema.json", "dead_letter.schema.json"] {
+    // `stream` is the one boolean: off unless asked for, on both sides.
+    assert_eq!(request.pointer("/properties/stream/default"), Some(&json!(false)));
+    let minimal: Request =
+        serde_json::from_value(json!({ "id": "r", "prompt": "p" })).expect("a minimal request parses");
+    assert!(!minimal.stream, "a request without `stream` must not stream");
+
+    assert_eq!(
+        integer_at("chunk.schema.json", "/properties/seq/maximum"),
+        u64::from(u32::MAX)
+    );
+    for file in [
+        "response.schema.json",
+        "error.schema.json",
+        "chunk.schema.json",
+        "dead_letter.schema.json",
+    ] {
         assert_eq!(
             integer_at(file, "/properties/version/const"),
             u64::from(SCHEMA_VERSION),
@@ -465,13 +506,31 @@ fn schema_enums_equal_the_rust_enums() {
         UnknownModel,
         TemplateError,
         EngineError,
+        AttemptsExhausted,
     ];
     for code in codes {
         match code {
             InvalidJson | InvalidSchema | InvalidRequest | PromptTooLong | UnknownModel | TemplateError
-            | EngineError => {}
+            | EngineError | AttemptsExhausted => {}
         }
     }
+    let outcomes = [AttemptOutcome::Died, AttemptOutcome::Failed, AttemptOutcome::Suspended];
+    for outcome in outcomes {
+        match outcome {
+            AttemptOutcome::Died | AttemptOutcome::Failed | AttemptOutcome::Suspended => {}
+        }
+    }
+    // One reply of each kind, from the examples; the match makes a new kind fail to compile here.
+    let kinds: Vec<&str> = ["response.json", "error.json", "chunk.json"]
+        .iter()
+        .map(|file| {
+            let reply: Reply = serde_json::from_value(read_json(&crate_dir().join("examples").join(file)))
+                .unwrap_or_else(|e| panic!("examples/{file}: {e}"));
+            match reply {
+                Reply::Response(_) | Reply::Error(_) | Reply::Chunk(_) => reply.kind(),
+            }
+        })
+        .collect();
 
     assert_eq!(
         enum_at("request.schema.json", "/$defs/chat_message/properties/role/enum"),
@@ -486,9 +545,10 @@ fn schema_enums_equal_the_rust_enums() {
         serde_names(&codes)
     );
     assert_eq!(
-        enum_at("reply.schema.json", "/properties/kind/enum"),
-        ["response", "error"]
+        enum_at("dead_letter.schema.json", "/$defs/attempt/properties/outcome/enum"),
+        serde_names(&outcomes)
     );
+    assert_eq!(enum_at("reply.schema.json", "/properties/kind/enum"), kinds);
 }
 
 /// A valid request with one field replaced.
@@ -634,6 +694,17 @@ fn a_reply_of_one_kind_with_the_others_fields_is_refused() {
     assert!(
         serde_json::from_value::<Reply>(mislabelled).is_err(),
         "serde accepts an error labelled as a response"
+    );
+
+    let mut mislabelled = read_json(&crate_dir().join("examples/chunk.json"));
+    mislabelled["kind"] = json!("response");
+    assert!(
+        !reply.is_valid(&mislabelled),
+        "the schema accepts a chunk labelled as a response"
+    );
+    assert!(
+        serde_json::from_value::<Reply>(mislabelled).is_err(),
+        "serde accepts a chunk labelled as a response"
     );
 
     let mut unknown = read_json(&crate_dir().join("examples/response.json"));

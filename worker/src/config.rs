@@ -37,16 +37,19 @@ pub struct KafkaConfig {
     /// writes it), waiting up to 60 s for it to appear.
     #[arg(long, env = "FERRY_BOOTSTRAP_FILE")]
     pub bootstrap_file: Option<PathBuf>,
-    /// The topic requests are read from.
-    #[arg(long, env = "FERRY_REQUEST_TOPIC", default_value = "ferry.requests")]
-    pub topic: String,
+    /// The topics requests are read from, each with an optional weight: `ferry.requests`, or
+    /// priority lanes such as `ferry.high:4,ferry.normal:1`. When several lanes have work waiting,
+    /// free slots go to them in proportion to their weights (smooth weighted round robin), so
+    /// urgent requests are not stuck behind a backlog of normal ones.
+    #[arg(long = "topic", env = "FERRY_REQUEST_TOPIC", default_value = "ferry.requests", value_delimiter = ',', value_parser = parse_lane)]
+    pub topics: Vec<Lane>,
     /// The consumer group all workers of a fleet share.
     #[arg(long, env = "FERRY_GROUP_ID", default_value = "ferry-workers")]
     pub group_id: String,
     /// Where replies go for requests that name no `reply_to`.
     #[arg(long, env = "FERRY_REPLY_TOPIC", default_value = "ferry.replies")]
     pub reply_topic: String,
-    /// Where unservable messages go; `<topic>.dlq` when not given.
+    /// Where unservable messages go; `<request topic>.dlq` when not given.
     #[arg(long, env = "FERRY_DEAD_LETTER_TOPIC")]
     pub dead_letter_topic: Option<String>,
     /// How long the group waits for a silent worker before giving its partitions to others.
@@ -56,6 +59,40 @@ pub struct KafkaConfig {
     /// stops (the request is then redelivered, never lost).
     #[arg(long, env = "FERRY_PUBLISH_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub publish_timeout: Duration,
+    /// Requests generated at once by this worker. When that many are running, the worker pauses
+    /// its partitions (and keeps polling, so it stays in the group) until a slot frees.
+    #[arg(long, env = "FERRY_MAX_IN_FLIGHT", default_value_t = 4)]
+    pub max_in_flight: usize,
+    /// Attempts a request gets. An attempt counts when its generation fails or its worker dies
+    /// (attempts stopped on purpose by a drain or rebalance do not); once a request has used
+    /// them all, it goes to the dead-letter topic with its history and its caller gets an
+    /// `attempts_exhausted` error. Counted durably in the snapshot store (without one, only
+    /// failures within one worker are counted).
+    #[arg(long, env = "FERRY_MAX_ATTEMPTS", default_value_t = 3)]
+    pub max_attempts: u32,
+    /// How partitions are shared in the group. `cooperative-sticky` (the default) moves only the
+    /// partitions that change hands in a rebalance, so the others keep generating.
+    #[arg(
+        long,
+        env = "FERRY_ASSIGNMENT_STRATEGY",
+        value_enum,
+        default_value = "cooperative-sticky"
+    )]
+    pub assignment_strategy: AssignmentStrategy,
+    /// Static group membership (`group.instance.id`, e.g. the pod name from a StatefulSet). A
+    /// worker that restarts within the session timeout gets its partitions back without a
+    /// rebalance; the price is that a worker that really died, or was evicted, keeps its
+    /// partitions until the session timeout passes, so takeover is slower.
+    #[arg(long, env = "FERRY_GROUP_INSTANCE_ID")]
+    pub group_instance_id: Option<String>,
+    /// Longest time between two polls of the consumer before librdkafka leaves the group. The
+    /// worker polls all the time, also while it generates, so this only bounds a stuck worker.
+    #[arg(long, env = "FERRY_MAX_POLL_INTERVAL", default_value = "300s", value_parser = humantime::parse_duration)]
+    pub max_poll_interval: Duration,
+    /// When partitions are revoked, the worker snapshots and stops their generations and
+    /// commits what is finished, within this time, before it lets the rebalance go on.
+    #[arg(long, env = "FERRY_REVOKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub revoke_timeout: Duration,
     /// Extra librdkafka properties, `key=value`, for TLS, SASL and tuning
     /// (`FERRY_KAFKA_PROPERTIES` takes a comma-separated list).
     #[arg(long = "kafka-property", env = "FERRY_KAFKA_PROPERTIES", value_delimiter = ',')]
@@ -70,13 +107,62 @@ const MANAGED_PROPERTIES: &[&str] = &[
     "enable.auto.offset.store",
     "enable.idempotence",
     "acks",
+    "partition.assignment.strategy",
+    "group.instance.id",
+    "max.poll.interval.ms",
 ];
 
+/// A request topic and its share of the worker's slots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lane {
+    pub topic: String,
+    pub weight: u32,
+}
+
+fn parse_lane(s: &str) -> Result<Lane, String> {
+    let (topic, weight) = match s.rsplit_once(':') {
+        Some((t, w)) => (
+            t,
+            w.parse()
+                .map_err(|_| format!("{s:?}: the weight after ':' must be a whole number"))?,
+        ),
+        None => (s, 1),
+    };
+    Ok(Lane {
+        topic: topic.trim().to_string(),
+        weight,
+    })
+}
+
+/// `partition.assignment.strategy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AssignmentStrategy {
+    CooperativeSticky,
+    Range,
+    Roundrobin,
+}
+
+impl AssignmentStrategy {
+    pub fn as_librdkafka(self) -> &'static str {
+        match self {
+            AssignmentStrategy::CooperativeSticky => "cooperative-sticky",
+            AssignmentStrategy::Range => "range",
+            AssignmentStrategy::Roundrobin => "roundrobin",
+        }
+    }
+}
+
 impl KafkaConfig {
-    pub fn dead_letter_topic(&self) -> String {
+    /// The dead-letter topic for messages read from `topic`.
+    pub fn dead_letter_topic(&self, topic: &str) -> String {
         self.dead_letter_topic
             .clone()
-            .unwrap_or_else(|| ferry_schemas::dead_letter_topic(&self.topic))
+            .unwrap_or_else(|| ferry_schemas::dead_letter_topic(topic))
+    }
+
+    /// The request topics, in the order given.
+    pub fn topic_names(&self) -> Vec<&str> {
+        self.topics.iter().map(|l| l.topic.as_str()).collect()
     }
 
     /// The extra properties as pairs.
@@ -275,11 +361,27 @@ impl Config {
     /// Checks every rule that clap's types do not.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let k = &self.kafka;
-        for (flag, topic) in [
-            ("--topic", &k.topic),
-            ("--reply-topic", &k.reply_topic),
-            ("--dead-letter-topic", &k.dead_letter_topic()),
-        ] {
+        if k.topics.is_empty() {
+            return Err(ConfigError("--topic must name at least one topic".into()));
+        }
+        let mut names: Vec<(&str, String)> = vec![("--reply-topic", k.reply_topic.clone())];
+        for lane in &k.topics {
+            names.push(("--topic", lane.topic.clone()));
+            names.push(("--dead-letter-topic", k.dead_letter_topic(&lane.topic)));
+            if lane.weight == 0 {
+                return Err(ConfigError(format!(
+                    "--topic {}: the weight must be at least 1",
+                    lane.topic
+                )));
+            }
+            if k.topics.iter().filter(|l| l.topic == lane.topic).count() > 1 {
+                return Err(ConfigError(format!("--topic {} is given twice", lane.topic)));
+            }
+            if k.topics.iter().any(|l| l.topic == k.dead_letter_topic(&lane.topic)) {
+                return Err(ConfigError("--dead-letter-topic must differ from every --topic".into()));
+            }
+        }
+        for (flag, topic) in names {
             if topic.is_empty()
                 || topic.len() > 249
                 || !topic.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
@@ -287,8 +389,24 @@ impl Config {
                 return Err(ConfigError(format!("{flag} {topic:?} is not a valid Kafka topic name")));
             }
         }
-        if k.dead_letter_topic() == k.topic {
-            return Err(ConfigError("--dead-letter-topic must differ from --topic".into()));
+        if k.max_in_flight == 0 || k.max_in_flight > 256 {
+            return Err(ConfigError("--max-in-flight must be between 1 and 256".into()));
+        }
+        if k.max_attempts == 0 {
+            return Err(ConfigError("--max-attempts must be at least 1".into()));
+        }
+        if k.max_poll_interval < k.session_timeout {
+            return Err(ConfigError(
+                "--max-poll-interval must be at least --session-timeout (librdkafka requires it)".into(),
+            ));
+        }
+        if k.revoke_timeout >= k.max_poll_interval {
+            return Err(ConfigError(
+                "--revoke-timeout must be shorter than --max-poll-interval, which bounds a rebalance".into(),
+            ));
+        }
+        if k.group_instance_id.as_deref() == Some("") {
+            return Err(ConfigError("--group-instance-id must not be empty".into()));
         }
         if k.group_id.is_empty() {
             return Err(ConfigError("--group-id must not be empty".into()));
@@ -380,7 +498,9 @@ mod tests {
     fn defaults_are_valid() {
         let c = parse(&[]);
         assert_eq!(c.validate(), Ok(()));
-        assert_eq!(c.kafka.dead_letter_topic(), "ferry.requests.dlq");
+        assert_eq!(c.kafka.dead_letter_topic("ferry.requests"), "ferry.requests.dlq");
+        assert_eq!(c.kafka.topic_names(), ["ferry.requests"]);
+        assert_eq!(c.kafka.assignment_strategy, AssignmentStrategy::CooperativeSticky);
         assert_eq!(c.model.weights, WeightFormat::Q8_0);
     }
 
@@ -397,9 +517,35 @@ mod tests {
             &["--max-context", "4"],
             &["--drain-timeout", "28s"],
             &["--snapshot-store", "ftp://x"],
+            &["--max-in-flight", "0"],
+            &["--max-attempts", "0"],
+            &["--topic", "a:0"],
+            &["--topic", "a,a"],
+            &["--max-poll-interval", "5s"],
+            &["--revoke-timeout", "400s"],
         ] {
             assert!(parse(args).validate().is_err(), "{args:?} should be rejected");
         }
+    }
+
+    #[test]
+    fn parses_priority_lanes() {
+        let c = parse(&["--topic", "ferry.high:4,ferry.normal"]);
+        assert_eq!(
+            c.kafka.topics,
+            [
+                Lane {
+                    topic: "ferry.high".into(),
+                    weight: 4
+                },
+                Lane {
+                    topic: "ferry.normal".into(),
+                    weight: 1
+                }
+            ]
+        );
+        assert_eq!(c.validate(), Ok(()));
+        assert!(parse_lane("x:heavy").is_err());
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use ferry_worker::config::{Config, LogFormat};
-use ferry_worker::consumer::Worker;
+use ferry_worker::consumer::{Worker, WorkerOptions};
 use ferry_worker::engine::Engine;
 use ferry_worker::model::Model;
 use ferry_worker::snapshot::Snapshots;
@@ -47,7 +47,9 @@ fn init_logging(config: &Config) {
     }
 }
 
-#[tokio::main(flavor = "current_thread")]
+// Two runtime threads: a rebalance callback blocks the thread that polls the consumer while the
+// revoked partitions' requests settle on the other (the model runs on its own thread).
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn run(config: Config) -> anyhow::Result<()> {
     let worker_id = config.runtime.worker_id();
     let started = Instant::now();
@@ -82,9 +84,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
         &bootstrap,
         &config.kafka,
         engine,
-        worker_id,
-        snapshots,
-        config.shutdown.drain_timeout,
+        WorkerOptions {
+            worker_id,
+            snapshots,
+            drain_timeout: config.shutdown.drain_timeout,
+        },
     )?;
     let (tx, signals) = tokio::sync::watch::channel(0u32);
     tokio::spawn(count_signals(tx));

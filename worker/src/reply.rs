@@ -85,6 +85,7 @@ pub fn dead_letter(invalid: &Invalid, source: SourceRecord, payload: &[u8], work
         payload_base64: DeadLetter::encode_payload(payload),
         worker: worker.to_string(),
         dead_lettered_at: OffsetDateTime::now_utc(),
+        attempts: Vec::new(),
     }
 }
 

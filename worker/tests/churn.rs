@@ -307,6 +307,7 @@ fn a_churning_fleet_loses_no_request_and_never_answers_one_two_ways() {
         match reply {
             Reply::Response(r) => answers.entry(r.id.clone()).or_default().push(r),
             Reply::Error(e) => panic!("{} answered with an error: {:?}", e.id, e.error),
+            Reply::Chunk(c) => panic!("{} got a chunk, but it did not ask to stream", c.id),
         }
     }
     let mut duplicates = 0;

@@ -83,6 +83,8 @@ async fn resume(engine: &Engine, snaps: &Snapshots, prefix: &str, prepared: &Pre
         resume,
         snapshots: None,
         control: Arc::new(JobControl::default()),
+        deadline: None,
+        chunks: None,
     };
     match engine.run(job).expect("resumed run") {
         Outcome::Finished(c) => (from, c.tokens, c.text),

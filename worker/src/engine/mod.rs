@@ -4,20 +4,32 @@
 //! (model name, chat template, prompt length); [`EngineHandle`] runs generations on a thread
 //! of their own that owns the model, fed by a bounded channel, each job carrying its own reply
 //! channel. The async Kafka loop never blocks on a forward pass.
+//!
+//! The engine thread keeps up to `max_in_flight` jobs active and interleaves them: each round it
+//! admits waiting jobs (prefilling or resuming them), then advances every active job by one
+//! token, in admission order. A job's suspend flag and deadline are checked before each of its
+//! tokens, and its snapshot sink and stream are fed after each. Interleaving shares the thread
+//! fairly but does not raise throughput: each token is still its own forward pass (batching the
+//! active jobs' tokens into one is a later step), and admitting a job stalls the others for the
+//! length of its prefill.
 
 pub mod sampler;
 pub mod sequence;
+pub mod stream;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
-use ferry_schemas::{ErrorCode, Request};
+use ferry_schemas::{ErrorCode, FinishReason, Request};
+use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::model::{Model, ModelError};
 use crate::snapshot::writer::SnapshotSink;
 pub use sampler::SamplingParams;
 pub use sequence::{Completion, Finish, GenerationParams, Sequence};
+pub use stream::{Release, StreamChunk};
 
 /// Why a request is refused before generation. Refused requests are dead-lettered and their
 /// caller gets an error reply; they are never retried, since the same input fails the same way.
@@ -166,47 +178,138 @@ pub struct Job {
     pub resume: Option<ResumeFrom>,
     pub snapshots: Option<SnapshotSink>,
     pub control: Arc<JobControl>,
+    /// When the answer is no longer wanted in full: once it has passed, the generation ends with
+    /// [`FinishReason::Deadline`] and the text so far. Checked before each token, so it can be
+    /// overrun by one token's compute (or by the prefill of a job admitted just before it).
+    pub deadline: Option<Instant>,
+    /// Where the text goes as it is generated, for a streaming client. Chunks are numbered so
+    /// that a resumed generation's repeats can be told apart (see [`stream`]). A receiver that
+    /// went away is not an error: the generation goes on for the final reply.
+    pub chunks: Option<mpsc::UnboundedSender<StreamChunk>>,
+}
+
+/// A job admitted to the engine: its sequence, and what to feed and check along the way.
+#[derive(Debug)]
+struct Active {
+    seq: Sequence,
+    snapshots: Option<SnapshotSink>,
+    control: Arc<JobControl>,
+    deadline: Option<Instant>,
+    chunks: Option<mpsc::UnboundedSender<StreamChunk>>,
+}
+
+impl Active {
+    fn send(&self, chunk: Option<StreamChunk>) {
+        if let (Some(tx), Some(chunk)) = (&self.chunks, chunk) {
+            // A client that stopped listening still gets the final reply.
+            let _ = tx.send(chunk);
+        }
+    }
+
+    fn expired(&self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+
+    /// The outcome of a job that [`Engine::advance`] reported as ended: one whose sequence is
+    /// not finished was suspended.
+    fn into_outcome(self) -> Result<Outcome, ModelError> {
+        if self.seq.finish().is_some() {
+            Ok(Outcome::Finished(self.seq.into_completion()?))
+        } else {
+            Ok(Outcome::Suspended {
+                tokens: self.seq.generated().len(),
+            })
+        }
+    }
 }
 
 impl Engine {
-    /// Runs a job to its end, or until it is told to suspend, offering snapshots as it goes.
+    /// Runs a job to its end, or until it is told to suspend, offering snapshots as it goes, on
+    /// the calling thread.
     pub fn run(&self, job: Job) -> Result<Outcome, ModelError> {
+        let mut active = self.admit(job)?;
+        while !self.advance(&mut active)? {}
+        active.into_outcome()
+    }
+
+    /// Starts a job: prefills its prompt, or rebuilds its state from a snapshot. A job whose
+    /// deadline has already passed gets no compute: it finishes at once with the text its
+    /// snapshot had reached (none, if it is not resuming).
+    fn admit(&self, job: Job) -> Result<Active, ModelError> {
         let m = &self.model;
         let Job {
             prepared,
             resume,
-            mut snapshots,
+            snapshots,
             control,
+            deadline,
+            chunks,
         } = job;
+        let (prompt, params) = (prepared.prompt, prepared.params);
+        let expired = deadline.is_some_and(|d| Instant::now() >= d);
         let mut seq = match resume {
-            Some(r) => Sequence::resume(m, prepared.prompt, prepared.params, r.tokens, r.cache)?,
+            Some(r) if expired => Sequence::from_tokens(m, prompt, params, r.tokens)?,
+            None if expired => Sequence::from_tokens(m, prompt, params, Vec::new())?,
+            Some(r) => Sequence::resume(m, prompt, params, r.tokens, r.cache)?,
             None => {
-                let mut s = Sequence::new(m, prepared.prompt, prepared.params);
+                let mut s = Sequence::new(m, prompt, params);
                 s.prefill(m)?;
                 s
             }
         };
-        while seq.finish().is_none() {
-            if control.suspend.load(Ordering::Acquire) {
-                if let Some(sink) = &mut snapshots {
-                    sink.offer(&seq)?;
-                }
-                return Ok(Outcome::Suspended {
-                    tokens: seq.generated().len(),
-                });
-            }
-            seq.step(m)?;
-            if let Some(sink) = &mut snapshots {
-                sink.maybe_offer(&seq)?;
-            }
+        let last = if expired {
+            seq.finish_now(m, FinishReason::Deadline)?
+        } else {
+            None
+        };
+        let active = Active {
+            seq,
+            snapshots,
+            control,
+            deadline,
+            chunks,
+        };
+        active.send(last);
+        Ok(active)
+    }
+
+    /// Moves a job on by one token, or ends it: on its deadline, on a suspend request (offering
+    /// the snapshot sink the current state), or when the token finishes it. Returns whether the
+    /// job has ended.
+    fn advance(&self, job: &mut Active) -> Result<bool, ModelError> {
+        let m = &self.model;
+        if job.seq.finish().is_some() {
+            return Ok(true);
         }
-        Ok(Outcome::Finished(seq.into_completion()?))
+        // The deadline goes first: a job past it can be answered now, at no cost, rather than
+        // handed to another worker that would find the deadline passed too.
+        if job.expired() {
+            let last = job.seq.finish_now(m, FinishReason::Deadline)?;
+            job.send(last);
+            return Ok(true);
+        }
+        if job.control.suspend.load(Ordering::Acquire) {
+            if let Some(sink) = &mut job.snapshots {
+                sink.offer(&job.seq)?;
+            }
+            return Ok(true);
+        }
+        let chunk = job.seq.step(m)?;
+        if let Some(sink) = &mut job.snapshots {
+            sink.maybe_offer(&job.seq)?;
+        }
+        job.send(chunk);
+        Ok(job.seq.finish().is_some())
     }
 }
 
+/// Where a job's outcome goes: back to the [`EngineHandle::run`] that sent it.
+type Reply = oneshot::Sender<Result<Outcome, ModelError>>;
+
+/// A job on its way to the engine thread.
 struct Envelope {
     job: Job,
-    reply: oneshot::Sender<Result<Outcome, ModelError>>,
+    reply: Reply,
 }
 
 /// The sending side of the engine thread.
@@ -221,16 +324,16 @@ pub struct EngineHandle {
 pub struct EngineStopped;
 
 impl EngineHandle {
-    /// Starts the engine thread. It runs jobs one at a time, in order, and ends when every
-    /// handle is dropped.
-    pub fn spawn(engine: Engine) -> std::io::Result<Self> {
-        let (jobs, mut rx) = mpsc::channel::<Envelope>(1);
-        std::thread::Builder::new().name("ferry-engine".into()).spawn(move || {
-            while let Some(env) = rx.blocking_recv() {
-                // A caller that stopped waiting is not an error for the engine.
-                let _ = env.reply.send(engine.run(env.job));
-            }
-        })?;
+    /// Starts the engine thread. It runs up to `max_in_flight` jobs at once (at least one),
+    /// interleaved a token at a time, and ends when every handle is dropped and its jobs are
+    /// done. As many jobs again can wait in the channel, so that a caller with work ready does
+    /// not wait for a slot to hand it over.
+    pub fn spawn(engine: Engine, max_in_flight: usize) -> std::io::Result<Self> {
+        let max_in_flight = max_in_flight.max(1);
+        let (jobs, rx) = mpsc::channel::<Envelope>(max_in_flight);
+        std::thread::Builder::new()
+            .name("ferry-engine".into())
+            .spawn(move || serve(&engine, rx, max_in_flight))?;
         Ok(Self { jobs })
     }
 
@@ -242,5 +345,63 @@ impl EngineHandle {
             .await
             .map_err(|_| EngineStopped)?;
         rx.await.map_err(|_| EngineStopped)
+    }
+}
+
+/// The engine thread's loop: admit, then one token for each active job, round after round.
+fn serve(engine: &Engine, mut rx: mpsc::Receiver<Envelope>, max_in_flight: usize) {
+    let mut active: Vec<(Active, Reply)> = Vec::new();
+    let mut open = true;
+    loop {
+        if active.is_empty() {
+            // Idle: wait for work, or end once no handle is left to send any.
+            match rx.blocking_recv() {
+                Some(env) => admit(engine, env, &mut active),
+                None => return,
+            }
+        }
+        while open && active.len() < max_in_flight {
+            match rx.try_recv() {
+                Ok(env) => admit(engine, env, &mut active),
+                Err(TryRecvError::Empty) => break,
+                // Finish what is active; the blocking receive above then ends the thread.
+                Err(TryRecvError::Disconnected) => open = false,
+            }
+        }
+        let mut i = 0;
+        while i < active.len() {
+            let (job, reply) = &mut active[i];
+            // Nobody can receive the answer of a caller that stopped waiting: free its slot.
+            if reply.is_closed() {
+                active.remove(i);
+                continue;
+            }
+            match engine.advance(job) {
+                Ok(false) => i += 1,
+                Ok(true) => {
+                    let (job, reply) = active.remove(i);
+                    let _ = reply.send(job.into_outcome());
+                }
+                // The job fails alone: its sequence is dropped and the others go on.
+                Err(e) => {
+                    let (_, reply) = active.remove(i);
+                    let _ = reply.send(Err(e));
+                }
+            }
+        }
+    }
+}
+
+/// Starts `env`'s job and makes it active, or answers it at once if it failed to start or
+/// already ended (its deadline had passed).
+fn admit(engine: &Engine, env: Envelope, active: &mut Vec<(Active, Reply)>) {
+    match engine.admit(env.job) {
+        Ok(job) if job.seq.finish().is_some() => {
+            let _ = env.reply.send(job.into_outcome());
+        }
+        Ok(job) => active.push((job, env.reply)),
+        Err(e) => {
+            let _ = env.reply.send(Err(e));
+        }
     }
 }

@@ -3,7 +3,8 @@
 //! A [`Sequence`] owns everything that belongs to one request's generation: the prompt and
 //! generated token ids, its KV cache, the logits for the next position, and the text so far.
 //! [`Sequence::step`] emits one token; the caller decides when to step, so the same type serves
-//! a simple loop now and snapshots or batching later.
+//! a simple loop, the engine thread's interleaving of several sequences, and snapshots.
+//! Each step hands back the text it released to the stream (see [`super::stream`]).
 //!
 //! Invariant: after [`Sequence::prefill`], `cache.len() == prompt.len() + generated.len()` and
 //! `next_logits` are the model's logits for the position after the last token, until the
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant};
 use ferry_schemas::FinishReason;
 
 use super::sampler::{sample, SamplingParams};
+use super::stream::{Release, StreamChunk};
 use crate::model::{IncrementalDecoder, LayerValues, Model, ModelError, SequenceCache};
 
 /// What a sequence needs to know about its request.
@@ -56,6 +58,8 @@ pub struct Sequence {
     decoder: IncrementalDecoder,
     /// Text of the tokens the decoder has released so far.
     text: String,
+    /// How much of `text` has gone to the stream.
+    stream: Release,
     finish: Option<Finish>,
     prefill_time: Duration,
     decode_time: Duration,
@@ -68,6 +72,7 @@ impl Sequence {
             generated: Vec::new(),
             cache: SequenceCache::new(&model.weights.config),
             next_logits: None,
+            stream: Release::new(&params.stop),
             params,
             decoder: IncrementalDecoder::default(),
             text: String::new(),
@@ -119,13 +124,35 @@ impl Sequence {
         let logits = model.weights.forward(&[last], &mut seq.cache)?;
         seq.next_logits = Some(logits.to_vec1()?);
         seq.prefill_time += start.elapsed();
-        // Rebuild the text exactly as it was released, token by token.
-        for n in 1..=tokens.len() {
-            let delta = seq.decoder.next(&model.tokenizer, &tokens[..n])?.unwrap_or_default();
-            seq.text.push_str(&delta);
-        }
-        seq.generated = tokens;
+        seq.replay(model, tokens)?;
         Ok(seq)
+    }
+
+    /// A generation that produced `tokens` (none, for a fresh request), with its text rebuilt but
+    /// no compute: it cannot step, only [`finish_now`](Self::finish_now). For a request whose
+    /// deadline passed before it was started, so that a resumed one still answers with the text
+    /// its snapshot had reached.
+    pub fn from_tokens(
+        model: &Model,
+        prompt: Vec<u32>,
+        params: GenerationParams,
+        tokens: Vec<u32>,
+    ) -> Result<Self, ModelError> {
+        let mut seq = Self::new(model, prompt, params);
+        seq.replay(model, tokens)?;
+        Ok(seq)
+    }
+
+    /// Takes `tokens` as generated: rebuilds the text exactly as it was released, token by token,
+    /// and what of it had gone to the stream.
+    fn replay(&mut self, model: &Model, tokens: Vec<u32>) -> Result<(), ModelError> {
+        for n in 1..=tokens.len() {
+            let delta = self.decoder.next(&model.tokenizer, &tokens[..n])?.unwrap_or_default();
+            self.text.push_str(&delta);
+        }
+        self.generated = tokens;
+        self.stream = Release::resumed(&self.params.stop, &self.text);
+        Ok(())
     }
 
     /// Positions of the KV cache a snapshot taken now covers: all but the last generated
@@ -167,28 +194,57 @@ impl Sequence {
     }
 
     /// Emits one token and, unless that ends the generation, computes the logits for the next.
-    /// Returns the text this step released (possibly empty: a character can span tokens).
-    pub fn step(&mut self, model: &Model) -> Result<String, ModelError> {
+    /// Returns the chunk this step released to the stream, numbered by the tokens generated
+    /// before it; `None` when it released nothing (a character can span tokens, and text that
+    /// could begin a stop string is held back until it cannot).
+    pub fn step(&mut self, model: &Model) -> Result<Option<StreamChunk>, ModelError> {
         if self.finish.is_some() {
-            return Ok(String::new());
+            return Ok(None);
         }
         let Some(logits) = self.next_logits.take() else {
             return Err(ModelError::Unsupported("step before prefill".into()));
         };
         let start = Instant::now();
-        let position = self.generated.len() as u64;
-        let token = sample(&logits, &self.params.sampling, position);
-        let delta = self.accept(model, token)?;
+        let number = self.generated.len();
+        let token = sample(&logits, &self.params.sampling, number as u64);
+        self.accept(model, token)?;
         if self.finish.is_none() {
             let logits = model.weights.forward(&[token], &mut self.cache)?;
             self.next_logits = Some(logits.to_vec1()?);
         }
         self.decode_time += start.elapsed();
-        Ok(delta)
+        Ok(self.release(number))
+    }
+
+    /// Ends the generation where it is, for `reason` (a deadline): text held back for an
+    /// incomplete character is released, and so is everything the stream still held back.
+    /// Returns that last chunk, numbered as the step it replaces would have been. Does nothing
+    /// to a finished sequence.
+    pub fn finish_now(&mut self, model: &Model, reason: FinishReason) -> Result<Option<StreamChunk>, ModelError> {
+        if self.finish.is_some() {
+            return Ok(None);
+        }
+        self.finish = Some(Finish {
+            reason,
+            stop_sequence: None,
+        });
+        self.next_logits = None;
+        self.flush(model)?;
+        Ok(self.release(self.generated.len()))
+    }
+
+    /// The text step `number` releases to the stream, if any.
+    fn release(&mut self, number: usize) -> Option<StreamChunk> {
+        let text = self.stream.advance(&self.text, self.finish.is_some());
+        (!text.is_empty()).then(|| StreamChunk {
+            // A sequence is shorter than the context window, far below u32::MAX tokens.
+            seq: u32::try_from(number).unwrap_or(u32::MAX),
+            text: text.to_string(),
+        })
     }
 
     /// Records `token` and decides whether the generation is over.
-    fn accept(&mut self, model: &Model, token: u32) -> Result<String, ModelError> {
+    fn accept(&mut self, model: &Model, token: u32) -> Result<(), ModelError> {
         if model.tokenizer.is_eos(token) {
             self.finish = Some(Finish {
                 reason: FinishReason::Stop,
@@ -198,19 +254,18 @@ impl Sequence {
         }
         self.generated.push(token);
         let old_len = self.text.len();
-        let mut delta = self
+        let delta = self
             .decoder
             .next(&model.tokenizer, &self.generated)?
             .unwrap_or_default();
         self.text.push_str(&delta);
         if let Some((at, stop)) = find_stop(&self.text, old_len, &self.params.stop) {
             self.text.truncate(at);
-            delta.truncate(at.saturating_sub(old_len));
             self.finish = Some(Finish {
                 reason: FinishReason::Stop,
                 stop_sequence: Some(stop),
             });
-            return Ok(delta);
+            return Ok(());
         }
         let reason = if self.generated.len() >= self.params.max_tokens {
             Some(FinishReason::Length)
@@ -224,16 +279,16 @@ impl Sequence {
                 reason,
                 stop_sequence: None,
             });
-            delta.push_str(&self.flush(model)?);
+            self.flush(model)?;
         }
-        Ok(delta)
+        Ok(())
     }
 
     /// Releases text held back for an incomplete character, at the end of generation.
-    fn flush(&mut self, model: &Model) -> Result<String, ModelError> {
+    fn flush(&mut self, model: &Model) -> Result<(), ModelError> {
         let rest = self.decoder.flush(&model.tokenizer, &self.generated)?;
         self.text.push_str(&rest);
-        Ok(rest)
+        Ok(())
     }
 
     /// An independent copy of this generation, cache included, that continues exactly as this
@@ -247,6 +302,7 @@ impl Sequence {
             params: self.params.clone(),
             decoder: self.decoder.clone(),
             text: self.text.clone(),
+            stream: self.stream.clone(),
             finish: self.finish.clone(),
             prefill_time: self.prefill_time,
             decode_time: self.decode_time,

@@ -8,8 +8,12 @@
 //!
 //! A snapshot can never make an answer wrong: whatever does not verify is discarded and the
 //! request starts from the beginning.
+//!
+//! Beside each snapshot, under the same prefix, the request's [`ledger`] counts its attempts
+//! and keeps its answer until the answer's offset is committed.
 
 pub mod format;
+pub mod ledger;
 pub mod resume;
 pub mod store;
 pub mod writer;
@@ -20,12 +24,14 @@ use std::sync::Arc;
 use std::time::Duration;
 pub use writer::{ResumeMode, SnapshotPolicy, SnapshotStats, SnapshotWriter};
 
+use bytes::Bytes;
 use candle_core::Device;
 use tracing::{info, warn};
 
 use crate::engine::{Prepared, ResumeFrom};
 use crate::model::{LlamaConfig, Model};
 use format::{KvShape, Manifest};
+use ledger::{AttemptLog, EntryOutcome, Ledger};
 use writer::{ChainStart, SnapshotIdentity, SnapshotSink};
 
 /// The worker's snapshot service: the store, the policy, and what identifies this model.
@@ -65,6 +71,25 @@ impl Snapshots {
         }
     }
 
+    /// A service over `store` for a model described only by `config`, on the CPU: enough for
+    /// tests that never load a model.
+    #[cfg(test)]
+    pub(crate) fn for_tests(store: Arc<dyn store::SnapshotStore>, config: LlamaConfig) -> Self {
+        Self {
+            store,
+            stats: Arc::new(SnapshotStats::default()),
+            policy: SnapshotPolicy {
+                every_tokens: 0,
+                every: None,
+                mode: ResumeMode::Auto,
+                max_pieces: 8,
+            },
+            model_fingerprint: format::model_fingerprint("test", "f32", "cpu"),
+            config,
+            device: Device::Cpu,
+        }
+    }
+
     pub fn shape(&self) -> KvShape {
         KvShape {
             n_layer: self.config.n_layer as u32,
@@ -74,7 +99,8 @@ impl Snapshots {
     }
 
     /// Looks for a verified snapshot of the request. A snapshot that does not verify is logged,
-    /// counted, deleted, and the request starts from the beginning.
+    /// counted, deleted (its manifest and pieces; the request's [`ledger`] stays), and the request
+    /// starts from the beginning.
     pub async fn find(&self, prefix: &str, prepared: &Prepared) -> Option<Found> {
         let request = format::request_fingerprint(&prepared.prompt, &prepared.params);
         match resume::load(
@@ -113,7 +139,9 @@ impl Snapshots {
             Err(e) => {
                 self.stats.discarded.fetch_add(1, Relaxed);
                 warn!(prefix, error = %e, "discarding a snapshot that does not verify; starting from the beginning");
-                let _ = self.store.delete_prefix(prefix).await;
+                if let Err(e) = ledger::delete_snapshot_only(self.store.as_ref(), prefix).await {
+                    warn!(prefix, error = %e, "cannot delete the discarded snapshot; it will be overwritten or expire");
+                }
                 None
             }
         }
@@ -153,7 +181,46 @@ impl Snapshots {
         ))
     }
 
-    /// Deletes a request's snapshot once its answer is committed.
+    /// Records that `worker` starts the request under `prefix` now, and returns the request's
+    /// attempt log including this attempt (its [`AttemptLog::latest`] entry, with no outcome).
+    ///
+    /// The budget rule: the caller dead-letters instead of running when
+    /// [`AttemptLog::over_budget`]`(max_attempts)`, that is `log.counted() > max_attempts`.
+    /// The new attempt counts, so this holds exactly when the earlier attempts that died (no
+    /// outcome) or failed already number `max_attempts`: with `max_attempts = 3`, the 4th start of
+    /// a request whose 3 earlier attempts died or failed is dead-lettered instead of run.
+    /// Suspended attempts never count.
+    ///
+    /// A missing log starts a fresh one; so does one that cannot be decoded (logged as a warning).
+    /// A store error is returned and nothing is recorded: the caller should run the request
+    /// anyway, uncounted, since a store outage must not stop the service.
+    pub async fn begin_attempt(&self, prefix: &str, worker: &str) -> Result<AttemptLog, store::StoreError> {
+        self.ledger().begin_attempt(prefix, worker).await
+    }
+
+    /// Records how `attempt` of the request under `prefix` ended. Failures are logged, not
+    /// returned: an attempt whose end is not recorded counts as died, which only spends budget.
+    pub async fn end_attempt(&self, prefix: &str, attempt: u32, outcome: EntryOutcome, error: Option<String>) {
+        self.ledger().end_attempt(prefix, attempt, outcome, error).await
+    }
+
+    /// Keeps the final reply of the request under `prefix`, exactly as published, until its
+    /// offset is committed and [`Snapshots::delete`] removes it with the rest of the prefix.
+    pub async fn put_done(&self, prefix: &str, reply: &[u8]) -> Result<(), store::StoreError> {
+        self.ledger().put_done(prefix, reply).await
+    }
+
+    /// The stored final reply of the request under `prefix`, to publish again instead of
+    /// computing it again. Store errors are logged and read as `None`.
+    pub async fn get_done(&self, prefix: &str) -> Option<Bytes> {
+        self.ledger().get_done(prefix).await
+    }
+
+    fn ledger(&self) -> Ledger {
+        Ledger::new(self.store.clone())
+    }
+
+    /// Deletes a request's snapshot and ledger once its answer is committed.
     pub async fn delete(&self, prefix: &str) {
         if let Err(e) = self.store.delete_prefix(prefix).await {
             warn!(prefix, error = %e, "cannot delete a finished request's snapshot; it will expire");

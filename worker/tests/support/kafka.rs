@@ -147,6 +147,23 @@ impl Cluster {
             .offset
     }
 
+    /// Publishes `payload` to one partition of `topic` and returns its offset.
+    pub async fn publish_to(
+        &self,
+        producer: &FutureProducer,
+        topic: &str,
+        partition: i32,
+        key: &str,
+        payload: &[u8],
+    ) -> i64 {
+        let rec = FutureRecord::to(topic).partition(partition).key(key).payload(payload);
+        producer
+            .send(rec, Duration::from_secs(10))
+            .await
+            .expect("published")
+            .offset
+    }
+
     /// A consumer outside any group, for reading topics and asking about a group's offsets.
     pub fn reader(&self, group: &str) -> BaseConsumer {
         ClientConfig::new()

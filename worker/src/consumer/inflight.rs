@@ -1,0 +1,394 @@
+//! What the worker has in flight, shared by the Kafka loop, the request tasks and librdkafka's
+//! rebalance callbacks.
+//!
+//! A request is *registered* from the moment it starts until its offset is settled: committed,
+//! covered by a done marker, or left uncommitted on purpose (suspended for a drain or a
+//! revocation). A revocation waits, within its deadline, for the registered requests of the
+//! revoked partitions to settle, after telling them to suspend: that is how "snapshot, stop,
+//! commit what is finished" happens before the partitions change hands.
+//!
+//! Each partition has an *epoch*, bumped when it is revoked. A request remembers the epoch it
+//! started in; if it settles in another epoch, the partition was revoked (and maybe handed back)
+//! meanwhile, and it must not touch the offset tracker, whose state now belongs to the new
+//! assignment.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::{ClientContext, TopicPartitionList};
+use tracing::{info, warn};
+
+use crate::engine::JobControl;
+use crate::offsets::{OffsetTracker, TopicPartition};
+
+/// A request that has started and not yet settled.
+#[derive(Debug)]
+struct Registered {
+    offset: i64,
+    control: Arc<JobControl>,
+}
+
+#[derive(Debug, Default)]
+pub struct State {
+    pub tracker: OffsetTracker,
+    registered: HashMap<TopicPartition, Vec<Registered>>,
+    epochs: HashMap<TopicPartition, u64>,
+    /// Snapshot prefixes of requests finished above a running one, deleted once the committed
+    /// position passes them.
+    pending_deletes: HashMap<TopicPartition, Vec<(i64, String)>>,
+    /// Commits that failed (the group was rebalancing), retried by the loop until one succeeds
+    /// or the partition is revoked: the position and the prefixes it makes deletable.
+    deferred: HashMap<TopicPartition, (i64, Vec<String>)>,
+    /// Partitions revoked since the Kafka loop last looked: their waiting messages are dropped.
+    revoked: Vec<TopicPartition>,
+    /// Topics whose partitions the loop paused because their lane is full.
+    pub paused_topics: HashSet<String>,
+}
+
+/// The state, and how long a revocation may wait for it.
+#[derive(Debug)]
+pub struct InFlight {
+    state: Mutex<State>,
+    revoke_timeout: Duration,
+    /// Set when the worker exits without settling what is in flight (a second signal, the drain
+    /// deadline, a fatal error): closing the consumer then revokes without waiting.
+    abandoned: AtomicBool,
+}
+
+impl InFlight {
+    pub fn new(revoke_timeout: Duration) -> Self {
+        Self {
+            state: Mutex::new(State::default()),
+            revoke_timeout,
+            abandoned: AtomicBool::new(false),
+        }
+    }
+
+    /// From now on revocations do not wait for requests to settle (the worker is exiting).
+    pub fn abandon(&self) {
+        self.abandoned.store(true, Ordering::Release);
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain bookkeeping behind; carrying on with it is
+        // better than taking the worker down.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers a request the loop is about to start; returns the partition's epoch.
+    pub fn start(&self, tp: &TopicPartition, offset: i64, control: Arc<JobControl>) -> u64 {
+        let mut s = self.lock();
+        s.tracker.start(tp, offset);
+        s.registered
+            .entry(tp.clone())
+            .or_default()
+            .push(Registered { offset, control });
+        s.epochs.get(tp).copied().unwrap_or(0)
+    }
+
+    /// Whether the partition is still in the epoch a request started in.
+    #[cfg(test)]
+    pub fn same_epoch(&self, tp: &TopicPartition, epoch: u64) -> bool {
+        self.lock().epochs.get(tp).copied().unwrap_or(0) == epoch
+    }
+
+    /// Records that `offset` is finished. Returns the position to commit, if it moved, with the
+    /// snapshot prefixes that commit makes deletable. `None` when an earlier offset still runs,
+    /// or the partition changed epoch: the caller then keeps a done marker instead.
+    pub fn finish(
+        &self,
+        tp: &TopicPartition,
+        offset: i64,
+        epoch: u64,
+        prefix: Option<&str>,
+    ) -> Option<(i64, Vec<String>)> {
+        let mut s = self.lock();
+        if s.epochs.get(tp).copied().unwrap_or(0) != epoch {
+            return None;
+        }
+        match s.tracker.finish(tp, offset) {
+            Some(position) => {
+                let pending = s.pending_deletes.entry(tp.clone()).or_default();
+                let (done, rest): (Vec<_>, Vec<_>) = pending.drain(..).partition(|(o, _)| *o < position);
+                *pending = rest;
+                let mut prefixes: Vec<String> = done.into_iter().map(|(_, p)| p).collect();
+                prefixes.extend(prefix.map(str::to_string));
+                Some((position, prefixes))
+            }
+            None => {
+                if let Some(p) = prefix {
+                    s.pending_deletes
+                        .entry(tp.clone())
+                        .or_default()
+                        .push((offset, p.to_string()));
+                }
+                None
+            }
+        }
+    }
+
+    /// Keeps a commit that failed, for [`InFlight::take_deferred`] to retry (merged with any
+    /// earlier one of the partition: positions only grow).
+    pub fn defer(&self, tp: &TopicPartition, epoch: u64, position: i64, prefixes: Vec<String>) {
+        let mut s = self.lock();
+        if s.epochs.get(tp).copied().unwrap_or(0) != epoch {
+            return;
+        }
+        let entry = s.deferred.entry(tp.clone()).or_insert((position, Vec::new()));
+        entry.0 = entry.0.max(position);
+        entry.1.extend(prefixes);
+    }
+
+    pub fn has_deferred(&self) -> bool {
+        !self.lock().deferred.is_empty()
+    }
+
+    /// The deferred commits, to retry.
+    pub fn take_deferred(&self) -> Vec<(TopicPartition, u64, i64, Vec<String>)> {
+        let mut s = self.lock();
+        let deferred = std::mem::take(&mut s.deferred);
+        deferred
+            .into_iter()
+            .map(|(tp, (position, prefixes))| {
+                let epoch = s.epochs.get(&tp).copied().unwrap_or(0);
+                (tp, epoch, position, prefixes)
+            })
+            .collect()
+    }
+
+    /// Removes a settled request from the registry.
+    pub fn settle(&self, tp: &TopicPartition, offset: i64) {
+        let mut s = self.lock();
+        if let Some(list) = s.registered.get_mut(tp) {
+            list.retain(|r| r.offset != offset);
+            if list.is_empty() {
+                s.registered.remove(tp);
+            }
+        }
+    }
+
+    /// Tells every registered request of these partitions (all when `None`) to suspend.
+    pub fn suspend(&self, tps: Option<&[TopicPartition]>) -> usize {
+        let s = self.lock();
+        let mut n = 0;
+        for (tp, list) in &s.registered {
+            if tps.is_none_or(|t| t.contains(tp)) {
+                for r in list {
+                    r.control.suspend.store(true, Ordering::Release);
+                    n += 1;
+                }
+            }
+        }
+        n
+    }
+
+    /// Registered requests of these partitions (all when `None`).
+    pub fn registered(&self, tps: Option<&[TopicPartition]>) -> usize {
+        let s = self.lock();
+        s.registered
+            .iter()
+            .filter(|(tp, _)| tps.is_none_or(|t| t.contains(tp)))
+            .map(|(_, l)| l.len())
+            .sum()
+    }
+
+    /// Handles a revocation: suspend the partitions' requests, wait (blocking, within the
+    /// revoke timeout) for them to settle, then forget the partitions. Runs on the thread that
+    /// polls the consumer, which is why it may block: the rebalance waits for it, as Kafka
+    /// intends, while the requests settle on other threads.
+    /// Returns the deferred commits of the revoked partitions, for the callback to make while
+    /// the partitions are still this worker's.
+    pub fn revoke_blocking(&self, tps: &[TopicPartition]) -> Vec<(TopicPartition, i64)> {
+        let suspended = self.suspend(Some(tps));
+        let deadline = Instant::now() + self.revoke_timeout;
+        let wait = || {
+            let mut left = self.registered(Some(tps));
+            while left > 0 && Instant::now() < deadline && !self.abandoned.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(10));
+                left = self.registered(Some(tps));
+            }
+            left
+        };
+        // On a multi-threaded runtime, hand this thread's queued tasks to another worker thread
+        // while it blocks: they include the very requests being waited for.
+        let left = match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(wait)
+            }
+            _ => wait(),
+        };
+        if left > 0 {
+            warn!(
+                left,
+                "revoke deadline passed; those requests stay uncommitted and move on"
+            );
+        } else if suspended > 0 {
+            info!(suspended, "revoked partitions' requests snapshotted and settled");
+        }
+        let mut s = self.lock();
+        let mut last_commits = Vec::new();
+        for tp in tps {
+            if let Some((position, _)) = s.deferred.remove(tp) {
+                last_commits.push((tp.clone(), position));
+            }
+            s.tracker.revoke(tp);
+            *s.epochs.entry(tp.clone()).or_insert(0) += 1;
+            s.pending_deletes.remove(tp);
+            s.revoked.push(tp.clone());
+        }
+        last_commits
+    }
+
+    /// Partitions revoked since the last call.
+    pub fn take_revoked(&self) -> Vec<TopicPartition> {
+        std::mem::take(&mut self.lock().revoked)
+    }
+}
+
+/// Consumer callbacks: revocations go through [`InFlight::revoke_blocking`]; newly assigned
+/// partitions start paused or fetching according to their lane.
+pub struct WorkerContext {
+    pub inflight: Arc<InFlight>,
+}
+
+impl ClientContext for WorkerContext {}
+
+fn partitions(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_string(), e.partition()))
+        .collect()
+}
+
+impl ConsumerContext for WorkerContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let tps = partitions(tpl);
+            info!(partitions = ?tps, "partitions revoked");
+            let last = self.inflight.revoke_blocking(&tps);
+            if last.is_empty() {
+                return;
+            }
+            let mut commits = TopicPartitionList::new();
+            for ((t, p), position) in &last {
+                if let Err(e) = commits.add_partition_offset(t, *p, rdkafka::Offset::Offset(*position)) {
+                    warn!(error = %e, "cannot build the commit");
+                }
+            }
+            // A failure here leaves the answers to their done markers.
+            match consumer.commit(&commits, rdkafka::consumer::CommitMode::Sync) {
+                Ok(()) => info!(
+                    partitions = last.len(),
+                    "deferred commits made before giving the partitions up"
+                ),
+                Err(e) => warn!(error = %e, "deferred commits failed; redeliveries will publish the stored answers"),
+            }
+        }
+    }
+
+    /// librdkafka keeps an application's pause across a revoke and a re-assign, so a partition
+    /// handed (back) to this worker is explicitly resumed, or paused when its lane is full.
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let tps = partitions(tpl);
+                info!(partitions = ?tps, "partitions assigned");
+                let paused = self.inflight.lock().paused_topics.clone();
+                let (mut pause, mut resume) = (TopicPartitionList::new(), TopicPartitionList::new());
+                for (t, p) in &tps {
+                    if paused.contains(t) {
+                        pause.add_partition(t, *p);
+                    } else {
+                        resume.add_partition(t, *p);
+                    }
+                }
+                if pause.count() > 0 {
+                    if let Err(e) = consumer.pause(&pause) {
+                        warn!(error = %e, "cannot pause newly assigned partitions");
+                    }
+                }
+                if resume.count() > 0 {
+                    if let Err(e) = consumer.resume(&resume) {
+                        warn!(error = %e, "cannot resume newly assigned partitions");
+                    }
+                }
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(e) => warn!(error = %e, "rebalance error"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tp(p: i32) -> TopicPartition {
+        ("t".to_string(), p)
+    }
+
+    #[test]
+    fn out_of_order_finishes_commit_in_order_and_release_prefixes() {
+        let f = InFlight::new(Duration::from_millis(50));
+        let c = || Arc::new(JobControl::default());
+        let e0 = f.start(&tp(0), 10, c());
+        let e1 = f.start(&tp(0), 11, c());
+        assert_eq!(
+            f.finish(&tp(0), 11, e1, Some("p11")),
+            None,
+            "10 still runs: a done marker"
+        );
+        f.settle(&tp(0), 11);
+        assert_eq!(
+            f.finish(&tp(0), 10, e0, Some("p10")),
+            Some((12, vec!["p11".into(), "p10".into()]))
+        );
+        f.settle(&tp(0), 10);
+        assert_eq!(f.registered(None), 0);
+    }
+
+    #[test]
+    fn revocation_suspends_waits_and_changes_the_epoch() {
+        let f = Arc::new(InFlight::new(Duration::from_secs(5)));
+        let control = Arc::new(JobControl::default());
+        let epoch = f.start(&tp(1), 5, control.clone());
+        let other = f.start(&tp(2), 7, Arc::new(JobControl::default()));
+        // A request that settles once told to suspend, as the engine does.
+        let settler = {
+            let f = f.clone();
+            let control = control.clone();
+            std::thread::spawn(move || {
+                while !control.suspend.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                f.settle(&tp(1), 5);
+            })
+        };
+        assert!(f.revoke_blocking(&[tp(1)]).is_empty());
+        settler.join().expect("settler");
+        assert_eq!(f.registered(Some(&[tp(1)])), 0);
+        assert!(!f.same_epoch(&tp(1), epoch));
+        assert_eq!(
+            f.finish(&tp(1), 5, epoch, None),
+            None,
+            "a revoked partition commits nothing"
+        );
+        assert_eq!(f.take_revoked(), [tp(1)]);
+        // The other partition is untouched.
+        assert!(f.same_epoch(&tp(2), other));
+        assert_eq!(f.finish(&tp(2), 7, other, None), Some((8, vec![])));
+    }
+
+    #[test]
+    fn revocation_gives_up_at_its_deadline() {
+        let f = InFlight::new(Duration::from_millis(30));
+        f.start(&tp(0), 1, Arc::new(JobControl::default()));
+        let t = Instant::now();
+        f.revoke_blocking(&[tp(0)]);
+        assert!(t.elapsed() < Duration::from_secs(2));
+        assert_eq!(f.registered(None), 1, "it stays registered until it settles");
+    }
+}

@@ -1,0 +1,379 @@
+//! The Kafka side of the worker: many requests in flight, offsets committed only for finished
+//! work, in order.
+//!
+//! # Data flow
+//!
+//! The loop polls the consumer all the time (also while it generates, so it never exceeds
+//! `max.poll.interval.ms` and every rebalance is answered at once). A message goes to its
+//! [lane](lanes) (one per request topic, served by weight); while fewer than `--max-in-flight`
+//! requests run, the loop starts the next one as a task ([`request`]), which generates on the
+//! engine thread (interleaved with the others), publishes the answer and waits for the broker's
+//! acknowledgement. A lane that holds `--max-in-flight` waiting messages has its partitions
+//! paused until it drains.
+//!
+//! # Offsets
+//!
+//! Requests finish out of order, but a partition commits one position: the [`OffsetTracker`]
+//! moves it only past offsets that are all finished. A request finished above a running one
+//! leaves a *done marker* with its answer in the snapshot store; if the partition is redelivered
+//! before the commit passes it, the stored answer is published again instead of recomputed. If
+//! the worker dies anywhere before a commit, the group redelivers the uncommitted messages to
+//! a surviving worker: a request may be answered twice (with the same answer), never zero times.
+//!
+//! # Rebalances and shutdown
+//!
+//! Partitions are assigned `cooperative-sticky` by default, so a rebalance moves only those that
+//! change hands. On revoke ([`inflight`]), the requests of the revoked partitions are snapshotted
+//! and stopped, and what is finished is committed, within `--revoke-timeout`, before the
+//! rebalance goes on; the new owner resumes them from the snapshots. On SIGTERM the worker
+//! drains the same way for all of its partitions within `--drain-timeout`, then leaves the group
+//! so the survivors take over at once. A second signal, or the deadline, ends it sooner; what is
+//! not committed is redelivered either way.
+//!
+//! # Failures
+//!
+//! Attempts are counted durably in the snapshot store. A request whose generation fails, or
+//! whose worker dies, `--max-attempts` times goes to the dead-letter topic with its history and
+//! its caller gets an `attempts_exhausted` error; input that can never work goes there at once.
+//! A request an earlier attempt of which died with its worker is a suspect: it runs alone, so
+//! that if it is what crashes workers, it spends only its own budget, not its neighbours'.
+
+mod inflight;
+mod lanes;
+mod publish;
+mod request;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::OwnedMessage;
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use crate::config::{KafkaConfig, Lane};
+use crate::engine::{Engine, EngineHandle, JobControl};
+use crate::offsets::TopicPartition;
+use crate::snapshot::Snapshots;
+use inflight::{InFlight, WorkerContext};
+use lanes::Lanes;
+use publish::Publisher;
+
+pub use crate::offsets::OffsetTracker;
+
+/// Failures that stop the worker. Its uncommitted messages are then redelivered to others.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The Kafka clients could not be created or subscribed.
+    #[error("kafka setup: {0}")]
+    Setup(#[source] KafkaError),
+    /// The broker did not acknowledge a reply or dead-letter record in time.
+    #[error("publishing to {topic} failed: {source}")]
+    Publish { topic: String, source: KafkaError },
+    /// Reading from the consumer failed in a way librdkafka does not recover from.
+    #[error("consuming: {0}")]
+    Consume(#[source] KafkaError),
+    /// The engine thread died.
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineStopped),
+    /// Serialising a reply failed (a bug).
+    #[error("serialising a reply: {0}")]
+    Serialize(#[from] serde_json::Error),
+    /// A request task panicked (a bug).
+    #[error("a request task panicked: {0}")]
+    Task(String),
+}
+
+/// Signals the worker counts: the first starts a drain, the second ends the process at once.
+pub type Signals = tokio::sync::watch::Receiver<u32>;
+
+type WorkerConsumer = StreamConsumer<WorkerContext>;
+
+/// How often the loop polls the consumer when nothing arrives, which keeps the worker inside
+/// `max.poll.interval.ms` and answers rebalances while every slot is busy and the partitions are
+/// paused.
+const POLL_EVERY: Duration = Duration::from_millis(200);
+
+/// What the worker needs besides Kafka settings.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    pub worker_id: String,
+    pub snapshots: Option<Snapshots>,
+    pub drain_timeout: Duration,
+}
+
+/// The worker's Kafka side.
+pub struct Worker {
+    inner: Arc<request::Inner>,
+    lanes: Vec<Lane>,
+    max_in_flight: usize,
+    drain_timeout: Duration,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("worker_id", &self.inner.publisher.worker_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// librdkafka settings shared by the consumer and the producer.
+fn base_config(bootstrap: &str, cfg: &KafkaConfig, defaults: &[(&str, &str)]) -> Result<ClientConfig, WorkerError> {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", bootstrap);
+    for (k, v) in defaults {
+        c.set(*k, *v);
+    }
+    for (k, v) in cfg
+        .property_pairs()
+        .map_err(|e| WorkerError::Setup(KafkaError::ClientCreation(e.0)))?
+    {
+        c.set(k, v);
+    }
+    Ok(c)
+}
+
+impl Worker {
+    pub fn new(bootstrap: &str, cfg: &KafkaConfig, engine: Engine, opts: WorkerOptions) -> Result<Self, WorkerError> {
+        let inflight = Arc::new(InFlight::new(cfg.revoke_timeout));
+        // A worker just handed an evicted worker's partition should see its message at once,
+        // not after librdkafka's default 500 ms fetch wait. Overridable.
+        let mut consumer_config = base_config(bootstrap, cfg, &[("fetch.wait.max.ms", "100")])?;
+        consumer_config
+            .set("group.id", &cfg.group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", cfg.session_timeout.as_millis().to_string())
+            .set("max.poll.interval.ms", cfg.max_poll_interval.as_millis().to_string())
+            .set("partition.assignment.strategy", cfg.assignment_strategy.as_librdkafka())
+            .set("client.id", &opts.worker_id);
+        if let Some(id) = &cfg.group_instance_id {
+            consumer_config.set("group.instance.id", id);
+        }
+        let consumer: WorkerConsumer = consumer_config
+            .create_with_context(WorkerContext {
+                inflight: inflight.clone(),
+            })
+            .map_err(WorkerError::Setup)?;
+        let producer = base_config(bootstrap, cfg, &[])?
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("message.timeout.ms", cfg.publish_timeout.as_millis().to_string())
+            .set("client.id", &opts.worker_id)
+            .create()
+            .map_err(WorkerError::Setup)?;
+        consumer.subscribe(&cfg.topic_names()).map_err(WorkerError::Setup)?;
+        let engine_thread = EngineHandle::spawn(engine.clone(), cfg.max_in_flight)
+            .map_err(|e| WorkerError::Setup(KafkaError::ClientCreation(format!("engine thread: {e}"))))?;
+        if opts.snapshots.is_none() && cfg.max_attempts > 0 {
+            info!("no snapshot store: attempts are counted within this worker only, not across crashes");
+        }
+        let inner = Arc::new(request::Inner {
+            consumer,
+            publisher: Publisher::new(producer, opts.worker_id, cfg.publish_timeout),
+            engine,
+            engine_thread,
+            reply_topic: cfg.reply_topic.clone(),
+            dead_letter_topic: cfg.dead_letter_topic.clone(),
+            snapshots: opts.snapshots,
+            inflight,
+            max_attempts: cfg.max_attempts,
+            isolation: tokio::sync::RwLock::new(()),
+        });
+        Ok(Self {
+            inner,
+            lanes: cfg.topics.clone(),
+            max_in_flight: cfg.max_in_flight,
+            drain_timeout: opts.drain_timeout,
+        })
+    }
+
+    /// Serves requests until the first signal, then drains (see the module doc).
+    pub async fn run(&self, mut signals: Signals) -> Result<(), WorkerError> {
+        let inner = &self.inner;
+        info!(worker = %inner.publisher.worker_id, max_in_flight = self.max_in_flight, "consuming");
+        let mut lanes: Lanes<OwnedMessage> = Lanes::new(
+            self.lanes.iter().map(|l| (l.topic.as_str(), l.weight)),
+            self.max_in_flight,
+        );
+        let mut tasks: JoinSet<Result<(), WorkerError>> = JoinSet::new();
+        let mut poll = tokio::time::interval(POLL_EVERY);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            drop_revoked(inner, &mut lanes);
+            while tasks.len() < self.max_in_flight {
+                let Some(msg) = lanes.pop() else { break };
+                self.start(&mut tasks, msg);
+            }
+            self.update_pauses(&lanes);
+            tokio::select! {
+                _ = signals.changed() => break,
+                Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                    if let Err(e) = task_result(joined) {
+                        inner.inflight.abandon();
+                        return Err(e);
+                    }
+                }
+                m = inner.consumer.recv() => {
+                    // A revocation handled during this poll drops the waiting messages of its
+                    // partitions before anything fetched after it is queued.
+                    drop_revoked(inner, &mut lanes);
+                    match m {
+                        Ok(m) => {
+                            let m = m.detach();
+                            let topic = m.topic().to_string();
+                            lanes.push(&topic, m);
+                        }
+                        Err(e) => {
+                            // librdkafka reports transient broker trouble here and recovers.
+                            warn!(error = %e, "consumer error");
+                            if matches!(e, KafkaError::MessageConsumption(RDKafkaErrorCode::Fatal)) {
+                                inner.inflight.abandon();
+                                return Err(WorkerError::Consume(e));
+                            }
+                        }
+                    }
+                }
+                _ = poll.tick() => {
+                    if inner.inflight.has_deferred() {
+                        let inner = inner.clone();
+                        tokio::spawn(async move { inner.retry_deferred().await });
+                    }
+                }
+            }
+        }
+        self.drain(&mut tasks, &mut signals).await?;
+        // Leave the group now, so the partitions move to the survivors without waiting for the
+        // session timeout (with static membership librdkafka does not leave; see `--group-instance-id`).
+        inner.consumer.unsubscribe();
+        info!("left the consumer group");
+        Ok(())
+    }
+
+    /// Stops fetching, suspends every generation in flight (each snapshots at its current
+    /// token), and waits for all requests to settle, within the drain timeout.
+    async fn drain(
+        &self,
+        tasks: &mut JoinSet<Result<(), WorkerError>>,
+        signals: &mut Signals,
+    ) -> Result<(), WorkerError> {
+        let inner = &self.inner;
+        let suspended = inner.inflight.suspend(None);
+        info!(in_flight = suspended, "draining: suspending the generations in flight");
+        let drained = tokio::time::timeout(self.drain_timeout, async {
+            loop {
+                tokio::select! {
+                    joined = tasks.join_next() => match joined {
+                        None => return Ok(true),
+                        Some(j) => task_result(j)?,
+                    },
+                    _ = signals.changed() => return Ok(false),
+                }
+            }
+        })
+        .await;
+        match drained {
+            Ok(Ok(true)) => Ok(()),
+            Ok(Ok(false)) => {
+                warn!("second signal: exiting now; what is in flight stays uncommitted");
+                inner.inflight.abandon();
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                inner.inflight.abandon();
+                Err(e)
+            }
+            Err(_) => {
+                warn!("drain deadline passed: exiting; what is in flight stays uncommitted");
+                inner.inflight.abandon();
+                Ok(())
+            }
+        }
+    }
+
+    /// Registers a message with the offset tracker (in receive order) and starts its task.
+    fn start(&self, tasks: &mut JoinSet<Result<(), WorkerError>>, msg: OwnedMessage) {
+        let tp: TopicPartition = (msg.topic().to_string(), msg.partition());
+        let control = Arc::new(JobControl::default());
+        let epoch = self.inner.inflight.start(&tp, msg.offset(), control.clone());
+        let inner = self.inner.clone();
+        tasks.spawn(async move { inner.process(msg, epoch, control).await });
+    }
+
+    /// Pauses the partitions of full lanes and resumes those of lanes with room again.
+    fn update_pauses(&self, lanes: &Lanes<OwnedMessage>) {
+        for topic in lanes.topics() {
+            let full = lanes.is_full(topic);
+            let changed = {
+                let mut s = self.inner.inflight.lock();
+                if full {
+                    s.paused_topics.insert(topic.to_string())
+                } else {
+                    s.paused_topics.remove(topic)
+                }
+            };
+            if !changed {
+                continue;
+            }
+            let Ok(assignment) = self.inner.consumer.assignment() else {
+                continue;
+            };
+            let mut tpl = TopicPartitionList::new();
+            for e in assignment.elements_for_topic(topic) {
+                tpl.add_partition(topic, e.partition());
+            }
+            if tpl.count() == 0 {
+                continue;
+            }
+            let result = if full {
+                self.inner.consumer.pause(&tpl)
+            } else {
+                self.inner.consumer.resume(&tpl)
+            };
+            match result {
+                Ok(()) => info!(
+                    topic,
+                    paused = full,
+                    "lane {}",
+                    if full { "full: paused" } else { "has room: resumed" }
+                ),
+                Err(e) => warn!(topic, error = %e, "cannot pause or resume a lane"),
+            }
+        }
+    }
+}
+
+fn drop_revoked(inner: &request::Inner, lanes: &mut Lanes<OwnedMessage>) {
+    let revoked = inner.inflight.take_revoked();
+    if !revoked.is_empty() {
+        lanes.retain(|m| !revoked.iter().any(|(t, p)| t == m.topic() && *p == m.partition()));
+    }
+}
+
+fn task_result(joined: Result<Result<(), WorkerError>, tokio::task::JoinError>) -> Result<(), WorkerError> {
+    joined.map_err(|e| WorkerError::Task(e.to_string()))?
+}
+
+impl request::Inner {
+    /// Commits `position` for a partition. A failed commit is logged, not fatal: the messages
+    /// are then answered again after a redelivery, with the same answers.
+    fn commit(&self, tp: &TopicPartition, position: i64) -> bool {
+        let mut tpl = TopicPartitionList::new();
+        if let Err(e) = tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(position)) {
+            warn!(error = %e, "cannot build the commit");
+            return false;
+        }
+        match self.consumer.commit(&tpl, CommitMode::Sync) {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(topic = %tp.0, partition = tp.1, position, error = %e,
+                    "commit failed; messages below it may be redelivered and answered again");
+                false
+            }
+        }
+    }
+}

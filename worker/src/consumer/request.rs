@@ -1,0 +1,588 @@
+//! One request, from its message to a settled offset: parse, look for a stored answer, count
+//! the attempt, generate (resuming from a snapshot when there is one), stream chunks, publish
+//! the answer, then commit it or leave a done marker.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_schemas::{Chunk, ErrorCode, FinishReason, Reply, Request, SCHEMA_VERSION};
+use rdkafka::message::OwnedMessage;
+use rdkafka::Message;
+use tokio::sync::mpsc;
+use tracing::{error, info, warn, Instrument};
+
+use super::inflight::InFlight;
+use super::publish::Publisher;
+use super::{WorkerConsumer, WorkerError};
+use crate::engine::{Completion, Engine, EngineHandle, Finish, Job, JobControl, Outcome, Prepared, StreamChunk};
+use crate::intake::{self, Invalid};
+use crate::offsets::TopicPartition;
+use crate::reply::{self, WorkContext};
+use crate::snapshot::format::snapshot_prefix;
+use crate::snapshot::ledger::{AttemptEntry, AttemptLog, EntryOutcome};
+use crate::snapshot::Snapshots;
+
+/// Everything a request task uses, shared by all of them.
+pub struct Inner {
+    pub consumer: WorkerConsumer,
+    pub publisher: Publisher,
+    pub engine: Engine,
+    pub engine_thread: EngineHandle,
+    /// Where replies go for requests that name no `reply_to`.
+    pub reply_topic: String,
+    /// One dead-letter topic for every lane, when configured; else `<topic>.dlq` per lane.
+    pub dead_letter_topic: Option<String>,
+    pub snapshots: Option<Snapshots>,
+    pub inflight: Arc<InFlight>,
+    pub max_attempts: u32,
+    /// Generations hold it shared; a suspect (a request an earlier attempt of which died with
+    /// its worker) holds it alone, so if it crashes this worker too, it takes no bystander
+    /// down with it, and only the suspect's attempt budget is spent.
+    pub isolation: tokio::sync::RwLock<()>,
+}
+
+/// How serving a message ended.
+enum Served {
+    /// Answered, or dead-lettered with an error reply: its offset may be committed. `prefix`
+    /// names its snapshot-store entries; `reply` is the final reply as published, kept as a done
+    /// marker when the offset cannot be committed yet.
+    Answered {
+        prefix: Option<String>,
+        reply: Option<Vec<u8>>,
+    },
+    /// Suspended by a drain or a revocation, its state in a snapshot: left uncommitted.
+    Suspended,
+}
+
+impl Served {
+    fn rejected() -> Self {
+        Served::Answered {
+            prefix: None,
+            reply: None,
+        }
+    }
+}
+
+/// The right to generate, held for one attempt.
+#[allow(dead_code)] // Held for its drop.
+enum Slot<'a> {
+    Shared(tokio::sync::RwLockReadGuard<'a, ()>),
+    Alone(tokio::sync::RwLockWriteGuard<'a, ()>),
+}
+
+/// How one generation attempt ended.
+enum Generated {
+    Finished {
+        completion: Completion,
+        resumed_from: Option<u32>,
+    },
+    Suspended,
+    Failed(String),
+}
+
+impl Inner {
+    /// Serves a message and settles its offset. Runs as its own task.
+    pub async fn process(
+        self: Arc<Self>,
+        msg: OwnedMessage,
+        epoch: u64,
+        control: Arc<JobControl>,
+    ) -> Result<(), WorkerError> {
+        let tp: TopicPartition = (msg.topic().to_string(), msg.partition());
+        let span = tracing::info_span!("message", topic = %tp.0, partition = tp.1, offset = msg.offset());
+        let result = async {
+            match self.serve(&msg, control).await? {
+                Served::Answered { prefix, reply } => {
+                    self.settle_answered(&tp, msg.offset(), epoch, prefix, reply).await
+                }
+                Served::Suspended => {}
+            }
+            Ok(())
+        }
+        .instrument(span)
+        .await;
+        self.inflight.settle(&tp, msg.offset());
+        result
+    }
+
+    /// Commits past an answered offset when everything below it is finished; otherwise keeps
+    /// its answer as a done marker, for a redelivery to publish again.
+    async fn settle_answered(
+        &self,
+        tp: &TopicPartition,
+        offset: i64,
+        epoch: u64,
+        prefix: Option<String>,
+        reply: Option<Vec<u8>>,
+    ) {
+        match self.inflight.finish(tp, offset, epoch, prefix.as_deref()) {
+            Some((position, prefixes)) => {
+                if self.commit(tp, position) {
+                    self.delete_all(prefixes).await;
+                } else {
+                    // The group refuses commits while it rebalances: keep the answer as a done
+                    // marker, in case the partition moves, and retry the commit from the loop.
+                    self.keep_done(prefix.as_deref(), reply.as_deref()).await;
+                    self.inflight.defer(tp, epoch, position, prefixes);
+                }
+            }
+            None => self.keep_done(prefix.as_deref(), reply.as_deref()).await,
+        }
+    }
+
+    async fn keep_done(&self, prefix: Option<&str>, reply: Option<&[u8]>) {
+        if let (Some(s), Some(prefix), Some(reply)) = (&self.snapshots, prefix, reply) {
+            match s.put_done(prefix, reply).await {
+                Ok(()) => info!("answered, not yet committable: done marker kept until the commit passes it"),
+                Err(e) => warn!(error = %e, "cannot keep a done marker; a redelivery would compute the answer again"),
+            }
+        }
+    }
+
+    /// Deletes the store entries of committed requests.
+    pub async fn delete_all(&self, prefixes: Vec<String>) {
+        if let Some(s) = &self.snapshots {
+            for p in prefixes {
+                s.delete(&p).await;
+            }
+        }
+    }
+
+    /// Retries the commits that failed, from the loop.
+    pub async fn retry_deferred(&self) {
+        for (tp, epoch, position, prefixes) in self.inflight.take_deferred() {
+            if self.commit(&tp, position) {
+                info!(topic = %tp.0, partition = tp.1, position, "deferred commit made");
+                self.delete_all(prefixes).await;
+            } else {
+                self.inflight.defer(&tp, epoch, position, prefixes);
+            }
+        }
+    }
+
+    fn dead_letter_topic(&self, source: &str) -> String {
+        self.dead_letter_topic
+            .clone()
+            .unwrap_or_else(|| ferry_schemas::dead_letter_topic(source))
+    }
+
+    async fn reject(
+        &self,
+        msg: &OwnedMessage,
+        invalid: &Invalid,
+        attempts: &[AttemptEntry],
+    ) -> Result<(), WorkerError> {
+        let history = attempts.iter().map(AttemptEntry::to_schema).collect();
+        self.publisher
+            .dead_letter(
+                &self.dead_letter_topic(msg.topic()),
+                &self.reply_topic,
+                msg,
+                invalid,
+                history,
+                &self.consumer,
+            )
+            .await
+    }
+
+    async fn serve(&self, msg: &OwnedMessage, control: Arc<JobControl>) -> Result<Served, WorkerError> {
+        let started = Instant::now();
+        let queued = queued_for(msg);
+        let request = match intake::parse(msg.payload()) {
+            Ok(r) => r,
+            Err(invalid) => return self.reject(msg, &invalid, &[]).await.map(|()| Served::rejected()),
+        };
+        let span = tracing::info_span!("request", request_id = %request.id);
+        async {
+            let reply_topic = request.reply_to.clone().unwrap_or_else(|| self.reply_topic.clone());
+            let prepared = match self.engine.prepare(&request) {
+                Ok(p) => p,
+                Err(rejection) => {
+                    let invalid = rejected(&request, rejection.code(), rejection.to_string());
+                    return self.reject(msg, &invalid, &[]).await.map(|()| Served::rejected());
+                }
+            };
+            if !self.publisher.topic_exists(&reply_topic, &self.consumer) {
+                let message = format!("the reply topic {reply_topic:?} does not exist");
+                let invalid = rejected(&request, ErrorCode::InvalidRequest, message);
+                return self.reject(msg, &invalid, &[]).await.map(|()| Served::rejected());
+            }
+            let prefix = snapshot_prefix(msg.topic(), &request.id);
+            if let Some(served) = self.republish_done(msg, &reply_topic, &prefix).await? {
+                return Ok(served);
+            }
+            let cx = |attempt| WorkContext {
+                worker: &self.publisher.worker_id,
+                model: &self.engine.model().name,
+                attempt,
+                queued,
+                total: started.elapsed(),
+            };
+            let deadline = request.deadline.map(deadline_instant);
+            if deadline.is_some_and(|d| d <= Instant::now()) {
+                info!("deadline passed before the start: answering without compute");
+                let completion = past_deadline(&prepared);
+                let body = self
+                    .publisher
+                    .reply(&reply_topic, &reply::response(&request, &completion, &cx(1)), msg)
+                    .await?;
+                return Ok(Served::Answered {
+                    prefix: Some(prefix),
+                    reply: Some(body),
+                });
+            }
+            let mut local = AttemptLog::default();
+            loop {
+                let log = self.begin_attempt(&prefix, &mut local).await;
+                let attempt = log.attempts.last().map_or(1, |a| a.attempt);
+                if log.counted() > self.max_attempts {
+                    let used = log.counted() - 1;
+                    let message = format!(
+                        "the request failed, or its worker died, {used} times (--max-attempts {})",
+                        self.max_attempts
+                    );
+                    error!(attempts = used, "attempts exhausted: dead-lettering with the history");
+                    let invalid = rejected(&request, ErrorCode::AttemptsExhausted, message);
+                    let history = &log.attempts[..log.attempts.len() - 1];
+                    self.reject(msg, &invalid, history).await?;
+                    let reply = reply::error_reply(&invalid, &self.publisher.worker_id, attempt)
+                        .map(|r| serde_json::to_vec(&r))
+                        .transpose()?;
+                    return Ok(Served::Answered {
+                        prefix: Some(prefix),
+                        reply,
+                    });
+                }
+                let suspect = log.attempts.iter().rev().skip(1).any(|e| e.outcome.is_none());
+                let Some(_slot) = self.slot(suspect, &control).await else {
+                    self.end_attempt(&prefix, attempt, EntryOutcome::Suspended, None, &mut local)
+                        .await;
+                    return Ok(Served::Suspended);
+                };
+                #[cfg(feature = "fault-injection")]
+                fault_injection::maybe_crash(&request.id);
+                let generated = self
+                    .generate(
+                        msg,
+                        &request,
+                        prepared.clone(),
+                        &prefix,
+                        attempt,
+                        control.clone(),
+                        deadline,
+                        &reply_topic,
+                    )
+                    .await?;
+                match generated {
+                    Generated::Finished {
+                        completion,
+                        resumed_from,
+                    } => {
+                        let mut reply = reply::response(&request, &completion, &cx(attempt));
+                        if let Reply::Response(r) = &mut reply {
+                            r.resumed_from_token = resumed_from;
+                        }
+                        let body = self.publisher.reply(&reply_topic, &reply, msg).await?;
+                        log_answered(&completion, resumed_from, attempt, started);
+                        if let Some(s) = &self.snapshots {
+                            let decode_s = completion.decode.as_secs_f64();
+                            if decode_s > 0.0 && !completion.tokens.is_empty() {
+                                s.stats.record_decode_speed(completion.tokens.len() as f64 / decode_s);
+                            }
+                        }
+                        return Ok(Served::Answered {
+                            prefix: Some(prefix),
+                            reply: Some(body),
+                        });
+                    }
+                    Generated::Suspended => {
+                        self.end_attempt(&prefix, attempt, EntryOutcome::Suspended, None, &mut local)
+                            .await;
+                        return Ok(Served::Suspended);
+                    }
+                    Generated::Failed(e) => {
+                        error!(error = %e, attempt, "generation failed");
+                        self.end_attempt(&prefix, attempt, EntryOutcome::Failed, Some(e), &mut local)
+                            .await;
+                        // The next round counts it, and dead-letters the request once the
+                        // budget is used up.
+                    }
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Waits for the right to generate: shared, or alone for a suspect. `None` when the request
+    /// is told to suspend while it waits.
+    async fn slot(&self, suspect: bool, control: &JobControl) -> Option<Slot<'_>> {
+        if suspect {
+            info!("an earlier attempt died with its worker: running this request alone");
+        }
+        let acquire = async {
+            if suspect {
+                Slot::Alone(self.isolation.write().await)
+            } else {
+                Slot::Shared(self.isolation.read().await)
+            }
+        };
+        let suspended = async {
+            while !control.suspend.load(std::sync::atomic::Ordering::Acquire) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::select! {
+            slot = acquire => Some(slot),
+            () = suspended => None,
+        }
+    }
+
+    /// Publishes the stored answer of a request that was finished (here or by another worker)
+    /// but whose offset was not committed.
+    async fn republish_done(
+        &self,
+        msg: &OwnedMessage,
+        reply_topic: &str,
+        prefix: &str,
+    ) -> Result<Option<Served>, WorkerError> {
+        let Some(s) = &self.snapshots else {
+            return Ok(None);
+        };
+        let Some(body) = s.get_done(prefix).await else {
+            return Ok(None);
+        };
+        let reply: Reply = match serde_json::from_slice(&body) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "ignoring a done marker that is not a reply");
+                return Ok(None);
+            }
+        };
+        self.publisher
+            .reply_bytes(reply_topic, reply.id(), reply.kind(), &body, msg)
+            .await?;
+        info!("already answered: published the stored answer again instead of recomputing it");
+        Ok(Some(Served::Answered {
+            prefix: Some(prefix.to_string()),
+            reply: Some(body.to_vec()),
+        }))
+    }
+
+    /// Records the start of an attempt: durably in the snapshot store, or in `local` without
+    /// one (or when the store cannot be reached, so a store outage never blocks serving).
+    async fn begin_attempt(&self, prefix: &str, local: &mut AttemptLog) -> AttemptLog {
+        if let Some(s) = &self.snapshots {
+            match s.begin_attempt(prefix, &self.publisher.worker_id).await {
+                Ok(log) => return log,
+                Err(e) => warn!(error = %e, "cannot record the attempt in the snapshot store; counting it here only"),
+            }
+        }
+        let attempt = local.attempts.last().map_or(1, |a| a.attempt + 1);
+        local.attempts.push(AttemptEntry {
+            attempt,
+            worker: self.publisher.worker_id.clone(),
+            started_at_ms: (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64,
+            outcome: None,
+            error: None,
+        });
+        local.clone()
+    }
+
+    async fn end_attempt(
+        &self,
+        prefix: &str,
+        attempt: u32,
+        outcome: EntryOutcome,
+        error: Option<String>,
+        local: &mut AttemptLog,
+    ) {
+        if let Some(e) = local.attempts.iter_mut().find(|e| e.attempt == attempt) {
+            e.outcome = Some(outcome);
+            e.error.clone_from(&error);
+        }
+        if let Some(s) = &self.snapshots {
+            s.end_attempt(prefix, attempt, outcome, error).await;
+        }
+    }
+
+    /// One generation attempt: resume from a snapshot when one verifies, snapshot as it goes,
+    /// stream chunks when asked.
+    #[allow(clippy::too_many_arguments)]
+    async fn generate(
+        &self,
+        msg: &OwnedMessage,
+        request: &Request,
+        prepared: Prepared,
+        prefix: &str,
+        attempt: u32,
+        control: Arc<JobControl>,
+        deadline: Option<Instant>,
+        reply_topic: &str,
+    ) -> Result<Generated, WorkerError> {
+        let prompt_tokens = prepared.prompt.len();
+        let found = match &self.snapshots {
+            Some(s) => s.find(prefix, &prepared).await,
+            None => None,
+        };
+        let resumed_from = found.as_ref().map(|f| f.manifest.tokens.len() as u32);
+        let writer = self.snapshots.as_ref().and_then(|s| {
+            s.writer(
+                prefix,
+                &prepared,
+                &self.publisher.worker_id,
+                found.as_ref().map(|f| &f.manifest),
+            )
+        });
+        let (writer, sink) = match writer {
+            Some((w, s)) => (Some(w), Some(s)),
+            None => (None, None),
+        };
+        let (chunks, mut chunk_rx) = if request.stream {
+            let (tx, rx) = mpsc::unbounded_channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        info!(prompt_tokens, resumed_from_token = resumed_from, attempt, "generating");
+        let job = Job {
+            prepared,
+            resume: found.map(|f| f.resume),
+            snapshots: sink,
+            control,
+            deadline,
+            chunks,
+        };
+        let run = self.engine_thread.run(job);
+        tokio::pin!(run);
+        let outcome = loop {
+            tokio::select! {
+                r = &mut run => break r?,
+                Some(c) = next_chunk(&mut chunk_rx) => self.publish_chunk(reply_topic, request, c, msg),
+            }
+        };
+        // The engine has returned, so every chunk is in the channel: publish them before the
+        // final reply, which then follows them on the reply partition.
+        if let Some(rx) = &mut chunk_rx {
+            while let Ok(c) = rx.try_recv() {
+                self.publish_chunk(reply_topic, request, c, msg);
+            }
+        }
+        Ok(match outcome {
+            Ok(Outcome::Finished(completion)) => {
+                if let Some(w) = writer {
+                    w.stop().await;
+                }
+                Generated::Finished {
+                    completion,
+                    resumed_from,
+                }
+            }
+            Ok(Outcome::Suspended { tokens }) => {
+                if let Some(w) = writer {
+                    w.flush_and_stop().await;
+                }
+                info!(tokens, "suspended; snapshot written");
+                Generated::Suspended
+            }
+            Err(e) => {
+                if let Some(w) = writer {
+                    w.stop().await;
+                }
+                Generated::Failed(e.to_string())
+            }
+        })
+    }
+
+    fn publish_chunk(&self, topic: &str, request: &Request, c: StreamChunk, msg: &OwnedMessage) {
+        let chunk = Chunk {
+            version: SCHEMA_VERSION,
+            id: request.id.clone(),
+            seq: c.seq,
+            text: c.text,
+        };
+        self.publisher.chunk(topic, &chunk, msg);
+    }
+}
+
+async fn next_chunk(rx: &mut Option<mpsc::UnboundedReceiver<StreamChunk>>) -> Option<StreamChunk> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn log_answered(completion: &Completion, resumed_from: Option<u32>, attempt: u32, started: Instant) {
+    let decode_s = completion.decode.as_secs_f64();
+    let tps = if decode_s > 0.0 {
+        completion.tokens.len() as f64 / decode_s
+    } else {
+        0.0
+    };
+    info!(
+        prompt_tokens = completion.prompt_tokens,
+        completion_tokens = completion.tokens.len(),
+        finish_reason = ?completion.finish.reason,
+        resumed_from_token = resumed_from,
+        attempt,
+        decode_tokens_per_s = tps,
+        total_ms = started.elapsed().as_millis() as u64,
+        "answered"
+    );
+}
+
+/// From the message's Kafka timestamp to now.
+fn queued_for(msg: &OwnedMessage) -> Duration {
+    msg.timestamp()
+        .to_millis()
+        .and_then(|ts| {
+            let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+            u64::try_from(now as i64 - ts).ok()
+        })
+        .map(Duration::from_millis)
+        .unwrap_or_default()
+}
+
+/// The monotonic instant of a wall-clock deadline (now, when it has passed).
+fn deadline_instant(deadline: time::OffsetDateTime) -> Instant {
+    let left = deadline - time::OffsetDateTime::now_utc();
+    Instant::now() + Duration::try_from(left).unwrap_or(Duration::ZERO)
+}
+
+/// The answer to a request whose deadline passed before it started: no text, no compute.
+fn past_deadline(prepared: &Prepared) -> Completion {
+    Completion {
+        text: String::new(),
+        finish: Finish {
+            reason: FinishReason::Deadline,
+            stop_sequence: None,
+        },
+        prompt_tokens: prepared.prompt.len(),
+        tokens: Vec::new(),
+        prefill: Duration::ZERO,
+        decode: Duration::ZERO,
+    }
+}
+
+fn rejected(req: &Request, code: ErrorCode, message: String) -> Invalid {
+    Invalid {
+        code,
+        message,
+        id: Some(req.id.clone()),
+        reply_to: req.reply_to.clone(),
+        metadata: req.metadata.clone(),
+    }
+}
+
+/// Faults for tests, compiled only with the `fault-injection` feature (never in a release
+/// build): `FERRY_FAULT_CRASH_ON=<request id>` makes the worker abort, as a segfault or an OOM
+/// kill would, right after it recorded the attempt on that request.
+#[cfg(feature = "fault-injection")]
+mod fault_injection {
+    pub fn maybe_crash(request_id: &str) {
+        if std::env::var("FERRY_FAULT_CRASH_ON").is_ok_and(|id| id == request_id) {
+            tracing::error!(request_id, "fault injection: crashing on this request");
+            std::process::abort();
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! A poison request, one that crashes every worker that takes it, is retried only
+//! `--max-attempts` times across the fleet, then dead-lettered with its history; its caller gets
+//! an `attempts_exhausted` error, and the rest of the traffic is served meanwhile.
+//!
+//! The crash is real (the process aborts, as on a segfault or an OOM kill) and comes from fault
+//! injection compiled only into test builds (`--features fault-injection`).
+
+mod support {
+    pub mod kafka;
+    pub mod model;
+}
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use ferry_schemas::{AttemptOutcome, DeadLetter, ErrorCode, Reply, Request};
+use support::kafka::{unique, ChildGuard, Cluster};
+
+fn chat(id: &str, content: &str, max_tokens: u32) -> Request {
+    serde_json::from_value(serde_json::json!({
+        "id": id,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+    }))
+    .expect("a valid request")
+}
+
+#[test]
+fn a_poison_request_is_dead_lettered_after_its_attempts_and_the_rest_is_served() {
+    let (requests, replies, group) = (unique("req"), unique("rep"), unique("group"));
+    let dlq = format!("{requests}.dlq");
+    let cluster = Cluster::start_with_partitions(&[&requests, &replies, &dlq], 2);
+    let store = cluster.dir.path().join("snapshots");
+    std::fs::create_dir_all(&store).expect("store dir");
+    let store_url = format!("file://{}", store.display());
+    let poison = unique("poison");
+    let args = [
+        "--topic",
+        &requests,
+        "--reply-topic",
+        &replies,
+        "--group-id",
+        &group,
+        "--snapshot-store",
+        &store_url,
+        "--session-timeout",
+        "6s",
+        "--max-attempts",
+        "2",
+        "--max-in-flight",
+        "2",
+    ];
+    let start = |name: &str| -> ChildGuard {
+        let mut cmd = std::process::Command::new(support::kafka::bin("ferry-worker"));
+        cmd.env("FERRY_FAULT_CRASH_ON", &poison)
+            .arg("--bootstrap-servers")
+            .arg(&cluster.bootstrap)
+            .arg("--model")
+            .arg(support::model::model_path())
+            .arg("--worker-id")
+            .arg(name)
+            .arg("--threads")
+            .arg("1")
+            .args(args);
+        ChildGuard::spawn(name, &mut cmd, cluster.dir.path().join(format!("{name}.log")))
+    };
+    let mut fleet: Vec<ChildGuard> = vec![start("worker-0"), start("worker-1")];
+    let mut next = 2;
+
+    let good: Vec<Request> = (0..6)
+        .map(|i| chat(&format!("good-{i}-{}", unique("")), "Name a fruit.", 6))
+        .collect();
+    let bad = chat(&poison, "Say hello.", 6);
+    let producer = cluster.producer();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    for (i, r) in good.iter().enumerate() {
+        if i == 2 {
+            rt.block_on(cluster.publish_to(
+                &producer,
+                &requests,
+                0,
+                &bad.id,
+                &serde_json::to_vec(&bad).expect("json"),
+            ));
+        }
+        rt.block_on(cluster.publish_to(
+            &producer,
+            &requests,
+            (i % 2) as i32,
+            &r.id,
+            &serde_json::to_vec(r).expect("json"),
+        ));
+    }
+
+    // Like a Deployment, bring crashed workers back, until the poison is dead-lettered and every
+    // good request is answered.
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let mut crashes = 0;
+    let mut gone = Vec::new();
+    loop {
+        for i in (0..fleet.len()).rev() {
+            if let Some(status) = fleet[i].wait_exit(Duration::ZERO) {
+                assert!(
+                    !status.success(),
+                    "{} exited cleanly without being asked to",
+                    fleet[i].name
+                );
+                crashes += 1;
+                gone.push(fleet.swap_remove(i));
+                fleet.push(start(&format!("worker-{next}")));
+                next += 1;
+            }
+        }
+        let dead = cluster.read_all_partitions(&dlq);
+        let answered: HashMap<String, Reply> = cluster
+            .read_all_partitions(&replies)
+            .into_iter()
+            .map(|(_, k, b, _)| (k, serde_json::from_slice::<Reply>(&b).expect("reply")))
+            .collect();
+        if !dead.is_empty() && good.iter().all(|r| answered.contains_key(&r.id)) && answered.contains_key(&bad.id) {
+            assert_eq!(dead.len(), 1, "only the poison is dead-lettered");
+            let record: DeadLetter = serde_json::from_slice(&dead[0].2).expect("dead letter");
+            assert_eq!(record.request_id.as_deref(), Some(bad.id.as_str()));
+            assert_eq!(record.reason.code, ErrorCode::AttemptsExhausted);
+            let outcomes: Vec<AttemptOutcome> = record.attempts.iter().map(|a| a.outcome).collect();
+            assert_eq!(outcomes, [AttemptOutcome::Died, AttemptOutcome::Died], "{record:?}");
+            match &answered[&bad.id] {
+                Reply::Error(e) => assert_eq!(e.error.code, ErrorCode::AttemptsExhausted),
+                other => panic!("the poison's caller got {other:?}"),
+            }
+            for r in &good {
+                assert!(matches!(answered[&r.id], Reply::Response(_)), "{} not answered", r.id);
+            }
+            assert_eq!(crashes, 2, "two attempts, two crashes, then no more retries");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "poison dead-lettered: {}, good answered: {}/{}, crashes: {crashes}",
+            dead.len(),
+            good.iter().filter(|r| answered.contains_key(&r.id)).count(),
+            good.len()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // No worker crashes after the dead-lettering.
+    std::thread::sleep(Duration::from_secs(2));
+    for w in &mut fleet {
+        assert!(
+            w.wait_exit(Duration::ZERO).is_none(),
+            "{} crashed after the poison was dead-lettered",
+            w.name
+        );
+    }
+    drop(gone);
+}

@@ -219,6 +219,10 @@ fn a_churning_fleet_loses_no_request_and_never_answers_one_two_ways() {
         "6s",
         "--drain-timeout",
         &drain,
+        // Several requests in flight per worker: revocations and drains suspend several at once,
+        // and answers finish out of order.
+        "--max-in-flight",
+        "3",
     ];
     let mut fleet = Fleet {
         cluster: &cluster,

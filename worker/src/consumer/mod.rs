@@ -51,7 +51,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::OwnedMessage;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use tokio::task::JoinSet;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::{KafkaConfig, Lane};
 use crate::engine::{Engine, EngineHandle, JobControl};
@@ -359,8 +359,9 @@ fn task_result(joined: Result<Result<(), WorkerError>, tokio::task::JoinError>) 
 }
 
 impl request::Inner {
-    /// Commits `position` for a partition. A failed commit is logged, not fatal: the messages
-    /// are then answered again after a redelivery, with the same answers.
+    /// Commits `position` for a partition. A failed commit is not fatal: the caller keeps done
+    /// markers and defers the commit to a retry; if the partition moves first, the new owner
+    /// publishes the stored answers again.
     fn commit(&self, tp: &TopicPartition, position: i64) -> bool {
         let mut tpl = TopicPartitionList::new();
         if let Err(e) = tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(position)) {
@@ -370,8 +371,8 @@ impl request::Inner {
         match self.consumer.commit(&tpl, CommitMode::Sync) {
             Ok(()) => true,
             Err(e) => {
-                warn!(topic = %tp.0, partition = tp.1, position, error = %e,
-                    "commit failed; messages below it may be redelivered and answered again");
+                // Commits fail while the group rebalances; the loop retries them at every poll.
+                debug!(topic = %tp.0, partition = tp.1, position, error = %e, "commit failed; will retry");
                 false
             }
         }

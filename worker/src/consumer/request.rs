@@ -233,19 +233,17 @@ impl Inner {
             }
             let mut local = AttemptLog::default();
             loop {
-                let log = self.begin_attempt(&prefix, &mut local).await;
-                let attempt = log.attempts.last().map_or(1, |a| a.attempt);
-                if log.counted() > self.max_attempts {
-                    let used = log.counted() - 1;
+                let before = self.attempts(&prefix, &local).await;
+                if before.counted() >= self.max_attempts {
+                    let used = before.counted();
                     let message = format!(
                         "the request failed, or its worker died, {used} times (--max-attempts {})",
                         self.max_attempts
                     );
                     error!(attempts = used, "attempts exhausted: dead-lettering with the history");
                     let invalid = rejected(&request, ErrorCode::AttemptsExhausted, message);
-                    let history = &log.attempts[..log.attempts.len() - 1];
-                    self.reject(msg, &invalid, history).await?;
-                    let reply = reply::error_reply(&invalid, &self.publisher.worker_id, attempt)
+                    self.reject(msg, &invalid, &before.attempts).await?;
+                    let reply = reply::error_reply(&invalid, &self.publisher.worker_id, used)
                         .map(|r| serde_json::to_vec(&r))
                         .transpose()?;
                     return Ok(Served::Answered {
@@ -253,12 +251,14 @@ impl Inner {
                         reply,
                     });
                 }
-                let suspect = log.attempts.iter().rev().skip(1).any(|e| e.outcome.is_none());
+                // The slot comes before the attempt is recorded: an attempt that waits behind a
+                // suspect that crashes the worker must not be counted as died.
+                let suspect = before.attempts.iter().any(|e| e.outcome.is_none());
                 let Some(_slot) = self.slot(suspect, &control).await else {
-                    self.end_attempt(&prefix, attempt, EntryOutcome::Suspended, None, &mut local)
-                        .await;
                     return Ok(Served::Suspended);
                 };
+                let log = self.begin_attempt(&prefix, &mut local).await;
+                let attempt = log.attempts.last().map_or(1, |a| a.attempt);
                 #[cfg(feature = "fault-injection")]
                 fault_injection::maybe_crash(&request.id);
                 let generated = self
@@ -367,6 +367,18 @@ impl Inner {
             prefix: Some(prefix.to_string()),
             reply: Some(body.to_vec()),
         }))
+    }
+
+    /// The attempts recorded so far: from the snapshot store, or `local` without one (or when
+    /// the store cannot be read, so a store outage never blocks serving).
+    async fn attempts(&self, prefix: &str, local: &AttemptLog) -> AttemptLog {
+        if let Some(s) = &self.snapshots {
+            match s.attempts(prefix).await {
+                Ok(log) => return log,
+                Err(e) => warn!(error = %e, "cannot read the attempt log; counting attempts here only"),
+            }
+        }
+        local.clone()
     }
 
     /// Records the start of an attempt: durably in the snapshot store, or in `local` without

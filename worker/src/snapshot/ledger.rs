@@ -222,6 +222,16 @@ impl Ledger {
         Self { store }
     }
 
+    /// The attempts recorded so far for the request under `prefix` (empty when none, or when the
+    /// log cannot be decoded).
+    pub async fn read(&self, prefix: &str) -> Result<AttemptLog, StoreError> {
+        let key = format!("{prefix}{ATTEMPTS}");
+        Ok(match self.store.get(&key).await? {
+            None => AttemptLog::default(),
+            Some(bytes) => AttemptLog::decode(&bytes).unwrap_or_default(),
+        })
+    }
+
     /// Records a new attempt of the request under `prefix`, started now by `worker`, and returns
     /// the log including it. See [`super::Snapshots::begin_attempt`].
     pub async fn begin_attempt(&self, prefix: &str, worker: &str) -> Result<AttemptLog, StoreError> {

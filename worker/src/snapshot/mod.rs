@@ -194,6 +194,10 @@ impl Snapshots {
     /// A missing log starts a fresh one; so does one that cannot be decoded (logged as a warning).
     /// A store error is returned and nothing is recorded: the caller should run the request
     /// anyway, uncounted, since a store outage must not stop the service.
+    pub async fn attempts(&self, prefix: &str) -> Result<AttemptLog, store::StoreError> {
+        self.ledger().read(prefix).await
+    }
+
     pub async fn begin_attempt(&self, prefix: &str, worker: &str) -> Result<AttemptLog, store::StoreError> {
         self.ledger().begin_attempt(prefix, worker).await
     }

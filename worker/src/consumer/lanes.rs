@@ -159,9 +159,9 @@ mod tests {
     #[test]
     fn fullness_and_revocation() {
         let mut l: Lanes<(String, u32)> = Lanes::new([("t", 1)], 2);
-        fill(&mut l, "t", 1);
+        l.push("t", ("t".into(), 0));
         assert!(!l.is_full("t"));
-        fill(&mut l, "t", 1);
+        l.push("t", ("t".into(), 1));
         assert!(l.is_full("t"));
         l.retain(|m| m.1 != 0);
         assert_eq!(l.len(), 1);

@@ -50,20 +50,8 @@ fn a_poison_request_is_dead_lettered_after_its_attempts_and_the_rest_is_served()
         "--max-in-flight",
         "2",
     ];
-    let start = |name: &str| -> ChildGuard {
-        let mut cmd = std::process::Command::new(support::kafka::bin("ferry-worker"));
-        cmd.env("FERRY_FAULT_CRASH_ON", &poison)
-            .arg("--bootstrap-servers")
-            .arg(&cluster.bootstrap)
-            .arg("--model")
-            .arg(support::model::model_path())
-            .arg("--worker-id")
-            .arg(name)
-            .arg("--threads")
-            .arg("1")
-            .args(args);
-        ChildGuard::spawn(name, &mut cmd, cluster.dir.path().join(format!("{name}.log")))
-    };
+    let start =
+        |name: &str| -> ChildGuard { cluster.worker_with_env(name, &args, &[("FERRY_FAULT_CRASH_ON", &poison)]) };
     let mut fleet: Vec<ChildGuard> = vec![start("worker-0"), start("worker-1")];
     let mut next = 2;
 

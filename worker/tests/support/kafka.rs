@@ -116,7 +116,13 @@ impl Cluster {
 
     /// Starts a worker on this cluster with the test model and `args`.
     pub fn worker(&self, name: &str, args: &[&str]) -> ChildGuard {
+        self.worker_with_env(name, args, &[])
+    }
+
+    /// [`Cluster::worker`], with extra environment variables (fault injection, for one).
+    pub fn worker_with_env(&self, name: &str, args: &[&str], env: &[(&str, &str)]) -> ChildGuard {
         let mut cmd = Command::new(bin("ferry-worker"));
+        cmd.envs(env.iter().copied());
         cmd.arg("--bootstrap-servers")
             .arg(&self.bootstrap)
             .arg("--model")

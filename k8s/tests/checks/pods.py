@@ -1,0 +1,231 @@
+"""The worker pods: probes, identity, device and resources, model, placement, privileges."""
+
+from __future__ import annotations
+
+import re
+
+from checks import Problems, check
+from manifests import WORKER, Rendered, cpu_cores, matches, pod_templates
+
+QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+
+
+def _budget(probe: dict) -> int:
+    return probe.get("periodSeconds", 10) * probe.get("failureThreshold", 3)
+
+
+def _startup_on_healthz(r: Rendered) -> None:
+    r.container["startupProbe"]["httpGet"]["path"] = "/healthz"
+
+
+@check(_startup_on_healthz)
+def probes_follow_the_model(r: Rendered) -> Problems:
+    # Ready means loaded, verified and consuming; startup therefore waits on /readyz too, so a
+    # load that hangs is restarted. Liveness asks only whether the process still answers.
+    c = r.container
+    want = {"startupProbe": "/readyz", "readinessProbe": "/readyz", "livenessProbe": "/healthz"}
+    for probe, path in want.items():
+        got = c.get(probe, {}).get("httpGet")
+        if not got:
+            yield f"{probe} is missing or not an HTTP probe"
+        elif got.get("path") != path or got.get("port") not in ("http", 9090):
+            yield f"{probe} asks {got.get('path')} on port {got.get('port')}, not {path} on http"
+    startup = _budget(c.get("startupProbe", {}))
+    least = 900 if r.overlay == "gpu" else 300
+    if startup < least:
+        yield f"startupProbe allows {startup} s to download and load the model; the {r.overlay} overlay needs {least} s"
+    deadline = r.deployment["spec"].get("progressDeadlineSeconds", 600)
+    if deadline <= startup:
+        yield f"progressDeadlineSeconds {deadline} would call a rollout failed while its pods may still be loading"
+
+
+def _other_port(r: Rendered) -> None:
+    r.worker_config()["FERRY_HTTP_ADDR"] = "0.0.0.0:8080"
+
+
+@check(_other_port)
+def http_port_is_the_workers(r: Rendered) -> Problems:
+    ports = {p.get("name"): p["containerPort"] for p in r.container.get("ports", [])}
+    if ports.get("http") != 9090:
+        yield f"the worker container has no port named http on 9090: {ports}"
+    addr = r.setting("FERRY_HTTP_ADDR") or ""
+    if not addr.startswith("0.0.0.0:") or addr.rsplit(":", 1)[-1] != str(ports.get("http")):
+        yield f"FERRY_HTTP_ADDR {addr!r} does not listen on all addresses at the http port"
+
+
+def _no_worker_id(r: Rendered) -> None:
+    r.container["env"] = [e for e in r.container["env"] if e["name"] != "FERRY_WORKER_ID"]
+
+
+@check(_no_worker_id)
+def worker_identity(r: Rendered) -> Problems:
+    wid = r.env().get("FERRY_WORKER_ID")
+    if not isinstance(wid, dict) or wid.get("fieldRef", {}).get("fieldPath") != "metadata.name":
+        yield "FERRY_WORKER_ID must come from the pod name (fieldRef metadata.name)"
+    # A Deployment's pods get new names, so a static member id would be a new member each time
+    # while the old one holds its partitions until the session timeout: only a StatefulSet.
+    if "FERRY_GROUP_INSTANCE_ID" in r.env():
+        yield "FERRY_GROUP_INSTANCE_ID (static membership) needs stable pod names: use a StatefulSet"
+    if r.setting("FERRY_LOG_FORMAT") != "json":
+        yield "FERRY_LOG_FORMAT must be json for the cluster's log collector"
+
+
+def _swap_device(r: Rendered) -> None:
+    r.worker_config()["FERRY_DEVICE"] = "cpu" if r.overlay == "gpu" else "cuda"
+
+
+@check(_swap_device)
+def device_matches_the_overlay(r: Rendered) -> Problems:
+    device = r.setting("FERRY_DEVICE") or ""
+    res = r.container.get("resources", {})
+    gpus = res.get("limits", {}).get("nvidia.com/gpu")
+    image = r.container["image"]
+    if r.overlay == "gpu":
+        if not re.fullmatch(r"cuda(:\d+)?", device):
+            yield f"FERRY_DEVICE {device!r} on the gpu overlay"
+        if str(gpus) != "1" or str(res.get("requests", {}).get("nvidia.com/gpu", gpus)) != "1":
+            yield f"the gpu overlay's worker must request and limit one nvidia.com/gpu, not {gpus!r}"
+        if "cuda" not in image:
+            yield f"the gpu overlay runs {image}, not the CUDA image"
+    else:
+        if device != "cpu":
+            yield f"FERRY_DEVICE {device!r} on the cpu overlay"
+        if gpus is not None or "cuda" in image:
+            yield "the cpu overlay asks for a GPU or runs the CUDA image"
+
+
+def _no_limits(r: Rendered) -> None:
+    del r.container["resources"]["limits"]
+
+
+@check(_no_limits)
+def resources_are_bounded(r: Rendered) -> Problems:
+    for where, template in pod_templates(r.docs):
+        spec = template["spec"]
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            res = c.get("resources", {})
+            for kind in ("requests", "limits"):
+                for resource in ("cpu", "memory"):
+                    q = res.get(kind, {}).get(resource)
+                    if q is None:
+                        yield f"{where} container {c['name']}: no {resource} {kind[:-1]}"
+                    elif not QUANTITY.match(str(q)):
+                        yield f"{where} container {c['name']}: {resource} {kind[:-1]} {q!r} is not a quantity"
+    threads = r.setting("FERRY_THREADS")
+    limit = r.container.get("resources", {}).get("limits", {}).get("cpu")
+    if threads is None or limit is None or int(threads) > cpu_cores(limit) - 1:
+        yield (
+            f"FERRY_THREADS {threads} must leave one core of the cpu limit {limit} free: candle's "
+            "threads spin, and Kafka, HTTP and snapshots need CPU too"
+        )
+
+
+def _unverified(r: Rendered) -> None:
+    del r.worker_config()["FERRY_MODEL_SHA256"]
+
+
+@check(_unverified)
+def model_is_pinned_verified_and_cached(r: Rendered) -> Problems:
+    model = r.setting("FERRY_MODEL") or ""
+    if not model:
+        yield "FERRY_MODEL is not set"
+    if not re.fullmatch(r"[0-9a-f]{64}", r.setting("FERRY_MODEL_SHA256") or ""):
+        yield "FERRY_MODEL_SHA256 must pin the model file (64 hex digits): ready means verified"
+    if model.startswith("hf://"):
+        if "@" not in model:
+            yield f"{model}: pin a revision (@commit), or a new upload changes the model under the fleet"
+        cache = r.setting("FERRY_MODEL_CACHE_DIR")
+        volume = r.volume_at(cache) if cache else None
+        if volume is None or not ("hostPath" in volume or "persistentVolumeClaim" in volume):
+            yield f"FERRY_MODEL_CACHE_DIR {cache!r} is not on a node-shared (hostPath) or persistent volume"
+        owner = [c for c in r.pod_spec.get("initContainers", []) if cache and cache in c.get("command", [])]
+        if volume is not None and "hostPath" in volume and not owner:
+            yield "nothing gives the hostPath model cache to the worker's user (it is created owned by root)"
+
+
+def _same_zone(r: Rendered) -> None:
+    r.pod_spec["topologySpreadConstraints"][0]["topologyKey"] = "kubernetes.io/hostname"
+
+
+@check(_same_zone)
+def spread_over_nodes_and_zones(r: Rendered) -> Problems:
+    labels = r.pod_labels
+    anti = r.pod_spec.get("affinity", {}).get("podAntiAffinity", {})
+    terms = [
+        t.get("podAffinityTerm", t)
+        for t in anti.get("preferredDuringSchedulingIgnoredDuringExecution", [])
+        + anti.get("requiredDuringSchedulingIgnoredDuringExecution", [])
+    ]
+    if not any(t["topologyKey"] == "kubernetes.io/hostname" and matches(t["labelSelector"], labels) for t in terms):
+        yield "no pod anti-affinity between workers on kubernetes.io/hostname"
+    spread = r.pod_spec.get("topologySpreadConstraints", [])
+    if not any(
+        s["topologyKey"] == "topology.kubernetes.io/zone" and matches(s["labelSelector"], labels) for s in spread
+    ):
+        yield "no topology spread of the workers over topology.kubernetes.io/zone"
+
+
+def _privileged(r: Rendered) -> None:
+    r.container["securityContext"]["privileged"] = True
+
+
+@check(_privileged)
+def runs_unprivileged(r: Rendered) -> Problems:
+    pod = r.pod_spec.get("securityContext", {})
+    if pod.get("runAsNonRoot") is not True or not pod.get("runAsUser"):
+        yield "the worker pod must run as a non-root user"
+    sc = r.container.get("securityContext", {})
+    if sc.get("privileged") or sc.get("allowPrivilegeEscalation") is not False:
+        yield "the worker container must not be privileged or escalate"
+    if sc.get("capabilities", {}).get("drop") != ["ALL"] or sc.get("capabilities", {}).get("add"):
+        yield "the worker container must drop every capability and add none"
+    for c in r.pod_spec.get("initContainers", []):
+        caps = c.get("securityContext", {}).get("capabilities", {})
+        if set(caps.get("add", [])) - {"CHOWN"} or caps.get("drop") != ["ALL"]:
+            yield f"init container {c['name']} may hold only CHOWN"
+
+
+def _no_priority(r: Rendered) -> None:
+    r.pod_spec["priorityClassName"] = "ferry-critical"
+
+
+@check(_no_priority)
+def priority_class_exists(r: Rendered) -> Problems:
+    for where, template in pod_templates(r.docs):
+        name = template["spec"].get("priorityClassName")
+        if name is None and where == f"Deployment/{WORKER}":
+            yield "the workers have no priorityClassName"
+        elif name is not None and r.find("PriorityClass", name) is None:
+            yield f"{where}: PriorityClass {name} is not in the manifests"
+
+
+def _latest_tag(r: Rendered) -> None:
+    r.container["image"] = r.container["image"].rsplit(":", 1)[0] + ":latest"
+
+
+@check(_latest_tag)
+def images_are_pinned(r: Rendered) -> Problems:
+    for where, template in pod_templates(r.docs):
+        spec = template["spec"]
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            image = c["image"]
+            tag = image.rsplit(":", 1)[1] if ":" in image.rsplit("/", 1)[-1] else None
+            if tag in (None, "latest") and "@sha256:" not in image:
+                yield f"{where} container {c['name']}: image {image} has no fixed tag"
+    images = {c["image"] for c in r.pod_spec.get("initContainers", []) + r.pod_spec["containers"]}
+    if len(images) != 1:
+        yield f"the worker pod's containers should share one image, not {sorted(images)}"
+
+
+def _surge_half(r: Rendered) -> None:
+    r.deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] = "50%"
+
+
+@check(_surge_half)
+def rollout_replaces_one_at_a_time(r: Rendered) -> Problems:
+    strategy = r.deployment["spec"].get("strategy", {})
+    rolling = strategy.get("rollingUpdate", {})
+    if strategy.get("type", "RollingUpdate") != "RollingUpdate":
+        yield "the Deployment must roll, not recreate: Recreate drains every worker at once"
+    elif str(rolling.get("maxUnavailable", "25%")) not in ("0", "1"):
+        yield f"maxUnavailable {rolling.get('maxUnavailable')!r}: a rollout should drain one worker at a time"

@@ -10,7 +10,7 @@ TEST_THREADS ?= 1
 CARGO ?= cargo
 MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: all build model test demo bench lint clean
+.PHONY: all build model test demo chaos bench lint clean
 
 all: build
 
@@ -27,6 +27,7 @@ build:
 # against a real cluster instead of `ferry broker`.
 # Tests use the dev profile (dependencies fully optimised, see Cargo.toml).
 test: model
+	python3 k8s/tests/run.py
 	$(CARGO) build --workspace --bins --features ferry-worker/fault-injection
 	RAYON_NUM_THREADS=$(TEST_THREADS) FERRY_TEST_MODEL=$(CURDIR)/$(MODEL) \
 		$(CARGO) test --workspace --features ferry-worker/fault-injection --no-fail-fast -- --test-threads=2
@@ -35,6 +36,14 @@ test: model
 # worker evicted and one killed mid-generation, every answer checked against the reference.
 demo: model build
 	./scripts/demo.py
+
+# The chaos harness: a broker and three workers under streaming load (60 requests, 6 in flight),
+# a fault every 8 s (evictions and crashes, a freeze, a node drain, a broker outage), every
+# answer checked against the uninterrupted reference. Writes target/chaos/report.json and
+# chart.svg (logs in target/chaos/logs); fails if any request is lost or answered wrongly.
+# FERRY_CHAOS_* variables change the defaults (`ferry-loadtest chaos --help`).
+chaos: model build
+	$(CARGO_TARGET_DIR)/release/ferry-loadtest chaos
 
 # Engine speed, single sequence: prefill and decode tokens/s for the file's Q4_1 weights and for
 # Q8_0 re-quantised at load (target/bench/engine.json). Snapshot costs: decode overhead, bytes per

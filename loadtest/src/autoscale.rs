@@ -118,15 +118,18 @@ pub fn read_lag(bootstrap: &str, topic: &str, group: &str, timeout: Duration) ->
                 Some(Offset::Offset(o)) => Some(o),
                 _ => None,
             };
-            Ok(PartitionLag { latest: high, committed })
+            Ok(PartitionLag {
+                latest: high,
+                committed,
+            })
         })
         .collect()
 }
 
 /// How often [`run_loop`] checks the lag.
-pub const CHECK_EVERY: Duration = Duration::from_secs(3);
+pub const CHECK_EVERY: Duration = Duration::from_secs(2);
 /// Consecutive checks asking for fewer replicas before one is scaled in.
-pub const SCALE_IN_AFTER: usize = 3;
+pub const SCALE_IN_AFTER: usize = 2;
 
 /// Where the autoscaler reads the lag and whom it scales.
 #[derive(Debug, Clone)]
@@ -165,12 +168,19 @@ pub async fn run_loop(
         };
         let desired = desired_replicas(&partitions, &spec);
         let at_ms = t0.elapsed().as_secs_f64() * 1e3;
-        let mut fleet = fleet.lock().expect("the fleet lock is never poisoned: no panics while held");
+        let mut fleet = fleet
+            .lock()
+            .expect("the fleet lock is never poisoned: no panics while held");
         let running = fleet.running();
         let event = if desired > running.len() {
             lower_for = 0;
             match fleet.start_worker() {
-                Ok(name) => Some(FaultEvent { kind: FaultKind::Start, at_ms, workers: vec![name], until_ms: None }),
+                Ok(name) => Some(FaultEvent {
+                    kind: FaultKind::Start,
+                    at_ms,
+                    workers: vec![name],
+                    until_ms: None,
+                }),
                 Err(e) => {
                     eprintln!("autoscale: cannot start a worker: {e:#}");
                     None
@@ -183,7 +193,12 @@ pub async fn run_loop(
                     lower_for = 0;
                     let newest = newest.clone();
                     match fleet.signal(&newest, crate::fleet::Signal::Term) {
-                        Ok(()) => Some(FaultEvent { kind: FaultKind::ScaleIn, at_ms, workers: vec![newest], until_ms: None }),
+                        Ok(()) => Some(FaultEvent {
+                            kind: FaultKind::ScaleIn,
+                            at_ms,
+                            workers: vec![newest],
+                            until_ms: None,
+                        }),
                         Err(e) => {
                             eprintln!("autoscale: cannot stop {newest}: {e:#}");
                             None
@@ -198,7 +213,12 @@ pub async fn run_loop(
         };
         drop(fleet);
         if let Some(e) = event {
-            eprintln!("autoscale: {:?} {:?} (lag {:?}, desired {desired})", e.kind, e.workers, lag_sum(&partitions, &spec));
+            eprintln!(
+                "autoscale: {:?} {:?} (lag {:?}, desired {desired})",
+                e.kind,
+                e.workers,
+                lag_sum(&partitions, &spec)
+            );
             events.lock().expect("the events lock is never poisoned").push(e);
         }
     }
@@ -225,11 +245,17 @@ mod tests {
     }
 
     fn committed(latest: i64, committed: i64) -> PartitionLag {
-        PartitionLag { latest, committed: Some(committed) }
+        PartitionLag {
+            latest,
+            committed: Some(committed),
+        }
     }
 
     fn never(latest: i64) -> PartitionLag {
-        PartitionLag { latest, committed: None }
+        PartitionLag {
+            latest,
+            committed: None,
+        }
     }
 
     #[test]
@@ -244,9 +270,15 @@ mod tests {
     fn a_partition_without_a_commit_counts_per_the_offset_reset_policy() {
         let s = spec();
         assert_eq!(partition_lag(never(50), &s), 50, "earliest: the whole backlog");
-        let latest = ScalerSpec { offset_reset_policy: OffsetResetPolicy::Latest, ..s };
+        let latest = ScalerSpec {
+            offset_reset_policy: OffsetResetPolicy::Latest,
+            ..s
+        };
         assert_eq!(partition_lag(never(50), &latest), 1, "latest: lag 1, whatever waits");
-        let zero = ScalerSpec { scale_to_zero_on_invalid_offset: true, ..latest };
+        let zero = ScalerSpec {
+            scale_to_zero_on_invalid_offset: true,
+            ..latest
+        };
         assert_eq!(partition_lag(never(50), &zero), 0);
     }
 
@@ -254,27 +286,61 @@ mod tests {
     fn the_group_that_never_committed_looks_idle_under_latest() {
         // 150 requests wait in a fresh group's three partitions: KEDA's default sees lag 3.
         let p = [never(50), never(50), never(50)];
-        let latest = ScalerSpec { offset_reset_policy: OffsetResetPolicy::Latest, min_replicas: 0, ..spec() };
-        assert_eq!(desired_replicas(&p, &latest), 1, "ceil(3 / 4): one replica for 150 requests");
-        assert_eq!(desired_replicas(&p, &spec()), 3, "earliest sees the backlog (capped at 3 partitions)");
+        let latest = ScalerSpec {
+            offset_reset_policy: OffsetResetPolicy::Latest,
+            min_replicas: 0,
+            ..spec()
+        };
+        assert_eq!(
+            desired_replicas(&p, &latest),
+            1,
+            "ceil(3 / 4): one replica for 150 requests"
+        );
+        assert_eq!(
+            desired_replicas(&p, &spec()),
+            3,
+            "earliest sees the backlog (capped at 3 partitions)"
+        );
     }
 
     #[test]
     fn replicas_are_capped_by_the_partition_count_unless_idle_consumers_are_allowed() {
         let p = [committed(100, 0), committed(100, 0)];
         assert_eq!(desired_replicas(&p, &spec()), 2, "two partitions, two replicas");
-        let idle = ScalerSpec { allow_idle_consumers: true, ..spec() };
-        assert_eq!(desired_replicas(&p, &idle), 10, "ceil(200 / 4) = 50, capped by max replicas");
+        let idle = ScalerSpec {
+            allow_idle_consumers: true,
+            ..spec()
+        };
+        assert_eq!(
+            desired_replicas(&p, &idle),
+            10,
+            "ceil(200 / 4) = 50, capped by max replicas"
+        );
     }
 
     #[test]
     fn below_activation_the_fleet_goes_to_min_replicas() {
         let p = [committed(3, 0), committed(0, 0)];
-        let s = ScalerSpec { activation_lag_threshold: 5, min_replicas: 0, ..spec() };
-        assert_eq!(desired_replicas(&p, &s), 0, "lag 3 is not above the activation threshold 5");
-        let s = ScalerSpec { activation_lag_threshold: 2, ..s };
+        let s = ScalerSpec {
+            activation_lag_threshold: 5,
+            min_replicas: 0,
+            ..spec()
+        };
+        assert_eq!(
+            desired_replicas(&p, &s),
+            0,
+            "lag 3 is not above the activation threshold 5"
+        );
+        let s = ScalerSpec {
+            activation_lag_threshold: 2,
+            ..s
+        };
         assert_eq!(desired_replicas(&p, &s), 1);
-        let s = ScalerSpec { activation_lag_threshold: 5, min_replicas: 2, ..s };
+        let s = ScalerSpec {
+            activation_lag_threshold: 5,
+            min_replicas: 2,
+            ..s
+        };
         assert_eq!(desired_replicas(&p, &s), 2, "inactive still means min replicas");
     }
 
@@ -283,10 +349,20 @@ mod tests {
         let none = [committed(0, 0), committed(0, 0), committed(0, 0)];
         assert_eq!(desired_replicas(&none, &spec()), 1, "no lag: min replicas");
         let lots = [committed(1000, 0), committed(1000, 0), committed(1000, 0)];
-        let s = ScalerSpec { max_replicas: 2, ..spec() };
+        let s = ScalerSpec {
+            max_replicas: 2,
+            ..spec()
+        };
         assert_eq!(desired_replicas(&lots, &s), 2);
-        let s = ScalerSpec { lag_threshold: 0, ..spec() };
-        assert_eq!(desired_replicas(&lots, &s), 3, "a zero threshold is treated as 1, not a division by zero");
+        let s = ScalerSpec {
+            lag_threshold: 0,
+            ..spec()
+        };
+        assert_eq!(
+            desired_replicas(&lots, &s),
+            3,
+            "a zero threshold is treated as 1, not a division by zero"
+        );
     }
 
     #[test]

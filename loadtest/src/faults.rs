@@ -8,14 +8,14 @@
 //! rule (never below one running worker, only running workers, the drill's order) is tested
 //! directly. `chaos` applies the steps to real processes.
 //!
-//! Limit: the victims are picked without knowing which worker holds which request (replies do
-//! not say who is generating until the final answer). With every worker busy, as the default
-//! load keeps them, any victim interrupts work; a fault that interrupted nothing is reported
-//! with no recovery time rather than a zero.
+//! Limit: the victims are picked without knowing which worker holds which request (chunks do
+//! not name their worker; only the final answer does). Workers seen answering lately are hit
+//! first, as the likeliest to hold work; a fault that still interrupted nothing is reported with
+//! no recovery time rather than a zero.
 
 use std::time::Duration;
 
-use rand::seq::{IndexedRandom, SliceRandom};
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 /// A named fault schedule.
@@ -34,7 +34,7 @@ pub enum Scenario {
 }
 
 /// What a step does to the fleet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Action {
     /// SIGTERM one worker (a Kubernetes eviction: graceful drain); a replacement follows.
     Evict,
@@ -54,6 +54,9 @@ pub struct Step {
     pub action: Action,
     /// Not before this long after the load started.
     pub not_before: Duration,
+    /// Given up (skipped) if it could not be applied by this time: the default schedule's
+    /// slot ends where the next begins. `None`: the step waits as long as it takes.
+    pub until: Option<Duration>,
     /// Only once some request is streaming (has chunks and no final reply), so the fault has
     /// work to interrupt.
     pub when_in_flight: bool,
@@ -79,6 +82,11 @@ impl Step {
         seen.elapsed >= self.not_before
             && (!self.when_in_flight || seen.in_flight > 0)
             && (!self.after_recovery || seen.recovered)
+    }
+
+    /// Whether the step's slot has passed without it being applied.
+    pub fn is_expired(&self, elapsed: Duration) -> bool {
+        self.until.is_some_and(|until| elapsed >= until)
     }
 }
 
@@ -121,12 +129,14 @@ fn drill(warmup: Duration) -> Vec<Step> {
         Step {
             action: Action::Evict,
             not_before: warmup,
+            until: None,
             when_in_flight: true,
             after_recovery: false,
         },
         Step {
             action: Action::NodeDrain(NODE_DRAIN_WORKERS),
             not_before: warmup,
+            until: None,
             when_in_flight: true,
             after_recovery: true,
         },
@@ -156,10 +166,14 @@ fn default_schedule(spec: &DefaultSpec) -> Vec<Step> {
                     a
                 }
             };
+            let not_before = spec.warmup + every * i as u32;
             Step {
                 action,
-                not_before: spec.warmup + every * i as u32,
-                when_in_flight: false,
+                not_before,
+                until: Some(not_before + every),
+                // A fault when nothing streams measures nothing: each waits, within its slot,
+                // for a request to be streaming.
+                when_in_flight: true,
                 after_recovery: false,
             }
         })
@@ -167,17 +181,21 @@ fn default_schedule(spec: &DefaultSpec) -> Vec<Step> {
 }
 
 /// The workers `action` hits, picked with `rng` among `running` (workers alive, not frozen and
-/// not already stopping). At least one of `running` is always left alone; an action that would
-/// need to hit them all hits fewer (a node drain) or none (the step is skipped: an empty list).
-/// Broker outages hit no worker.
-pub fn pick_victims<R: Rng + ?Sized>(action: Action, running: &[String], rng: &mut R) -> Vec<String> {
+/// not already stopping), those in `busy` first (workers seen answering lately, so likely to hold
+/// work the fault interrupts). At least one of `running` is always left alone; an action that
+/// would need to hit them all hits fewer (a node drain) or none (an empty list: the step waits
+/// or is skipped). Broker outages hit no worker.
+pub fn pick_victims<R: Rng + ?Sized>(action: Action, running: &[String], busy: &[String], rng: &mut R) -> Vec<String> {
     let wanted = match action {
         Action::Evict | Action::Crash | Action::Freeze(_) => 1,
         Action::NodeDrain(n) => n,
         Action::BrokerOutage(_) => return Vec::new(),
     };
     let n = wanted.min(running.len().saturating_sub(1));
-    running.choose_multiple(rng, n).cloned().collect()
+    let (mut first, mut rest): (Vec<String>, Vec<String>) = running.iter().cloned().partition(|w| busy.contains(w));
+    first.shuffle(rng);
+    rest.shuffle(rng);
+    first.into_iter().chain(rest).take(n).collect()
 }
 
 /// Whether `action` needs at least one worker hit to mean anything (all but a broker outage).
@@ -209,7 +227,12 @@ mod tests {
         assert_eq!(a.len(), 24, "(200 - 10) / 8 + 1 slots");
         for (i, s) in a.iter().enumerate() {
             assert_eq!(s.not_before, Duration::from_secs(10 + 8 * i as u64));
-            assert!(!s.when_in_flight && !s.after_recovery);
+            assert_eq!(
+                s.until,
+                Some(s.not_before + Duration::from_secs(8)),
+                "its slot ends where the next begins"
+            );
+            assert!(s.when_in_flight && !s.after_recovery);
         }
         let differs = (0..20).any(|seed| schedule(Scenario::Default, &spec(seed)) != a);
         assert!(differs, "the seed changes the schedule");
@@ -228,21 +251,28 @@ mod tests {
                 .iter()
                 .filter(|s| !matches!(s.action, Action::Evict | Action::Crash))
                 .count();
-            assert_eq!(specials, 3, "seed {seed}: the special faults come among the first slots");
+            assert_eq!(
+                specials, 3,
+                "seed {seed}: the special faults come among the first slots"
+            );
             assert!(matches!(steps[0].action, Action::Evict | Action::Crash));
             let plain: Vec<Action> = steps
                 .iter()
                 .map(|s| s.action)
                 .filter(|a| matches!(a, Action::Evict | Action::Crash))
                 .collect();
-            assert!(plain.windows(2).all(|w| w[0] != w[1]), "seed {seed}: evictions and crashes alternate");
+            assert!(
+                plain.windows(2).all(|w| w[0] != w[1]),
+                "seed {seed}: evictions and crashes alternate"
+            );
         }
     }
 
     #[test]
     fn the_seed_picks_whether_an_eviction_or_a_crash_comes_first() {
-        let firsts: std::collections::HashSet<_> =
-            (0..20).map(|seed| schedule(Scenario::Default, &spec(seed))[0].action).collect();
+        let firsts: std::collections::HashSet<_> = (0..20)
+            .map(|seed| schedule(Scenario::Default, &spec(seed))[0].action)
+            .collect();
         assert_eq!(firsts.len(), 2);
     }
 
@@ -254,6 +284,10 @@ mod tests {
         assert!(steps[0].when_in_flight && !steps[0].after_recovery);
         assert_eq!(steps[1].action, Action::NodeDrain(2));
         assert!(steps[1].when_in_flight && steps[1].after_recovery);
+        assert!(
+            steps.iter().all(|s| s.until.is_none()),
+            "drill steps wait as long as it takes"
+        );
         assert!(schedule(Scenario::None, &spec(1)).is_empty());
     }
 
@@ -269,6 +303,28 @@ mod tests {
         assert!(!step.is_due(&seen(9, 2, true)), "too early");
         assert!(!step.is_due(&seen(11, 0, true)), "nothing in flight");
         assert!(!step.is_due(&seen(11, 2, false)), "previous fault not recovered");
+        assert!(!step.is_expired(Duration::from_secs(1_000)));
+        let timed = schedule(Scenario::Default, &spec(1))[0];
+        assert!(!timed.is_expired(Duration::from_secs(17)) && timed.is_expired(Duration::from_secs(18)));
+    }
+
+    #[test]
+    fn busy_workers_are_hit_first() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let running = names(4);
+        let busy = ["worker-2".to_string(), "worker-9".to_string()];
+        for _ in 0..20 {
+            assert_eq!(pick_victims(Action::Crash, &running, &busy, &mut rng), ["worker-2"]);
+            let drained = pick_victims(Action::NodeDrain(2), &running, &busy, &mut rng);
+            assert_eq!(drained[0], "worker-2", "busy first, then any other running worker");
+            assert!(drained[1] != "worker-2" && running.contains(&drained[1]));
+        }
+        // Even when only busy workers run, one of them is spared.
+        let all_busy = names(2);
+        assert_eq!(
+            pick_victims(Action::NodeDrain(2), &all_busy, &all_busy, &mut rng).len(),
+            1
+        );
     }
 
     #[test]
@@ -283,7 +339,7 @@ mod tests {
                 Action::NodeDrain(2),
                 Action::NodeDrain(9),
             ] {
-                let victims = pick_victims(action, &running, &mut rng);
+                let victims = pick_victims(action, &running, &[], &mut rng);
                 assert!(victims.iter().all(|v| running.contains(v)), "only running workers");
                 assert!(n == 0 || victims.len() < n, "{action:?} on {n}: one worker is spared");
                 let mut unique = victims.clone();
@@ -291,9 +347,12 @@ mod tests {
                 assert_eq!(unique.len(), victims.len());
             }
         }
-        assert!(pick_victims(Action::Crash, &names(1), &mut rng).is_empty(), "the last worker is spared");
-        assert_eq!(pick_victims(Action::NodeDrain(2), &names(2), &mut rng).len(), 1);
-        assert_eq!(pick_victims(Action::NodeDrain(2), &names(3), &mut rng).len(), 2);
-        assert!(pick_victims(Action::BrokerOutage(OUTAGE_FOR), &names(3), &mut rng).is_empty());
+        assert!(
+            pick_victims(Action::Crash, &names(1), &[], &mut rng).is_empty(),
+            "the last worker is spared"
+        );
+        assert_eq!(pick_victims(Action::NodeDrain(2), &names(2), &[], &mut rng).len(), 1);
+        assert_eq!(pick_victims(Action::NodeDrain(2), &names(3), &[], &mut rng).len(), 2);
+        assert!(pick_victims(Action::BrokerOutage(OUTAGE_FOR), &names(3), &[], &mut rng).is_empty());
     }
 }

@@ -1,1 +1,461 @@
-//! (being written)
+//! The processes of a chaos run: one `ferry broker` (or an existing cluster to attach to) and
+//! named `ferry-worker` processes, each logging to its own file.
+//!
+//! Workers are named `worker-0`, `worker-1`, ... in start order, and a replacement always gets a
+//! new name, as a Deployment's new pod does, so every reply's `worker` field and every log file
+//! points at one process. Signals go through the `kill` command (the crate forbids `unsafe`,
+//! and so raw `libc::kill`). Every process still running is killed and reaped when the fleet is
+//! dropped, so an error or a panic in the harness leaves nothing behind; [`Fleet::stop_all`] is
+//! the graceful way (SIGTERM, wait for the drains, then SIGKILL what is left).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+/// A signal the harness sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// Graceful stop: a worker drains, the broker shuts down.
+    Term,
+    /// Immediate death.
+    Kill,
+    /// Freeze: the process stops being scheduled, its sockets stay open.
+    Stop,
+    /// Thaw a frozen process.
+    Cont,
+}
+
+impl Signal {
+    fn name(self) -> &'static str {
+        match self {
+            Signal::Term => "TERM",
+            Signal::Kill => "KILL",
+            Signal::Stop => "STOP",
+            Signal::Cont => "CONT",
+        }
+    }
+}
+
+/// Where a worker process stands, as far as the harness knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Running,
+    /// SIGSTOPped and not yet continued.
+    Frozen,
+    /// SIGTERMed (or SIGKILLed) and not yet reaped.
+    Stopping,
+    Exited(ExitStatus),
+}
+
+/// One process the fleet started.
+struct Proc {
+    name: String,
+    child: Child,
+    state: State,
+    started: Instant,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> anyhow::Result<Self> {
+        let out = File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+        let child = cmd
+            .stdout(Stdio::from(out.try_clone()?))
+            .stderr(Stdio::from(out))
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start {name} ({:?})", cmd.get_program()))?;
+        Ok(Self {
+            name: name.to_string(),
+            child,
+            state: State::Running,
+            started: Instant::now(),
+            log,
+        })
+    }
+
+    fn signal(&mut self, sig: Signal) -> anyhow::Result<()> {
+        self.reap();
+        if let State::Exited(_) = self.state {
+            anyhow::bail!("{} has already exited", self.name);
+        }
+        let ok = Command::new("kill")
+            .arg(format!("-{}", sig.name()))
+            .arg(self.child.id().to_string())
+            .stderr(Stdio::null())
+            .status()
+            .context("cannot run `kill`")?
+            .success();
+        anyhow::ensure!(ok, "kill -{} {} ({}) failed", sig.name(), self.child.id(), self.name);
+        self.state = match sig {
+            Signal::Term | Signal::Kill => State::Stopping,
+            Signal::Stop => State::Frozen,
+            Signal::Cont if self.state == State::Frozen => State::Running,
+            Signal::Cont => self.state,
+        };
+        Ok(())
+    }
+
+    /// Notes an exit without blocking.
+    fn reap(&mut self) {
+        if !matches!(self.state, State::Exited(_)) {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                self.state = State::Exited(status);
+            }
+        }
+    }
+}
+
+/// What every worker gets on its command line.
+#[derive(Debug, Clone)]
+pub struct WorkerSpec {
+    pub model: PathBuf,
+    pub weights: String,
+    pub topic: String,
+    pub reply_topic: String,
+    pub group_id: String,
+    /// `file://` store shared by all workers.
+    pub snapshot_dir: PathBuf,
+    /// Flags the harness sets (`--flag`, value), each dropped when `extra` sets it too.
+    pub defaults: Vec<(String, String)>,
+    /// `--worker-arg`s, passed as they are.
+    pub extra: Vec<String>,
+}
+
+impl WorkerSpec {
+    /// The arguments of a worker named `name`.
+    pub fn args(&self, name: &str, bootstrap: &str) -> Vec<String> {
+        let mut args: Vec<String> = [
+            ("--bootstrap-servers", bootstrap.to_string()),
+            ("--model", self.model.display().to_string()),
+            ("--weights", self.weights.clone()),
+            ("--topic", self.topic.clone()),
+            ("--reply-topic", self.reply_topic.clone()),
+            ("--group-id", self.group_id.clone()),
+            ("--worker-id", name.to_string()),
+            ("--snapshot-store", format!("file://{}", self.snapshot_dir.display())),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .chain(self.defaults.iter().cloned())
+        .filter(|(flag, _)| !self.overrides(flag))
+        .flat_map(|(k, v)| [k, v])
+        .collect();
+        args.extend(self.extra.iter().cloned());
+        args
+    }
+
+    /// Whether `--worker-arg` sets `flag` itself (clap refuses a flag given twice).
+    fn overrides(&self, flag: &str) -> bool {
+        self.extra
+            .iter()
+            .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
+    }
+}
+
+/// The broker and the workers of a run.
+pub struct Fleet {
+    bin_dir: PathBuf,
+    log_dir: PathBuf,
+    bootstrap: String,
+    /// `None` when attached to a cluster the harness did not start.
+    broker: Option<Proc>,
+    workers: Vec<Proc>,
+    next_index: usize,
+    spec: WorkerSpec,
+}
+
+impl Fleet {
+    /// Starts `ferry broker` with `topics` of `partitions` partitions each and waits for it to
+    /// write its bootstrap servers.
+    pub fn start_broker(
+        bin_dir: &Path,
+        log_dir: &Path,
+        topics: &[String],
+        partitions: u32,
+        spec: WorkerSpec,
+    ) -> anyhow::Result<Self> {
+        let file = log_dir.join("bootstrap");
+        let _ = std::fs::remove_file(&file);
+        let mut cmd = Command::new(bin(bin_dir, "ferry")?);
+        cmd.arg("broker")
+            .arg("--partitions")
+            .arg(partitions.to_string())
+            .arg("--bootstrap-file")
+            .arg(&file);
+        for t in topics {
+            cmd.arg("--topic").arg(t);
+        }
+        let mut broker = Proc::spawn("broker", &mut cmd, log_dir.join("broker.log"))?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let bootstrap = loop {
+            if let Ok(text) = std::fs::read_to_string(&file) {
+                if !text.trim().is_empty() {
+                    break text.trim().to_string();
+                }
+            }
+            broker.reap();
+            if let State::Exited(status) = broker.state {
+                anyhow::bail!("ferry broker exited with {status}: see {}", broker.log.display());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "ferry broker wrote no bootstrap file within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        Ok(Self::new(bin_dir, log_dir, bootstrap, Some(broker), spec))
+    }
+
+    /// Uses the cluster at `bootstrap` (its topics must exist).
+    pub fn attach(bin_dir: &Path, log_dir: &Path, bootstrap: &str, spec: WorkerSpec) -> Self {
+        Self::new(bin_dir, log_dir, bootstrap.to_string(), None, spec)
+    }
+
+    fn new(bin_dir: &Path, log_dir: &Path, bootstrap: String, broker: Option<Proc>, spec: WorkerSpec) -> Self {
+        Self {
+            bin_dir: bin_dir.to_path_buf(),
+            log_dir: log_dir.to_path_buf(),
+            bootstrap,
+            broker,
+            workers: Vec::new(),
+            next_index: 0,
+            spec,
+        }
+    }
+
+    pub fn bootstrap(&self) -> &str {
+        &self.bootstrap
+    }
+
+    /// Whether the harness started the broker (and so may freeze it).
+    pub fn owns_broker(&self) -> bool {
+        self.broker.is_some()
+    }
+
+    /// Starts the next worker and returns its name.
+    pub fn start_worker(&mut self) -> anyhow::Result<String> {
+        let name = format!("worker-{}", self.next_index);
+        self.next_index += 1;
+        let mut cmd = Command::new(bin(&self.bin_dir, "ferry-worker")?);
+        cmd.args(self.spec.args(&name, &self.bootstrap));
+        let log = self.log_dir.join(format!("{name}.log"));
+        self.workers.push(Proc::spawn(&name, &mut cmd, log)?);
+        Ok(name)
+    }
+
+    /// Sends `sig` to the worker `name`.
+    pub fn signal(&mut self, name: &str, sig: Signal) -> anyhow::Result<()> {
+        let w = self
+            .workers
+            .iter_mut()
+            .find(|w| w.name == name)
+            .with_context(|| format!("no worker named {name}"))?;
+        w.signal(sig)
+    }
+
+    /// Sends `sig` to the broker; an error when the harness did not start it.
+    pub fn signal_broker(&mut self, sig: Signal) -> anyhow::Result<()> {
+        self.broker
+            .as_mut()
+            .context("attached to a cluster the harness did not start")?
+            .signal(sig)
+    }
+
+    /// Workers running (not frozen, not stopping), oldest first. Reaps exited ones on the way.
+    pub fn running(&mut self) -> Vec<String> {
+        self.workers.iter_mut().for_each(Proc::reap);
+        self.workers
+            .iter()
+            .filter(|w| w.state == State::Running)
+            .map(|w| w.name.clone())
+            .collect()
+    }
+
+    /// Workers alive in any state but exited.
+    pub fn alive(&mut self) -> usize {
+        self.workers.iter_mut().for_each(Proc::reap);
+        self.workers
+            .iter()
+            .filter(|w| !matches!(w.state, State::Exited(_)))
+            .count()
+    }
+
+    /// The state of `name`, reaping it if it has exited.
+    pub fn state(&mut self, name: &str) -> Option<State> {
+        let w = self.workers.iter_mut().find(|w| w.name == name)?;
+        w.reap();
+        Some(w.state)
+    }
+
+    /// Workers that exited although the harness never stopped them: a bad flag, a crash of
+    /// their own. Each with its status and log file.
+    pub fn unexpected_exits(&mut self) -> Vec<(String, ExitStatus, PathBuf)> {
+        let mut out = Vec::new();
+        for w in &mut self.workers {
+            if w.state == State::Running || w.state == State::Frozen {
+                w.reap();
+                if let State::Exited(status) = w.state {
+                    out.push((w.name.clone(), status, w.log.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    /// How long `name` has been running.
+    pub fn uptime(&self, name: &str) -> Option<Duration> {
+        self.workers
+            .iter()
+            .find(|w| w.name == name)
+            .map(|w| w.started.elapsed())
+    }
+
+    /// SIGTERMs every worker (thawing frozen ones first), waits up to `grace` for them to drain
+    /// and exit, SIGKILLs the rest, then stops the broker the same way. Returns the workers that
+    /// had to be killed.
+    pub fn stop_all(&mut self, grace: Duration) -> Vec<String> {
+        for w in &mut self.workers {
+            w.reap();
+            if w.state == State::Frozen {
+                let _ = w.signal(Signal::Cont);
+            }
+            if w.state == State::Running {
+                let _ = w.signal(Signal::Term);
+            }
+        }
+        let killed = wait_or_kill(&mut self.workers, grace);
+        if let Some(b) = self.broker.as_mut() {
+            if b.state == State::Frozen {
+                let _ = b.signal(Signal::Cont);
+            }
+            let _ = b.signal(Signal::Term);
+            wait_or_kill(std::slice::from_mut(b), Duration::from_secs(5));
+        }
+        killed
+    }
+}
+
+/// Waits until every process in `procs` has exited or `grace` has passed, then SIGKILLs and
+/// reaps the rest; returns their names.
+fn wait_or_kill(procs: &mut [Proc], grace: Duration) -> Vec<String> {
+    let deadline = Instant::now() + grace;
+    loop {
+        procs.iter_mut().for_each(Proc::reap);
+        let left = procs.iter().filter(|p| !matches!(p.state, State::Exited(_))).count();
+        if left == 0 || Instant::now() >= deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut killed = Vec::new();
+    for p in procs.iter_mut().filter(|p| !matches!(p.state, State::Exited(_))) {
+        let _ = p.child.kill();
+        if let Ok(status) = p.child.wait() {
+            p.state = State::Exited(status);
+        }
+        killed.push(p.name.clone());
+    }
+    killed
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        // SIGKILL ends stopped processes too, so frozen ones need no SIGCONT first.
+        wait_or_kill(&mut self.workers, Duration::ZERO);
+        if let Some(b) = self.broker.as_mut() {
+            wait_or_kill(std::slice::from_mut(b), Duration::ZERO);
+        }
+    }
+}
+
+/// The path of binary `name` in `dir`, checked to exist.
+pub fn bin(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let path = dir.join(name);
+    anyhow::ensure!(
+        path.is_file(),
+        "{} not found: build the workspace's binaries (`cargo build --workspace --bins`) or pass --bin-dir",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// The directory of the running executable: where cargo puts the workspace's other binaries.
+pub fn default_bin_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot find the running executable")?;
+    let dir = exe.parent().context("the executable has no directory")?;
+    // Test binaries live one level down, in `deps/`.
+    Ok(if dir.ends_with("deps") {
+        dir.parent().unwrap_or(dir)
+    } else {
+        dir
+    }
+    .to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(extra: &[&str]) -> WorkerSpec {
+        WorkerSpec {
+            model: "m.gguf".into(),
+            weights: "q8-0".into(),
+            topic: "req".into(),
+            reply_topic: "rep".into(),
+            group_id: "g".into(),
+            snapshot_dir: "/tmp/snap".into(),
+            defaults: vec![("--threads".into(), "1".into()), ("--max-in-flight".into(), "2".into())],
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn worker_args_name_the_worker_and_let_extra_args_override_defaults() {
+        let args = spec(&["--max-in-flight=4", "--resume", "tokens"]).args("worker-3", "127.0.0.1:9");
+        let joined = args.join(" ");
+        assert!(joined.contains("--worker-id worker-3"));
+        assert!(joined.contains("--bootstrap-servers 127.0.0.1:9"));
+        assert!(joined.contains("--snapshot-store file:///tmp/snap"));
+        assert!(joined.contains("--threads 1"));
+        assert!(!joined.contains("--max-in-flight 2"), "overridden: {joined}");
+        assert!(joined.ends_with("--max-in-flight=4 --resume tokens"));
+    }
+
+    #[test]
+    fn signals_change_the_state_and_drop_leaves_nothing_running() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let mut p = Proc::spawn("sleeper", Command::new("sleep").arg("30"), dir.path().join("s.log"))?;
+        p.signal(Signal::Stop)?;
+        assert_eq!(p.state, State::Frozen);
+        p.signal(Signal::Cont)?;
+        assert_eq!(p.state, State::Running);
+        p.signal(Signal::Term)?;
+        assert_eq!(p.state, State::Stopping);
+        let killed = wait_or_kill(std::slice::from_mut(&mut p), Duration::from_secs(5));
+        assert!(killed.is_empty(), "sleep exits on SIGTERM");
+        assert!(matches!(p.state, State::Exited(_)));
+        assert!(
+            p.signal(Signal::Kill).is_err(),
+            "no signal to a process that has exited"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_process_that_ignores_the_grace_period_is_killed() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg("trap '' TERM; exec sleep 30");
+        let mut p = Proc::spawn("stubborn", &mut cmd, dir.path().join("s.log"))?;
+        std::thread::sleep(Duration::from_millis(200));
+        p.signal(Signal::Term)?;
+        let killed = wait_or_kill(std::slice::from_mut(&mut p), Duration::from_millis(300));
+        assert_eq!(killed, ["stubborn"]);
+        assert!(matches!(p.state, State::Exited(_)));
+        Ok(())
+    }
+}

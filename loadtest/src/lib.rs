@@ -16,15 +16,15 @@
 //!   `autoscale` (KEDA's Kafka rule), `verify` (answers against the reference), `chaos` (the
 //!   `chaos` command).
 
-pub mod record;
-pub mod prompts;
-pub mod load;
-pub mod track;
-pub mod metrics;
-pub mod chart;
-pub mod run;
-pub mod fleet;
-pub mod faults;
 pub mod autoscale;
-pub mod verify;
 pub mod chaos;
+pub mod chart;
+pub mod faults;
+pub mod fleet;
+pub mod load;
+pub mod metrics;
+pub mod prompts;
+pub mod record;
+pub mod run;
+pub mod track;
+pub mod verify;

@@ -225,9 +225,7 @@ async fn closed_loop_caller(plan: &Plan, next: &AtomicUsize, start: Instant) -> 
         if let Some(end) = end {
             patience = patience.min(end.saturating_duration_since(Instant::now()));
         }
-        plan.tracker
-            .wait_for(&request_id(&plan.id_prefix, n), patience)
-            .await;
+        plan.tracker.wait_for(&request_id(&plan.id_prefix, n), patience).await;
     }
 }
 
@@ -249,7 +247,10 @@ mod tests {
 
     #[test]
     fn arrivals_are_increasing_and_exponential() {
-        let times: Vec<f64> = poisson_arrivals(10.0, 7).take(10_000).map(|d| d.as_secs_f64()).collect();
+        let times: Vec<f64> = poisson_arrivals(10.0, 7)
+            .take(10_000)
+            .map(|d| d.as_secs_f64())
+            .collect();
         let gaps: Vec<f64> = times.windows(2).map(|w| w[1] - w[0]).collect();
         assert!(gaps.iter().all(|&g| g >= 0.0));
         // For an exponential distribution the fraction of gaps above the mean is 1/e.

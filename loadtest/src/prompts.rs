@@ -68,7 +68,8 @@ impl PromptSet {
     /// Reads a set from a JSON-lines file; blank lines and lines starting with `#` are skipped.
     pub fn from_file(path: impl AsRef<Path>) -> anyhow::Result<PromptSet> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read prompts from {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read prompts from {}", path.display()))?;
         Self::parse(&text).with_context(|| format!("invalid prompt file {}", path.display()))
     }
 
@@ -145,7 +146,9 @@ mod tests {
     fn every_shipped_line_is_a_valid_template() {
         for (i, line) in DEFAULT_SET.lines().enumerate() {
             let request = parse_template(line).unwrap_or_else(|e| panic!("line {}: {e:#}", i + 1));
-            let max = request.max_tokens.unwrap_or_else(|| panic!("line {}: no max_tokens", i + 1));
+            let max = request
+                .max_tokens
+                .unwrap_or_else(|| panic!("line {}: no max_tokens", i + 1));
             assert!((16..=96).contains(&max), "line {}: max_tokens {max}", i + 1);
         }
     }
@@ -157,7 +160,10 @@ mod tests {
         let chats = set.iter().filter(|t| t.is_chat()).count();
         let raw = set.len() - chats;
         let sampled = set.iter().filter(|t| t.is_sampled()).count();
-        let seeded = set.iter().filter(|t| t.is_sampled() && t.as_request().seed.is_some()).count();
+        let seeded = set
+            .iter()
+            .filter(|t| t.is_sampled() && t.as_request().seed.is_some())
+            .count();
         let with_stop = set.iter().filter(|t| !t.as_request().stop.is_empty()).count();
         let with_system = set
             .iter()
@@ -184,9 +190,15 @@ mod tests {
         ] {
             assert!(n >= 5, "only {n} {what}");
         }
-        let lengths: Vec<usize> = set.iter().map(|t| serde_json::to_string(t.as_request()).map_or(0, |s| s.len())).collect();
+        let lengths: Vec<usize> = set
+            .iter()
+            .map(|t| serde_json::to_string(t.as_request()).map_or(0, |s| s.len()))
+            .collect();
         let (short, long) = (lengths.iter().min(), lengths.iter().max());
-        assert!(matches!((short, long), (Some(&s), Some(&l)) if l > 4 * s), "{short:?} {long:?}");
+        assert!(
+            matches!((short, long), (Some(&s), Some(&l)) if l > 4 * s),
+            "{short:?} {long:?}"
+        );
     }
 
     #[test]
@@ -221,7 +233,10 @@ mod tests {
     fn from_file_reads_comments_and_blank_lines() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("p.jsonl");
-        std::fs::write(&path, "# two prompts\n{\"prompt\":\"Once\"}\n\n{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}\n")?;
+        std::fs::write(
+            &path,
+            "# two prompts\n{\"prompt\":\"Once\"}\n\n{\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}\n",
+        )?;
         let set = PromptSet::from_file(&path)?;
         assert_eq!(set.len(), 2);
         assert_eq!(set.get(1).line(), 4);

@@ -101,6 +101,9 @@ impl Tracker {
             .set("group.id", format!("ferry-loadtest-{}", uuid::Uuid::new_v4().simple()))
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
+            // Time to first token and recovery are measured from arrival times: without this,
+            // librdkafka's default 500 ms fetch wait would batch chunks to within half a second.
+            .set("fetch.wait.max.ms", "20")
             .create()
             .context("cannot create the Kafka consumer")?;
         assign_at_end(&consumer, reply_topic)?;
@@ -139,7 +142,8 @@ impl Tracker {
 
     /// Publishes `request` to `topic` as JSON keyed by its id and waits for the broker's
     /// acknowledgement, which is when its record is created with `sent_ms`. An id this tracker
-    /// has already sent is refused, since its replies could not be told apart.
+    /// has already sent is refused, since its replies could not be told apart. Dropping the
+    /// returned future before it completes forgets the request, even if the broker gets it.
     pub async fn publish(&self, topic: &str, request: Request, prompt_index: usize) -> anyhow::Result<()> {
         let shared = &self.inner.shared;
         let payload = serde_json::to_vec(&request).context("cannot serialise the request")?;
@@ -169,7 +173,8 @@ impl Tracker {
             return Err(anyhow!(error).context(format!("request {} was not delivered to {topic}", request.id)));
         }
         let id = request.id.clone();
-        state.index.insert(id.clone(), state.records.len());
+        let index = state.records.len();
+        state.index.insert(id.clone(), index);
         state.records.push(RequestRecord::new(request, prompt_index, at_ms));
         let mut newly_answered = false;
         for (reply, at) in early {
@@ -312,7 +317,9 @@ impl Shared {
 
 impl State {
     fn is_answered(&self, id: &str) -> bool {
-        self.index.get(id).is_some_and(|&i| self.records[i].answered_ms().is_some())
+        self.index
+            .get(id)
+            .is_some_and(|&i| self.records[i].answered_ms().is_some())
     }
 
     /// Records `reply` on the record of `id`; true if it is that request's first final reply.
@@ -363,7 +370,11 @@ fn read_replies(consumer: &BaseConsumer, shared: &Shared) {
 /// cannot answer yet for up to [`METADATA_WAIT`].
 fn assign_at_end(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + METADATA_WAIT;
-    let remaining = || deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+    let remaining = || {
+        deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1))
+    };
     let retry = |what: String| -> anyhow::Result<()> {
         if Instant::now() >= deadline {
             bail!("cannot read the partitions of reply topic {topic}: {what}");

@@ -8,19 +8,19 @@
 //! ([`tokens_recomputed`]).
 
 use std::collections::{BTreeMap, HashMap};
+use std::io::Write as _;
 use std::path::Path;
 use std::process::Stdio;
 
 use anyhow::Context;
 use ferry_schemas::{FinishReason, Request};
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncWriteExt;
 
 use crate::record::{FaultEvent, FaultKind, RequestRecord};
 
 mod recovery;
 
-pub use recovery::{in_flight, recovered_since, FaultRecovery, RecoveryStats, Stalls};
+pub use recovery::{in_flight, percentile, recovered_since, FaultRecovery, RecoveryStats, Stalls};
 
 /// The uninterrupted answer to a request, as `ferry-generate` writes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -82,7 +82,11 @@ impl Verification {
 const MAX_PROBLEMS: usize = 20;
 
 /// Checks every record against `reference` and measures the faults.
-pub fn verify(records: &[RequestRecord], faults: &[FaultEvent], reference: &HashMap<String, Reference>) -> Verification {
+pub fn verify(
+    records: &[RequestRecord],
+    faults: &[FaultEvent],
+    reference: &HashMap<String, Reference>,
+) -> Verification {
     let mut v = Verification {
         requests: records.len(),
         answered: 0,
@@ -99,7 +103,7 @@ pub fn verify(records: &[RequestRecord], faults: &[FaultEvent], reference: &Hash
     };
     for r in records {
         let id = &r.request.id;
-        let mut problem = |what: String| Problem { id: id.clone(), what };
+        let problem = |what: String| Problem { id: id.clone(), what };
         if r.answered_ms().is_none() {
             v.lost += 1;
             v.problems.push(problem("no final reply".into()));
@@ -118,7 +122,10 @@ pub fn verify(records: &[RequestRecord], faults: &[FaultEvent], reference: &Hash
         };
         if let Some(e) = r.errors.first() {
             v.wrong += 1;
-            v.problems.push(problem(format!("error reply {:?}: {}", e.error.error.code, e.error.error.message)));
+            v.problems.push(problem(format!(
+                "error reply {:?}: {}",
+                e.error.error.code, e.error.error.message
+            )));
             continue;
         }
         if let Some(bad) = r.responses.iter().map(|s| &s.response).find(|resp| {
@@ -250,7 +257,7 @@ pub async fn reference(
             input.push_str(&serde_json::to_string(r)?);
             input.push('\n');
         }
-        let mut cmd = tokio::process::Command::new(generate);
+        let mut cmd = std::process::Command::new(generate);
         cmd.arg("--model")
             .arg(model)
             .arg("--weights")
@@ -259,22 +266,8 @@ pub async fn reference(
             .arg("1")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        let mut child = cmd.spawn().with_context(|| format!("cannot start {}", generate.display()))?;
-        let mut stdin = child.stdin.take().context("ferry-generate's stdin")?;
-        tasks.spawn(async move {
-            stdin.write_all(input.as_bytes()).await?;
-            drop(stdin);
-            let out = child.wait_with_output().await?;
-            anyhow::ensure!(
-                out.status.success(),
-                "ferry-generate failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-            Ok::<_, anyhow::Error>(out.stdout)
-        });
+            .stderr(Stdio::piped());
+        tasks.spawn_blocking(move || generate_one(cmd, input));
     }
     let mut answers = HashMap::new();
     while let Some(done) = tasks.join_next().await {
@@ -293,6 +286,28 @@ pub async fn reference(
     Ok(answers)
 }
 
+/// Runs one `ferry-generate` on `input` (JSON lines) and returns its stdout. Blocking.
+fn generate_one(mut cmd: std::process::Command, input: String) -> anyhow::Result<Vec<u8>> {
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {:?}", cmd.get_program()))?;
+    let mut stdin = child.stdin.take().context("ferry-generate's stdin")?;
+    // Written from a thread of its own: the child's stdout must be read while it reads stdin.
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+    let out = child.wait_with_output()?;
+    let written = writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("the stdin writer panicked"))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "ferry-generate failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    written.context("cannot write requests to ferry-generate")?;
+    Ok(out.stdout)
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -306,7 +321,11 @@ pub(crate) mod tests {
     }
 
     pub fn chunk(r: &mut RequestRecord, seq: u32, text: &str, at_ms: f64) {
-        r.chunks.push(ChunkSeen { seq, text: text.into(), at_ms });
+        r.chunks.push(ChunkSeen {
+            seq,
+            text: text.into(),
+            at_ms,
+        });
     }
 
     pub fn respond(r: &mut RequestRecord, text: &str, tokens: u32, resumed: Option<u32>, at_ms: f64) {
@@ -317,8 +336,17 @@ pub(crate) mod tests {
             text: text.into(),
             finish_reason: FinishReason::Length,
             stop_sequence: None,
-            usage: Usage { prompt_tokens: 1, completion_tokens: tokens, total_tokens: tokens + 1 },
-            timings: Timings { queued_ms: 0.0, prefill_ms: 0.0, decode_ms: 0.0, total_ms: 0.0 },
+            usage: Usage {
+                prompt_tokens: 1,
+                completion_tokens: tokens,
+                total_tokens: tokens + 1,
+            },
+            timings: Timings {
+                queued_ms: 0.0,
+                prefill_ms: 0.0,
+                decode_ms: 0.0,
+                total_ms: 0.0,
+            },
             worker: "w".into(),
             attempt: 1 + u32::from(resumed.is_some()),
             resumed_from_token: resumed,
@@ -328,7 +356,12 @@ pub(crate) mod tests {
     }
 
     fn reference_of(id: &str, text: &str, tokens: u32) -> (String, Reference) {
-        let r = Reference { id: id.into(), text: text.into(), completion_tokens: tokens, finish_reason: FinishReason::Length };
+        let r = Reference {
+            id: id.into(),
+            text: text.into(),
+            completion_tokens: tokens,
+            finish_reason: FinishReason::Length,
+        };
         (id.into(), r)
     }
 
@@ -353,7 +386,10 @@ pub(crate) mod tests {
             error: ErrorReply {
                 version: 1,
                 id: "error".into(),
-                error: ErrorDetail { code: ErrorCode::AttemptsExhausted, message: "gave up".into() },
+                error: ErrorDetail {
+                    code: ErrorCode::AttemptsExhausted,
+                    message: "gave up".into(),
+                },
                 worker: "w".into(),
                 attempt: 3,
                 metadata: None,
@@ -371,10 +407,13 @@ pub(crate) mod tests {
         .into();
         let v = verify(&[ok, dup, lost, wrong, short, error], &[], &reference);
         assert_eq!((v.requests, v.answered, v.lost), (6, 5, 1));
-        assert_eq!(v.wrong, 3, "a different duplicate, a different token count and an error reply");
+        assert_eq!(
+            v.wrong, 3,
+            "a different duplicate, a different token count and an error reply"
+        );
         assert_eq!(v.duplicates, 2 + 1, "two extra copies of dup, one of wrong");
         assert_eq!(v.resumed, 0, "only the first answer counts");
-        assert_eq!(v.stream_mismatches, 0);
+        assert_eq!(v.stream_mismatches, 1, "dup asked for a stream and got no chunk");
         assert!(!v.passed());
         let ids: Vec<&str> = v.problems.iter().map(|p| p.id.as_str()).collect();
         assert_eq!(ids, ["lost", "wrong", "short", "error"]);
@@ -433,7 +472,16 @@ pub(crate) mod tests {
             chunk(&mut r, seq, "t", at);
         }
         // First resumption from step 2 (2 steps again), second from step 5 after reaching 6.
-        for (seq, at) in [(2, 10.0), (3, 11.0), (4, 12.0), (5, 13.0), (6, 14.0), (5, 20.0), (6, 21.0), (7, 22.0)] {
+        for (seq, at) in [
+            (2, 10.0),
+            (3, 11.0),
+            (4, 12.0),
+            (5, 13.0),
+            (6, 14.0),
+            (5, 20.0),
+            (6, 21.0),
+            (7, 22.0),
+        ] {
             chunk(&mut r, seq, "t", at);
         }
         respond(&mut r, "", 8, Some(5), 30.0);

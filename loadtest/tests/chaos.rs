@@ -1,0 +1,102 @@
+//! The chaos harness end to end, as `make chaos` runs it but small: `ferry-loadtest chaos` starts
+//! its own `ferry broker` and two `ferry-worker`s (the debug binaries beside this test), sends 12
+//! streaming requests, evicts one worker and crashes another mid-run, computes the reference
+//! with `ferry-generate`, and writes its report. The test checks the report: every request
+//! answered with the reference text, both faults recorded, a recovery time measured.
+//!
+//! It needs the model (`make model`; `make test` sets `FERRY_TEST_MODEL`) and the workspace's
+//! binaries (`cargo build --workspace --bins`, which `make test` runs first).
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn model() -> PathBuf {
+    let path = std::env::var_os("FERRY_TEST_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            panic!("FERRY_TEST_MODEL is not set: run `make test`, or `make model` and set it to the GGUF file")
+        });
+    assert!(
+        path.is_file(),
+        "FERRY_TEST_MODEL={} does not exist: run `make model`",
+        path.display()
+    );
+    path
+}
+
+#[test]
+fn a_small_chaos_run_loses_nothing_and_measures_its_faults() {
+    let model = model();
+    let out = tempfile::tempdir().expect("temporary directory");
+    let started = Instant::now();
+    let output = Command::new(env!("CARGO_BIN_EXE_ferry-loadtest"))
+        .args([
+            "chaos",
+            "--workers",
+            "2",
+            "--requests",
+            "12",
+            "--concurrency",
+            "4",
+            "--max-tokens",
+            "48",
+        ])
+        // One eviction, then one crash, each once both workers have settled.
+        .args(["--fault-kinds", "evict,crash", "--warmup", "6s", "--fault-every", "8s"])
+        .args(["--answer-timeout", "120s", "--seed", "7"])
+        .arg("--model")
+        .arg(&model)
+        .arg("--out")
+        .arg(out.path())
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .expect("ferry-loadtest runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    eprintln!("----- stdout -----\n{stdout}\n----- stderr -----\n{stderr}");
+    assert!(output.status.success(), "chaos run failed with {}", output.status);
+    eprintln!("chaos run took {:?}", started.elapsed());
+
+    let report: Value = serde_json::from_slice(&std::fs::read(out.path().join("report.json")).expect("report.json"))
+        .expect("report.json is JSON");
+    assert_eq!(report["verdict"], "pass");
+    assert_eq!(report["requests"], 12);
+    assert_eq!(report["answered"], 12);
+    assert_eq!(report["lost"], 0);
+    assert_eq!(report["wrong"], 0);
+    assert!(report["duplicates"].is_u64());
+    assert!(report["tokens_recomputed"].is_u64());
+
+    let faults = report["faults"].as_array().expect("faults list");
+    let kinds: Vec<&str> = faults.iter().filter_map(|f| f["kind"].as_str()).collect();
+    assert!(kinds.contains(&"evict"), "an eviction was injected: {kinds:?}");
+    assert!(kinds.contains(&"crash"), "a crash was injected: {kinds:?}");
+    for key in ["sigterm", "sigkill"] {
+        let injected = report["recovery_ms"][key]["faults"].as_u64().unwrap_or(0);
+        assert!(injected >= 1, "recovery_ms.{key} counts the faults injected");
+    }
+    // Under this load every worker has work, so a fault interrupts streams, which then move on:
+    // a recovery time in seconds (a takeover waits for the broker's rebalance), not zero.
+    let measured: Vec<f64> = faults.iter().filter_map(|f| f["recovery_ms"].as_f64()).collect();
+    assert!(!measured.is_empty(), "no fault interrupted a stream: {faults:#?}");
+    assert!(
+        measured.iter().all(|&ms| ms > 100.0 && ms < 120_000.0),
+        "recovery times {measured:?}"
+    );
+    let load = &report["load"];
+    assert_eq!(load["counts"]["sent"], 12);
+
+    assert!(std::fs::metadata(out.path().join("chart.svg")).is_ok_and(|m| m.len() > 0));
+    let logs = std::fs::read_dir(out.path().join("logs")).expect("logs").count();
+    assert!(
+        logs >= 4,
+        "broker, two workers and their replacements each log to a file"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(180),
+        "the small run takes about a minute"
+    );
+}

@@ -41,7 +41,7 @@ def problems(flavour: str, text: str) -> list[str]:
         out.append("the final stage must EXPOSE 9090, the worker's http port")
     build = re.search(r"cargo build[^\n]*", text)
     features = re.search(r"--features\s+(\S+)", build.group(0)) if build else None
-    wanted = {"rdkafka/ssl"} | ({"cuda"} if flavour == "cuda" else set())
+    wanted = {"tls"} | ({"cuda"} if flavour == "cuda" else set())
     if not build or "-p ferry-worker" not in build.group(0) or "--release" not in build.group(0):
         out.append("the worker must be built with cargo build --release -p ferry-worker")
     elif not features or not wanted <= set(features.group(1).split(",")):
@@ -88,7 +88,7 @@ BREAKERS = {
         "ENTRYPOINT /usr/local/bin/ferry-worker",
     ),
     "root_user": lambda t: t.replace("USER 10001:10001", "USER root"),
-    "no_ssl": lambda t: t.replace(",rdkafka/ssl", "").replace(" --features rdkafka/ssl", ""),
+    "no_ssl": lambda t: t.replace(",tls", "").replace(" --features tls", ""),
     "one_stage": lambda t: re.sub(r"^FROM .* AS build$", "", t, flags=re.M).replace("COPY --from=build", "COPY"),
 }
 

@@ -43,8 +43,13 @@ pub mod headers {
     pub const SCHEMA_VERSION: &str = "ferry-schema-version";
     /// On dead-letter records: the machine-readable reason code.
     pub const DLQ_REASON: &str = "ferry-dlq-reason";
-    /// W3C trace context, read from requests and copied onto replies when present.
+    /// W3C trace context. On a request: the caller's span. On what a worker publishes for it
+    /// (chunks, the reply, the dead-letter record): the same trace id and flags with the
+    /// worker's own span id, so the worker appears as a child span of the caller.
     pub const TRACEPARENT: &str = "traceparent";
+    /// W3C vendor trace state, passed from a request to its replies unchanged (only beside a
+    /// valid `traceparent`).
+    pub const TRACESTATE: &str = "tracestate";
 }
 
 /// The dead-letter topic for a request topic: `<topic>.dlq`.

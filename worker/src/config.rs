@@ -1,6 +1,9 @@
 //! The worker's configuration: one struct per concern, every flag also an environment variable,
 //! validated once at start-up with messages that say what to change.
 
+mod security;
+
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -8,6 +11,7 @@ use clap::{Args, Parser, ValueEnum};
 
 use crate::model::{LoadOptions, ModelSource, WeightFormat};
 use crate::snapshot::{ResumeMode, SnapshotPolicy};
+pub use security::{librdkafka_features, KafkaSecurity, SaslMechanism, Secret, SecurityProtocol};
 
 /// Ferry's worker: answers LLM requests from Kafka, committing each only once it is answered.
 #[derive(Debug, Clone, Parser)]
@@ -25,6 +29,8 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     #[command(flatten)]
     pub telemetry: TelemetryConfig,
+    #[command(flatten)]
+    pub health: HealthConfig,
 }
 
 /// Where requests come from and answers go.
@@ -97,6 +103,12 @@ pub struct KafkaConfig {
     /// (`FERRY_KAFKA_PROPERTIES` takes a comma-separated list).
     #[arg(long = "kafka-property", env = "FERRY_KAFKA_PROPERTIES", value_delimiter = ',')]
     pub properties: Vec<String>,
+    /// How often librdkafka reports its statistics, which give `/metrics` the consumer lag per
+    /// partition (`statistics.interval.ms`); `0s` turns them off.
+    #[arg(long, env = "FERRY_KAFKA_STATS_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub kafka_stats_interval: Duration,
+    #[command(flatten)]
+    pub security: KafkaSecurity,
 }
 
 /// Properties the worker sets itself because its delivery guarantee depends on them.
@@ -174,6 +186,11 @@ impl KafkaConfig {
                     .split_once('=')
                     .ok_or_else(|| ConfigError(format!("--kafka-property {p:?} is not of the form key=value")))?;
                 let k = k.trim();
+                if k == "statistics.interval.ms" {
+                    return Err(ConfigError(
+                        "--kafka-property statistics.interval.ms: use --kafka-stats-interval".into(),
+                    ));
+                }
                 if MANAGED_PROPERTIES.contains(&k) {
                     return Err(ConfigError(format!(
                         "--kafka-property {k} is set by the worker itself (its delivery guarantee depends on it)"
@@ -335,9 +352,12 @@ impl RuntimeConfig {
     }
 }
 
-/// Logs.
+/// Logs, metrics and probes.
 #[derive(Debug, Clone, Args)]
 pub struct TelemetryConfig {
+    /// Where `/healthz`, `/readyz` and `/metrics` are served, `host:port`; `off` serves none.
+    #[arg(long, env = "FERRY_HTTP_ADDR", default_value = "0.0.0.0:9090", value_parser = parse_http_addr)]
+    pub http_addr: HttpAddr,
     /// `text` for people, `json` for log collectors (use it in Kubernetes).
     #[arg(long, env = "FERRY_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -350,6 +370,33 @@ pub struct TelemetryConfig {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+/// `--http-addr`: an address, or none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpAddr(pub Option<SocketAddr>);
+
+fn parse_http_addr(s: &str) -> Result<HttpAddr, String> {
+    if s.eq_ignore_ascii_case("off") {
+        return Ok(HttpAddr(None));
+    }
+    s.parse()
+        .map(|a| HttpAddr(Some(a)))
+        .map_err(|_| format!("{s:?} is not host:port (an IP address and a port) or `off`"))
+}
+
+/// When the worker gives up on itself: the accelerator health monitor and the circuit breaker.
+/// Either drains the worker and exits it with status 3, so that it is restarted.
+#[derive(Debug, Clone, Args)]
+pub struct HealthConfig {
+    /// How often the accelerator's health is checked (with `--device cuda`).
+    #[arg(long, env = "FERRY_HEALTH_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub health_interval: Duration,
+    /// The circuit breaker opens after this many different requests failed in the engine in a
+    /// row (the retries of one request count once; a successful generation resets the count);
+    /// 0 turns it off.
+    #[arg(long, env = "FERRY_BREAKER_FAILURES", default_value_t = 5)]
+    pub breaker_failures: u32,
 }
 
 /// A configuration that cannot work, with what to change.
@@ -417,7 +464,18 @@ impl Config {
         if k.publish_timeout < Duration::from_secs(1) {
             return Err(ConfigError("--publish-timeout must be at least 1s".into()));
         }
-        k.property_pairs()?;
+        let extra = k.property_pairs()?;
+        k.security.validate(&extra)?;
+        k.security.check_supported(&librdkafka_features()?)?;
+        if k.kafka_stats_interval != Duration::ZERO && k.kafka_stats_interval < Duration::from_millis(100) {
+            return Err(ConfigError(
+                "--kafka-stats-interval must be 0s (off) or at least 100ms".into(),
+            ));
+        }
+        let h = &self.health;
+        if h.health_interval < Duration::from_millis(100) || h.health_interval > Duration::from_secs(3600) {
+            return Err(ConfigError("--health-interval must be between 100ms and 1h".into()));
+        }
         if let Some(sha) = &self.model.model_sha256 {
             if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(ConfigError("--model-sha256 must be 64 hexadecimal digits".into()));
@@ -523,9 +581,30 @@ mod tests {
             &["--topic", "a,a"],
             &["--max-poll-interval", "5s"],
             &["--revoke-timeout", "400s"],
+            &["--kafka-property", "statistics.interval.ms=100"],
+            &["--kafka-stats-interval", "1ms"],
+            &["--health-interval", "0s"],
+            &["--sasl-mechanism", "PLAIN"],
         ] {
             assert!(parse(args).validate().is_err(), "{args:?} should be rejected");
         }
+    }
+
+    #[test]
+    fn parses_the_http_address() {
+        assert_eq!(
+            parse(&[]).telemetry.http_addr,
+            HttpAddr(Some("0.0.0.0:9090".parse().expect("addr")))
+        );
+        assert_eq!(parse(&["--http-addr", "off"]).telemetry.http_addr, HttpAddr(None));
+        assert_eq!(
+            parse(&["--http-addr", "127.0.0.1:8080"]).telemetry.http_addr,
+            HttpAddr(Some("127.0.0.1:8080".parse().expect("addr")))
+        );
+        assert!(parse_http_addr("localhost").is_err());
+        assert_eq!(parse(&[]).health.breaker_failures, 5);
+        assert_eq!(parse(&[]).kafka.kafka_stats_interval, Duration::from_secs(5));
+        assert_eq!(parse(&["--kafka-stats-interval", "0s"]).validate(), Ok(()));
     }
 
     #[test]

@@ -16,8 +16,9 @@
 //!   the tokenizer and the chat template.
 //! - [`snapshot`]: periodic KV-cache snapshots to a durable store, and resuming from them.
 //! - [`reply`]: building the reply and dead-letter messages.
-//! - [`offsets`]: the commit position of a partition when requests finish out of order (for
-//!   the concurrency issue; not used while the worker runs one request at a time).
+//! - [`offsets`]: the commit position of a partition when requests finish out of order.
+//! - [`ops`]: what operators see: `/healthz`, `/readyz`, `/metrics`, JSON logs, trace context,
+//!   and the accelerator health monitor and circuit breaker that drain and restart the worker.
 
 pub mod config;
 pub mod consumer;
@@ -25,5 +26,6 @@ pub mod engine;
 pub mod intake;
 pub mod model;
 pub mod offsets;
+pub mod ops;
 pub mod reply;
 pub mod snapshot;

@@ -1,4 +1,5 @@
-//! `ferry-worker`: parse the configuration, start logging, load the model, serve until a signal.
+//! `ferry-worker`: parse the configuration, start logging and the operational endpoints, load
+//! the model, serve until a signal (or until the worker finds itself unhealthy).
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -6,16 +7,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use ferry_worker::config::{Config, LogFormat};
+use ferry_worker::config::{Config, HttpAddr};
 use ferry_worker::consumer::{Worker, WorkerOptions};
 use ferry_worker::engine::Engine;
 use ferry_worker::model::Model;
+use ferry_worker::ops::{self, HealthSource, Ops};
 use ferry_worker::snapshot::Snapshots;
 use tracing::{error, info};
 
 fn main() -> ExitCode {
     let config = Config::parse();
-    init_logging(&config);
+    ops::logging::init(config.telemetry.log_format, &config.telemetry.log);
     if let Err(e) = config.validate() {
         error!("{e}");
         return ExitCode::from(2);
@@ -26,7 +28,11 @@ fn main() -> ExitCode {
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     }
     match run(config) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(None) => ExitCode::SUCCESS,
+        Ok(Some(reason)) => {
+            error!(reason, "drained; exiting unhealthy so that the worker is restarted");
+            ExitCode::from(ops::EXIT_UNHEALTHY)
+        }
         Err(e) => {
             error!("{e:#}");
             ExitCode::FAILURE
@@ -34,33 +40,55 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.telemetry.log)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match config.telemetry.log_format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
-}
-
+/// Serves until drained. `Some(reason)` when the worker tripped (see [`ops::health`]) and
+/// should exit unhealthy.
 // Two runtime threads: a rebalance callback blocks the thread that polls the consumer while the
 // revoked partitions' requests settle on the other (the model runs on its own thread).
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(config: Config) -> anyhow::Result<Option<String>> {
     let worker_id = config.runtime.worker_id();
     let started = Instant::now();
+    // The signal counter the consumer drains on: signals and health trips both count.
+    let (signal_tx, signals) = tokio::sync::watch::channel(0u32);
+    let signal_tx = Arc::new(signal_tx);
+    // A consumer loop that stands still for longer than librdkafka tolerates has been dropped
+    // from the group already: that is when /healthz fails.
+    let ops = Ops::new(
+        signal_tx.clone(),
+        config.health.breaker_failures,
+        config.kafka.max_poll_interval,
+    );
+    // The endpoints come first: /readyz answers 503 while the model loads. A taken port does not
+    // stop the worker: several workers on one machine (the demo, the tests, the chaos harness)
+    // share the default address, and in Kubernetes, where each pod has its own, probes that
+    // never answer make the failure plain anyway (with this line in the log).
+    if let HttpAddr(Some(addr)) = config.telemetry.http_addr {
+        match ops::http::bind(addr).await {
+            Ok(listener) => {
+                tokio::spawn(ops::http::serve(listener, ops.clone()));
+            }
+            Err(e) => {
+                error!(%addr, error = %e, "cannot serve /healthz, /readyz and /metrics (--http-addr); running without them")
+            }
+        }
+    }
     let opts = config.model.load_options();
     let device = config.runtime.device.open()?;
     let device_for_snapshots = device.clone();
+    let health_source = accelerator_health(&device);
     let model = tokio::task::spawn_blocking(move || Model::load(&opts, &device))
         .await
         .context("model loader panicked")??;
     info!(model = %model.name, sha256 = %model.sha256, context = model.context_length,
         load_ms = started.elapsed().as_millis() as u64, "model loaded");
+    ops.health.set_model_loaded();
+    if let Some(source) = health_source {
+        tokio::spawn(ops::health::monitor(
+            source,
+            config.health.health_interval,
+            ops.health.clone(),
+        ));
+    }
     let bootstrap = match &config.kafka.bootstrap_file {
         Some(path) => ferry_worker::config::read_bootstrap_file(path, Duration::from_secs(60)).await?,
         None => config.kafka.bootstrap_servers.clone(),
@@ -71,6 +99,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             let weights = format!("{:?}", config.model.weights).to_lowercase();
             let s = Snapshots::new(store, config.snapshot.policy(), &model, &weights, &device_for_snapshots);
             s.spawn_sweeper(config.snapshot.snapshot_ttl, Duration::from_secs(300));
+            ops.metrics.attach_snapshot_stats(s.stats.clone());
             info!(store = %url, every_tokens = config.snapshot.snapshot_every_tokens, mode = ?config.snapshot.resume, "snapshots on");
             Some(s)
         }
@@ -88,17 +117,32 @@ async fn run(config: Config) -> anyhow::Result<()> {
             worker_id,
             snapshots,
             drain_timeout: config.shutdown.drain_timeout,
+            ops: ops.clone(),
         },
     )?;
-    let (tx, signals) = tokio::sync::watch::channel(0u32);
-    tokio::spawn(count_signals(tx));
+    tokio::spawn(count_signals(signal_tx));
     worker.run(signals).await?;
-    Ok(())
+    Ok(ops.health.exit_reason())
+}
+
+/// What watches the accelerator: the CUDA context with `--device cuda` (in a `cuda` build), or
+/// the test-only injected fault; nothing on the CPU.
+fn accelerator_health(device: &candle_core::Device) -> Option<Arc<dyn HealthSource>> {
+    #[cfg(feature = "fault-injection")]
+    if let Some(fault) = ops::health::fault::FileFault::from_env() {
+        return Some(Arc::new(fault));
+    }
+    #[cfg(feature = "cuda")]
+    if let Some(cuda) = ops::cuda::CudaHealth::new(device) {
+        return Some(Arc::new(cuda));
+    }
+    let _ = device;
+    None
 }
 
 /// Counts SIGTERM (Kubernetes eviction) and SIGINT (Ctrl-C): the first starts the drain, the
 /// second ends it.
-async fn count_signals(tx: tokio::sync::watch::Sender<u32>) {
+async fn count_signals(tx: Arc<tokio::sync::watch::Sender<u32>>) {
     use tokio::signal::unix::{signal, SignalKind};
     let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
         (Ok(t), Ok(i)) => (t, i),

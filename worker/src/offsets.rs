@@ -81,6 +81,24 @@ impl OffsetTracker {
     pub fn running(&self, tp: &TopicPartition) -> usize {
         self.partitions.get(tp).map_or(0, |s| s.running.len())
     }
+
+    /// For every tracked partition, how many offsets were received and are not yet committed:
+    /// from the last position returned for committing to one past the highest offset started.
+    /// The running ones and those finished above a running one; 0 once everything is committed.
+    pub fn uncommitted(&self) -> Vec<(TopicPartition, i64)> {
+        self.partitions
+            .iter()
+            .map(|(tp, s)| {
+                let end = s.running.last().map(|o| o + 1).max(s.finished_end);
+                let from = s.committed.or(s.running.first().copied());
+                let lag = match (end, from) {
+                    (Some(end), Some(from)) => (end - from).max(0),
+                    _ => 0,
+                };
+                (tp.clone(), lag)
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -104,6 +122,28 @@ mod tests {
         assert_eq!(t.finish(&tp(), 13), None, "11 still runs");
         assert_eq!(t.finish(&tp(), 11), Some(14));
         assert_eq!(t.running(&tp()), 0);
+    }
+
+    #[test]
+    fn uncommitted_counts_running_and_finished_above_running() {
+        let mut t = OffsetTracker::new();
+        for o in 10..14 {
+            t.start(&tp(), o);
+        }
+        assert_eq!(t.uncommitted(), [(tp(), 4)]);
+        t.finish(&tp(), 12);
+        assert_eq!(
+            t.uncommitted(),
+            [(tp(), 4)],
+            "12 is finished but 10 and 11 hold the commit"
+        );
+        t.finish(&tp(), 10);
+        assert_eq!(t.uncommitted(), [(tp(), 3)], "committed up to 11");
+        t.finish(&tp(), 11);
+        t.finish(&tp(), 13);
+        assert_eq!(t.uncommitted(), [(tp(), 0)]);
+        t.revoke(&tp());
+        assert!(t.uncommitted().is_empty());
     }
 
     #[test]

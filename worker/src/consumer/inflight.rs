@@ -18,11 +18,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
-use rdkafka::{ClientContext, TopicPartitionList};
+use rdkafka::{ClientContext, Statistics, TopicPartitionList};
 use tracing::{info, warn};
 
 use crate::engine::JobControl;
 use crate::offsets::{OffsetTracker, TopicPartition};
+use crate::ops::Ops;
 
 /// A request that has started and not yet settled.
 #[derive(Debug)]
@@ -246,15 +247,52 @@ impl InFlight {
     pub fn take_revoked(&self) -> Vec<TopicPartition> {
         std::mem::take(&mut self.lock().revoked)
     }
+
+    /// Per partition, offsets received and not yet committed (read-only, for metrics).
+    pub fn commit_lag(&self) -> Vec<(TopicPartition, i64)> {
+        self.lock().tracker.uncommitted()
+    }
 }
 
 /// Consumer callbacks: revocations go through [`InFlight::revoke_blocking`]; newly assigned
-/// partitions start paused or fetching according to their lane.
+/// partitions start paused or fetching according to their lane; librdkafka's statistics feed
+/// the consumer-lag metric.
 pub struct WorkerContext {
     pub inflight: Arc<InFlight>,
+    pub ops: Arc<Ops>,
 }
 
-impl ClientContext for WorkerContext {}
+impl ClientContext for WorkerContext {
+    /// Every `--kafka-stats-interval`: the consumer lag of each assigned partition, and the
+    /// group's state (a member in the `steady` join state has its assignment, possibly empty,
+    /// which makes the worker ready even if no rebalance callback said so).
+    fn stats(&self, statistics: Statistics) {
+        self.ops.metrics.set_consumer_lag(consumer_lag(&statistics));
+        if let Some(cgrp) = &statistics.cgrp {
+            self.ops
+                .metrics
+                .set_assigned_partitions(i64::from(cgrp.assignment_size));
+            if cgrp.state == "up" && cgrp.join_state == "steady" {
+                self.ops.health.set_consuming();
+            }
+        }
+    }
+}
+
+/// The consumer lag of every partition librdkafka knows it (`-1` and the internal partition -1
+/// are left out: unknown).
+fn consumer_lag(statistics: &Statistics) -> Vec<(TopicPartition, i64)> {
+    statistics
+        .topics
+        .iter()
+        .flat_map(|(topic, t)| {
+            t.partitions
+                .iter()
+                .filter(|(p, s)| **p >= 0 && s.consumer_lag >= 0)
+                .map(move |(p, s)| ((topic.clone(), *p), s.consumer_lag))
+        })
+        .collect()
+}
 
 fn partitions(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
     tpl.elements()
@@ -296,6 +334,7 @@ impl ConsumerContext for WorkerContext {
             Rebalance::Assign(tpl) => {
                 let tps = partitions(tpl);
                 info!(partitions = ?tps, "partitions assigned");
+                self.ops.health.set_consuming();
                 let paused = self.inflight.lock().paused_topics.clone();
                 let (mut pause, mut resume) = (TopicPartitionList::new(), TopicPartitionList::new());
                 for (t, p) in &tps {
@@ -380,6 +419,25 @@ mod tests {
         // The other partition is untouched.
         assert!(f.same_epoch(&tp(2), other));
         assert_eq!(f.finish(&tp(2), 7, other, None), Some((8, vec![])));
+    }
+
+    #[test]
+    fn consumer_lag_is_read_from_librdkafka_statistics() {
+        use rdkafka::statistics::{Partition, Topic};
+        let mut topic = Topic::default();
+        for (p, lag) in [(0, 4), (1, -1), (-1, -1)] {
+            topic.partitions.insert(
+                p,
+                Partition {
+                    partition: p,
+                    consumer_lag: lag,
+                    ..Partition::default()
+                },
+            );
+        }
+        let mut stats = Statistics::default();
+        stats.topics.insert("t".into(), topic);
+        assert_eq!(consumer_lag(&stats), [(tp(0), 4)], "unknown lags are left out");
     }
 
     #[test]

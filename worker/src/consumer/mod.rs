@@ -56,6 +56,7 @@ use tracing::{debug, info, warn};
 use crate::config::{KafkaConfig, Lane};
 use crate::engine::{Engine, EngineHandle, JobControl};
 use crate::offsets::TopicPartition;
+use crate::ops::Ops;
 use crate::snapshot::Snapshots;
 use inflight::{InFlight, WorkerContext};
 use lanes::Lanes;
@@ -102,6 +103,8 @@ pub struct WorkerOptions {
     pub worker_id: String,
     pub snapshots: Option<Snapshots>,
     pub drain_timeout: Duration,
+    /// Where metrics and health go.
+    pub ops: Arc<Ops>,
 }
 
 /// The worker's Kafka side.
@@ -127,6 +130,9 @@ fn base_config(bootstrap: &str, cfg: &KafkaConfig, defaults: &[(&str, &str)]) ->
     for (k, v) in defaults {
         c.set(*k, *v);
     }
+    for (k, v) in cfg.security.properties() {
+        c.set(k, v);
+    }
     for (k, v) in cfg
         .property_pairs()
         .map_err(|e| WorkerError::Setup(KafkaError::ClientCreation(e.0)))?
@@ -150,6 +156,10 @@ impl Worker {
             .set("session.timeout.ms", cfg.session_timeout.as_millis().to_string())
             .set("max.poll.interval.ms", cfg.max_poll_interval.as_millis().to_string())
             .set("partition.assignment.strategy", cfg.assignment_strategy.as_librdkafka())
+            .set(
+                "statistics.interval.ms",
+                cfg.kafka_stats_interval.as_millis().to_string(),
+            )
             .set("client.id", &opts.worker_id);
         if let Some(id) = &cfg.group_instance_id {
             consumer_config.set("group.instance.id", id);
@@ -157,6 +167,7 @@ impl Worker {
         let consumer: WorkerConsumer = consumer_config
             .create_with_context(WorkerContext {
                 inflight: inflight.clone(),
+                ops: opts.ops.clone(),
             })
             .map_err(WorkerError::Setup)?;
         let producer = base_config(bootstrap, cfg, &[])?
@@ -183,6 +194,7 @@ impl Worker {
             inflight,
             max_attempts: cfg.max_attempts,
             isolation: tokio::sync::RwLock::new(()),
+            ops: opts.ops,
         });
         Ok(Self {
             inner,
@@ -204,6 +216,7 @@ impl Worker {
         let mut poll = tokio::time::interval(POLL_EVERY);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            inner.ops.health.beat();
             drop_revoked(inner, &mut lanes);
             while tasks.len() < self.max_in_flight {
                 let Some(msg) = lanes.pop() else { break };
@@ -239,6 +252,7 @@ impl Worker {
                     }
                 }
                 _ = poll.tick() => {
+                    inner.ops.metrics.set_commit_lag(inner.inflight.commit_lag());
                     if inner.inflight.has_deferred() {
                         let inner = inner.clone();
                         tokio::spawn(async move { inner.retry_deferred().await });
@@ -246,6 +260,7 @@ impl Worker {
                 }
             }
         }
+        inner.ops.health.set_draining();
         self.drain(&mut tasks, &mut signals).await?;
         // Leave the group now, so the partitions move to the survivors without waiting for the
         // session timeout (with static membership librdkafka does not leave; see `--group-instance-id`).

@@ -7,13 +7,14 @@ use std::time::Duration;
 
 use ferry_schemas::{headers, Attempt, Chunk, Reply, SourceRecord, SCHEMA_VERSION};
 use rdkafka::consumer::Consumer;
-use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message;
 use tracing::warn;
 
 use super::WorkerError;
 use crate::intake::Invalid;
+use crate::ops::trace::Propagation;
 use crate::reply;
 
 /// The producer side of a worker.
@@ -35,12 +36,11 @@ impl Publisher {
         }
     }
 
-    /// Publishes a final reply (or a chunk) keyed by its request id, with the request's trace
-    /// context, and waits for the broker's acknowledgement.
-    pub async fn reply(&self, topic: &str, reply: &Reply, request: &OwnedMessage) -> Result<Vec<u8>, WorkerError> {
+    /// Publishes a final reply (or a chunk) keyed by its request id, with the worker's trace
+    /// context for the request, and waits for the broker's acknowledgement.
+    pub async fn reply(&self, topic: &str, reply: &Reply, trace: Option<&Propagation>) -> Result<Vec<u8>, WorkerError> {
         let body = serde_json::to_vec(reply)?;
-        self.reply_bytes(topic, reply.id(), reply.kind(), &body, request)
-            .await?;
+        self.reply_bytes(topic, reply.id(), reply.kind(), &body, trace).await?;
         Ok(body)
     }
 
@@ -51,18 +51,18 @@ impl Publisher {
         id: &str,
         kind: &str,
         body: &[u8],
-        request: &OwnedMessage,
+        trace: Option<&Propagation>,
     ) -> Result<(), WorkerError> {
         let rec = FutureRecord::to(topic)
             .key(id)
             .payload(body)
-            .headers(reply_headers(kind, request));
+            .headers(reply_headers(kind, trace));
         self.send(topic, rec).await
     }
 
     /// Queues a stream chunk without waiting for it: chunks are a preview, the final reply
     /// (published after them on the same partition, so after them in the log) is what counts.
-    pub fn chunk(&self, topic: &str, chunk: &Chunk, request: &OwnedMessage) {
+    pub fn chunk(&self, topic: &str, chunk: &Chunk, trace: Option<&Propagation>) {
         let reply = Reply::Chunk(chunk.clone());
         let Ok(body) = serde_json::to_vec(&reply) else {
             return;
@@ -70,14 +70,15 @@ impl Publisher {
         let rec = FutureRecord::to(topic)
             .key(chunk.id.as_str())
             .payload(body.as_slice())
-            .headers(reply_headers(reply.kind(), request));
+            .headers(reply_headers(reply.kind(), trace));
         if let Err((e, _)) = self.producer.send_result(rec) {
             warn!(error = %e, seq = chunk.seq, "cannot queue a stream chunk; the final reply still follows");
         }
     }
 
     /// Dead-letters a message with the reason (and its attempts, when it used them up), and
-    /// tells its caller with an error reply when the caller can be told.
+    /// tells its caller with an error reply when the caller can be told. Returns whether it was.
+    #[allow(clippy::too_many_arguments)]
     pub async fn dead_letter(
         &self,
         dlq_topic: &str,
@@ -86,7 +87,8 @@ impl Publisher {
         invalid: &Invalid,
         attempts: Vec<Attempt>,
         consumer: &impl Consumer<super::inflight::WorkerContext>,
-    ) -> Result<(), WorkerError> {
+        trace: Option<&Propagation>,
+    ) -> Result<bool, WorkerError> {
         warn!(
             request_id = invalid.id.as_deref().unwrap_or(""),
             partition = msg.partition(),
@@ -106,15 +108,18 @@ impl Publisher {
         let mut record = reply::dead_letter(invalid, source, msg.payload().unwrap_or_default(), &self.worker_id);
         record.attempts = attempts;
         let body = serde_json::to_vec(&record)?;
-        let hdrs = OwnedHeaders::new()
-            .insert(Header {
-                key: headers::DLQ_REASON,
-                value: Some(invalid.code.as_str()),
-            })
-            .insert(Header {
-                key: headers::SCHEMA_VERSION,
-                value: Some(&SCHEMA_VERSION.to_string()),
-            });
+        let hdrs = with_trace(
+            OwnedHeaders::new()
+                .insert(Header {
+                    key: headers::DLQ_REASON,
+                    value: Some(invalid.code.as_str()),
+                })
+                .insert(Header {
+                    key: headers::SCHEMA_VERSION,
+                    value: Some(&SCHEMA_VERSION.to_string()),
+                }),
+            trace,
+        );
         let mut rec = FutureRecord::<[u8], [u8]>::to(dlq_topic).payload(&body).headers(hdrs);
         if let Some(key) = msg.key() {
             rec = rec.key(key);
@@ -126,12 +131,12 @@ impl Publisher {
                 .clone()
                 .unwrap_or_else(|| default_reply_topic.to_string());
             if self.topic_exists(&topic, consumer) {
-                self.reply(&topic, &reply, msg).await?;
-            } else {
-                warn!(topic, "no error reply: the reply topic does not exist");
+                self.reply(&topic, &reply, trace).await?;
+                return Ok(true);
             }
+            warn!(topic, "no error reply: the reply topic does not exist");
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Sends and waits for the delivery report.
@@ -177,9 +182,9 @@ impl Publisher {
     }
 }
 
-/// Headers of a reply: its kind, the contract version, and the request's `traceparent`.
-fn reply_headers(kind: &str, request: &OwnedMessage) -> OwnedHeaders {
-    let mut hdrs = OwnedHeaders::new()
+/// Headers of a reply: its kind, the contract version, and the worker's trace context.
+fn reply_headers(kind: &str, trace: Option<&Propagation>) -> OwnedHeaders {
+    let hdrs = OwnedHeaders::new()
         .insert(Header {
             key: headers::KIND,
             value: Some(kind),
@@ -188,14 +193,56 @@ fn reply_headers(kind: &str, request: &OwnedMessage) -> OwnedHeaders {
             key: headers::SCHEMA_VERSION,
             value: Some(&SCHEMA_VERSION.to_string()),
         });
-    if let Some(tp) = request
-        .headers()
-        .and_then(|h| h.iter().find(|h| h.key == headers::TRACEPARENT))
-    {
+    with_trace(hdrs, trace)
+}
+
+/// Adds `traceparent` (the worker's span) and `tracestate` (as received), when there is a trace.
+fn with_trace(mut hdrs: OwnedHeaders, trace: Option<&Propagation>) -> OwnedHeaders {
+    if let Some(t) = trace {
         hdrs = hdrs.insert(Header {
             key: headers::TRACEPARENT,
-            value: tp.value,
+            value: Some(&t.outgoing()),
         });
+        if let Some(state) = &t.tracestate {
+            hdrs = hdrs.insert(Header {
+                key: headers::TRACESTATE,
+                value: Some(state.as_str()),
+            });
+        }
     }
     hdrs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::message::Headers;
+
+    fn header<'a>(h: &'a OwnedHeaders, key: &str) -> Option<&'a str> {
+        h.iter()
+            .find(|x| x.key == key)
+            .and_then(|x| x.value)
+            .and_then(|v| std::str::from_utf8(v).ok())
+    }
+
+    #[test]
+    fn replies_carry_the_workers_span_of_the_callers_trace() {
+        let trace = Propagation::from_headers(
+            Some(b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            Some(b"congo=t61rcWkgMzE"),
+            [0x11; 8],
+        )
+        .expect("valid")
+        .expect("present");
+        let h = reply_headers("response", Some(&trace));
+        assert_eq!(header(&h, headers::KIND), Some("response"));
+        assert_eq!(
+            header(&h, headers::TRACEPARENT),
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-1111111111111111-01")
+        );
+        assert_eq!(header(&h, headers::TRACESTATE), Some("congo=t61rcWkgMzE"));
+        let none = reply_headers("chunk", None);
+        assert_eq!(header(&none, headers::TRACEPARENT), None);
+        assert_eq!(header(&none, headers::SCHEMA_VERSION), Some("1"));
+    }
 }

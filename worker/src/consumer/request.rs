@@ -5,11 +5,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_schemas::{Chunk, ErrorCode, FinishReason, Reply, Request, SCHEMA_VERSION};
-use rdkafka::message::OwnedMessage;
+use ferry_schemas::{headers, Chunk, ErrorCode, FinishReason, Reply, Request, SCHEMA_VERSION};
+use rdkafka::message::{Headers, OwnedMessage};
 use rdkafka::Message;
 use tokio::sync::mpsc;
-use tracing::{error, info, warn, Instrument};
+use tracing::{debug, error, info, warn, Instrument};
 
 use super::inflight::InFlight;
 use super::publish::Publisher;
@@ -17,6 +17,9 @@ use super::{WorkerConsumer, WorkerError};
 use crate::engine::{Completion, Engine, EngineHandle, Finish, Job, JobControl, Outcome, Prepared, StreamChunk};
 use crate::intake::{self, Invalid};
 use crate::offsets::TopicPartition;
+use crate::ops::metrics::Answered;
+use crate::ops::trace::{new_span_id, Propagation};
+use crate::ops::{Ops, RequestOutcome};
 use crate::reply::{self, WorkContext};
 use crate::snapshot::format::snapshot_prefix;
 use crate::snapshot::ledger::{AttemptEntry, AttemptLog, EntryOutcome};
@@ -39,6 +42,8 @@ pub struct Inner {
     /// its worker) holds it alone, so if it crashes this worker too, it takes no bystander
     /// down with it, and only the suspect's attempt budget is spent.
     pub isolation: tokio::sync::RwLock<()>,
+    /// Metrics, and the health state the circuit breaker reports to.
+    pub ops: Arc<Ops>,
 }
 
 /// How serving a message ended.
@@ -89,13 +94,36 @@ impl Inner {
         control: Arc<JobControl>,
     ) -> Result<(), WorkerError> {
         let tp: TopicPartition = (msg.topic().to_string(), msg.partition());
-        let span = tracing::info_span!("message", topic = %tp.0, partition = tp.1, offset = msg.offset());
+        let _in_flight = self.ops.metrics.request_started();
+        let span = tracing::info_span!(
+            "message",
+            topic = %tp.0,
+            partition = tp.1,
+            offset = msg.offset(),
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
+            parent_span_id = tracing::field::Empty,
+        );
+        let trace = Propagation::from_headers(
+            header(&msg, headers::TRACEPARENT),
+            header(&msg, headers::TRACESTATE),
+            new_span_id(),
+        );
+        if let Ok(Some(t)) = &trace {
+            span.record("trace_id", t.own.trace_id_hex());
+            span.record("span_id", t.own.span_id_hex());
+            span.record("parent_span_id", t.parent.span_id_hex());
+        }
         let result = async {
-            match self.serve(&msg, control).await? {
+            let trace = trace.unwrap_or_else(|e| {
+                debug!(error = %e, "ignoring an invalid traceparent header");
+                None
+            });
+            match self.serve(&msg, trace.as_ref(), control).await? {
                 Served::Answered { prefix, reply } => {
                     self.settle_answered(&tp, msg.offset(), epoch, prefix, reply).await
                 }
-                Served::Suspended => {}
+                Served::Suspended => self.ops.metrics.request_settled(RequestOutcome::Suspended),
             }
             Ok(())
         }
@@ -169,11 +197,13 @@ impl Inner {
     async fn reject(
         &self,
         msg: &OwnedMessage,
+        trace: Option<&Propagation>,
         invalid: &Invalid,
         attempts: &[AttemptEntry],
     ) -> Result<(), WorkerError> {
         let history = attempts.iter().map(AttemptEntry::to_schema).collect();
-        self.publisher
+        let told = self
+            .publisher
             .dead_letter(
                 &self.dead_letter_topic(msg.topic()),
                 &self.reply_topic,
@@ -181,16 +211,29 @@ impl Inner {
                 invalid,
                 history,
                 &self.consumer,
+                trace,
             )
-            .await
+            .await?;
+        self.ops.metrics.dead_lettered(invalid.code, told);
+        Ok(())
     }
 
-    async fn serve(&self, msg: &OwnedMessage, control: Arc<JobControl>) -> Result<Served, WorkerError> {
+    async fn serve(
+        &self,
+        msg: &OwnedMessage,
+        trace: Option<&Propagation>,
+        control: Arc<JobControl>,
+    ) -> Result<Served, WorkerError> {
         let started = Instant::now();
         let queued = queued_for(msg);
         let request = match intake::parse(msg.payload()) {
             Ok(r) => r,
-            Err(invalid) => return self.reject(msg, &invalid, &[]).await.map(|()| Served::rejected()),
+            Err(invalid) => {
+                return self
+                    .reject(msg, trace, &invalid, &[])
+                    .await
+                    .map(|()| Served::rejected())
+            }
         };
         let span = tracing::info_span!("request", request_id = %request.id);
         async {
@@ -199,16 +242,22 @@ impl Inner {
                 Ok(p) => p,
                 Err(rejection) => {
                     let invalid = rejected(&request, rejection.code(), rejection.to_string());
-                    return self.reject(msg, &invalid, &[]).await.map(|()| Served::rejected());
+                    return self
+                        .reject(msg, trace, &invalid, &[])
+                        .await
+                        .map(|()| Served::rejected());
                 }
             };
             if !self.publisher.topic_exists(&reply_topic, &self.consumer) {
                 let message = format!("the reply topic {reply_topic:?} does not exist");
                 let invalid = rejected(&request, ErrorCode::InvalidRequest, message);
-                return self.reject(msg, &invalid, &[]).await.map(|()| Served::rejected());
+                return self
+                    .reject(msg, trace, &invalid, &[])
+                    .await
+                    .map(|()| Served::rejected());
             }
             let prefix = snapshot_prefix(msg.topic(), &request.id);
-            if let Some(served) = self.republish_done(msg, &reply_topic, &prefix).await? {
+            if let Some(served) = self.republish_done(trace, &reply_topic, &prefix).await? {
                 return Ok(served);
             }
             let cx = |attempt| WorkContext {
@@ -224,16 +273,24 @@ impl Inner {
                 let completion = past_deadline(&prepared);
                 let body = self
                     .publisher
-                    .reply(&reply_topic, &reply::response(&request, &completion, &cx(1)), msg)
+                    .reply(&reply_topic, &reply::response(&request, &completion, &cx(1)), trace)
                     .await?;
+                self.ops.metrics.answered(&answered(&completion, queued, false));
                 return Ok(Served::Answered {
                     prefix: Some(prefix),
                     reply: Some(body),
                 });
             }
             let mut local = AttemptLog::default();
+            let mut first_round = true;
             loop {
                 let before = self.attempts(&prefix, &local).await;
+                if first_round && !before.attempts.is_empty() {
+                    // The ledger outlives workers: an entry before this delivery's first attempt
+                    // is an earlier delivery's (without a snapshot store there is no ledger).
+                    self.ops.metrics.redelivered();
+                }
+                first_round = false;
                 if before.counted() >= self.max_attempts {
                     let used = before.counted();
                     let message = format!(
@@ -242,7 +299,7 @@ impl Inner {
                     );
                     error!(attempts = used, "attempts exhausted: dead-lettering with the history");
                     let invalid = rejected(&request, ErrorCode::AttemptsExhausted, message);
-                    self.reject(msg, &invalid, &before.attempts).await?;
+                    self.reject(msg, trace, &invalid, &before.attempts).await?;
                     let reply = reply::error_reply(&invalid, &self.publisher.worker_id, used)
                         .map(|r| serde_json::to_vec(&r))
                         .transpose()?;
@@ -263,7 +320,7 @@ impl Inner {
                 fault_injection::maybe_crash(&request.id);
                 let generated = self
                     .generate(
-                        msg,
+                        trace,
                         &request,
                         prepared.clone(),
                         &prefix,
@@ -273,6 +330,8 @@ impl Inner {
                         &reply_topic,
                     )
                     .await?;
+                #[cfg(feature = "fault-injection")]
+                let generated = fault_injection::maybe_fail(generated);
                 match generated {
                     Generated::Finished {
                         completion,
@@ -282,8 +341,12 @@ impl Inner {
                         if let Reply::Response(r) = &mut reply {
                             r.resumed_from_token = resumed_from;
                         }
-                        let body = self.publisher.reply(&reply_topic, &reply, msg).await?;
+                        let body = self.publisher.reply(&reply_topic, &reply, trace).await?;
                         log_answered(&completion, resumed_from, attempt, started);
+                        self.ops.health.generation_succeeded();
+                        self.ops
+                            .metrics
+                            .answered(&answered(&completion, queued, resumed_from.is_some()));
                         if let Some(s) = &self.snapshots {
                             let decode_s = completion.decode.as_secs_f64();
                             if decode_s > 0.0 && !completion.tokens.is_empty() {
@@ -302,6 +365,8 @@ impl Inner {
                     }
                     Generated::Failed(e) => {
                         error!(error = %e, attempt, "generation failed");
+                        self.ops.metrics.generation_failed();
+                        self.ops.health.generation_failed(&request.id, &e);
                         self.end_attempt(&prefix, attempt, EntryOutcome::Failed, Some(e), &mut local)
                             .await;
                         // The next round counts it, and dead-letters the request once the
@@ -342,7 +407,7 @@ impl Inner {
     /// but whose offset was not committed.
     async fn republish_done(
         &self,
-        msg: &OwnedMessage,
+        trace: Option<&Propagation>,
         reply_topic: &str,
         prefix: &str,
     ) -> Result<Option<Served>, WorkerError> {
@@ -360,9 +425,11 @@ impl Inner {
             }
         };
         self.publisher
-            .reply_bytes(reply_topic, reply.id(), reply.kind(), &body, msg)
+            .reply_bytes(reply_topic, reply.id(), reply.kind(), &body, trace)
             .await?;
         info!("already answered: published the stored answer again instead of recomputing it");
+        self.ops.metrics.request_settled(RequestOutcome::Republished);
+        self.ops.metrics.redelivered();
         Ok(Some(Served::Answered {
             prefix: Some(prefix.to_string()),
             reply: Some(body.to_vec()),
@@ -423,7 +490,7 @@ impl Inner {
     #[allow(clippy::too_many_arguments)]
     async fn generate(
         &self,
-        msg: &OwnedMessage,
+        trace: Option<&Propagation>,
         request: &Request,
         prepared: Prepared,
         prefix: &str,
@@ -470,14 +537,14 @@ impl Inner {
         let outcome = loop {
             tokio::select! {
                 r = &mut run => break r?,
-                Some(c) = next_chunk(&mut chunk_rx) => self.publish_chunk(reply_topic, request, c, msg),
+                Some(c) = next_chunk(&mut chunk_rx) => self.publish_chunk(reply_topic, request, c, trace),
             }
         };
         // The engine has returned, so every chunk is in the channel: publish them before the
         // final reply, which then follows them on the reply partition.
         if let Some(rx) = &mut chunk_rx {
             while let Ok(c) = rx.try_recv() {
-                self.publish_chunk(reply_topic, request, c, msg);
+                self.publish_chunk(reply_topic, request, c, trace);
             }
         }
         Ok(match outcome {
@@ -506,14 +573,14 @@ impl Inner {
         })
     }
 
-    fn publish_chunk(&self, topic: &str, request: &Request, c: StreamChunk, msg: &OwnedMessage) {
+    fn publish_chunk(&self, topic: &str, request: &Request, c: StreamChunk, trace: Option<&Propagation>) {
         let chunk = Chunk {
             version: SCHEMA_VERSION,
             id: request.id.clone(),
             seq: c.seq,
             text: c.text,
         };
-        self.publisher.chunk(topic, &chunk, msg);
+        self.publisher.chunk(topic, &chunk, trace);
     }
 }
 
@@ -541,6 +608,24 @@ fn log_answered(completion: &Completion, resumed_from: Option<u32>, attempt: u32
         total_ms = started.elapsed().as_millis() as u64,
         "answered"
     );
+}
+
+/// What `/metrics` learns from an answered generation.
+fn answered(completion: &Completion, queued: Duration, resumed: bool) -> Answered {
+    Answered {
+        queued,
+        finish: completion.finish.reason,
+        prompt_tokens: completion.prompt_tokens,
+        completion_tokens: completion.tokens.len(),
+        prefill: completion.prefill,
+        decode: completion.decode,
+        resumed,
+    }
+}
+
+/// The value of a message header, if the message has it.
+fn header<'a>(msg: &'a OwnedMessage, key: &str) -> Option<&'a [u8]> {
+    msg.headers()?.iter().find(|h| h.key == key)?.value
 }
 
 /// From the message's Kafka timestamp to now.
@@ -588,13 +673,26 @@ fn rejected(req: &Request, code: ErrorCode, message: String) -> Invalid {
 
 /// Faults for tests, compiled only with the `fault-injection` feature (never in a release
 /// build): `FERRY_FAULT_CRASH_ON=<request id>` makes the worker abort, as a segfault or an OOM
-/// kill would, right after it recorded the attempt on that request.
+/// kill would, right after it recorded the attempt on that request;
+/// `FERRY_FAULT_FAIL_GENERATION=1` reports every finished generation as failed in the engine,
+/// as a broken device would.
 #[cfg(feature = "fault-injection")]
 mod fault_injection {
+    use super::Generated;
+
     pub fn maybe_crash(request_id: &str) {
         if std::env::var("FERRY_FAULT_CRASH_ON").is_ok_and(|id| id == request_id) {
             tracing::error!(request_id, "fault injection: crashing on this request");
             std::process::abort();
+        }
+    }
+
+    pub fn maybe_fail(generated: Generated) -> Generated {
+        match generated {
+            Generated::Finished { .. } if std::env::var_os("FERRY_FAULT_FAIL_GENERATION").is_some() => {
+                Generated::Failed("fault injection: the engine failed".into())
+            }
+            other => other,
         }
     }
 }

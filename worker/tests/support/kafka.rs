@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
@@ -101,6 +102,13 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
 }
 
+/// A message as read back: key, value and headers (as text).
+pub struct Record {
+    pub key: String,
+    pub value: Vec<u8>,
+    pub headers: Vec<(String, String)>,
+}
+
 /// A broker to test against, with the test's topics.
 pub struct Cluster {
     pub bootstrap: String,
@@ -151,6 +159,73 @@ impl Cluster {
             .await
             .expect("published")
             .offset
+    }
+
+    /// Publishes `payload` keyed by `key` with Kafka `headers` and returns its offset.
+    pub async fn publish_with_headers(
+        &self,
+        producer: &FutureProducer,
+        topic: &str,
+        key: &str,
+        payload: &[u8],
+        headers: &[(&str, &str)],
+    ) -> i64 {
+        let mut h = OwnedHeaders::new();
+        for (k, v) in headers {
+            h = h.insert(Header {
+                key: k,
+                value: Some(*v),
+            });
+        }
+        let rec = FutureRecord::to(topic).key(key).payload(payload).headers(h);
+        producer
+            .send(rec, Duration::from_secs(10))
+            .await
+            .expect("published")
+            .offset
+    }
+
+    /// Every message of partition 0 of `topic` up to its current end, with its headers.
+    pub fn read_all_with_headers(&self, topic: &str) -> Vec<Record> {
+        let c = self.reader(&unique("reader"));
+        let (_, high) = c
+            .fetch_watermarks(topic, 0, Duration::from_secs(10))
+            .expect("watermarks");
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, 0, Offset::Beginning).expect("tpl");
+        c.assign(&tpl).expect("assign");
+        let mut out = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while out.len() < high as usize {
+            assert!(
+                Instant::now() < deadline,
+                "read {} of {high} messages of {topic}",
+                out.len()
+            );
+            if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+                let key = m
+                    .key()
+                    .map(|k| String::from_utf8_lossy(k).into_owned())
+                    .unwrap_or_default();
+                let headers = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|x| {
+                                let v = x.value.map(|v| String::from_utf8_lossy(v).into_owned());
+                                (x.key.to_string(), v.unwrap_or_default())
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                out.push(Record {
+                    key,
+                    value: m.payload().unwrap_or_default().to_vec(),
+                    headers,
+                });
+            }
+        }
+        out
     }
 
     /// Publishes `payload` to one partition of `topic` and returns its offset.

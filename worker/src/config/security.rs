@@ -1,0 +1,535 @@
+//! Kafka over TLS and SASL: dedicated flags, mapped onto librdkafka properties for the consumer
+//! and the producer alike.
+//!
+//! What librdkafka can do depends on how it was built. rdkafka's default build (this workspace's)
+//! has neither OpenSSL nor libcurl: it speaks `plaintext` and `sasl_plaintext` with `PLAIN` only.
+//! `ssl`, `sasl_ssl`, the `SCRAM-SHA-*` mechanisms and `OAUTHBEARER` need a worker built with
+//! `--features rdkafka/ssl` (the container images are); OAUTHBEARER through OIDC also needs
+//! `rdkafka/curl`. [`KafkaSecurity::check_supported`] reads librdkafka's `builtin.features` at
+//! start-up and says which build a setting needs, instead of failing later with a connection
+//! error.
+//!
+//! The same settings can instead be given as `--kafka-property` pairs (as the Kubernetes
+//! manifests do, from a Secret); setting one property both ways is refused.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use clap::{Args, ValueEnum};
+
+use super::ConfigError;
+
+/// A secret from a flag or the environment: never shown by `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+impl FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_string()))
+    }
+}
+
+/// `security.protocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SecurityProtocol {
+    Plaintext,
+    Ssl,
+    #[value(name = "sasl_plaintext")]
+    SaslPlaintext,
+    #[value(name = "sasl_ssl")]
+    SaslSsl,
+}
+
+impl SecurityProtocol {
+    pub fn as_librdkafka(self) -> &'static str {
+        match self {
+            SecurityProtocol::Plaintext => "plaintext",
+            SecurityProtocol::Ssl => "ssl",
+            SecurityProtocol::SaslPlaintext => "sasl_plaintext",
+            SecurityProtocol::SaslSsl => "sasl_ssl",
+        }
+    }
+
+    fn is_sasl(self) -> bool {
+        matches!(self, SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl)
+    }
+
+    fn is_tls(self) -> bool {
+        matches!(self, SecurityProtocol::Ssl | SecurityProtocol::SaslSsl)
+    }
+}
+
+/// `sasl.mechanism`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SaslMechanism {
+    #[value(name = "PLAIN")]
+    Plain,
+    #[value(name = "SCRAM-SHA-256")]
+    ScramSha256,
+    #[value(name = "SCRAM-SHA-512")]
+    ScramSha512,
+    #[value(name = "OAUTHBEARER")]
+    OauthBearer,
+}
+
+impl SaslMechanism {
+    pub fn as_librdkafka(self) -> &'static str {
+        match self {
+            SaslMechanism::Plain => "PLAIN",
+            SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+            SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+            SaslMechanism::OauthBearer => "OAUTHBEARER",
+        }
+    }
+}
+
+/// TLS and SASL settings. None of them set means librdkafka's default: plaintext.
+#[derive(Debug, Clone, Default, Args)]
+pub struct KafkaSecurity {
+    /// How to reach the brokers: `plaintext`, `ssl` (TLS), `sasl_plaintext` or `sasl_ssl`.
+    /// `ssl` and `sasl_ssl` need a worker built with `--features rdkafka/ssl`.
+    #[arg(long, env = "FERRY_SECURITY_PROTOCOL", value_enum, ignore_case = true)]
+    pub security_protocol: Option<SecurityProtocol>,
+    /// SASL mechanism, with a `sasl_*` protocol: `PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512`
+    /// (these three with `--sasl-username` and `--sasl-password`), or `OAUTHBEARER` (through
+    /// OIDC client credentials, `--sasl-oauthbearer-*`). All but PLAIN need `rdkafka/ssl`.
+    #[arg(long, env = "FERRY_SASL_MECHANISM", value_enum, ignore_case = true)]
+    pub sasl_mechanism: Option<SaslMechanism>,
+    /// SASL user name (PLAIN, SCRAM).
+    #[arg(long, env = "FERRY_SASL_USERNAME")]
+    pub sasl_username: Option<String>,
+    /// SASL password (PLAIN, SCRAM). Prefer the environment variable, from a Secret; it is
+    /// never logged.
+    #[arg(long, env = "FERRY_SASL_PASSWORD", hide_env_values = true)]
+    pub sasl_password: Option<Secret>,
+    /// CA certificate(s) to verify the brokers with (PEM file or directory); the system's
+    /// trust store when not given.
+    #[arg(long, env = "FERRY_SSL_CA_LOCATION")]
+    pub ssl_ca_location: Option<PathBuf>,
+    /// Client certificate for mutual TLS (PEM), with `--ssl-key-location`.
+    #[arg(long, env = "FERRY_SSL_CERTIFICATE_LOCATION")]
+    pub ssl_certificate_location: Option<PathBuf>,
+    /// Client private key for mutual TLS (PEM), with `--ssl-certificate-location`.
+    #[arg(long, env = "FERRY_SSL_KEY_LOCATION")]
+    pub ssl_key_location: Option<PathBuf>,
+    /// Password of the client private key, if it is encrypted.
+    #[arg(long, env = "FERRY_SSL_KEY_PASSWORD", hide_env_values = true)]
+    pub ssl_key_password: Option<Secret>,
+    /// OAUTHBEARER: the OIDC token endpoint (client-credentials grant), e.g.
+    /// `https://idp.example.com/oauth2/token`. Needs `rdkafka/ssl` and `rdkafka/curl`.
+    #[arg(long, env = "FERRY_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL")]
+    pub sasl_oauthbearer_token_endpoint_url: Option<String>,
+    /// OAUTHBEARER: the OIDC client id.
+    #[arg(long, env = "FERRY_SASL_OAUTHBEARER_CLIENT_ID")]
+    pub sasl_oauthbearer_client_id: Option<String>,
+    /// OAUTHBEARER: the OIDC client secret; never logged.
+    #[arg(long, env = "FERRY_SASL_OAUTHBEARER_CLIENT_SECRET", hide_env_values = true)]
+    pub sasl_oauthbearer_client_secret: Option<Secret>,
+    /// OAUTHBEARER: the scope to ask for, if the identity provider needs one.
+    #[arg(long, env = "FERRY_SASL_OAUTHBEARER_SCOPE")]
+    pub sasl_oauthbearer_scope: Option<String>,
+}
+
+impl KafkaSecurity {
+    /// The librdkafka properties these flags set, for the consumer and the producer.
+    pub fn properties(&self) -> Vec<(&'static str, String)> {
+        let mut p = Vec::new();
+        let path = |v: &PathBuf| v.display().to_string();
+        if let Some(v) = self.security_protocol {
+            p.push(("security.protocol", v.as_librdkafka().to_string()));
+        }
+        if let Some(v) = self.sasl_mechanism {
+            p.push(("sasl.mechanism", v.as_librdkafka().to_string()));
+            if v == SaslMechanism::OauthBearer {
+                p.push(("sasl.oauthbearer.method", "oidc".to_string()));
+            }
+        }
+        if let Some(v) = &self.sasl_username {
+            p.push(("sasl.username", v.clone()));
+        }
+        if let Some(v) = &self.sasl_password {
+            p.push(("sasl.password", v.expose().to_string()));
+        }
+        if let Some(v) = &self.ssl_ca_location {
+            p.push(("ssl.ca.location", path(v)));
+        }
+        if let Some(v) = &self.ssl_certificate_location {
+            p.push(("ssl.certificate.location", path(v)));
+        }
+        if let Some(v) = &self.ssl_key_location {
+            p.push(("ssl.key.location", path(v)));
+        }
+        if let Some(v) = &self.ssl_key_password {
+            p.push(("ssl.key.password", v.expose().to_string()));
+        }
+        if let Some(v) = &self.sasl_oauthbearer_token_endpoint_url {
+            p.push(("sasl.oauthbearer.token.endpoint.url", v.clone()));
+        }
+        if let Some(v) = &self.sasl_oauthbearer_client_id {
+            p.push(("sasl.oauthbearer.client.id", v.clone()));
+        }
+        if let Some(v) = &self.sasl_oauthbearer_client_secret {
+            p.push(("sasl.oauthbearer.client.secret", v.expose().to_string()));
+        }
+        if let Some(v) = &self.sasl_oauthbearer_scope {
+            p.push(("sasl.oauthbearer.scope", v.clone()));
+        }
+        p
+    }
+
+    /// The cross-field rules; `extra` are the `--kafka-property` pairs, which must not set what
+    /// a flag sets.
+    pub fn validate(&self, extra: &[(String, String)]) -> Result<(), ConfigError> {
+        let err = |m: &str| Err(ConfigError(m.to_string()));
+        let protocol = self.security_protocol;
+        let sasl = protocol.is_some_and(SecurityProtocol::is_sasl);
+        let tls = protocol.is_some_and(SecurityProtocol::is_tls);
+        let oauth = self.sasl_oauthbearer_token_endpoint_url.is_some()
+            || self.sasl_oauthbearer_client_id.is_some()
+            || self.sasl_oauthbearer_client_secret.is_some()
+            || self.sasl_oauthbearer_scope.is_some();
+        let credentials = self.sasl_username.is_some() || self.sasl_password.is_some();
+        match (self.sasl_mechanism, sasl) {
+            (Some(_), false) => return err("--sasl-mechanism needs --security-protocol sasl_plaintext or sasl_ssl"),
+            (None, true) => return err("--security-protocol sasl_* needs --sasl-mechanism"),
+            (None, false) if credentials || oauth => {
+                return err("SASL credentials need --security-protocol sasl_* and --sasl-mechanism")
+            }
+            _ => {}
+        }
+        match self.sasl_mechanism {
+            Some(SaslMechanism::Plain | SaslMechanism::ScramSha256 | SaslMechanism::ScramSha512) => {
+                if self.sasl_username.as_deref().is_none_or(str::is_empty)
+                    || self.sasl_password.as_ref().is_none_or(|p| p.expose().is_empty())
+                {
+                    return err("--sasl-mechanism PLAIN and SCRAM-* need --sasl-username and --sasl-password");
+                }
+                if oauth {
+                    return err("--sasl-oauthbearer-* flags need --sasl-mechanism OAUTHBEARER");
+                }
+            }
+            Some(SaslMechanism::OauthBearer) => {
+                if credentials {
+                    return err(
+                        "--sasl-mechanism OAUTHBEARER takes no --sasl-username or --sasl-password: \
+                                use --sasl-oauthbearer-client-id and --sasl-oauthbearer-client-secret",
+                    );
+                }
+                let Some(url) = &self.sasl_oauthbearer_token_endpoint_url else {
+                    return err("--sasl-mechanism OAUTHBEARER needs --sasl-oauthbearer-token-endpoint-url");
+                };
+                if !(url.starts_with("https://") || url.starts_with("http://")) {
+                    return err("--sasl-oauthbearer-token-endpoint-url must be an http(s) URL");
+                }
+                if self.sasl_oauthbearer_client_id.is_none() || self.sasl_oauthbearer_client_secret.is_none() {
+                    return err("--sasl-mechanism OAUTHBEARER needs --sasl-oauthbearer-client-id and \
+                                --sasl-oauthbearer-client-secret");
+                }
+            }
+            None => {}
+        }
+        let tls_files = self.ssl_ca_location.is_some()
+            || self.ssl_certificate_location.is_some()
+            || self.ssl_key_location.is_some()
+            || self.ssl_key_password.is_some();
+        if tls_files && !tls {
+            return err("--ssl-* flags need --security-protocol ssl or sasl_ssl");
+        }
+        if self.ssl_certificate_location.is_some() != self.ssl_key_location.is_some() {
+            return err("--ssl-certificate-location and --ssl-key-location go together (mutual TLS)");
+        }
+        if self.ssl_key_password.is_some() && self.ssl_key_location.is_none() {
+            return err("--ssl-key-password needs --ssl-key-location");
+        }
+        for (key, _) in self.properties() {
+            if extra
+                .iter()
+                .any(|(k, _)| k == key || (key == "sasl.mechanism" && k == "sasl.mechanisms"))
+            {
+                return Err(ConfigError(format!(
+                    "--kafka-property {key} is also set by a dedicated flag: set it one way"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The librdkafka features these settings need (names as in `builtin.features`).
+    pub fn required_features(&self) -> Vec<&'static str> {
+        let mut f = Vec::new();
+        if self.security_protocol.is_some_and(SecurityProtocol::is_tls) {
+            f.push("ssl");
+        }
+        match self.sasl_mechanism {
+            Some(SaslMechanism::Plain) => f.push("sasl_plain"),
+            Some(SaslMechanism::ScramSha256 | SaslMechanism::ScramSha512) => f.push("sasl_scram"),
+            Some(SaslMechanism::OauthBearer) => f.extend(["sasl_oauthbearer", "oidc"]),
+            None => {}
+        }
+        f
+    }
+
+    /// Refuses settings that the linked librdkafka cannot do, given its `builtin.features`
+    /// (comma-separated), naming the build that can.
+    pub fn check_supported(&self, builtin: &str) -> Result<(), ConfigError> {
+        let have: Vec<&str> = builtin.split(',').map(str::trim).collect();
+        let missing: Vec<&str> = self
+            .required_features()
+            .into_iter()
+            .filter(|f| !have.contains(f))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let build = if missing.contains(&"oidc") {
+            "`--features rdkafka/ssl,rdkafka/curl`"
+        } else {
+            "`--features rdkafka/ssl`"
+        };
+        Err(ConfigError(format!(
+            "this worker's librdkafka lacks {} (it has: {builtin}); build the worker with {build}",
+            missing.join(", ")
+        )))
+    }
+}
+
+/// The linked librdkafka's `builtin.features`, e.g. `gzip,snappy,sasl,regex,lz4,sasl_plain`.
+pub fn librdkafka_features() -> Result<String, ConfigError> {
+    rdkafka::ClientConfig::new()
+        .create_native_config()
+        .and_then(|c| c.get("builtin.features"))
+        .map_err(|e| ConfigError(format!("cannot read librdkafka's builtin.features: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        s: KafkaSecurity,
+    }
+
+    fn parse(args: &[&str]) -> KafkaSecurity {
+        let mut all = vec!["x"];
+        all.extend_from_slice(args);
+        Cli::try_parse_from(all).expect("parses").s
+    }
+
+    const SCRAM: &[&str] = &[
+        "--security-protocol",
+        "sasl_ssl",
+        "--sasl-mechanism",
+        "SCRAM-SHA-512",
+        "--sasl-username",
+        "ferry",
+        "--sasl-password",
+        "hunter2",
+    ];
+
+    const OIDC: &[&str] = &[
+        "--security-protocol",
+        "SASL_SSL",
+        "--sasl-mechanism",
+        "oauthbearer",
+        "--sasl-oauthbearer-token-endpoint-url",
+        "https://idp.example.com/oauth2/token",
+        "--sasl-oauthbearer-client-id",
+        "ferry",
+        "--sasl-oauthbearer-client-secret",
+        "s3cret",
+        "--sasl-oauthbearer-scope",
+        "kafka",
+    ];
+
+    #[test]
+    fn maps_flags_to_librdkafka_properties() {
+        assert!(parse(&[]).properties().is_empty(), "nothing set: librdkafka's defaults");
+        let s = parse(&[SCRAM, &["--ssl-ca-location", "/etc/ferry/kafka/ca.crt"]].concat());
+        assert_eq!(s.validate(&[]), Ok(()));
+        assert_eq!(
+            s.properties(),
+            [
+                ("security.protocol", "sasl_ssl".to_string()),
+                ("sasl.mechanism", "SCRAM-SHA-512".to_string()),
+                ("sasl.username", "ferry".to_string()),
+                ("sasl.password", "hunter2".to_string()),
+                ("ssl.ca.location", "/etc/ferry/kafka/ca.crt".to_string()),
+            ]
+        );
+        assert_eq!(s.required_features(), ["ssl", "sasl_scram"]);
+        let o = parse(OIDC);
+        assert_eq!(o.validate(&[]), Ok(()));
+        let props = o.properties();
+        assert!(props.contains(&("sasl.oauthbearer.method", "oidc".to_string())));
+        assert!(props.contains(&(
+            "sasl.oauthbearer.token.endpoint.url",
+            "https://idp.example.com/oauth2/token".to_string()
+        )));
+        assert!(props.contains(&("sasl.oauthbearer.client.secret", "s3cret".to_string())));
+        assert_eq!(o.required_features(), ["ssl", "sasl_oauthbearer", "oidc"]);
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug() {
+        let text = format!("{:?}", parse(SCRAM));
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains("<redacted>"));
+        let text = format!("{:?}", parse(OIDC));
+        assert!(!text.contains("s3cret"), "{text}");
+    }
+
+    #[test]
+    fn rejects_settings_that_cannot_work() {
+        for args in [
+            &["--sasl-mechanism", "PLAIN"][..],
+            &["--security-protocol", "sasl_plaintext"],
+            &["--security-protocol", "sasl_plaintext", "--sasl-mechanism", "PLAIN"],
+            &[
+                "--security-protocol",
+                "sasl_ssl",
+                "--sasl-mechanism",
+                "SCRAM-SHA-256",
+                "--sasl-username",
+                "u",
+            ],
+            &["--sasl-username", "u", "--sasl-password", "p"],
+            &["--ssl-ca-location", "/ca.pem"],
+            &["--security-protocol", "ssl", "--ssl-certificate-location", "/c.pem"],
+            &["--security-protocol", "ssl", "--ssl-key-password", "x"],
+            &["--security-protocol", "sasl_ssl", "--sasl-mechanism", "OAUTHBEARER"],
+            &[
+                "--security-protocol",
+                "sasl_ssl",
+                "--sasl-mechanism",
+                "OAUTHBEARER",
+                "--sasl-oauthbearer-token-endpoint-url",
+                "ftp://x",
+                "--sasl-oauthbearer-client-id",
+                "a",
+                "--sasl-oauthbearer-client-secret",
+                "b",
+            ],
+            &[
+                "--security-protocol",
+                "sasl_ssl",
+                "--sasl-mechanism",
+                "PLAIN",
+                "--sasl-username",
+                "u",
+                "--sasl-password",
+                "p",
+                "--sasl-oauthbearer-scope",
+                "s",
+            ],
+        ] {
+            assert!(parse(args).validate(&[]).is_err(), "{args:?} should be rejected");
+        }
+        let plain = parse(&[
+            "--security-protocol",
+            "sasl_plaintext",
+            "--sasl-mechanism",
+            "PLAIN",
+            "--sasl-username",
+            "u",
+            "--sasl-password",
+            "p",
+        ]);
+        assert_eq!(plain.validate(&[]), Ok(()));
+        let clash = [("sasl.username".to_string(), "other".to_string())];
+        assert!(plain.validate(&clash).is_err(), "one property set two ways");
+        assert_eq!(
+            parse(&[]).validate(&[("security.protocol".into(), "SASL_SSL".into())]),
+            Ok(()),
+            "properties alone are fine (the manifests pass TLS and SASL that way)"
+        );
+    }
+
+    #[test]
+    fn names_the_build_a_setting_needs() {
+        let default_build = "gzip,snappy,sasl,regex,lz4,sasl_plain,plugins";
+        let s = parse(SCRAM);
+        let e = s.check_supported(default_build).expect_err("needs ssl").0;
+        assert!(e.contains("ssl, sasl_scram") && e.contains("rdkafka/ssl"), "{e}");
+        assert_eq!(
+            s.check_supported("gzip,ssl,sasl,sasl_plain,sasl_scram,sasl_oauthbearer"),
+            Ok(())
+        );
+        let e = parse(OIDC)
+            .check_supported("gzip,ssl,sasl,sasl_plain,sasl_scram,sasl_oauthbearer")
+            .expect_err("needs oidc")
+            .0;
+        assert!(e.contains("oidc") && e.contains("rdkafka/curl"), "{e}");
+    }
+
+    /// librdkafka checks property names and values when a client is created (no connection is
+    /// made to create it): every mapping this build supports must be accepted, and every one it
+    /// does not must be refused by [`KafkaSecurity::check_supported`] first.
+    #[test]
+    fn librdkafka_accepts_the_properties_it_supports() {
+        use rdkafka::consumer::BaseConsumer;
+        use rdkafka::producer::FutureProducer;
+        let builtin = librdkafka_features().expect("builtin.features");
+        eprintln!(
+            "librdkafka {} builtin.features: {builtin}",
+            rdkafka::util::get_rdkafka_version().1
+        );
+        let cases: Vec<Vec<&str>> = vec![
+            vec!["--security-protocol", "plaintext"],
+            vec![
+                "--security-protocol",
+                "sasl_plaintext",
+                "--sasl-mechanism",
+                "PLAIN",
+                "--sasl-username",
+                "u",
+                "--sasl-password",
+                "p",
+            ],
+            vec!["--security-protocol", "ssl"],
+            SCRAM.to_vec(),
+            SCRAM
+                .iter()
+                .map(|a| if *a == "SCRAM-SHA-512" { "SCRAM-SHA-256" } else { a })
+                .collect(),
+            OIDC.to_vec(),
+        ];
+        let mut accepted = 0;
+        for args in cases {
+            let s = parse(&args);
+            s.validate(&[]).expect("valid");
+            if s.check_supported(&builtin).is_err() {
+                continue;
+            }
+            let mut c = rdkafka::ClientConfig::new();
+            c.set("bootstrap.servers", "127.0.0.1:1").set("group.id", "g");
+            for (k, v) in s.properties() {
+                c.set(k, v);
+            }
+            if let Err(e) = c.create::<BaseConsumer>() {
+                panic!("{args:?}: the consumer refused: {e}");
+            }
+            if let Err(e) = c.create::<FutureProducer>() {
+                panic!("{args:?}: the producer refused: {e}");
+            }
+            accepted += 1;
+        }
+        assert!(accepted >= 2, "plaintext and SASL/PLAIN work in every build");
+    }
+}

@@ -4,8 +4,8 @@
 //! What librdkafka can do depends on how it was built. rdkafka's default build (this workspace's)
 //! has neither OpenSSL nor libcurl: it speaks `plaintext` and `sasl_plaintext` with `PLAIN` only.
 //! `ssl`, `sasl_ssl`, the `SCRAM-SHA-*` mechanisms and `OAUTHBEARER` need a worker built with
-//! `--features rdkafka/ssl` (the container images are); OAUTHBEARER through OIDC also needs
-//! `rdkafka/curl`. [`KafkaSecurity::check_supported`] reads librdkafka's `builtin.features` at
+//! `--features tls` (the container images are); OAUTHBEARER through OIDC needs `--features oidc`
+//! (libcurl as well). [`KafkaSecurity::check_supported`] reads librdkafka's `builtin.features` at
 //! start-up and says which build a setting needs, instead of failing later with a connection
 //! error.
 //!
@@ -101,12 +101,12 @@ impl SaslMechanism {
 #[derive(Debug, Clone, Default, Args)]
 pub struct KafkaSecurity {
     /// How to reach the brokers: `plaintext`, `ssl` (TLS), `sasl_plaintext` or `sasl_ssl`.
-    /// `ssl` and `sasl_ssl` need a worker built with `--features rdkafka/ssl`.
+    /// `ssl` and `sasl_ssl` need a worker built with `--features tls`.
     #[arg(long, env = "FERRY_SECURITY_PROTOCOL", value_enum, ignore_case = true)]
     pub security_protocol: Option<SecurityProtocol>,
     /// SASL mechanism, with a `sasl_*` protocol: `PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512`
     /// (these three with `--sasl-username` and `--sasl-password`), or `OAUTHBEARER` (through
-    /// OIDC client credentials, `--sasl-oauthbearer-*`). All but PLAIN need `rdkafka/ssl`.
+    /// OIDC client credentials, `--sasl-oauthbearer-*`). All but PLAIN need the `tls` feature.
     #[arg(long, env = "FERRY_SASL_MECHANISM", value_enum, ignore_case = true)]
     pub sasl_mechanism: Option<SaslMechanism>,
     /// SASL user name (PLAIN, SCRAM).
@@ -130,7 +130,7 @@ pub struct KafkaSecurity {
     #[arg(long, env = "FERRY_SSL_KEY_PASSWORD", hide_env_values = true)]
     pub ssl_key_password: Option<Secret>,
     /// OAUTHBEARER: the OIDC token endpoint (client-credentials grant), e.g.
-    /// `https://idp.example.com/oauth2/token`. Needs `rdkafka/ssl` and `rdkafka/curl`.
+    /// `https://idp.example.com/oauth2/token`. Needs the `oidc` feature.
     #[arg(long, env = "FERRY_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL")]
     pub sasl_oauthbearer_token_endpoint_url: Option<String>,
     /// OAUTHBEARER: the OIDC client id.
@@ -296,9 +296,9 @@ impl KafkaSecurity {
             return Ok(());
         }
         let build = if missing.contains(&"oidc") {
-            "`--features rdkafka/ssl,rdkafka/curl`"
+            "`--features oidc`"
         } else {
-            "`--features rdkafka/ssl`"
+            "`--features tls`"
         };
         Err(ConfigError(format!(
             "this worker's librdkafka lacks {} (it has: {builtin}); build the worker with {build}",
@@ -466,7 +466,7 @@ mod tests {
         let default_build = "gzip,snappy,sasl,regex,lz4,sasl_plain,plugins";
         let s = parse(SCRAM);
         let e = s.check_supported(default_build).expect_err("needs ssl").0;
-        assert!(e.contains("ssl, sasl_scram") && e.contains("rdkafka/ssl"), "{e}");
+        assert!(e.contains("ssl, sasl_scram") && e.contains("--features tls"), "{e}");
         assert_eq!(
             s.check_supported("gzip,ssl,sasl,sasl_plain,sasl_scram,sasl_oauthbearer"),
             Ok(())
@@ -475,7 +475,7 @@ mod tests {
             .check_supported("gzip,ssl,sasl,sasl_plain,sasl_scram,sasl_oauthbearer")
             .expect_err("needs oidc")
             .0;
-        assert!(e.contains("oidc") && e.contains("rdkafka/curl"), "{e}");
+        assert!(e.contains("lacks oidc") && e.contains("--features oidc"), "{e}");
     }
 
     /// librdkafka checks property names and values when a client is created (no connection is

@@ -5,13 +5,24 @@
 //! of their own that owns the model, fed by a bounded channel, each job carrying its own reply
 //! channel. The async Kafka loop never blocks on a forward pass.
 //!
-//! The engine thread keeps up to `max_in_flight` jobs active and interleaves them: each round it
-//! admits waiting jobs (prefilling or resuming them), then advances every active job by one
-//! token, in admission order. A job's suspend flag and deadline are checked before each of its
-//! tokens, and its snapshot sink and stream are fed after each. Interleaving shares the thread
-//! fairly but does not raise throughput: each token is still its own forward pass (batching the
-//! active jobs' tokens into one is a later step), and admitting a job stalls the others for the
-//! length of its prefill.
+//! The engine thread keeps up to `max_in_flight` jobs active and decodes them as one batch
+//! (continuous batching). Each round it admits waiting jobs (no compute yet), then, in admission
+//! order, checks every active job's deadline and suspend flag and emits a token for each job
+//! whose logits are ready (feeding its snapshot sink and stream), and finally runs *one* forward
+//! pass for the whole batch ([`LlamaWeights::forward_batch`](crate::model::LlamaWeights)): every
+//! decoding job's last token, plus the next [`PREFILL_CHUNK`] tokens of the prompt of at most
+//! one prefilling job. Jobs join and leave between rounds.
+//!
+//! Chunked prefill bounds the stall: while a long prompt is prefilled, the jobs decoding beside
+//! it still get a token every round, each round costing at most one chunk's compute more. A
+//! resume rebuilds its cache the same way: from a snapshot cache it feeds just its last token;
+//! from tokens alone it prefills the prompt in chunks, then replays the generated tokens one a
+//! round, exactly as they were first computed (see the invariant in [`sequence`]). Its answer
+//! therefore does not depend on which jobs shared its batch, nor on being resumed.
+//!
+//! Limit: an error inside a batched forward pass (a tensor operation failing, not a bad input:
+//! inputs are checked before any compute) fails every job of that batch, since their caches may
+//! be partly written.
 
 pub mod sampler;
 pub mod sequence;
@@ -28,7 +39,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::model::{Model, ModelError};
 use crate::snapshot::writer::SnapshotSink;
 pub use sampler::SamplingParams;
-pub use sequence::{Completion, Finish, GenerationParams, Sequence};
+pub use sequence::{Completion, Finish, GenerationParams, Sequence, PREFILL_CHUNK};
 pub use stream::{Release, StreamChunk};
 
 /// Why a request is refused before generation. Refused requests are dead-lettered and their
@@ -179,8 +190,8 @@ pub struct Job {
     pub snapshots: Option<SnapshotSink>,
     pub control: Arc<JobControl>,
     /// When the answer is no longer wanted in full: once it has passed, the generation ends with
-    /// [`FinishReason::Deadline`] and the text so far. Checked before each token, so it can be
-    /// overrun by one token's compute (or by the prefill of a job admitted just before it).
+    /// [`FinishReason::Deadline`] and the text so far. Checked every round, so it can be overrun
+    /// by one batched forward pass (a decode step, plus at most one prefill chunk).
     pub deadline: Option<Instant>,
     /// Where the text goes as it is generated, for a streaming client. Chunks are numbered so
     /// that a resumed generation's repeats can be told apart (see [`stream`]). A receiver that
@@ -210,7 +221,7 @@ impl Active {
         self.deadline.is_some_and(|d| Instant::now() >= d)
     }
 
-    /// The outcome of a job that [`Engine::advance`] reported as ended: one whose sequence is
+    /// The outcome of a job that [`Engine::round`] reported as ended: one whose sequence is
     /// not finished was suspended.
     fn into_outcome(self) -> Result<Outcome, ModelError> {
         if self.seq.finish().is_some() {
@@ -223,18 +234,31 @@ impl Active {
     }
 }
 
+/// Where a job stands after a round.
+#[derive(Debug)]
+enum Progress {
+    Running,
+    Ended,
+    Failed(ModelError),
+}
+
 impl Engine {
     /// Runs a job to its end, or until it is told to suspend, offering snapshots as it goes, on
-    /// the calling thread.
+    /// the calling thread: the engine thread's rounds with a batch of one.
     pub fn run(&self, job: Job) -> Result<Outcome, ModelError> {
         let mut active = self.admit(job)?;
-        while !self.advance(&mut active)? {}
-        active.into_outcome()
+        loop {
+            match self.round(&mut [&mut active]).pop() {
+                Some(Progress::Running) => {}
+                Some(Progress::Ended) | None => return active.into_outcome(),
+                Some(Progress::Failed(e)) => return Err(e),
+            }
+        }
     }
 
-    /// Starts a job: prefills its prompt, or rebuilds its state from a snapshot. A job whose
-    /// deadline has already passed gets no compute: it finishes at once with the text its
-    /// snapshot had reached (none, if it is not resuming).
+    /// Starts a job: makes its sequence, fresh or restored from a snapshot, with no compute yet
+    /// (its prompt or replay is fed by the rounds). A job whose deadline has already passed
+    /// finishes at once with the text its snapshot had reached (none, if it is not resuming).
     fn admit(&self, job: Job) -> Result<Active, ModelError> {
         let m = &self.model;
         let Job {
@@ -250,12 +274,8 @@ impl Engine {
         let mut seq = match resume {
             Some(r) if expired => Sequence::from_tokens(m, prompt, params, r.tokens)?,
             None if expired => Sequence::from_tokens(m, prompt, params, Vec::new())?,
-            Some(r) => Sequence::resume(m, prompt, params, r.tokens, r.cache)?,
-            None => {
-                let mut s = Sequence::new(m, prompt, params);
-                s.prefill(m)?;
-                s
-            }
+            Some(r) => Sequence::restore(m, prompt, params, r.tokens, r.cache)?,
+            None => Sequence::new(m, prompt, params),
         };
         let last = if expired {
             seq.finish_now(m, FinishReason::Deadline)?
@@ -273,10 +293,74 @@ impl Engine {
         Ok(active)
     }
 
-    /// Moves a job on by one token, or ends it: on its deadline, on a suspend request (offering
-    /// the snapshot sink the current state), or when the token finishes it. Returns whether the
-    /// job has ended.
-    fn advance(&self, job: &mut Active) -> Result<bool, ModelError> {
+    /// One round over the active jobs: each is checked and, if its logits are ready, emits a
+    /// token; then one forward pass feeds every job that needs input, with at most one prompt
+    /// chunk among them. Returns each job's progress, in order.
+    fn round(&self, jobs: &mut [&mut Active]) -> Vec<Progress> {
+        let mut progress: Vec<Progress> = jobs
+            .iter_mut()
+            .map(|job| match self.emit(job) {
+                Ok(true) => Progress::Ended,
+                Ok(false) => Progress::Running,
+                Err(e) => Progress::Failed(e),
+            })
+            .collect();
+        // The jobs to feed: every running one but the prefilling ones after the first, which
+        // wait for a later round so that one long prompt at a time delays the others.
+        let mut prefilling = false;
+        let mut fed = Vec::new();
+        let mut inputs = Vec::new();
+        for (i, job) in jobs.iter_mut().enumerate() {
+            if !matches!(progress[i], Progress::Running) {
+                continue;
+            }
+            if job.seq.is_prefilling() {
+                if prefilling {
+                    continue;
+                }
+                prefilling = true;
+            }
+            if let Some(input) = job.seq.next_input() {
+                fed.push(i);
+                inputs.push(input);
+            }
+        }
+        // A job whose input cannot be computed (its context is full) fails alone, before any
+        // compute: the check is repeated here per input to tell which one.
+        let context_length = self.model.weights.config.context_length;
+        let mut k = 0;
+        while k < inputs.len() {
+            if inputs[k].cache.len() + inputs[k].tokens.len() > context_length {
+                inputs.remove(k);
+                progress[fed.remove(k)] = Progress::Failed(ModelError::ContextFull { context_length });
+            } else {
+                k += 1;
+            }
+        }
+        let result = self.model.weights.forward_batch(&mut inputs);
+        drop(inputs);
+        match result {
+            Ok(logits) => {
+                for (i, logits) in fed.into_iter().zip(logits) {
+                    if let Err(e) = jobs[i].seq.accept_logits(&logits) {
+                        progress[i] = Progress::Failed(e);
+                    }
+                }
+            }
+            Err(e) => {
+                for i in fed {
+                    progress[i] =
+                        Progress::Failed(ModelError::Unsupported(format!("the batched forward pass failed: {e}")));
+                }
+            }
+        }
+        progress
+    }
+
+    /// A job's part of a round before the forward pass: it ends on its deadline, on a suspend
+    /// request (offering the snapshot sink the current state), or when the token it emits (if
+    /// its logits are ready) finishes it. Returns whether the job has ended.
+    fn emit(&self, job: &mut Active) -> Result<bool, ModelError> {
         let m = &self.model;
         if job.seq.finish().is_some() {
             return Ok(true);
@@ -294,11 +378,13 @@ impl Engine {
             }
             return Ok(true);
         }
-        let chunk = job.seq.step(m)?;
-        if let Some(sink) = &mut job.snapshots {
-            sink.maybe_offer(&job.seq)?;
+        if job.seq.can_emit() {
+            let chunk = job.seq.emit(m)?;
+            if let Some(sink) = &mut job.snapshots {
+                sink.maybe_offer(&job.seq)?;
+            }
+            job.send(chunk);
         }
-        job.send(chunk);
         Ok(job.seq.finish().is_some())
     }
 }
@@ -325,7 +411,7 @@ pub struct EngineStopped;
 
 impl EngineHandle {
     /// Starts the engine thread. It runs up to `max_in_flight` jobs at once (at least one),
-    /// interleaved a token at a time, and ends when every handle is dropped and its jobs are
+    /// decoded together as one batch, and ends when every handle is dropped and its jobs are
     /// done. As many jobs again can wait in the channel, so that a caller with work ready does
     /// not wait for a slot to hand it over.
     pub fn spawn(engine: Engine, max_in_flight: usize) -> std::io::Result<Self> {
@@ -348,7 +434,8 @@ impl EngineHandle {
     }
 }
 
-/// The engine thread's loop: admit, then one token for each active job, round after round.
+/// The engine thread's loop: admit, then one batched round over the active jobs, round after
+/// round.
 fn serve(engine: &Engine, mut rx: mpsc::Receiver<Envelope>, max_in_flight: usize) {
     let mut active: Vec<(Active, Reply)> = Vec::new();
     let mut open = true;
@@ -368,22 +455,22 @@ fn serve(engine: &Engine, mut rx: mpsc::Receiver<Envelope>, max_in_flight: usize
                 Err(TryRecvError::Disconnected) => open = false,
             }
         }
-        let mut i = 0;
-        while i < active.len() {
-            let (job, reply) = &mut active[i];
-            // Nobody can receive the answer of a caller that stopped waiting: free its slot.
-            if reply.is_closed() {
-                active.remove(i);
-                continue;
-            }
-            match engine.advance(job) {
-                Ok(false) => i += 1,
-                Ok(true) => {
+        // Nobody can receive the answer of a caller that stopped waiting: free its slot.
+        active.retain(|(_, reply)| !reply.is_closed());
+        let progress = {
+            let mut jobs: Vec<&mut Active> = active.iter_mut().map(|(job, _)| job).collect();
+            engine.round(&mut jobs)
+        };
+        // Answer the jobs that ended, from the back so the indices stay valid.
+        for (i, p) in progress.into_iter().enumerate().rev() {
+            match p {
+                Progress::Running => {}
+                Progress::Ended => {
                     let (job, reply) = active.remove(i);
                     let _ = reply.send(job.into_outcome());
                 }
                 // The job fails alone: its sequence is dropped and the others go on.
-                Err(e) => {
+                Progress::Failed(e) => {
                     let (_, reply) = active.remove(i);
                     let _ = reply.send(Err(e));
                 }

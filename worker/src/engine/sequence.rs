@@ -2,13 +2,24 @@
 //!
 //! A [`Sequence`] owns everything that belongs to one request's generation: the prompt and
 //! generated token ids, its KV cache, the logits for the next position, and the text so far.
-//! [`Sequence::step`] emits one token; the caller decides when to step, so the same type serves
-//! a simple loop, the engine thread's interleaving of several sequences, and snapshots.
-//! Each step hands back the text it released to the stream (see [`super::stream`]).
+//! The compute is split from the bookkeeping so that the engine can batch several sequences'
+//! compute into one forward pass:
 //!
-//! Invariant: after [`Sequence::prefill`], `cache.len() == prompt.len() + generated.len()` and
-//! `next_logits` are the model's logits for the position after the last token, until the
-//! sequence finishes.
+//! - [`Sequence::next_input`] says what the cache lacks next: a chunk of the prompt, or one
+//!   generated token (the one just emitted, or one replayed on a resume);
+//! - [`Sequence::accept_logits`] takes the logits of the pass that fed it;
+//! - [`Sequence::emit`] samples the next token from those logits, with no compute.
+//!
+//! [`Sequence::step`] does all three for a caller with one sequence: it emits one token and
+//! computes the logits for the next. Each emitted token hands back the text it released to the
+//! stream (see [`super::stream`]).
+//!
+//! Invariant: a cache is built the same way whatever the schedule, so that a sequence's answer
+//! does not depend on how its work was interleaved or batched, or whether it was resumed: the
+//! prompt goes in chunks of exactly [`PREFILL_CHUNK`] tokens from position 0, and every
+//! generated token on its own. Once caught up (`cache.len() == prompt.len() + generated.len()`),
+//! `next_logits` are the model's logits for the position after the last token, until the next
+//! token is emitted.
 
 use std::time::{Duration, Instant};
 
@@ -16,7 +27,13 @@ use ferry_schemas::FinishReason;
 
 use super::sampler::{sample, SamplingParams};
 use super::stream::{Release, StreamChunk};
-use crate::model::{IncrementalDecoder, LayerValues, Model, ModelError, SequenceCache};
+use crate::model::{BatchInput, IncrementalDecoder, LayerValues, Model, ModelError, SequenceCache};
+
+/// Prompt tokens per forward pass of a prefill. A constant, not a setting: the chunking changes
+/// the bits of the cache (attention sums in other shapes), and a snapshot taken by one worker
+/// must resume token-exactly on another. 64 keeps a long prompt from stalling the sequences
+/// decoding beside it for more than about one prefill chunk's compute per token.
+pub const PREFILL_CHUNK: usize = 64;
 
 /// What a sequence needs to know about its request.
 #[derive(Debug, Clone, PartialEq)]
@@ -61,6 +78,10 @@ pub struct Sequence {
     /// How much of `text` has gone to the stream.
     stream: Release,
     finish: Option<Finish>,
+    /// When the sequence was made: prefill time runs from here to its first logits.
+    started: Instant,
+    /// When it first caught up; decode time runs from here to its finish.
+    prefilled_at: Option<Instant>,
     prefill_time: Duration,
     decode_time: Duration,
 }
@@ -77,6 +98,8 @@ impl Sequence {
             decoder: IncrementalDecoder::default(),
             text: String::new(),
             finish: None,
+            started: Instant::now(),
+            prefilled_at: None,
             prefill_time: Duration::ZERO,
             decode_time: Duration::ZERO,
         }
@@ -86,7 +109,7 @@ impl Sequence {
     /// and `cache`, when given, holds the KV of every position but the last generated token's
     /// (the snapshot invariant). Without a cache, the prompt is prefilled and the tokens fed one
     /// at a time, exactly as the interrupted run computed them, so both ways continue with
-    /// bit-identical logits.
+    /// bit-identical logits. Computes at once; [`Sequence::restore`] leaves that to the caller.
     pub fn resume(
         model: &Model,
         prompt: Vec<u32>,
@@ -94,44 +117,43 @@ impl Sequence {
         tokens: Vec<u32>,
         cache: Option<SequenceCache>,
     ) -> Result<Self, ModelError> {
-        let Some(&last) = tokens.last() else {
+        let mut seq = Self::restore(model, prompt, params, tokens, cache)?;
+        seq.prefill(model)?;
+        Ok(seq)
+    }
+
+    /// [`Sequence::resume`] without the compute: the positions the cache lacks are fed by
+    /// [`Sequence::next_input`] like a prompt, so the engine can batch them with other work.
+    pub fn restore(
+        model: &Model,
+        prompt: Vec<u32>,
+        params: GenerationParams,
+        tokens: Vec<u32>,
+        cache: Option<SequenceCache>,
+    ) -> Result<Self, ModelError> {
+        if tokens.is_empty() {
             return Err(ModelError::Unsupported(
                 "resuming needs at least one generated token".into(),
             ));
-        };
-        let mut seq = Self::new(model, prompt, params);
-        let start = Instant::now();
-        let fed = match cache {
-            Some(cache) if cache.len() == seq.prompt.len() + tokens.len() - 1 => {
-                seq.cache = cache;
-                tokens.len() - 1
-            }
-            Some(cache) => {
-                return Err(ModelError::Unsupported(format!(
-                    "snapshot cache holds {} positions, expected {}",
-                    cache.len(),
-                    seq.prompt.len() + tokens.len() - 1
-                )))
-            }
-            None => {
-                model.weights.forward(&seq.prompt, &mut seq.cache)?;
-                0
-            }
-        };
-        for &t in &tokens[fed..tokens.len() - 1] {
-            model.weights.forward(&[t], &mut seq.cache)?;
         }
-        let logits = model.weights.forward(&[last], &mut seq.cache)?;
-        seq.next_logits = Some(logits.to_vec1()?);
-        seq.prefill_time += start.elapsed();
+        let mut seq = Self::new(model, prompt, params);
+        if let Some(cache) = cache {
+            let expected = seq.prompt.len() + tokens.len() - 1;
+            if cache.len() != expected {
+                return Err(ModelError::Unsupported(format!(
+                    "snapshot cache holds {} positions, expected {expected}",
+                    cache.len()
+                )));
+            }
+            seq.cache = cache;
+        }
         seq.replay(model, tokens)?;
         Ok(seq)
     }
 
-    /// A generation that produced `tokens` (none, for a fresh request), with its text rebuilt but
-    /// no compute: it cannot step, only [`finish_now`](Self::finish_now). For a request whose
-    /// deadline passed before it was started, so that a resumed one still answers with the text
-    /// its snapshot had reached.
+    /// A generation that produced `tokens` (none, for a fresh request), with its text rebuilt and
+    /// no compute done yet. For a request whose deadline passed before it was started, so that
+    /// [`finish_now`](Self::finish_now) still answers with the text its snapshot had reached.
     pub fn from_tokens(
         model: &Model,
         prompt: Vec<u32>,
@@ -157,8 +179,10 @@ impl Sequence {
 
     /// Positions of the KV cache a snapshot taken now covers: all but the last generated
     /// token's. `None` before the first generated token, or once finished.
+    /// Also `None` while a resumed sequence is still rebuilding those positions.
     pub fn snapshot_positions(&self) -> Option<usize> {
-        (self.finish.is_none() && !self.generated.is_empty()).then(|| self.prompt.len() + self.generated.len() - 1)
+        let end = (self.prompt.len() + self.generated.len()).checked_sub(1)?;
+        (self.finish.is_none() && !self.generated.is_empty() && self.cache.len() >= end).then_some(end)
     }
 
     /// Keys and values of positions `[from, to)`, position-major, for a snapshot piece.
@@ -183,37 +207,92 @@ impl Sequence {
         self.finish.as_ref()
     }
 
-    /// Runs the prompt through the model. The prompt must be shorter than the context window
-    /// (the caller checks, so that an over-long prompt is rejected before any compute).
-    pub fn prefill(&mut self, model: &Model) -> Result<(), ModelError> {
-        let start = Instant::now();
-        let logits = model.weights.forward(&self.prompt, &mut self.cache)?;
+    /// Whether the cache still lacks prompt positions: the next input is a prefill chunk.
+    pub fn is_prefilling(&self) -> bool {
+        self.finish.is_none() && self.cache.len() < self.prompt.len()
+    }
+
+    /// Whether the logits for the next token are ready, so [`Sequence::emit`] can run.
+    pub fn can_emit(&self) -> bool {
+        self.finish.is_none() && self.next_logits.is_some()
+    }
+
+    /// What the cache lacks next, for one forward pass: the next [`PREFILL_CHUNK`] tokens of the
+    /// prompt, or else the next generated token not yet in the cache. `None` when the sequence
+    /// has finished or its logits are ready to [`emit`](Self::emit).
+    pub fn next_input(&mut self) -> Option<BatchInput<'_>> {
+        if self.finish.is_some() || self.next_logits.is_some() {
+            return None;
+        }
+        let pos = self.cache.len();
+        let tokens = if pos < self.prompt.len() {
+            &self.prompt[pos..(pos + PREFILL_CHUNK).min(self.prompt.len())]
+        } else {
+            std::slice::from_ref(self.generated.get(pos - self.prompt.len())?)
+        };
+        Some(BatchInput {
+            tokens,
+            cache: &mut self.cache,
+        })
+    }
+
+    /// Takes the logits of the forward pass that fed [`next_input`](Self::next_input) (whose
+    /// cache it extended). Kept only once the cache has caught up: a prompt chunk's or a replayed
+    /// token's logits predict a token that is already known.
+    pub fn accept_logits(&mut self, logits: &candle_core::Tensor) -> Result<(), ModelError> {
+        if self.cache.len() < self.prompt.len() + self.generated.len() {
+            return Ok(());
+        }
         self.next_logits = Some(logits.to_vec1()?);
-        self.prefill_time += start.elapsed();
+        if self.prefilled_at.is_none() {
+            self.prefill_time = self.started.elapsed();
+            self.prefilled_at = Some(Instant::now());
+        }
         Ok(())
     }
 
-    /// Emits one token and, unless that ends the generation, computes the logits for the next.
-    /// Returns the chunk this step released to the stream, numbered by the tokens generated
-    /// before it; `None` when it released nothing (a character can span tokens, and text that
-    /// could begin a stop string is held back until it cannot).
-    pub fn step(&mut self, model: &Model) -> Result<Option<StreamChunk>, ModelError> {
+    /// Computes, on the calling thread, everything the sequence lacks before it can emit its
+    /// next token: its prompt (in chunks of [`PREFILL_CHUNK`]), and for a resumed or stepped
+    /// sequence the generated tokens not yet in its cache. The prompt must be shorter than the
+    /// context window (the caller checks, so that an over-long prompt is rejected before any
+    /// compute).
+    pub fn prefill(&mut self, model: &Model) -> Result<(), ModelError> {
+        loop {
+            let logits = match self.next_input() {
+                Some(input) => model.weights.forward(input.tokens, input.cache)?,
+                None => return Ok(()),
+            };
+            self.accept_logits(&logits)?;
+        }
+    }
+
+    /// Samples one token from the ready logits and takes it: no compute. Returns the chunk this
+    /// released to the stream, numbered by the tokens generated before it; `None` when it
+    /// released nothing (a character can span tokens, and text that could begin a stop string is
+    /// held back until it cannot).
+    pub fn emit(&mut self, model: &Model) -> Result<Option<StreamChunk>, ModelError> {
         if self.finish.is_some() {
             return Ok(None);
         }
         let Some(logits) = self.next_logits.take() else {
-            return Err(ModelError::Unsupported("step before prefill".into()));
+            return Err(ModelError::Unsupported("emit before the logits are computed".into()));
         };
-        let start = Instant::now();
         let number = self.generated.len();
         let token = sample(&logits, &self.params.sampling, number as u64);
         self.accept(model, token)?;
-        if self.finish.is_none() {
-            let logits = model.weights.forward(&[token], &mut self.cache)?;
-            self.next_logits = Some(logits.to_vec1()?);
-        }
-        self.decode_time += start.elapsed();
         Ok(self.release(number))
+    }
+
+    /// Emits one token and, unless that ends the generation, computes the logits for the next
+    /// (prefilling first if that was not done). Returns what [`emit`](Self::emit) released.
+    pub fn step(&mut self, model: &Model) -> Result<Option<StreamChunk>, ModelError> {
+        if self.finish.is_some() {
+            return Ok(None);
+        }
+        self.prefill(model)?;
+        let chunk = self.emit(model)?;
+        self.prefill(model)?;
+        Ok(chunk)
     }
 
     /// Ends the generation where it is, for `reason` (a deadline): text held back for an
@@ -224,7 +303,7 @@ impl Sequence {
         if self.finish.is_some() {
             return Ok(None);
         }
-        self.finish = Some(Finish {
+        self.end(Finish {
             reason,
             stop_sequence: None,
         });
@@ -246,7 +325,7 @@ impl Sequence {
     /// Records `token` and decides whether the generation is over.
     fn accept(&mut self, model: &Model, token: u32) -> Result<(), ModelError> {
         if model.tokenizer.is_eos(token) {
-            self.finish = Some(Finish {
+            self.end(Finish {
                 reason: FinishReason::Stop,
                 stop_sequence: None,
             });
@@ -261,7 +340,7 @@ impl Sequence {
         self.text.push_str(&delta);
         if let Some((at, stop)) = find_stop(&self.text, old_len, &self.params.stop) {
             self.text.truncate(at);
-            self.finish = Some(Finish {
+            self.end(Finish {
                 reason: FinishReason::Stop,
                 stop_sequence: Some(stop),
             });
@@ -275,13 +354,19 @@ impl Sequence {
             None
         };
         if let Some(reason) = reason {
-            self.finish = Some(Finish {
+            self.end(Finish {
                 reason,
                 stop_sequence: None,
             });
             self.flush(model)?;
         }
         Ok(())
+    }
+
+    /// Records how the generation ended, and its decode time.
+    fn end(&mut self, finish: Finish) {
+        self.finish = Some(finish);
+        self.decode_time = self.prefilled_at.map_or(Duration::ZERO, |t| t.elapsed());
     }
 
     /// Releases text held back for an incomplete character, at the end of generation.
@@ -304,6 +389,8 @@ impl Sequence {
             text: self.text.clone(),
             stream: self.stream.clone(),
             finish: self.finish.clone(),
+            started: self.started,
+            prefilled_at: self.prefilled_at,
             prefill_time: self.prefill_time,
             decode_time: self.decode_time,
         })
@@ -311,9 +398,6 @@ impl Sequence {
 
     /// Prefills and steps until the generation ends.
     pub fn run(mut self, model: &Model) -> Result<Completion, ModelError> {
-        if self.next_logits.is_none() && self.finish.is_none() {
-            self.prefill(model)?;
-        }
         while self.finish.is_none() {
             self.step(model)?;
         }

@@ -311,76 +311,151 @@ impl LlamaWeights {
 
     /// Runs `tokens` through the model at the positions after those already in `cache`, appends
     /// their keys and values to it, and returns the logits of the last token, `(vocab,)` in f32.
+    /// A batch of one: see [`LlamaWeights::forward_batch`].
     pub fn forward(&self, tokens: &[u32], cache: &mut SequenceCache) -> Result<Tensor, ModelError> {
-        let seq_len = tokens.len();
-        let index_pos = cache.len;
-        if seq_len == 0 {
-            return Err(ModelError::Unsupported("forward pass over no tokens".into()));
+        let mut logits = self.forward_batch(&mut [BatchInput { tokens, cache }])?;
+        logits
+            .pop()
+            .ok_or_else(|| ModelError::Unsupported("a batch of one gave no logits".into()))
+    }
+
+    /// Runs several sequences' tokens through the model in one pass: for each input, its tokens
+    /// at the positions after those already in its cache. Appends their keys and values to each
+    /// cache and returns, for each input in order, the logits of its last token, `(vocab,)` in f32.
+    ///
+    /// The rows of all inputs are stacked into one `(1, total, hidden)` activation, so every
+    /// weight matrix is multiplied once per pass for the whole batch; rotary embeddings, the
+    /// cache append and attention run per input, over its own cache, with a causal mask within
+    /// its tokens. Every operation on the stacked rows (RMS norm, candle's quantized matmul,
+    /// SiLU) computes each output row from its own input row alone, so an input's logits and
+    /// cache are bit-identical whatever else shares its batch (`tests/batch.rs` checks it).
+    ///
+    /// Every input is checked (not empty, fits the context) before any compute, so a bad input
+    /// leaves every cache untouched. An error during the pass can leave caches partly appended.
+    pub fn forward_batch(&self, inputs: &mut [BatchInput<'_>]) -> Result<Vec<Tensor>, ModelError> {
+        if inputs.is_empty() {
+            return Ok(Vec::new());
         }
-        if index_pos + seq_len > self.config.context_length {
-            return Err(ModelError::ContextFull {
-                context_length: self.config.context_length,
+        for input in inputs.iter() {
+            if input.tokens.is_empty() {
+                return Err(ModelError::Unsupported("forward pass over no tokens".into()));
+            }
+            if input.cache.len + input.tokens.len() > self.config.context_length {
+                return Err(ModelError::ContextFull {
+                    context_length: self.config.context_length,
+                });
+            }
+        }
+        let all: Vec<u32> = inputs.iter().flat_map(|i| i.tokens.iter().copied()).collect();
+        let total = all.len();
+        // Each input's offset among the stacked rows, and its own masks and rotary tables.
+        let mut parts = Vec::with_capacity(inputs.len());
+        let mut offset = 0;
+        for input in inputs.iter() {
+            let (n, index_pos) = (input.tokens.len(), input.cache.len);
+            let mask = if n == 1 {
+                None
+            } else {
+                Some(causal_mask(n, index_pos, &self.device)?)
+            };
+            parts.push(Part {
+                offset,
+                len: n,
+                mask,
+                cos: self.cos.narrow(0, index_pos, n)?,
+                sin: self.sin.narrow(0, index_pos, n)?,
             });
+            offset += n;
         }
-        let c = &self.config;
-        let input = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
-        let mask = if seq_len == 1 {
-            None
-        } else {
-            Some(causal_mask(seq_len, index_pos, &self.device)?)
-        };
-        let cos = self.cos.narrow(0, index_pos, seq_len)?;
-        let sin = self.sin.narrow(0, index_pos, seq_len)?;
+        let input = Tensor::new(all.as_slice(), &self.device)?.unsqueeze(0)?;
         let mut x = self.tok_embeddings.forward(&input)?;
-        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+        for (l, layer) in self.layers.iter().enumerate() {
             let residual = &x;
             let h = layer.attn_norm.forward(&x)?;
-            let q = layer
-                .wq
-                .forward(&h)?
-                .reshape((1, seq_len, c.n_head, c.head_dim))?
-                .transpose(1, 2)?;
-            let k = layer
-                .wk
-                .forward(&h)?
-                .reshape((1, seq_len, c.n_kv_head, c.head_dim))?
-                .transpose(1, 2)?;
-            let v = layer
-                .wv
-                .forward(&h)?
-                .reshape((1, seq_len, c.n_kv_head, c.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let q = candle_nn::rotary_emb::rope_i(&q.contiguous()?, &cos, &sin)?;
-            let k = candle_nn::rotary_emb::rope_i(&k.contiguous()?, &cos, &sin)?;
-            let (k, v) = kv.append(&k, &v)?;
-            let n_rep = c.n_head / c.n_kv_head;
-            let k = repeat_kv(k, n_rep)?;
-            let v = repeat_kv(v, n_rep)?;
-            let att = (q.matmul(&k.t()?)? / (c.head_dim as f64).sqrt())?;
-            let att = match &mask {
-                None => att,
-                Some(mask) => {
-                    let mask = mask.broadcast_as(att.shape())?;
-                    let neg_inf = Tensor::new(f32::NEG_INFINITY, &self.device)?.broadcast_as(att.shape())?;
-                    mask.where_cond(&neg_inf, &att)?
-                }
+            let q = layer.wq.forward(&h)?;
+            let k = layer.wk.forward(&h)?;
+            let v = layer.wv.forward(&h)?;
+            let mut ys = Vec::with_capacity(inputs.len());
+            for (part, input) in parts.iter().zip(inputs.iter_mut()) {
+                let rows = |t: &Tensor| t.narrow(1, part.offset, part.len);
+                ys.push(self.attention(part, &rows(&q)?, &rows(&k)?, &rows(&v)?, &mut input.cache.layers[l])?);
+            }
+            let y = if ys.len() == 1 {
+                ys.remove(0)
+            } else {
+                Tensor::cat(&ys, 1)?
             };
-            let att = candle_nn::ops::softmax_last_dim(&att)?;
-            let y = att.matmul(&v.contiguous()?)?;
-            let y = y.transpose(1, 2)?.reshape((1, seq_len, c.embedding_length))?;
             let x1 = (layer.wo.forward(&y)? + residual)?;
             let h = layer.ffn_norm.forward(&x1)?;
             let gate = candle_nn::ops::silu(&layer.w_gate.forward(&h)?)?;
             let up = layer.w_up.forward(&h)?;
             x = (layer.w_down.forward(&(gate * up)?)? + &x1)?;
         }
-        cache.len += seq_len;
-        let x = self.norm.forward(&x)?;
-        let x = x.i((.., seq_len - 1, ..))?;
-        let logits = self.output.forward(&x)?.squeeze(0)?.to_dtype(DType::F32)?;
-        Ok(logits)
+        for input in inputs.iter_mut() {
+            input.cache.len += input.tokens.len();
+        }
+        // Only each input's last row needs the output projection.
+        let last: Vec<u32> = parts.iter().map(|p| (p.offset + p.len - 1) as u32).collect();
+        debug_assert!(last.last().is_some_and(|&l| l as usize == total - 1));
+        let x = self.norm.forward(&x)?.squeeze(0)?;
+        let x = x.index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?;
+        let logits = self.output.forward(&x)?.to_dtype(DType::F32)?;
+        (0..parts.len()).map(|i| Ok(logits.i(i)?)).collect()
     }
+
+    /// Self-attention of one input's rows `(1, n, heads * head_dim)` over its cache, which gets
+    /// their keys and values appended. Returns `(1, n, hidden)`.
+    fn attention(
+        &self,
+        part: &Part,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        kv: &mut KvCache,
+    ) -> Result<Tensor, ModelError> {
+        let c = &self.config;
+        let n = part.len;
+        let q = q.reshape((1, n, c.n_head, c.head_dim))?.transpose(1, 2)?;
+        let k = k.reshape((1, n, c.n_kv_head, c.head_dim))?.transpose(1, 2)?;
+        let v = v
+            .reshape((1, n, c.n_kv_head, c.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let q = candle_nn::rotary_emb::rope_i(&q.contiguous()?, &part.cos, &part.sin)?;
+        let k = candle_nn::rotary_emb::rope_i(&k.contiguous()?, &part.cos, &part.sin)?;
+        let (k, v) = kv.append(&k, &v)?;
+        let n_rep = c.n_head / c.n_kv_head;
+        let k = repeat_kv(k, n_rep)?;
+        let v = repeat_kv(v, n_rep)?;
+        let att = (q.matmul(&k.t()?)? / (c.head_dim as f64).sqrt())?;
+        let att = match &part.mask {
+            None => att,
+            Some(mask) => {
+                let mask = mask.broadcast_as(att.shape())?;
+                let neg_inf = Tensor::new(f32::NEG_INFINITY, &self.device)?.broadcast_as(att.shape())?;
+                mask.where_cond(&neg_inf, &att)?
+            }
+        };
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let y = att.matmul(&v.contiguous()?)?;
+        Ok(y.transpose(1, 2)?.reshape((1, n, c.embedding_length))?)
+    }
+}
+
+/// One sequence's part of a batched forward pass: new tokens, and the cache they extend.
+#[derive(Debug)]
+pub struct BatchInput<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut SequenceCache,
+}
+
+/// Where one input's rows sit in the stacked activation, and what its attention needs.
+struct Part {
+    offset: usize,
+    len: usize,
+    mask: Option<Tensor>,
+    cos: Tensor,
+    sin: Tensor,
 }
 
 /// Reads one matrix weight, re-quantised as `format` asks.

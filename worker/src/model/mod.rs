@@ -16,7 +16,7 @@ use candle_core::Device;
 use sha2::{Digest, Sha256};
 
 pub use chat::ChatTemplate;
-pub use llama::{LayerValues, LlamaConfig, LlamaWeights, SequenceCache, WeightFormat};
+pub use llama::{BatchInput, LayerValues, LlamaConfig, LlamaWeights, SequenceCache, WeightFormat};
 pub use tokenizer::{IncrementalDecoder, Tokenizer};
 
 /// Everything that can go wrong loading or running the model.

@@ -305,7 +305,9 @@ fn a_cooperative_rebalance_leaves_the_other_partitions_working() {
         "Explain how a sailing ship works, step by step.",
         "Tell the history of a small fishing village.",
     ];
-    let batch: Vec<Request> = prompts.iter().map(|p| chat(&unique("coop"), p, 64)).collect();
+    // Long enough that the four, decoded together in one batch, are still generating when the
+    // newcomer has loaded its model and joined.
+    let batch: Vec<Request> = prompts.iter().map(|p| chat(&unique("coop"), p, 160)).collect();
     let expected = reference(&batch.iter().collect::<Vec<_>>());
     let a = s.worker("worker-a", &["--max-in-flight", "4"]);
     for (p, r) in batch.iter().enumerate() {

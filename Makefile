@@ -48,12 +48,18 @@ chaos: model build
 # Engine speed, single sequence: prefill and decode tokens/s for the file's Q4_1 weights and for
 # Q8_0 re-quantised at load (target/bench/engine.json). Snapshot costs: decode overhead, bytes per
 # token, restore against re-prefill, recovery after SIGTERM and SIGKILL (target/bench/snapshot.json).
+# Throughput: single-sequence decode against llama.cpp on the same file, prompt and threads; aggregate
+# decode with 1, 4, 8 and 16 sequences in flight; peak RSS with 8 sequences of 1024 tokens
+# (target/bench/throughput.json). llama.cpp is llama-cpp-python, compiled once into
+# ~/.cache/ferry-llama-cpp by scripts/setup-llama-cpp.sh (about ten minutes); if that fails the
+# throughput report says why and the other figures are still measured.
 # One compute thread by default, the figure that stays stable when anything else shares the cores.
 BENCH_THREADS ?= 1
 bench: model
 	$(CARGO) build --release -p ferry -p ferry-worker --bins
+	python=$$(./scripts/setup-llama-cpp.sh) || python=; \
 	RAYON_NUM_THREADS=$(BENCH_THREADS) FERRY_BENCH_OUT=$(CURDIR)/target/bench FERRY_TEST_MODEL=$(CURDIR)/$(MODEL) \
-		$(CARGO) bench -p ferry-worker --bench engine --bench snapshot
+		FERRY_LLAMA_CPP_PYTHON=$$python $(CARGO) bench -p ferry-worker --bench engine --bench snapshot --bench throughput
 
 lint:
 	$(CARGO) fmt --all --check

@@ -4,8 +4,9 @@
 //!    same prompt token ids (Ferry's tokenizer makes them and hands them to llama.cpp), the same
 //!    number of decode tokens and of compute threads. llama.cpp runs in a subprocess
 //!    (`scripts/llama_cpp_bench.py`, with the Python that `FERRY_LLAMA_CPP_PYTHON` names, or else
-//!    the one `scripts/setup-llama-cpp.sh` installs llama-cpp-python into). Runs alternate, Ferry then llama.cpp, and the medians are
-//!    compared as `vs_llama_cpp_ratio`, so drift in machine speed cancels. Ferry's side goes
+//!    the one `scripts/setup-llama-cpp.sh` installs llama-cpp-python into). Runs alternate, Ferry
+//!    then llama.cpp, and the medians are compared as `vs_llama_cpp_ratio`, so drift in machine
+//!    speed cancels. Ferry's side goes
 //!    through the engine thread (`EngineHandle`), as a request does.
 //! 2. Aggregate decode tokens/s with 1, 4, 8 and 16 sequences in flight through
 //!    `EngineHandle::spawn(engine, n)`, each with its own prompt, and `batch8_vs_batch1_ratio`.
@@ -28,8 +29,8 @@
 //! serves) and llama.cpp runs them as stored (Q4_1, for which it has SIMD kernels), so their
 //! greedy outputs can part after a while; the prompt is a counting task that neither stops early,
 //! and llama.cpp ignores end of sequence, so both do the same work per token. The llama.cpp build
-//! is pinned to AVX2 (see the set-up script), whatever the CPU has beyond that; candle picks its
-//! kernels at run time and uses AVX-512 VNNI where there is one. If llama.cpp cannot be
+//! names its instruction sets (AVX2/FMA, plus AVX-512 VNNI where the CPU has it; see the set-up
+//! script), and candle picks its kernels at run time, AVX-512 VNNI included. If llama.cpp cannot be
 //! installed, the report records why (`llama_cpp_error`) and the ratio is null.
 
 use std::io::Write;
@@ -52,7 +53,7 @@ const DECODE_TOKENS: usize = 128;
 const REPEATS: usize = 3;
 const IN_FLIGHT: [usize; 4] = [1, 4, 8, 16];
 /// Tokens each sequence generates in the aggregate runs.
-const AGGREGATE_MAX_TOKENS: usize = 64;
+const AGGREGATE_MAX_TOKENS: usize = 128;
 const RSS_SEQUENCES: usize = 8;
 /// Prompt plus generated tokens of each sequence in the memory run.
 const RSS_POSITIONS: usize = 1024;

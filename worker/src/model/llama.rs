@@ -196,6 +196,8 @@ pub struct LlamaWeights {
     cos: Tensor,
     sin: Tensor,
     device: Device,
+    /// Whether Q8_0 matrices are padded for candle's tiled kernels (see [`Linear`]).
+    padded_q8_0: bool,
 }
 
 impl std::fmt::Debug for LlamaWeights {
@@ -370,11 +372,24 @@ impl LlamaWeights {
             cos,
             sin,
             device: device.clone(),
+            padded_q8_0: pad,
         })
     }
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Names the kernels the forward pass runs on, where they are not implied by the device and
+    /// weight format: the padded Q8_0 layout and candle's tiled kernels round differently from
+    /// the plain ones, so a snapshot taken on one must not be continued on the other (its
+    /// continuation would not be what either alone produces). Empty for the plain kernels.
+    pub fn kernels(&self) -> &'static str {
+        if self.padded_q8_0 {
+            "q8_0-tiled-768"
+        } else {
+            ""
+        }
     }
 
     /// Runs `tokens` through the model at the positions after those already in `cache`, appends

@@ -61,11 +61,17 @@ impl Snapshots {
         device: &Device,
     ) -> Self {
         let device_name = if device.is_cpu() { "cpu" } else { "cuda" };
+        // A CPU with candle's tiled Q8_0 kernels computes differently from one without: a
+        // snapshot from one kind is not continued on the other, which recomputes from the start.
+        let device_name = match model.weights.kernels() {
+            "" => device_name.to_string(),
+            kernels => format!("{device_name}+{kernels}"),
+        };
         Self {
             store,
             stats: Arc::new(SnapshotStats::default()),
             policy,
-            model_fingerprint: format::model_fingerprint(&model.sha256, weights, device_name),
+            model_fingerprint: format::model_fingerprint(&model.sha256, weights, &device_name),
             config: model.weights.config.clone(),
             device: device.clone(),
         }

@@ -50,7 +50,9 @@ chaos: model build
 # token, restore against re-prefill, recovery after SIGTERM and SIGKILL (target/bench/snapshot.json).
 # Throughput: single-sequence decode against llama.cpp on the same file, prompt and threads; aggregate
 # decode with 1, 4, 8 and 16 sequences in flight; peak RSS with 8 sequences of 1024 tokens
-# (target/bench/throughput.json). llama.cpp is llama-cpp-python, compiled once into
+# (target/bench/throughput.json). Start-up: process start to /readyz 200 of the release worker with the
+# model, median of several runs, and the model load's share of it (target/bench/startup.json).
+# The throughput bench's llama.cpp is llama-cpp-python, compiled once into
 # ~/.cache/ferry-llama-cpp by scripts/setup-llama-cpp.sh (about ten minutes); if that fails the
 # throughput report says why and the other figures are still measured.
 # One compute thread by default, the figure that stays stable when anything else shares the cores.
@@ -59,7 +61,7 @@ bench: model
 	$(CARGO) build --release -p ferry -p ferry-worker --bins
 	python=$$(./scripts/setup-llama-cpp.sh) || python=; \
 	RAYON_NUM_THREADS=$(BENCH_THREADS) FERRY_BENCH_OUT=$(CURDIR)/target/bench FERRY_TEST_MODEL=$(CURDIR)/$(MODEL) \
-		FERRY_LLAMA_CPP_PYTHON=$$python $(CARGO) bench -p ferry-worker --bench engine --bench snapshot --bench throughput
+		FERRY_LLAMA_CPP_PYTHON=$$python $(CARGO) bench -p ferry-worker --bench engine --bench snapshot --bench throughput --bench startup
 
 lint:
 	$(CARGO) fmt --all --check

@@ -58,6 +58,16 @@ pub struct KafkaConfig {
     /// Where unservable messages go; `<request topic>.dlq` when not given.
     #[arg(long, env = "FERRY_DEAD_LETTER_TOPIC")]
     pub dead_letter_topic: Option<String>,
+    /// Where this worker hands the requests it cannot serve for a reason of its own: the
+    /// accelerator ran out of memory, or the worker gave up on itself (circuit breaker open,
+    /// accelerator unrecoverable). The request is published there unchanged, with
+    /// `ferry-handoff-*` headers saying from which worker and model and why, for workers of a
+    /// smaller model (in a group of their own) to answer; its offset is committed once the copy is
+    /// acknowledged. A request handed off once is never handed off again. Without it, such a
+    /// request counts a failed attempt, is retried (alone, after running out of memory), and is
+    /// dead-lettered after `--max-attempts`.
+    #[arg(long, env = "FERRY_FALLBACK_TOPIC")]
+    pub fallback_topic: Option<String>,
     /// How long the group waits for a silent worker before giving its partitions to others.
     #[arg(long, env = "FERRY_SESSION_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub session_timeout: Duration,
@@ -224,6 +234,13 @@ pub struct ModelConfig {
     /// Caps the context window below the model's own, to bound KV-cache memory per request.
     #[arg(long, env = "FERRY_MAX_CONTEXT")]
     pub max_context: Option<usize>,
+    /// Only fetch the model into `--model-cache-dir` (for a Hub reference), check it against
+    /// `--model-sha256`, and exit: 0 when it is there and verified. For an init container, so
+    /// that the worker starts only on a verified file. Several processes fetching into one cache
+    /// at once (pods starting together on a node) take turns on a lock in the cache directory:
+    /// one downloads, the others wait and then find the file.
+    #[arg(long, env = "FERRY_FETCH_MODEL_ONLY")]
+    pub fetch_model_only: bool,
 }
 
 impl ModelConfig {
@@ -412,6 +429,20 @@ impl Config {
             return Err(ConfigError("--topic must name at least one topic".into()));
         }
         let mut names: Vec<(&str, String)> = vec![("--reply-topic", k.reply_topic.clone())];
+        if let Some(fallback) = &k.fallback_topic {
+            names.push(("--fallback-topic", fallback.clone()));
+            let taken = k
+                .topics
+                .iter()
+                .any(|l| l.topic == *fallback || k.dead_letter_topic(&l.topic) == *fallback)
+                || k.reply_topic == *fallback;
+            if taken {
+                return Err(ConfigError(
+                    "--fallback-topic must differ from every --topic, their dead-letter topics and --reply-topic"
+                        .into(),
+                ));
+            }
+        }
         for lane in &k.topics {
             names.push(("--topic", lane.topic.clone()));
             names.push(("--dead-letter-topic", k.dead_letter_topic(&lane.topic)));
@@ -560,6 +591,10 @@ mod tests {
         assert_eq!(c.kafka.topic_names(), ["ferry.requests"]);
         assert_eq!(c.kafka.assignment_strategy, AssignmentStrategy::CooperativeSticky);
         assert_eq!(c.model.weights, WeightFormat::Q8_0);
+        assert_eq!(c.kafka.fallback_topic, None);
+        assert!(!c.model.fetch_model_only);
+        let f = parse(&["--fallback-topic", "ferry.requests.small"]);
+        assert_eq!(f.validate(), Ok(()));
     }
 
     #[test]
@@ -585,6 +620,10 @@ mod tests {
             &["--kafka-stats-interval", "1ms"],
             &["--health-interval", "0s"],
             &["--sasl-mechanism", "PLAIN"],
+            &["--fallback-topic", "ferry.requests"],
+            &["--fallback-topic", "ferry.requests.dlq"],
+            &["--fallback-topic", "ferry.replies"],
+            &["--fallback-topic", "no spaces"],
         ] {
             assert!(parse(args).validate().is_err(), "{args:?} should be rejected");
         }

@@ -1,5 +1,6 @@
 //! `ferry-worker`: parse the configuration, start logging and the operational endpoints, load
-//! the model, serve until a signal (or until the worker finds itself unhealthy).
+//! the model, serve until a signal (or until the worker finds itself unhealthy). With
+//! `--fetch-model-only`: fetch and verify the model, and exit.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -22,6 +23,9 @@ fn main() -> ExitCode {
         error!("{e}");
         return ExitCode::from(2);
     }
+    if config.model.fetch_model_only {
+        return fetch_model(&config);
+    }
     if let Some(threads) = config.runtime.threads {
         // candle and gemm size their thread pools from this variable; it must be set before
         // either starts a thread, which is why it happens first.
@@ -35,6 +39,27 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `--fetch-model-only`: the model into its cache and verified, or a non-zero exit that says why.
+fn fetch_model(config: &Config) -> ExitCode {
+    match ferry_worker::model::fetch(&config.model.load_options()) {
+        Ok(f) => {
+            info!(
+                path = %f.path.display(),
+                sha256 = %f.sha256,
+                verified = config.model.model_sha256.is_some(),
+                resolve_ms = f.resolve_time.as_millis() as u64,
+                hash_ms = f.hash_time.as_millis() as u64,
+                "model fetched"
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            error!("{e}");
             ExitCode::FAILURE
         }
     }

@@ -243,8 +243,11 @@ fn a_full_worker_pauses_and_outlives_max_poll_interval() {
     let s = Setup::new(1);
     let long: Request = serde_json::from_value(serde_json::json!({
         "id": unique("long"),
-        "messages": [{"role": "user", "content": "Write a long story about a dragon who learns to bake bread."}],
-        "max_tokens": 200, "temperature": 0.8, "top_p": 0.95, "seed": 99
+        // Counting runs to max_tokens without an end of sequence, so the generation outlasts the
+        // 6 s poll interval on any machine this runs on (600 tokens: 9 s at the release engine's
+        // 65 tokens/s on one thread, more in a test build sharing its cores).
+        "prompt": "Count from 1 to 1000, separated by commas: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,",
+        "max_tokens": 600
     }))
     .expect("request");
     let next = chat(&unique("next"), "Say hello.", 4);

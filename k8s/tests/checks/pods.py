@@ -143,6 +143,86 @@ def model_is_pinned_verified_and_cached(r: Rendered) -> Problems:
             yield "nothing gives the hostPath model cache to the worker's user (it is created owned by root)"
 
 
+FETCH_FLAG = "--fetch-model-only"
+MODEL_SETTINGS = ("FERRY_MODEL", "FERRY_MODEL_SHA256", "FERRY_MODEL_CACHE_DIR", "HF_HOME")
+
+
+def _fetches(c: dict) -> bool:
+    """Whether a container runs the worker's fetch-and-verify mode."""
+    argv = c.get("command", []) + c.get("args", [])
+    env = {e["name"]: e.get("value") for e in c.get("env", [])}
+    return FETCH_FLAG in argv or str(env.get("FERRY_FETCH_MODEL_ONLY", "")).lower() == "true"
+
+
+def _container_env(r: Rendered, c: dict) -> dict:
+    """A container's environment as `Rendered.env` computes the worker's."""
+    out: dict = {}
+    for source in c.get("envFrom", []):
+        if ref := source.get("configMapRef"):
+            cm = r.find("ConfigMap", ref["name"])
+            if cm is not None:
+                out.update({k: str(v) for k, v in cm.get("data", {}).items()})
+    for e in c.get("env", []):
+        out[e["name"]] = str(e["value"]) if "value" in e else e.get("valueFrom", {})
+    return out
+
+
+def _no_fetch_step(r: Rendered) -> None:
+    r.pod_spec["initContainers"] = [c for c in r.pod_spec.get("initContainers", []) if not _fetches(c)]
+
+
+@check(_no_fetch_step)
+def model_is_fetched_and_verified_before_the_worker(r: Rendered) -> Problems:
+    # An init container runs `ferry-worker --fetch-model-only` with the worker's own model
+    # settings and cache volume, so the worker starts only on a file that is on the node and
+    # verified, and a download is never bounded by the worker's startup probe.
+    inits = r.pod_spec.get("initContainers", [])
+    fetchers = [i for i, c in enumerate(inits) if _fetches(c)]
+    if len(fetchers) != 1:
+        yield f"{len(fetchers)} init containers run `ferry-worker {FETCH_FLAG}`; the pod needs exactly one"
+        return
+    index = fetchers[0]
+    fetch = inits[index]
+    if fetch["image"] != r.container["image"]:
+        yield f"the model-fetch init container runs {fetch['image']}, not the worker's image"
+    if _fetches(r.container) or r.setting("FERRY_FETCH_MODEL_ONLY") not in (None, "false"):
+        yield "the worker container itself is in fetch-only mode: it would exit instead of serving"
+    worker_env, fetch_env = r.env(), _container_env(r, fetch)
+    for name in MODEL_SETTINGS:
+        if worker_env.get(name) != fetch_env.get(name):
+            yield f"{name} differs between the worker and its model-fetch step: the worker would load another file"
+    cache = r.setting("FERRY_MODEL_CACHE_DIR")
+    model = r.setting("FERRY_MODEL") or ""
+    paths = [cache] if model.startswith("hf://") and cache else [model] if model.startswith("/") else []
+    home = worker_env.get("HF_HOME")
+    if isinstance(home, str) and model.startswith("hf://"):
+        paths.append(home)
+    for path in paths:
+        worker_mount = _mount_for(r.container, path)
+        fetch_mount = _mount_for(fetch, path)
+        if fetch_mount is None or worker_mount is None or fetch_mount["name"] != worker_mount["name"] or (
+            fetch_mount["mountPath"] != worker_mount["mountPath"]
+        ):
+            yield f"{path} is not the same volume, at the same path, for the model-fetch step and the worker"
+    owners = [i for i, c in enumerate(inits) if cache and cache in c.get("command", []) and "chown" in c.get("command", [])]
+    if owners and min(owners) > index:
+        yield "the model-fetch step runs before the cache is given to the worker's user: it cannot write there"
+    sc = fetch.get("securityContext", {})
+    if sc.get("runAsUser") == 0 or sc.get("allowPrivilegeEscalation") is not False:
+        yield "the model-fetch step must run as the worker's user, without privilege escalation"
+
+
+def _mount_for(container: dict, path: str) -> dict | None:
+    """The mount of `container` holding `path` (the deepest one)."""
+    best = None
+    for m in container.get("volumeMounts", []):
+        mount = m["mountPath"].rstrip("/")
+        if path == mount or path.startswith(mount + "/"):
+            if best is None or len(mount) > len(best["mountPath"].rstrip("/")):
+                best = m
+    return best
+
+
 def _same_zone(r: Rendered) -> None:
     r.pod_spec["topologySpreadConstraints"][0]["topologyKey"] = "kubernetes.io/hostname"
 

@@ -37,7 +37,13 @@
 //! its caller gets an `attempts_exhausted` error; input that can never work goes there at once.
 //! A request an earlier attempt of which died with its worker is a suspect: it runs alone, so
 //! that if it is what crashes workers, it spends only its own budget, not its neighbours'.
+//!
+//! A failure that is the worker's rather than the request's (the accelerator out of memory, the
+//! circuit breaker open, the accelerator unrecoverable) hands the request to `--fallback-topic`
+//! when one is configured ([`fallback`]), once: a handed-off request is never handed off again.
+//! Without one, an out-of-memory attempt counts as failed and the retry runs alone.
 
+mod fallback;
 mod inflight;
 mod lanes;
 mod publish;
@@ -183,6 +189,9 @@ impl Worker {
         if opts.snapshots.is_none() && cfg.max_attempts > 0 {
             info!("no snapshot store: attempts are counted within this worker only, not across crashes");
         }
+        if let Some(topic) = &cfg.fallback_topic {
+            info!(fallback_topic = %topic, "requests this worker cannot serve (out of memory, a trip) go to the fallback topic");
+        }
         let inner = Arc::new(request::Inner {
             consumer,
             publisher: Publisher::new(producer, opts.worker_id, cfg.publish_timeout),
@@ -190,6 +199,7 @@ impl Worker {
             engine_thread,
             reply_topic: cfg.reply_topic.clone(),
             dead_letter_topic: cfg.dead_letter_topic.clone(),
+            fallback_topic: cfg.fallback_topic.clone(),
             snapshots: opts.snapshots,
             inflight,
             max_attempts: cfg.max_attempts,

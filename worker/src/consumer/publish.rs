@@ -139,6 +139,19 @@ impl Publisher {
         Ok(false)
     }
 
+    /// Publishes a copy of `msg` (its key and value as they are) with `headers` to the fallback
+    /// topic, and waits for the broker's acknowledgement: only then may the original offset be
+    /// committed (see [`super::fallback`]).
+    pub async fn hand_off(&self, topic: &str, msg: &OwnedMessage, headers: OwnedHeaders) -> Result<(), WorkerError> {
+        let mut rec = FutureRecord::<[u8], [u8]>::to(topic)
+            .payload(msg.payload().unwrap_or_default())
+            .headers(headers);
+        if let Some(key) = msg.key() {
+            rec = rec.key(key);
+        }
+        self.send(topic, rec).await
+    }
+
     /// Sends and waits for the delivery report.
     async fn send<K: rdkafka::message::ToBytes + ?Sized>(
         &self,

@@ -1,6 +1,7 @@
 //! One request, from its message to a settled offset: parse, look for a stored answer, count
 //! the attempt, generate (resuming from a snapshot when there is one), stream chunks, publish
-//! the answer, then commit it or leave a done marker.
+//! the answer (or hand the request to the fallback topic when this worker cannot serve it),
+//! then commit it or leave a done marker.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,6 +12,7 @@ use rdkafka::Message;
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn, Instrument};
 
+use super::fallback::{self, Handoff};
 use super::inflight::InFlight;
 use super::publish::Publisher;
 use super::{WorkerConsumer, WorkerError};
@@ -19,7 +21,7 @@ use crate::intake::{self, Invalid};
 use crate::offsets::TopicPartition;
 use crate::ops::metrics::Answered;
 use crate::ops::trace::{new_span_id, Propagation};
-use crate::ops::{Ops, RequestOutcome};
+use crate::ops::{FallbackReason, Ops, RequestOutcome};
 use crate::reply::{self, WorkContext};
 use crate::snapshot::format::snapshot_prefix;
 use crate::snapshot::ledger::{AttemptEntry, AttemptLog, EntryOutcome};
@@ -35,6 +37,8 @@ pub struct Inner {
     pub reply_topic: String,
     /// One dead-letter topic for every lane, when configured; else `<topic>.dlq` per lane.
     pub dead_letter_topic: Option<String>,
+    /// Where requests this worker cannot serve for a reason of its own go (`--fallback-topic`).
+    pub fallback_topic: Option<String>,
     pub snapshots: Option<Snapshots>,
     pub inflight: Arc<InFlight>,
     pub max_attempts: u32,
@@ -48,9 +52,10 @@ pub struct Inner {
 
 /// How serving a message ended.
 enum Served {
-    /// Answered, or dead-lettered with an error reply: its offset may be committed. `prefix`
-    /// names its snapshot-store entries; `reply` is the final reply as published, kept as a done
-    /// marker when the offset cannot be committed yet.
+    /// Answered, dead-lettered with an error reply, or handed to the fallback topic: its offset
+    /// may be committed. `prefix` names its snapshot-store entries; `reply` is the final reply as
+    /// published, kept as a done marker when the offset cannot be committed yet (a handoff has
+    /// none: its ledger entry does that job).
     Answered {
         prefix: Option<String>,
         reply: Option<Vec<u8>>,
@@ -226,7 +231,7 @@ impl Inner {
     ) -> Result<Served, WorkerError> {
         let started = Instant::now();
         let queued = queued_for(msg);
-        let request = match intake::parse(msg.payload()) {
+        let mut request = match intake::parse(msg.payload()) {
             Ok(r) => r,
             Err(invalid) => {
                 return self
@@ -237,6 +242,12 @@ impl Inner {
         };
         let span = tracing::info_span!("request", request_id = %request.id);
         async {
+            if let Some((worker, model, reason)) = fallback::handed_off_by(msg) {
+                // The operator routed it here on purpose: it is answered by this worker's model
+                // whatever model it asked for, and the reply's `model` says which one that is.
+                info!(from_worker = %worker, from_model = %model, reason = %reason, "serving a request handed off by another worker");
+                request.model = None;
+            }
             let reply_topic = request.reply_to.clone().unwrap_or_else(|| self.reply_topic.clone());
             let prepared = match self.engine.prepare(&request) {
                 Ok(p) => p,
@@ -289,6 +300,16 @@ impl Inner {
                     // The ledger outlives workers: an entry before this delivery's first attempt
                     // is an earlier delivery's (without a snapshot store there is no ledger).
                     self.ops.metrics.redelivered();
+                    if before.attempts.iter().any(|e| e.outcome == Some(EntryOutcome::HandedOff)) {
+                        // The fallback topic has it and its workers answer it; serving it here
+                        // as well could answer it twice, from two models.
+                        info!("handed to the fallback topic by an earlier delivery: settling without serving");
+                        self.ops.metrics.request_settled(RequestOutcome::HandedOff);
+                        return Ok(Served::Answered {
+                            prefix: Some(prefix),
+                            reply: None,
+                        });
+                    }
                 }
                 first_round = false;
                 if before.counted() >= self.max_attempts {
@@ -310,8 +331,7 @@ impl Inner {
                 }
                 // The slot comes before the attempt is recorded: an attempt that waits behind a
                 // suspect that crashes the worker must not be counted as died.
-                let suspect = before.attempts.iter().any(|e| e.outcome.is_none());
-                let Some(_slot) = self.slot(suspect, &control).await else {
+                let Some(_slot) = self.slot(suspect(&before), &control).await else {
                     return Ok(Served::Suspended);
                 };
                 let log = self.begin_attempt(&prefix, &mut local).await;
@@ -331,7 +351,7 @@ impl Inner {
                     )
                     .await?;
                 #[cfg(feature = "fault-injection")]
-                let generated = fault_injection::maybe_fail(generated);
+                let generated = fault_injection::maybe_fail(&request.id, generated);
                 match generated {
                     Generated::Finished {
                         completion,
@@ -359,6 +379,20 @@ impl Inner {
                         });
                     }
                     Generated::Suspended => {
+                        // A drain because the worker gave up on itself: what it holds cannot be
+                        // served here, and the fallback may serve it sooner than the next owner
+                        // of the partition. A drain on a signal or a revocation leaves it to be
+                        // resumed from its snapshot.
+                        if let Some(trip) = self.ops.health.tripped() {
+                            let reason = fallback::reason_of_trip(&trip);
+                            let error = trip.to_string();
+                            if let Some(served) = self
+                                .hand_off(msg, &prefix, attempt, reason, &error, &mut local)
+                                .await?
+                            {
+                                return Ok(served);
+                            }
+                        }
                         self.end_attempt(&prefix, attempt, EntryOutcome::Suspended, None, &mut local)
                             .await;
                         return Ok(Served::Suspended);
@@ -367,10 +401,21 @@ impl Inner {
                         error!(error = %e, attempt, "generation failed");
                         self.ops.metrics.generation_failed();
                         self.ops.health.generation_failed(&request.id, &e);
+                        let reason = if fallback::is_out_of_memory(&e) {
+                            Some(FallbackReason::OutOfMemory)
+                        } else {
+                            self.ops.health.tripped().as_ref().map(fallback::reason_of_trip)
+                        };
+                        if let Some(reason) = reason {
+                            if let Some(served) = self.hand_off(msg, &prefix, attempt, reason, &e, &mut local).await? {
+                                return Ok(served);
+                            }
+                        }
                         self.end_attempt(&prefix, attempt, EntryOutcome::Failed, Some(e), &mut local)
                             .await;
                         // The next round counts it, and dead-letters the request once the
-                        // budget is used up.
+                        // budget is used up. An attempt that ran out of memory is retried
+                        // alone (see `suspect`).
                     }
                 }
             }
@@ -379,12 +424,66 @@ impl Inner {
         .await
     }
 
-    /// Waits for the right to generate: shared, or alone for a suspect. `None` when the request
-    /// is told to suspend while it waits.
-    async fn slot(&self, suspect: bool, control: &JobControl) -> Option<Slot<'_>> {
-        if suspect {
-            info!("an earlier attempt died with its worker: running this request alone");
+    /// Hands the request to the fallback topic (see [`fallback`]): publishes the copy, waits for
+    /// the broker's acknowledgement, then records the attempt as handed off. `None`, and nothing
+    /// done, when there is no fallback topic, when it does not exist, or when the message was
+    /// handed off once already: the caller then handles the failure as it would without one.
+    ///
+    /// The ledger entry is written after the publish, never before: a crash in between leaves a
+    /// request that may be answered twice, never one that is answered nowhere.
+    async fn hand_off(
+        &self,
+        msg: &OwnedMessage,
+        prefix: &str,
+        attempt: u32,
+        reason: FallbackReason,
+        error: &str,
+        local: &mut AttemptLog,
+    ) -> Result<Option<Served>, WorkerError> {
+        let Some(topic) = &self.fallback_topic else {
+            return Ok(None);
+        };
+        if fallback::is_handed_off(msg) {
+            warn!(
+                reason = reason.as_str(),
+                "handed off once already: not handing it off again"
+            );
+            return Ok(None);
         }
+        if !self.publisher.topic_exists(topic, &self.consumer) {
+            error!(fallback_topic = %topic, "the fallback topic does not exist: handling the failure here");
+            return Ok(None);
+        }
+        let handoff = Handoff {
+            reason,
+            worker: &self.publisher.worker_id,
+            model: &self.engine.model().name,
+            topic: msg.topic(),
+            partition: msg.partition(),
+            offset: msg.offset(),
+            error,
+        };
+        self.publisher
+            .hand_off(topic, msg, fallback::headers(msg.headers(), &handoff))
+            .await?;
+        warn!(fallback_topic = %topic, reason = reason.as_str(), attempt, "handed off to the fallback topic");
+        self.ops.metrics.handed_off(reason);
+        let note = format!("{error} (handed off to {topic})");
+        self.end_attempt(prefix, attempt, EntryOutcome::HandedOff, Some(note), local)
+            .await;
+        Ok(Some(Served::Answered {
+            prefix: Some(prefix.to_string()),
+            reply: None,
+        }))
+    }
+
+    /// Waits for the right to generate: shared, or alone for a suspect (`Some(why)`). `None`
+    /// when the request is told to suspend while it waits.
+    async fn slot(&self, suspect: Option<&str>, control: &JobControl) -> Option<Slot<'_>> {
+        if let Some(why) = suspect {
+            info!("{why}: running this request alone");
+        }
+        let suspect = suspect.is_some();
         let acquire = async {
             if suspect {
                 Slot::Alone(self.isolation.write().await)
@@ -584,6 +683,19 @@ impl Inner {
     }
 }
 
+/// Whether the next attempt runs alone, and why: an earlier attempt died with its worker (it may
+/// be what crashes workers, so it must take no bystander down with it), or the last one ran out
+/// of accelerator memory (alone, it has the memory the others were using).
+fn suspect(log: &AttemptLog) -> Option<&'static str> {
+    if log.attempts.iter().any(|e| e.outcome.is_none()) {
+        return Some("an earlier attempt died with its worker");
+    }
+    let last = log.attempts.last()?;
+    let oom =
+        last.outcome == Some(EntryOutcome::Failed) && last.error.as_deref().is_some_and(fallback::is_out_of_memory);
+    oom.then_some("the last attempt ran out of accelerator memory")
+}
+
 async fn next_chunk(rx: &mut Option<mpsc::UnboundedReceiver<StreamChunk>>) -> Option<StreamChunk> {
     match rx {
         Some(rx) => rx.recv().await,
@@ -675,7 +787,8 @@ fn rejected(req: &Request, code: ErrorCode, message: String) -> Invalid {
 /// build): `FERRY_FAULT_CRASH_ON=<request id>` makes the worker abort, as a segfault or an OOM
 /// kill would, right after it recorded the attempt on that request;
 /// `FERRY_FAULT_FAIL_GENERATION=1` reports every finished generation as failed in the engine,
-/// as a broken device would.
+/// as a broken device would; `FERRY_FAULT_OOM_ON=<request id>` reports that request's
+/// generations as failed with the CUDA driver's out-of-memory error, as candle words it.
 #[cfg(feature = "fault-injection")]
 mod fault_injection {
     use super::Generated;
@@ -687,8 +800,11 @@ mod fault_injection {
         }
     }
 
-    pub fn maybe_fail(generated: Generated) -> Generated {
+    pub fn maybe_fail(request_id: &str, generated: Generated) -> Generated {
         match generated {
+            Generated::Finished { .. } if std::env::var("FERRY_FAULT_OOM_ON").is_ok_and(|id| id == request_id) => {
+                Generated::Failed("fault injection: DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into())
+            }
             Generated::Finished { .. } if std::env::var_os("FERRY_FAULT_FAIL_GENERATION").is_some() => {
                 Generated::Failed("fault injection: the engine failed".into())
             }

@@ -1,15 +1,20 @@
 //! The model: weights, tokenizer and chat template, all read from one GGUF file.
 //!
 //! [`ModelSource`] says where the file comes from (a local path, or a Hugging Face Hub reference
-//! downloaded into a cache directory); [`Model::load`] reads it, checks its sha256 when one is
-//! pinned, and builds the three parts. Everything here is immutable once loaded and shared by
+//! downloaded into a cache directory); [`fetch`] makes it a verified local file (downloading it
+//! under a lock that processes sharing the cache take turns on, then checking its sha256 when
+//! one is pinned), which is all `ferry-worker --fetch-model-only` does; [`Model::load`] fetches
+//! it the same way and builds the three parts. Everything here is immutable once loaded and shared by
 //! every sequence; per-sequence state (the KV cache) lives in [`llama::SequenceCache`].
 
 pub mod chat;
 pub mod llama;
 pub mod tokenizer;
 
+use std::fs::{OpenOptions, TryLockError};
+use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use candle_core::quantized::gguf_file;
 use candle_core::Device;
@@ -26,7 +31,10 @@ pub enum ModelError {
     #[error("cannot read the model file {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
     /// The file's sha256 is not the pinned one. The worker cannot start.
-    #[error("model file {path} has sha256 {actual}, expected {expected}")]
+    #[error(
+        "model file {path} has sha256 {actual}, expected {expected} (--model-sha256): refusing to serve it; \
+         fix the pin, or delete the file from the cache to fetch it again"
+    )]
     Checksum {
         path: PathBuf,
         expected: String,
@@ -35,6 +43,9 @@ pub enum ModelError {
     /// Downloading from the Hugging Face Hub failed. The worker cannot start.
     #[error("cannot fetch {reference} from the Hugging Face Hub: {message}")]
     Hub { reference: String, message: String },
+    /// The lock that serialises downloads into the cache directory could not be taken.
+    #[error("cannot lock the model cache {path}: {source}")]
+    CacheLock { path: PathBuf, source: std::io::Error },
     /// A metadata key the engine needs is absent. The worker cannot start.
     #[error("the GGUF file has no {0:?} metadata")]
     MissingMetadata(String),
@@ -97,21 +108,73 @@ impl std::str::FromStr for ModelSource {
     }
 }
 
+/// The lock file in a model cache directory, held while a process may download into it.
+pub const CACHE_LOCK_FILE: &str = ".ferry-fetch.lock";
+
+/// An exclusive lock on a model cache directory, released when dropped (or when its process
+/// dies: the kernel drops a `flock` with the last descriptor, so a crashed downloader never
+/// leaves the others waiting).
+///
+/// hf-hub locks each download itself, but gives up after five seconds, so of several pods
+/// starting together on a node all but one would fail; with this lock around it they wait their
+/// turn, and the ones after the first find the file in the cache.
+#[derive(Debug)]
+pub struct CacheLock {
+    /// `None` for a cache this process may only read: nothing can be downloaded into it, so
+    /// there is nothing to take turns on.
+    _file: Option<std::fs::File>,
+}
+
+impl CacheLock {
+    /// Takes the lock on `dir` (created if missing), waiting as long as another process holds
+    /// it.
+    pub fn acquire(dir: &Path) -> Result<Self, ModelError> {
+        let path = dir.join(CACHE_LOCK_FILE);
+        let err = |source| ModelError::CacheLock {
+            path: path.clone(),
+            source,
+        };
+        let opened = std::fs::create_dir_all(dir)
+            .and_then(|()| OpenOptions::new().create(true).truncate(false).write(true).open(&path));
+        let file = match opened {
+            Ok(f) => f,
+            Err(e) if matches!(e.kind(), ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem) => {
+                tracing::warn!(lock = %path.display(), error = %e, "the model cache is read-only here: reading it without the lock");
+                return Ok(Self { _file: None });
+            }
+            Err(e) => return Err(err(e)),
+        };
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                tracing::info!(lock = %path.display(), "another process is fetching into the model cache: waiting for it");
+                file.lock().map_err(err)?;
+            }
+            Err(TryLockError::Error(e)) => return Err(err(e)),
+        }
+        Ok(Self { _file: Some(file) })
+    }
+}
+
 impl ModelSource {
-    /// The local path of the file, downloading it first for a Hub reference.
+    /// The local path of the file, downloading it first for a Hub reference (under the cache
+    /// directory's [`CacheLock`]).
     pub fn resolve(&self, cache_dir: Option<&Path>) -> Result<PathBuf, ModelError> {
         match self {
             ModelSource::Path(p) => Ok(p.clone()),
             ModelSource::Hub { repo, file, revision } => {
+                let cache = cache_dir
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|| hf_hub::Cache::from_env().path().clone());
+                let _lock = CacheLock::acquire(&cache)?;
                 let reference = format!("hf://{repo}/{file}");
                 let hub_err = |e: hf_hub::api::sync::ApiError| ModelError::Hub {
                     reference: reference.clone(),
                     message: e.to_string(),
                 };
-                let mut builder = hf_hub::api::sync::ApiBuilder::from_env().with_progress(false);
-                if let Some(dir) = cache_dir {
-                    builder = builder.with_cache_dir(dir.to_path_buf());
-                }
+                let builder = hf_hub::api::sync::ApiBuilder::from_env()
+                    .with_progress(false)
+                    .with_cache_dir(cache);
                 let api = builder.build().map_err(hub_err)?;
                 let repo = hf_hub::Repo::with_revision(
                     repo.clone(),
@@ -153,6 +216,46 @@ impl LoadOptions {
     }
 }
 
+/// A model file on local disk, its sha256 computed and, when one was pinned, checked.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    pub path: PathBuf,
+    /// Lowercase hex.
+    pub sha256: String,
+    /// Time spent resolving (for a Hub reference: finding or downloading) the file.
+    pub resolve_time: Duration,
+    /// Time spent hashing it.
+    pub hash_time: Duration,
+}
+
+/// Makes the model a verified local file: resolves `opts.source` (downloading a Hub reference
+/// into the cache unless it is there), hashes the file and compares the hash with `opts.sha256`.
+pub fn fetch(opts: &LoadOptions) -> Result<Fetched, ModelError> {
+    let started = Instant::now();
+    let path = opts.source.resolve(opts.cache_dir.as_deref())?;
+    let resolve_time = started.elapsed();
+    let sha256 = file_sha256(&path).map_err(|source| ModelError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let hash_time = started.elapsed() - resolve_time;
+    if let Some(expected) = &opts.sha256 {
+        if !expected.eq_ignore_ascii_case(&sha256) {
+            return Err(ModelError::Checksum {
+                path,
+                expected: expected.clone(),
+                actual: sha256,
+            });
+        }
+    }
+    Ok(Fetched {
+        path,
+        sha256,
+        resolve_time,
+        hash_time,
+    })
+}
+
 /// A loaded model, ready to serve.
 pub struct Model {
     /// The name requests may ask for in their `model` field.
@@ -176,22 +279,26 @@ impl std::fmt::Debug for Model {
 }
 
 impl Model {
+    /// Fetches and verifies the file (see [`fetch`]), then reads it.
     pub fn load(opts: &LoadOptions, device: &Device) -> Result<Self, ModelError> {
-        let path = opts.source.resolve(opts.cache_dir.as_deref())?;
+        let Fetched {
+            path,
+            sha256,
+            resolve_time,
+            hash_time,
+        } = fetch(opts)?;
+        tracing::info!(
+            path = %path.display(),
+            sha256 = %sha256,
+            verified = opts.sha256.is_some(),
+            resolve_ms = resolve_time.as_millis() as u64,
+            hash_ms = hash_time.as_millis() as u64,
+            "model file ready"
+        );
         let io = |source| ModelError::Io {
             path: path.clone(),
             source,
         };
-        let sha256 = file_sha256(&path).map_err(io)?;
-        if let Some(expected) = &opts.sha256 {
-            if !expected.eq_ignore_ascii_case(&sha256) {
-                return Err(ModelError::Checksum {
-                    path,
-                    expected: expected.clone(),
-                    actual: sha256,
-                });
-            }
-        }
         let mut file = std::io::BufReader::new(std::fs::File::open(&path).map_err(io)?);
         let ct = gguf_file::Content::read(&mut file)?;
         let tokenizer = Tokenizer::from_gguf(&ct)?;
@@ -244,5 +351,48 @@ mod tests {
             })
         );
         assert!("hf://only-owner".parse::<ModelSource>().is_err());
+    }
+
+    #[test]
+    fn processes_take_turns_on_the_cache_lock() {
+        use std::sync::mpsc;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = CacheLock::acquire(dir.path()).expect("first lock");
+        let (tx, rx) = mpsc::channel();
+        let path = dir.path().to_path_buf();
+        // A second open file description conflicts with the first, as a second process would.
+        let waiter = std::thread::spawn(move || {
+            let lock = CacheLock::acquire(&path).expect("second lock");
+            tx.send(Instant::now()).expect("send");
+            drop(lock);
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_millis(300)).is_err(),
+            "the second taker must wait while the first holds the lock"
+        );
+        let released = Instant::now();
+        drop(first);
+        let got = rx.recv_timeout(Duration::from_secs(10)).expect("taken once released");
+        assert!(got >= released);
+        waiter.join().expect("no panic");
+    }
+
+    #[test]
+    fn fetch_verifies_a_local_file() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("m.gguf");
+        std::fs::File::create(&path)
+            .and_then(|mut f| f.write_all(b"abc"))
+            .expect("write");
+        // sha256("abc")
+        let sha = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        let mut opts = LoadOptions::new(ModelSource::Path(path.clone()), WeightFormat::Native);
+        opts.sha256 = Some(sha.to_uppercase());
+        let f = fetch(&opts).expect("verified");
+        assert_eq!((f.path, f.sha256.as_str()), (path, sha));
+        opts.sha256 = Some("0".repeat(64));
+        let e = fetch(&opts).expect_err("mismatch").to_string();
+        assert!(e.contains(sha) && e.contains(&"0".repeat(64)), "{e}");
     }
 }

@@ -233,6 +233,12 @@ impl HealthState {
         lock(&self.tripped).as_ref().map(Trip::to_string)
     }
 
+    /// The trip, once the worker has given up on itself: what it still holds cannot be served
+    /// here (see `--fallback-topic`).
+    pub fn tripped(&self) -> Option<Trip> {
+        lock(&self.tripped).clone()
+    }
+
     pub fn generation_succeeded(&self) {
         lock(&self.breaker).record_success();
     }

@@ -31,16 +31,19 @@ pub enum RequestOutcome {
     ErrorReply,
     /// Dead-lettered without an error reply (no readable id, or no reply topic).
     DeadLettered,
+    /// Handed to the fallback topic (`--fallback-topic`), where another worker answers it.
+    HandedOff,
 }
 
 impl RequestOutcome {
-    pub const ALL: [RequestOutcome; 6] = [
+    pub const ALL: [RequestOutcome; 7] = [
         RequestOutcome::Answered,
         RequestOutcome::Deadline,
         RequestOutcome::Suspended,
         RequestOutcome::Republished,
         RequestOutcome::ErrorReply,
         RequestOutcome::DeadLettered,
+        RequestOutcome::HandedOff,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -51,6 +54,36 @@ impl RequestOutcome {
             RequestOutcome::Republished => "republished",
             RequestOutcome::ErrorReply => "error_reply",
             RequestOutcome::DeadLettered => "dead_lettered",
+            RequestOutcome::HandedOff => "handed_off",
+        }
+    }
+}
+
+/// Why a request was handed to the fallback topic, as `ferry_fallback_total{reason}` counts it
+/// and the `ferry-handoff-reason` header names it. Every reason is the worker's, never the
+/// request's: a request that is itself at fault fails the same way on any model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FallbackReason {
+    /// The engine ran out of accelerator memory.
+    OutOfMemory,
+    /// The circuit breaker opened: the worker is draining to be restarted.
+    CircuitBreakerOpen,
+    /// The accelerator reported an unrecoverable error: the worker is draining to be restarted.
+    AcceleratorUnhealthy,
+}
+
+impl FallbackReason {
+    pub const ALL: [FallbackReason; 3] = [
+        FallbackReason::OutOfMemory,
+        FallbackReason::CircuitBreakerOpen,
+        FallbackReason::AcceleratorUnhealthy,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FallbackReason::OutOfMemory => "out_of_memory",
+            FallbackReason::CircuitBreakerOpen => "circuit_breaker_open",
+            FallbackReason::AcceleratorUnhealthy => "accelerator_unhealthy",
         }
     }
 }
@@ -91,6 +124,7 @@ pub struct Metrics {
     generation_failures: Counter,
     redeliveries: Counter,
     dead_lettered: Mutex<BTreeMap<&'static str, u64>>,
+    fallbacks: [Counter; FallbackReason::ALL.len()],
     commit_lag: Mutex<BTreeMap<TopicPartition, i64>>,
     consumer_lag: Mutex<BTreeMap<TopicPartition, i64>>,
     assigned_partitions: Gauge,
@@ -111,6 +145,7 @@ impl Default for Metrics {
             generation_failures: Counter::default(),
             redeliveries: Counter::default(),
             dead_lettered: Mutex::default(),
+            fallbacks: Default::default(),
             commit_lag: Mutex::default(),
             consumer_lag: Mutex::default(),
             assigned_partitions: Gauge::default(),
@@ -187,7 +222,13 @@ impl Metrics {
         *lock(&self.dead_lettered).entry(reason.as_str()).or_default() += 1;
     }
 
-    /// A generation attempt failed (the request is retried or dead-lettered).
+    /// A request was handed to the fallback topic and its offset may be committed.
+    pub fn handed_off(&self, reason: FallbackReason) {
+        self.request_settled(RequestOutcome::HandedOff);
+        self.fallbacks[FallbackReason::ALL.iter().position(|r| *r == reason).unwrap_or(0)].inc();
+    }
+
+    /// A generation attempt failed (the request is retried, handed off or dead-lettered).
     pub fn generation_failed(&self) {
         self.generation_failures.inc();
     }
@@ -216,7 +257,7 @@ impl Metrics {
         e.family(
             "ferry_requests_total",
             Kind::Counter,
-            "Requests handled, by outcome: answered, deadline, suspended, republished, error_reply, dead_lettered.",
+            "Requests handled, by outcome: answered, deadline, suspended, republished, error_reply, dead_lettered, handed_off.",
         );
         for (o, c) in RequestOutcome::ALL.iter().zip(&self.requests) {
             e.sample("ferry_requests_total", &[("outcome", o.as_str())], c.get() as f64);
@@ -273,6 +314,14 @@ impl Metrics {
         );
         for (reason, n) in lock(&self.dead_lettered).iter() {
             e.sample("ferry_dead_lettered_total", &[("reason", reason)], *n as f64);
+        }
+        e.family(
+            "ferry_fallback_total",
+            Kind::Counter,
+            "Requests handed to the fallback topic, by reason: out_of_memory, circuit_breaker_open, accelerator_unhealthy.",
+        );
+        for (r, c) in FallbackReason::ALL.iter().zip(&self.fallbacks) {
+            e.sample("ferry_fallback_total", &[("reason", r.as_str())], c.get() as f64);
         }
         lag_family(
             e,
@@ -386,7 +435,18 @@ mod tests {
         m.dead_lettered(ErrorCode::InvalidJson, false);
         m.dead_lettered(ErrorCode::PromptTooLong, true);
         m.request_settled(RequestOutcome::Suspended);
+        assert!(
+            text.contains("ferry_fallback_total{reason=\"out_of_memory\"} 0\n"),
+            "{text}"
+        );
+        m.handed_off(FallbackReason::OutOfMemory);
         let text = render(&m);
+        assert!(
+            text.contains("ferry_fallback_total{reason=\"out_of_memory\"} 1\n"),
+            "{text}"
+        );
+        assert!(text.contains("ferry_fallback_total{reason=\"circuit_breaker_open\"} 0\n"));
+        assert!(text.contains("ferry_requests_total{outcome=\"handed_off\"} 1\n"));
         assert!(text.contains("ferry_requests_total{outcome=\"dead_lettered\"} 1\n"));
         assert!(text.contains("ferry_requests_total{outcome=\"error_reply\"} 1\n"));
         assert!(text.contains("ferry_requests_total{outcome=\"suspended\"} 1\n"));

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use health::{Health, HealthSource, HealthState, Trip, EXIT_UNHEALTHY};
-pub use metrics::{Metrics, RequestOutcome};
+pub use metrics::{FallbackReason, Metrics, RequestOutcome};
 
 /// Metrics and health, shared by the consumer, the monitor and the HTTP server.
 #[derive(Debug)]

@@ -70,6 +70,10 @@ pub enum EntryOutcome {
     /// The worker stopped it on purpose (a drain, a rebalance) after snapshotting; it says
     /// nothing about the request, so it does not count against the budget.
     Suspended,
+    /// The worker could not serve it for a reason of its own (out of memory, breaker open) and
+    /// published it to the fallback topic, whose workers answer it. A redelivery of the
+    /// original message that finds this entry settles it without serving it again.
+    HandedOff,
 }
 
 /// Why stored attempt-log bytes could not be read. The log is then started afresh.
@@ -186,6 +190,9 @@ impl AttemptEntry {
                 None => ferry_schemas::AttemptOutcome::Died,
                 Some(EntryOutcome::Failed) => ferry_schemas::AttemptOutcome::Failed,
                 Some(EntryOutcome::Suspended) => ferry_schemas::AttemptOutcome::Suspended,
+                // The contract has no handed-off outcome: this attempt failed here, and its
+                // error says where the request went.
+                Some(EntryOutcome::HandedOff) => ferry_schemas::AttemptOutcome::Failed,
             },
             error: self.error.clone(),
         }

@@ -50,6 +50,18 @@ pub mod headers {
     /// W3C vendor trace state, passed from a request to its replies unchanged (only beside a
     /// valid `traceparent`).
     pub const TRACESTATE: &str = "tracestate";
+    /// On a request a worker handed to its fallback topic: why (`out_of_memory`,
+    /// `circuit_breaker_open`, `accelerator_unhealthy`). Its presence marks the message as
+    /// handed off, and a handed-off request is never handed off again.
+    pub const HANDOFF_REASON: &str = "ferry-handoff-reason";
+    /// On a handed-off request: the worker that handed it off (its pod name in Kubernetes).
+    pub const HANDOFF_WORKER: &str = "ferry-handoff-worker";
+    /// On a handed-off request: the model of the worker that handed it off.
+    pub const HANDOFF_MODEL: &str = "ferry-handoff-model";
+    /// On a handed-off request: where it was read from, `topic/partition/offset`.
+    pub const HANDOFF_SOURCE: &str = "ferry-handoff-source";
+    /// On a handed-off request: the error that made the worker hand it off, for a person.
+    pub const HANDOFF_ERROR: &str = "ferry-handoff-error";
 }
 
 /// The dead-letter topic for a request topic: `<topic>.dlq`.

@@ -27,17 +27,7 @@ use rdkafka::Message;
 
 use crate::ops::{FallbackReason, Trip};
 
-/// On a handed-off request: why (`out_of_memory`, `circuit_breaker_open`,
-/// `accelerator_unhealthy`). Its presence marks the message as handed off.
-pub const HANDOFF_REASON: &str = "ferry-handoff-reason";
-/// On a handed-off request: the worker that handed it off (its pod name in Kubernetes).
-pub const HANDOFF_WORKER: &str = "ferry-handoff-worker";
-/// On a handed-off request: the model of the worker that handed it off.
-pub const HANDOFF_MODEL: &str = "ferry-handoff-model";
-/// On a handed-off request: where it was read from, `topic/partition/offset`.
-pub const HANDOFF_SOURCE: &str = "ferry-handoff-source";
-/// On a handed-off request: the error that made the worker hand it off, for a person.
-pub const HANDOFF_ERROR: &str = "ferry-handoff-error";
+pub use ferry_schemas::headers::{HANDOFF_ERROR, HANDOFF_MODEL, HANDOFF_REASON, HANDOFF_SOURCE, HANDOFF_WORKER};
 
 /// The longest error text carried in [`HANDOFF_ERROR`]; Kafka headers are not for essays.
 const MAX_ERROR_LEN: usize = 512;

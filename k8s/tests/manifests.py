@@ -1,9 +1,13 @@
 """Renders the deployment with kustomize and answers questions about the result.
 
-A *variant* is an overlay (`cpu`, `gpu`) with one snapshot store (`redis`, `s3`, `rwx`). The
-overlays as committed use `redis`; the other stores are rendered from a copy of `k8s/` whose
-overlay names another component, which is exactly the one-line change k8s/README.md tells an
-operator to make.
+A *variant* is an overlay (`cpu`, `gpu`, `fallback`) with one snapshot store (`redis`, `s3`,
+`rwx`). The overlays as committed use `redis`; the other stores are rendered from a copy of
+`k8s/` whose overlay names another component, which is exactly the one-line change k8s/README.md
+tells an operator to make.
+
+The `fallback` overlay is a second fleet, applied into the same namespace beside a main one
+(`cpu` or `gpu`) with the same store: it owns neither the Namespace nor the store, which come
+from the main fleet's variant (`Rendered.main`), and its objects' names end in `-fallback`.
 
 Rendering runs `kubectl kustomize` (or `$FERRY_KUSTOMIZE build`): the real kustomize, not an
 imitation, so what is checked is what `kubectl apply -k` would send.
@@ -18,16 +22,24 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 K8S = Path(__file__).resolve().parents[1]
-OVERLAYS = ("cpu", "gpu")
+MAIN_OVERLAYS = ("cpu", "gpu")
+FALLBACK_OVERLAY = "fallback"
+OVERLAYS = (*MAIN_OVERLAYS, FALLBACK_OVERLAY)
 STORES = ("redis", "s3", "rwx")
 DEFAULT_STORE = "redis"
 VARIANTS = tuple(f"{o}+{s}" for o in OVERLAYS for s in STORES)
+# The main fleet that hands requests to the fallback fleet (FERRY_FALLBACK_TOPIC), and whose
+# Namespace and snapshot store the fallback fleet's variant uses.
+HANDS_OFF = "gpu"
+# What the fallback overlay appends to every name (its `nameSuffix`).
+SUFFIX = {FALLBACK_OVERLAY: "-fallback"}
 
 WORKER = "ferry-worker"
 WORKER_CONTAINER = "worker"
@@ -79,24 +91,47 @@ def render(variant: str) -> tuple[dict[str, Any], ...]:
         return tuple(kustomize(copy / "overlays" / overlay))
 
 
+def fleet(variant: str, main: str | None = None) -> Rendered:
+    """A variant's documents, copied so that a test may change them. The fallback fleet comes
+    with the main fleet it is applied beside (`main`, an overlay; by default the one that hands
+    requests off), on the same store."""
+    overlay, store = variant.split("+")
+    beside = None
+    if overlay == FALLBACK_OVERLAY:
+        beside = fleet(f"{main or HANDS_OFF}+{store}")
+    return Rendered(variant, deepcopy(list(render(variant))), beside)
+
+
 class Rendered:
     """One variant's documents, with accessors for what the checks look at. The documents are
     plain dicts: a test may change a copy to see that a check notices."""
 
-    def __init__(self, variant: str, docs: list[dict[str, Any]]):
+    def __init__(self, variant: str, docs: list[dict[str, Any]], main: Rendered | None = None):
         self.variant = variant
         self.overlay, self.store = variant.split("+")
         self.docs = docs
+        # For the fallback fleet: the main fleet it is applied beside, which owns the Namespace
+        # and the snapshot store.
+        self.main = main
+        self.suffix = SUFFIX.get(self.overlay, "")
+
+    @property
+    def shared_docs(self) -> list[dict[str, Any]]:
+        """This fleet's documents and those of the main fleet it shares a namespace and a store
+        with (the fallback fleet's); what `kubectl apply -k` of both would create."""
+        return self.docs + (self.main.docs if self.main else [])
 
     def all(self, kind: str) -> list[dict[str, Any]]:
         return [d for d in self.docs if d.get("kind") == kind]
 
     def find(self, kind: str, name: str) -> dict[str, Any] | None:
-        """The object of this kind whose name is `name`, or `name` with kustomize's hash suffix."""
-        for d in self.all(kind):
-            n = d["metadata"]["name"]
-            if n == name or re.fullmatch(re.escape(name) + r"-[a-z0-9]{10}", n):
-                return d
+        """The object of this kind whose name is `name` with this overlay's suffix, or else
+        `name` itself, either perhaps with kustomize's hash suffix."""
+        for wanted in dict.fromkeys([name + self.suffix, name]):
+            for d in self.all(kind):
+                n = d["metadata"]["name"]
+                if n == wanted or re.fullmatch(re.escape(wanted) + r"-[a-z0-9]{10}", n):
+                    return d
         return None
 
     def one(self, kind: str, name: str = WORKER) -> dict[str, Any]:

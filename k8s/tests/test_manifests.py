@@ -3,15 +3,16 @@ the validation itself fail on a broken copy."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 
 import checks
-from manifests import VARIANTS, Rendered, render
+from manifests import FALLBACK_OVERLAY, MAIN_OVERLAYS, STORES, VARIANTS, Rendered, fleet
 from schemas import KUBERNETES_VERSIONS, validate
 
 CHECKS = checks.load()
+PAIR_CHECKS = checks.load_pairs()
+# The fallback fleet beside each main fleet, on each store: `fallback+STORE` with `.main` set.
+PAIRS = tuple((main, store) for main in MAIN_OVERLAYS for store in STORES)
 
 EXPECTED_KINDS = {
     "Namespace",
@@ -29,15 +30,20 @@ STORE_KINDS = {"redis": {"StatefulSet", "NetworkPolicy"}, "s3": set(), "rwx": {"
 
 
 def rendered(variant: str) -> Rendered:
-    return Rendered(variant, copy.deepcopy(list(render(variant))))
+    return fleet(variant)
+
+
+def pair(main: str, store: str) -> Rendered:
+    return fleet(f"{FALLBACK_OVERLAY}+{store}", main)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_renders_every_part(variant):
     r = rendered(variant)
     kinds = {d["kind"] for d in r.docs}
-    missing = EXPECTED_KINDS | STORE_KINDS[r.store]
-    assert missing <= kinds, f"missing: {sorted(missing - kinds)}"
+    # The fallback fleet is applied beside a main fleet, whose Namespace and store it uses.
+    expected = EXPECTED_KINDS - {"Namespace"} if r.main else EXPECTED_KINDS | STORE_KINDS[r.store]
+    assert expected <= kinds, f"missing: {sorted(expected - kinds)}"
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
@@ -58,6 +64,21 @@ def test_check(variant, check):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_check_notices_breakage(variant, check):
     r = rendered(variant)
+    check.breaker(r)
+    assert list(check.run(r)), f"{check.name} saw nothing wrong after {check.breaker.__name__}"
+
+
+@pytest.mark.parametrize("check", PAIR_CHECKS, ids=lambda c: c.name)
+@pytest.mark.parametrize(("main", "store"), PAIRS, ids=[f"{m}+{s}" for m, s in PAIRS])
+def test_pair_check(main, store, check):
+    problems = list(check.run(pair(main, store)))
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("check", PAIR_CHECKS, ids=lambda c: c.name)
+@pytest.mark.parametrize(("main", "store"), PAIRS, ids=[f"{m}+{s}" for m, s in PAIRS])
+def test_pair_check_notices_breakage(main, store, check):
+    r = pair(main, store)
     check.breaker(r)
     assert list(check.run(r)), f"{check.name} saw nothing wrong after {check.breaker.__name__}"
 
@@ -112,5 +133,5 @@ def test_validation_notices_breakage(breaker):
 
 
 def test_every_check_has_its_own_breaker():
-    names = [c.breaker.__name__ for c in CHECKS]
-    assert len(set(names)) == len(names) and len(CHECKS) >= 20
+    names = [c.breaker.__name__ for c in CHECKS + PAIR_CHECKS]
+    assert len(set(names)) == len(names) and len(CHECKS) >= 20 and len(PAIR_CHECKS) >= 5

@@ -17,7 +17,7 @@ def headings() -> set[str]:
 
 def test_applied_directories_exist():
     paths = readme.applied_paths()
-    assert {"k8s/overlays/cpu", "k8s/overlays/gpu"} <= paths
+    assert {"k8s/overlays/cpu", "k8s/overlays/gpu", "k8s/overlays/fallback"} <= paths
     missing = [p for p in paths if not (REPOSITORY / p / "kustomization.yaml").exists()]
     assert not missing, f"k8s/README.md applies directories without a kustomization: {missing}"
 

@@ -2,8 +2,12 @@
 
 A check is a function of a `Rendered` that yields one sentence per problem it finds. Each is
 registered with `@check(breaker)`, where `breaker` changes a rendered variant in place the way
-a careless edit of the manifests would; `test_checks.py` runs every check on every variant, and
-runs every check again on a broken copy to see that it does fail.
+a careless edit of the manifests would; `test_manifests.py` runs every check on every variant,
+and runs every check again on a broken copy to see that it does fail.
+
+A *pair* check (`@pair_check(breaker)`, in `fleets.py`) looks at two fleets applied into one
+namespace: it is given the fallback fleet, whose `main` is the fleet beside it, and runs on
+the fallback fleet beside each main overlay, on each store.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ class Check:
 
 
 ALL: list[Check] = []
+PAIRS: list[Check] = []
 
 
 def check(breaker: Callable[[Rendered], None]):
@@ -33,6 +38,21 @@ def check(breaker: Callable[[Rendered], None]):
         return fn
 
     return register
+
+
+def pair_check(breaker: Callable[[Rendered], None]):
+    def register(fn: Callable[[Rendered], Problems]) -> Callable[[Rendered], Problems]:
+        PAIRS.append(Check(fn.__name__, fn, breaker))
+        return fn
+
+    return register
+
+
+def load_pairs() -> list[Check]:
+    """Every pair check."""
+    from checks import fleets  # noqa: F401  (registers on import)
+
+    return PAIRS
 
 
 def load() -> list[Check]:

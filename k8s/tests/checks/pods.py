@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from checks import Problems, check
-from manifests import WORKER, Rendered, cpu_cores, matches, pod_templates
+from manifests import Rendered, cpu_cores, matches, pod_templates
 
 QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 
@@ -273,7 +273,7 @@ def _no_priority(r: Rendered) -> None:
 def priority_class_exists(r: Rendered) -> Problems:
     for where, template in pod_templates(r.docs):
         name = template["spec"].get("priorityClassName")
-        if name is None and where == f"Deployment/{WORKER}":
+        if name is None and where == f"Deployment/{r.deployment['metadata']['name']}":
             yield "the workers have no priorityClassName"
         elif name is not None and r.find("PriorityClass", name) is None:
             yield f"{where}: PriorityClass {name} is not in the manifests"

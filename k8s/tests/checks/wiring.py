@@ -8,7 +8,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from checks import Problems, check
-from manifests import WORKER, Rendered, matches, pod_templates
+from manifests import Rendered, matches, pod_templates
 from readme import secrets as documented_secrets
 
 CLUSTER_SCOPED = {"Namespace", "PriorityClass"}
@@ -25,8 +25,9 @@ def disruption_budget_covers_the_workers(r: Rendered) -> Problems:
         yield "the PodDisruptionBudget's selector does not select the worker pods"
     if pdb["selector"] != r.deployment["spec"]["selector"]:
         yield "the PodDisruptionBudget's selector differs from the Deployment's"
+    worker = f"Deployment/{r.deployment['metadata']['name']}"
     for where, template in pod_templates(r.docs):
-        if where != f"Deployment/{WORKER}" and matches(pdb["selector"], template["metadata"].get("labels", {})):
+        if where != worker and matches(pdb["selector"], template["metadata"].get("labels", {})):
             yield f"the PodDisruptionBudget also selects {where}"
     low = r.scaled_object["spec"].get("minReplicaCount", 0)
     if "minAvailable" in pdb or str(pdb.get("maxUnavailable")) != "1":
@@ -72,19 +73,21 @@ def snapshot_store_is_reachable(r: Rendered) -> Problems:
     if url.scheme != want:
         yield f"FERRY_SNAPSHOT_STORE is {url.geturl()!r}; the {r.store} component should make it {want}://"
         return
+    # The fallback fleet's store is the main fleet's: look for it among both fleets' objects.
+    shared = Rendered(r.variant, r.shared_docs)
     if want == "redis":
-        svc = r.find("Service", url.hostname or "")
+        svc = shared.find("Service", url.hostname or "")
         if svc is None or url.port not in [p["port"] for p in svc["spec"]["ports"]]:
             yield f"no Service {url.hostname} with port {url.port} in the manifests"
         else:
             pods = [
                 t
-                for w, t in pod_templates(r.docs)
+                for w, t in pod_templates(shared.docs)
                 if matches({"matchLabels": svc["spec"]["selector"]}, t["metadata"].get("labels", {}))
             ]
             if not pods:
                 yield f"Service {url.hostname} selects no pod"
-        for policy in r.all("NetworkPolicy"):
+        for policy in shared.all("NetworkPolicy"):
             froms = [
                 f.get("podSelector", {}) for rule in policy["spec"].get("ingress", []) for f in rule.get("from", [])
             ]
@@ -99,7 +102,7 @@ def snapshot_store_is_reachable(r: Rendered) -> Problems:
     else:
         volume = r.volume_at(url.path)
         claim = volume and volume.get("persistentVolumeClaim", {}).get("claimName")
-        pvc = r.find("PersistentVolumeClaim", claim) if claim else None
+        pvc = shared.find("PersistentVolumeClaim", claim) if claim else None
         if pvc is None:
             yield f"{url.path} is not on a PersistentVolumeClaim of the manifests"
         elif "ReadWriteMany" not in pvc["spec"].get("accessModes", []):
@@ -155,8 +158,11 @@ def _missing_config(r: Rendered) -> None:
 
 @check(_missing_config)
 def references_resolve(r: Rendered) -> Problems:
+    # The fallback fleet mounts the main fleet's snapshot volume.
+    shared = Rendered(r.variant, r.shared_docs)
+
     def exists(kind: str, name: str) -> bool:
-        return r.find(kind, name) is not None
+        return (shared if kind == "PersistentVolumeClaim" else r).find(kind, name) is not None
 
     for where, template in pod_templates(r.docs):
         spec = template["spec"]
@@ -191,11 +197,13 @@ def _stray_namespace(r: Rendered) -> None:
 
 @check(_stray_namespace)
 def one_namespace(r: Rendered) -> Problems:
-    namespaces = [n["metadata"]["name"] for n in r.all("Namespace")]
+    # The fallback fleet is applied into the main fleet's Namespace and must not create its own
+    # (deleting that fleet would delete the namespace): one Namespace across both fleets.
+    namespaces = [n["metadata"]["name"] for n in Rendered(r.variant, r.shared_docs).all("Namespace")]
     if len(namespaces) != 1:
         yield f"the manifests should create exactly one Namespace, not {namespaces}"
         return
-    for d in r.docs:
+    for d in r.shared_docs:
         ns = d["metadata"].get("namespace")
         if d["kind"] in CLUSTER_SCOPED and ns:
             yield f"{d['kind']} {d['metadata']['name']} is cluster-scoped but names namespace {ns}"

@@ -25,9 +25,11 @@ build:
 # Every test: unit, schema, engine against candle's reference, and end to end through a real
 # Kafka-protocol broker process. Set FERRY_TEST_BOOTSTRAP_SERVERS to run the integration tests
 # against a real cluster instead of `ferry broker`.
-# Tests use the dev profile (dependencies fully optimised, see Cargo.toml).
+# Tests use the dev profile (dependencies fully optimised, see Cargo.toml). confluent-kafka is the
+# client of the Python durable-caller example, which worker/tests/durable_caller.rs runs.
 test: model
 	python3 k8s/tests/run.py
+	python3 -m pip install --quiet confluent-kafka==2.12.1
 	$(CARGO) build --workspace --bins --features ferry-worker/fault-injection
 	RAYON_NUM_THREADS=$(TEST_THREADS) FERRY_TEST_MODEL=$(CURDIR)/$(MODEL) \
 		$(CARGO) test --workspace --features ferry-worker/fault-injection --no-fail-fast -- --test-threads=2

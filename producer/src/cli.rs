@@ -115,7 +115,7 @@ impl KafkaArgs {
 
 /// Flags of `ferry request`.
 #[derive(Debug, Clone, Args)]
-#[command(group = clap::ArgGroup::new("body").required(true).args(["prompt", "messages", "json"]))]
+#[command(group = clap::ArgGroup::new("body").required(true).args(["prompt", "messages", "json", "fan_out", "resume"]))]
 pub struct RequestArgs {
     #[command(flatten)]
     pub kafka: KafkaArgs,
@@ -179,9 +179,33 @@ pub struct RequestArgs {
     #[arg(long, env = "FERRY_TIMEOUT", default_value = "120s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
 
-    /// What to print: `text` prints the generated text, `json` the whole reply.
+    /// What to print: `text` prints the generated text, `json` the whole reply. A fan-out or a
+    /// resume always prints JSON lines.
     #[arg(long, env = "FERRY_OUTPUT", value_enum, default_value_t = Output::Text)]
     pub output: Output,
+
+    /// Be a durable caller with this identity (stable across restarts, such as a pod name):
+    /// requests are journaled in `--journal-topic` and replies read as the consumer group
+    /// `ferry-caller.<identity>`, so a restarted caller with the same identity collects the
+    /// answers of what it sent before, without sending it again (`ferry::durable`).
+    #[arg(long, env = "FERRY_IDENTITY")]
+    pub identity: Option<String>,
+
+    /// The durable caller's journal, a compacted topic (created if missing).
+    #[arg(long, env = "FERRY_JOURNAL_TOPIC", default_value = crate::durable::DEFAULT_JOURNAL_TOPIC)]
+    pub journal_topic: String,
+
+    /// Send every request of this file (one JSON request per line; blank lines are skipped) at
+    /// once, and print each outcome as one JSON line as it comes: the reply, or
+    /// `{"kind":"expired",...}`. Requests this identity already has open are awaited, not sent
+    /// again. Exits 3 if any answer is an error reply, else 4 if any expired.
+    #[arg(long, env = "FERRY_FAN_OUT", value_name = "FILE", requires = "identity")]
+    pub fan_out: Option<PathBuf>,
+
+    /// Send nothing: collect the outcomes of the requests this identity has open or answered
+    /// and not yet acknowledged (after a crash), printed as with `--fan-out`.
+    #[arg(long, env = "FERRY_RESUME", requires = "identity")]
+    pub resume: bool,
 }
 
 /// How `ferry request` prints the reply.
@@ -258,6 +282,21 @@ mod tests {
             Ok(Command::Request(args)) => assert_eq!(args.messages.len(), 2),
             other => panic!("expected a request, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn fan_out_and_resume_are_bodies_that_need_an_identity() {
+        assert!(Cli::try_parse_from(["ferry", "request", "--fan-out", "f.jsonl"]).is_err());
+        assert!(Cli::try_parse_from(["ferry", "request", "--resume"]).is_err());
+        assert!(Cli::try_parse_from(["ferry", "request", "--resume", "--identity", "a", "--prompt", "p"]).is_err());
+        match Cli::try_parse_from(["ferry", "request", "--fan-out", "f.jsonl", "--identity", "a"]).map(|c| c.command) {
+            Ok(Command::Request(args)) => {
+                assert_eq!(args.identity.as_deref(), Some("a"));
+                assert_eq!(args.journal_topic, "ferry.callers");
+            }
+            other => panic!("expected a request, got {other:?}"),
+        }
+        assert!(Cli::try_parse_from(["ferry", "request", "--resume", "--identity", "a"]).is_ok());
     }
 
     #[test]

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use ferry_schemas::{headers, Reply, Request};
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -320,15 +320,63 @@ fn assign_at_end(consumer: &StreamConsumer, topic: &str, deadline: std::time::In
         topic: topic.to_string(),
         source,
     };
-    let remaining = || deadline.saturating_duration_since(std::time::Instant::now());
-    let retry_or = |error: KafkaError| {
-        if remaining() <= RETRY_INTERVAL {
-            return Err(metadata_err(error));
+    let partitions = partitions_of(consumer, topic, deadline)?;
+    let mut assignment = TopicPartitionList::new();
+    for partition in partitions {
+        let (_low, high) = watermarks(consumer, topic, partition, deadline)?;
+        assignment
+            .add_partition_offset(topic, partition, Offset::Offset(high))
+            .map_err(metadata_err)?;
+    }
+    consumer.assign(&assignment).map_err(metadata_err)?;
+    debug!(
+        topic,
+        partitions = assignment.count(),
+        "reply listener assigned at the end of the topic"
+    );
+    Ok(())
+}
+
+/// Sleeps before another try, or gives up with `error` when `deadline` is too close.
+fn retry_before(deadline: std::time::Instant, topic: &str, error: KafkaError) -> Result<(), ClientError> {
+    if deadline.saturating_duration_since(std::time::Instant::now()) <= RETRY_INTERVAL {
+        return Err(ClientError::Metadata {
+            topic: topic.to_string(),
+            source: error,
+        });
+    }
+    std::thread::sleep(RETRY_INTERVAL);
+    Ok(())
+}
+
+/// The low and high watermarks of one partition, retrying until `deadline`. Blocks the calling
+/// thread.
+pub(crate) fn watermarks<X: ConsumerContext, C: Consumer<X>>(
+    consumer: &C,
+    topic: &str,
+    partition: i32,
+    deadline: std::time::Instant,
+) -> Result<(i64, i64), ClientError> {
+    loop {
+        let remaining = deadline.saturating_duration_since(std::time::Instant::now());
+        match consumer.fetch_watermarks(topic, partition, remaining) {
+            Ok(marks) => return Ok(marks),
+            Err(error) => retry_before(deadline, topic, error)?,
         }
-        std::thread::sleep(RETRY_INTERVAL);
-        Ok(())
-    };
-    let partitions = loop {
+    }
+}
+
+/// The partition ids of `topic`, once every partition has been reported, retrying what a
+/// broker cannot answer yet until `deadline`. A topic that does not exist is an error at once:
+/// consumers do not create topics. Blocks the calling thread.
+pub(crate) fn partitions_of<X: ConsumerContext, C: Consumer<X>>(
+    consumer: &C,
+    topic: &str,
+    deadline: std::time::Instant,
+) -> Result<Vec<i32>, ClientError> {
+    let remaining = || deadline.saturating_duration_since(std::time::Instant::now());
+    let retry_or = |error: KafkaError| retry_before(deadline, topic, error);
+    loop {
         let metadata = match consumer.fetch_metadata(Some(topic), remaining()) {
             Ok(metadata) => metadata,
             Err(error) => {
@@ -351,26 +399,7 @@ fn assign_at_end(consumer: &StreamConsumer, topic: &str, deadline: std::time::In
             None if found.partitions().is_empty() => {
                 retry_or(KafkaError::MetadataFetch(RDKafkaErrorCode::LeaderNotAvailable))?
             }
-            None => break found.partitions().iter().map(|p| p.id()).collect::<Vec<_>>(),
+            None => return Ok(found.partitions().iter().map(|p| p.id()).collect()),
         }
-    };
-    let mut assignment = TopicPartitionList::new();
-    for partition in partitions {
-        let high = loop {
-            match consumer.fetch_watermarks(topic, partition, remaining()) {
-                Ok((_low, high)) => break high,
-                Err(error) => retry_or(error)?,
-            }
-        };
-        assignment
-            .add_partition_offset(topic, partition, Offset::Offset(high))
-            .map_err(metadata_err)?;
     }
-    consumer.assign(&assignment).map_err(metadata_err)?;
-    debug!(
-        topic,
-        partitions = assignment.count(),
-        "reply listener assigned at the end of the topic"
-    );
-    Ok(())
 }

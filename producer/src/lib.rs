@@ -14,6 +14,10 @@
 //! - [`broker`]: `ferry broker`, an embedded librdkafka mock cluster.
 //! - [`topics`]: create a topic in a way that works on both the mock and a real cluster.
 //! - [`request`]: `ferry request`: build a request from flags, await and print its reply.
+//! - [`durable`]: the durable caller: a journal and a consumer group in Kafka, so a caller that
+//!   restarts under the same identity collects the answers to what it sent before.
+//! - [`caller`]: `ferry request --identity`: the command line as a durable caller, one request
+//!   or a fan-out.
 //! - [`publish`]: `ferry publish`: JSON lines from stdin to a topic.
 //! - [`telemetry`]: tracing to stderr, as text or JSON.
 //!
@@ -22,8 +26,10 @@
 
 pub mod bootstrap;
 pub mod broker;
+pub mod caller;
 pub mod cli;
 pub mod client;
+pub mod durable;
 pub mod publish;
 pub mod request;
 pub mod telemetry;

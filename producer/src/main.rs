@@ -25,6 +25,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("could not start the Tokio runtime")?;
-    runtime.block_on(ferry::run(cli))?;
+    let result = runtime.block_on(ferry::run(cli));
+    // Blocking Kafka calls (a commit waiting on an unreachable coordinator) must not keep the
+    // process from exiting once the command is done.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    result?;
     Ok(())
 }

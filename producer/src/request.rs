@@ -4,6 +4,7 @@
 //! are tested here; [`run`] wires them to Kafka and stdout.
 
 use std::io::{self, Write};
+use std::path::PathBuf;
 
 use ferry_schemas::{ErrorCode, Reply, Request, ValidationError};
 use tracing::debug;
@@ -11,6 +12,7 @@ use tracing::debug;
 use crate::bootstrap::BootstrapError;
 use crate::cli::{Output, RequestArgs};
 use crate::client::{Client, ClientError};
+use crate::durable::DurableError;
 
 /// The reply topic when neither `--reply-topic` nor a `--json` request names one.
 pub const DEFAULT_REPLY_TOPIC: &str = "ferry.replies";
@@ -40,6 +42,34 @@ pub enum RequestError {
     /// The reply could not be written to stdout.
     #[error("could not write the reply to stdout")]
     Stdout(#[source] io::Error),
+    /// The durable caller failed (`--identity`).
+    #[error(transparent)]
+    Durable(#[from] DurableError),
+    /// The `--fan-out` file could not be read.
+    #[error("could not read the fan-out file {path}")]
+    FanOutFile {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// A line of the `--fan-out` file is not a request.
+    #[error("line {line} of {path} is not a valid request")]
+    FanOutLine {
+        path: PathBuf,
+        line: usize,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The request's deadline passed before its answer came (durable caller).
+    #[error("request {id} expired before its answer came")]
+    Expired { id: String },
+    /// Some outcomes of a fan-out or a resume were not answers.
+    #[error("{errors} error replies and {expired} expired requests among {total} outcomes")]
+    Incomplete {
+        total: usize,
+        errors: usize,
+        expired: usize,
+    },
 }
 
 impl RequestError {
@@ -47,7 +77,9 @@ impl RequestError {
     pub fn exit_code(&self) -> u8 {
         match self {
             RequestError::ErrorReply { .. } => 3,
+            RequestError::Incomplete { errors, .. } if *errors > 0 => 3,
             RequestError::Client(ClientError::Timeout { .. } | ClientError::PublishTimeout { .. }) => 4,
+            RequestError::Expired { .. } | RequestError::Incomplete { .. } => 4,
             _ => 1,
         }
     }
@@ -115,20 +147,35 @@ pub fn render(reply: &Reply, output: Output) -> Option<String> {
     }
 }
 
-/// Runs `ferry request`.
+/// Prints `text` and a newline on stdout, flushed, so that a reader sees whole lines even if
+/// the process dies right after.
+pub(crate) fn print_line(text: &str) -> Result<(), RequestError> {
+    let mut stdout = io::stdout().lock();
+    writeln!(stdout, "{text}")
+        .and_then(|()| stdout.flush())
+        .map_err(RequestError::Stdout)
+}
+
+/// Runs `ferry request`: as a durable caller with `--identity` ([`crate::caller`]), otherwise
+/// as a one-shot publish-and-wait.
 pub async fn run(args: &RequestArgs) -> Result<(), RequestError> {
+    if let Some(identity) = &args.identity {
+        return crate::caller::run(args, identity).await;
+    }
     let request = build_request(args, uuid::Uuid::new_v4().to_string())?;
     let client = Client::new(args.kafka.resolve().await?)?;
     debug!(request_id = %request.id, topic = %args.topic, reply_to = ?request.reply_to, "sending request");
     let reply = client.request(&args.topic, &request, args.timeout).await?;
     if let Some(text) = render(&reply, args.output) {
-        let mut stdout = io::stdout().lock();
-        writeln!(stdout, "{text}")
-            .and_then(|()| stdout.flush())
-            .map_err(RequestError::Stdout)?;
+        print_line(&text)?;
     }
+    reply_result(reply)
+}
+
+/// Success for a response, [`RequestError::ErrorReply`] for an error reply.
+pub(crate) fn reply_result(reply: Reply) -> Result<(), RequestError> {
     match reply {
-        // `wait_for` returns only final replies, so a chunk cannot get here.
+        // Only final replies get here, so a chunk cannot.
         Reply::Response(_) | Reply::Chunk(_) => Ok(()),
         Reply::Error(e) => Err(RequestError::ErrorReply {
             id: e.id,

@@ -114,6 +114,19 @@ pub async fn create_topic(
     partitions: i32,
     timeout: Duration,
 ) -> Result<usize, TopicError> {
+    create_topic_with_config(bootstrap_servers, topic, partitions, &[], timeout).await
+}
+
+/// [`create_topic`] with topic settings such as `("cleanup.policy", "compact")`. They apply
+/// when the topic is created on a real cluster; an existing topic keeps its own, and the mock
+/// ignores them (it keeps everything in memory and never compacts).
+pub async fn create_topic_with_config(
+    bootstrap_servers: &str,
+    topic: &str,
+    partitions: i32,
+    config: &[(&str, &str)],
+    timeout: Duration,
+) -> Result<usize, TopicError> {
     let started = Instant::now();
     let deadline = started + timeout;
     let admin = admin_client(bootstrap_servers)?;
@@ -122,7 +135,10 @@ pub async fn create_topic(
         let options = AdminOptions::new()
             .request_timeout(Some(remaining))
             .operation_timeout(Some(remaining));
-        let new_topic = NewTopic::new(topic, partitions, TopicReplication::Fixed(-1));
+        let new_topic = config.iter().fold(
+            NewTopic::new(topic, partitions, TopicReplication::Fixed(-1)),
+            |new_topic, (key, value)| new_topic.set(key, value),
+        );
         let results = admin
             .create_topics(&[new_topic], &options)
             .await

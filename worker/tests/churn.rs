@@ -45,7 +45,7 @@ const PROMPTS: [&str; REQUESTS] = [
     "List three uses of a paperclip.",
     "Tell me a story about a lighthouse keeper.",
     "What is the capital of France, and why is it famous?",
-    "Describe a sunrise over the mountains.",
+    "The sun rose slowly over the mountains, and",
     "Give advice to someone learning to cook.",
     "Why do cats purr?",
     "Write a letter to a friend about a trip to the forest.",

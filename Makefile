@@ -39,7 +39,7 @@ test: model
 demo: model build
 	./scripts/demo.py
 
-# The chaos harness: a broker and three workers under streaming load (60 requests, 6 in flight),
+# The chaos harness: a broker and three workers under streaming load (150 requests, 6 in flight),
 # a fault every 8 s (evictions and crashes, a freeze, a node drain, a broker outage), every
 # answer checked against the uninterrupted reference. Writes target/chaos/report.json and
 # chart.svg (logs in target/chaos/logs); fails if any request is lost or answered wrongly.

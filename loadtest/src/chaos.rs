@@ -40,7 +40,7 @@ pub struct ChaosArgs {
     #[arg(long, env = "FERRY_CHAOS_WORKERS", default_value_t = 3)]
     pub workers: usize,
     /// Requests to send (unless `--duration` is given).
-    #[arg(long, env = "FERRY_CHAOS_REQUESTS", default_value_t = 60)]
+    #[arg(long, env = "FERRY_CHAOS_REQUESTS", default_value_t = 150)]
     pub requests: usize,
     /// Send for this long instead of a number of requests (`90s`, `5m`).
     #[arg(long, env = "FERRY_CHAOS_DURATION", value_parser = humantime::parse_duration)]
@@ -474,7 +474,7 @@ mod tests {
     #[test]
     fn defaults_are_the_make_chaos_scenario() -> anyhow::Result<()> {
         let a = parse(&[])?;
-        assert_eq!((a.workers, a.requests, a.concurrency, a.partitions), (3, 60, 6, 3));
+        assert_eq!((a.workers, a.requests, a.concurrency, a.partitions), (3, 150, 6, 3));
         assert_eq!((a.scenario, a.rate, a.duration), (Scenario::Default, None, None));
         assert_eq!(a.fault_every, Duration::from_secs(8));
         assert_eq!(a.restart_delay, Duration::from_secs(2));

@@ -173,6 +173,65 @@ fn tiled_q8_0_kernels(device: &Device) -> bool {
     }
 }
 
+/// The token embedding table.
+///
+/// A Q8_0 table on the CPU stays as stored and only the rows a pass needs are dequantised:
+/// SmolLM2's is 30 MiB so, against 113 MiB as f32. The values are the ones the f32 table held,
+/// bit for bit: a row is dequantised exactly as candle dequantises the whole table (each value
+/// `q as f32 * d`, `d` the block's f16 scale). Other formats and devices use the f32 table.
+enum Embeddings {
+    Q8_0 {
+        /// The table's blocks as stored: per block of 32 values, the f16 scale (little endian)
+        /// then 32 signed bytes.
+        blocks: Vec<u8>,
+        dim: usize,
+        device: Device,
+    },
+    Dense(candle_nn::Embedding),
+}
+
+/// Bytes of one Q8_0 block: the f16 scale and 32 quantised values.
+const Q8_0_BLOCK_BYTES: usize = 2 + 32;
+
+impl Embeddings {
+    fn new(t: &QTensor, dim: usize, device: &Device) -> Result<Self, ModelError> {
+        if device.is_cpu() && t.dtype() == GgmlDType::Q8_0 && dim % 32 == 0 {
+            let blocks = t.data()?.into_owned();
+            let rows = t.shape().dims()[0];
+            if blocks.len() == rows * dim / 32 * Q8_0_BLOCK_BYTES {
+                return Ok(Self::Q8_0 {
+                    blocks,
+                    dim,
+                    device: device.clone(),
+                });
+            }
+        }
+        Ok(Self::Dense(candle_nn::Embedding::new(t.dequantize(device)?, dim)))
+    }
+
+    /// The rows of `tokens` (also given as the `(1, n)` tensor `input`), `(1, n, dim)`.
+    fn forward(&self, tokens: &[u32], input: &Tensor) -> Result<Tensor, ModelError> {
+        match self {
+            Self::Dense(e) => Ok(e.forward(input)?),
+            Self::Q8_0 { blocks, dim, device } => {
+                let row_bytes = dim / 32 * Q8_0_BLOCK_BYTES;
+                let mut out = Vec::with_capacity(tokens.len() * dim);
+                for &token in tokens {
+                    let start = token as usize * row_bytes;
+                    let row = blocks.get(start..start + row_bytes).ok_or_else(|| {
+                        ModelError::Unsupported(format!("token {token} is outside the embedding table"))
+                    })?;
+                    for block in row.chunks_exact(Q8_0_BLOCK_BYTES) {
+                        let d = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
+                        out.extend(block[2..].iter().map(|&q| f32::from(q as i8) * d));
+                    }
+                }
+                Ok(Tensor::from_vec(out, (1, tokens.len(), *dim), device)?)
+            }
+        }
+    }
+}
+
 struct Layer {
     attn_norm: RmsNorm,
     wq: Linear,
@@ -188,7 +247,7 @@ struct Layer {
 /// The weights of a llama model: immutable, shared by every sequence.
 pub struct LlamaWeights {
     pub config: LlamaConfig,
-    tok_embeddings: candle_nn::Embedding,
+    tok_embeddings: Embeddings,
     layers: Vec<Layer>,
     norm: RmsNorm,
     output: Linear,
@@ -354,7 +413,7 @@ impl LlamaWeights {
         }
         let final_norm = norm(reader, "output_norm.weight")?;
         let embd_q = ct.tensor(reader, "token_embd.weight", device)?;
-        let tok_embeddings = candle_nn::Embedding::new(embd_q.dequantize(device)?, config.embedding_length);
+        let tok_embeddings = Embeddings::new(&embd_q, config.embedding_length, device)?;
         // Models with tied embeddings have no `output.weight`: the embedding matrix is the output
         // projection too.
         let output = if ct.tensor_infos.contains_key("output.weight") {
@@ -459,7 +518,7 @@ impl LlamaWeights {
             offset += n;
         }
         let input = Tensor::new(all.as_slice(), &self.device)?.unsqueeze(0)?;
-        let mut x = self.tok_embeddings.forward(&input)?;
+        let mut x = self.tok_embeddings.forward(&all, &input)?;
         for (l, layer) in self.layers.iter().enumerate() {
             let residual = &x;
             let h = layer.attn_norm.forward(&x)?;
@@ -680,6 +739,25 @@ mod tests {
         let want = candle_nn::ops::softmax_last_dim(&att)?.matmul(&vr)?;
         let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "max difference {diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn q8_0_embedding_rows_equal_the_dequantised_table() -> Result<(), ModelError> {
+        let dev = &Device::Cpu;
+        let (rows, dim) = (40, 96);
+        let table = Tensor::randn(0f32, 1., (rows, dim), dev)?;
+        let q = QTensor::quantize(&table, GgmlDType::Q8_0)?;
+        let emb = Embeddings::new(&q, dim, dev)?;
+        assert!(matches!(emb, Embeddings::Q8_0 { .. }));
+        let dense = Embeddings::Dense(candle_nn::Embedding::new(q.dequantize(dev)?, dim));
+        let tokens = [0u32, 39, 7, 7, 21];
+        let input = Tensor::new(&tokens, dev)?.unsqueeze(0)?;
+        let got: Vec<f32> = emb.forward(&tokens, &input)?.flatten_all()?.to_vec1()?;
+        let want: Vec<f32> = dense.forward(&tokens, &input)?.flatten_all()?.to_vec1()?;
+        assert_eq!(got.len(), tokens.len() * dim);
+        assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()));
+        assert!(emb.forward(&[40], &Tensor::new(&[40u32], dev)?.unsqueeze(0)?).is_err());
         Ok(())
     }
 

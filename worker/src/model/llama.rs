@@ -195,7 +195,7 @@ const Q8_0_BLOCK_BYTES: usize = 2 + 32;
 
 impl Embeddings {
     fn new(t: &QTensor, dim: usize, device: &Device) -> Result<Self, ModelError> {
-        if device.is_cpu() && t.dtype() == GgmlDType::Q8_0 && dim % 32 == 0 {
+        if device.is_cpu() && t.dtype() == GgmlDType::Q8_0 && dim.is_multiple_of(32) {
             let blocks = t.data()?.into_owned();
             let rows = t.shape().dims()[0];
             if blocks.len() == rows * dim / 32 * Q8_0_BLOCK_BYTES {

@@ -117,6 +117,20 @@ pub enum ClientError {
     Task(#[from] tokio::task::JoinError),
 }
 
+/// The settings of every producer the library makes: idempotent (`acks=all`, no duplicates or
+/// reordering from its own retries), giving up after the configured delivery timeout, and
+/// sending at once rather than lingering to batch.
+pub(crate) fn idempotent_producer(config: &KafkaConfig) -> ClientConfig {
+    // librdkafka reads 0 as "no timeout", the opposite of what a zero duration means.
+    let delivery_ms = config.delivery_timeout.as_millis().clamp(1, i32::MAX as u128);
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &config.bootstrap_servers)
+        .set("enable.idempotence", "true")
+        .set("message.timeout.ms", delivery_ms.to_string())
+        .set("linger.ms", "0");
+    c
+}
+
 /// Publishes requests; creates a [`ReplyListener`] per awaited reply.
 pub struct Client {
     /// One idempotent producer for every publish; it is thread-safe and batches on its own.
@@ -128,15 +142,7 @@ pub struct Client {
 impl Client {
     /// Creates the producer. It connects lazily, so this succeeds without a reachable broker.
     pub fn new(config: KafkaConfig) -> Result<Self, ClientError> {
-        // librdkafka reads 0 as "no timeout", the opposite of what a zero duration means.
-        let delivery_ms = config.delivery_timeout.as_millis().clamp(1, i32::MAX as u128);
-        let producer = ClientConfig::new()
-            .set("bootstrap.servers", &config.bootstrap_servers)
-            .set("enable.idempotence", "true")
-            .set("message.timeout.ms", delivery_ms.to_string())
-            .set("linger.ms", "0")
-            .create()
-            .map_err(ClientError::Config)?;
+        let producer = idempotent_producer(&config).create().map_err(ClientError::Config)?;
         Ok(Client { producer, config })
     }
 

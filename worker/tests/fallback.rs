@@ -87,6 +87,43 @@ impl Topics {
         }
     }
 
+    /// A worker process serving `topic` in `group` as the model named `model`, replying to the
+    /// test's reply topic, with `extra` flags and environment.
+    fn worker(
+        &self,
+        name: &str,
+        model: &str,
+        topic: &str,
+        group: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> ChildGuard {
+        let mut args = vec![
+            "--model-name",
+            model,
+            "--topic",
+            topic,
+            "--reply-topic",
+            &self.replies,
+            "--group-id",
+            group,
+        ];
+        args.extend_from_slice(extra);
+        self.cluster.worker_with_env(name, &args, env)
+    }
+
+    /// The fallback fleet: the small model on the fallback topic, with no fallback of its own.
+    fn small_worker(&self, group: &str) -> ChildGuard {
+        self.worker(
+            "worker-small",
+            "small",
+            &self.fallback,
+            group,
+            &["--http-addr", "off"],
+            &[],
+        )
+    }
+
     /// A `file://` snapshot store of the test's own, which keeps the attempts ledger.
     fn store(&self, name: &str) -> String {
         let dir = self.cluster.dir.path().join(name);
@@ -102,19 +139,14 @@ fn an_out_of_memory_request_is_answered_once_by_the_fallback_model() {
     let oom = unique("oom");
     let ok = unique("ok");
     let addr = free_addr().to_string();
-    let main = t.cluster.worker_with_env(
+    let main = t.worker(
         "worker-big",
+        "big",
+        &t.requests,
+        &main_group,
         &[
-            "--topic",
-            &t.requests,
-            "--reply-topic",
-            &t.replies,
-            "--group-id",
-            &main_group,
             "--fallback-topic",
             &t.fallback,
-            "--model-name",
-            "big",
             "--snapshot-store",
             &t.store("big"),
             "--max-in-flight",
@@ -124,21 +156,7 @@ fn an_out_of_memory_request_is_answered_once_by_the_fallback_model() {
         ],
         &[("FERRY_FAULT_OOM_ON", &oom)],
     );
-    let small = t.cluster.worker(
-        "worker-small",
-        &[
-            "--topic",
-            &t.fallback,
-            "--reply-topic",
-            &t.replies,
-            "--group-id",
-            &small_group,
-            "--model-name",
-            "small",
-            "--http-addr",
-            "off",
-        ],
-    );
+    let small = t.small_worker(&small_group);
     let addr = addr.parse().expect("addr");
     wait_status(addr, "/readyz", 200, WAIT);
 
@@ -225,17 +243,12 @@ fn without_a_fallback_an_out_of_memory_request_is_dead_lettered_after_its_attemp
     let group = unique("group");
     let oom = unique("oom");
     let ok = unique("ok");
-    let w = t.cluster.worker_with_env(
+    let w = t.worker(
         "worker-big",
+        "big",
+        &t.requests,
+        &group,
         &[
-            "--topic",
-            &t.requests,
-            "--reply-topic",
-            &t.replies,
-            "--group-id",
-            &group,
-            "--model-name",
-            "big",
             "--snapshot-store",
             &t.store("big"),
             "--max-attempts",
@@ -290,17 +303,12 @@ fn a_handed_off_request_is_never_handed_off_again() {
     let (main_group, small_group) = (unique("group-big"), unique("group-small"));
     let oom = unique("oom");
     let worker = |name: &str, model: &str, topic: &str, group: &str, fallback: &str| -> ChildGuard {
-        t.cluster.worker_with_env(
+        t.worker(
             name,
+            model,
+            topic,
+            group,
             &[
-                "--model-name",
-                model,
-                "--topic",
-                topic,
-                "--reply-topic",
-                &t.replies,
-                "--group-id",
-                group,
                 "--fallback-topic",
                 fallback,
                 "--snapshot-store",
@@ -359,19 +367,14 @@ fn the_request_that_opens_the_circuit_breaker_is_handed_off() {
     let id = unique("breaks");
     // Every generation of this worker fails in the engine, as on a broken device; the first
     // failure opens its breaker.
-    let mut main = t.cluster.worker_with_env(
+    let mut main = t.worker(
         "worker-big",
+        "big",
+        &t.requests,
+        &main_group,
         &[
-            "--topic",
-            &t.requests,
-            "--reply-topic",
-            &t.replies,
-            "--group-id",
-            &main_group,
             "--fallback-topic",
             &t.fallback,
-            "--model-name",
-            "big",
             "--breaker-failures",
             "1",
             "--http-addr",
@@ -379,21 +382,7 @@ fn the_request_that_opens_the_circuit_breaker_is_handed_off() {
         ],
         &[("FERRY_FAULT_FAIL_GENERATION", "1")],
     );
-    let _small = t.cluster.worker(
-        "worker-small",
-        &[
-            "--topic",
-            &t.fallback,
-            "--reply-topic",
-            &t.replies,
-            "--group-id",
-            &small_group,
-            "--model-name",
-            "small",
-            "--http-addr",
-            "off",
-        ],
-    );
+    let _small = t.small_worker(&small_group);
     rt().block_on(
         t.cluster
             .publish(&t.cluster.producer(), &t.requests, &id, &request(&id)),

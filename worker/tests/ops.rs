@@ -7,15 +7,16 @@
 //! cluster named by `FERRY_TEST_BOOTSTRAP_SERVERS`), with its own topics, group and HTTP port.
 
 mod support {
+    pub mod http;
     pub mod kafka;
     pub mod model;
 }
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use ferry_schemas::Reply;
+use support::http::{free_addr, get, wait_status};
 use support::kafka::{unique, wait_for, ChildGuard, Cluster};
 
 fn rt() -> tokio::runtime::Runtime {
@@ -23,31 +24,6 @@ fn rt() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .expect("runtime")
-}
-
-/// A port nothing listens on now (the worker binds it a moment later).
-fn free_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr")
-}
-
-/// `GET path`: the status and the body, or `None` when nothing answers.
-fn get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: worker\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let status = out.split_whitespace().nth(1)?.parse().ok()?;
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
-    Some((status, body))
-}
-
-/// Waits until `path` answers `status`; returns the body.
-fn wait_status(addr: SocketAddr, path: &str, status: u16, timeout: Duration) -> String {
-    wait_for(timeout, &format!("{path} to answer {status}"), || {
-        get(addr, path).filter(|(s, _)| *s == status).map(|(_, b)| b)
-    })
 }
 
 /// Starts a worker serving HTTP on a free port. With `dead_store`, its snapshot store is

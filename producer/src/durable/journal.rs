@@ -182,12 +182,7 @@ pub struct JournalWriter {
 
 impl JournalWriter {
     pub fn new(config: &KafkaConfig, topic: &str, partition: i32, identity: &str) -> Result<Self, DurableError> {
-        let delivery_ms = config.delivery_timeout.as_millis().clamp(1, i32::MAX as u128);
-        let producer = ClientConfig::new()
-            .set("bootstrap.servers", &config.bootstrap_servers)
-            .set("enable.idempotence", "true")
-            .set("message.timeout.ms", delivery_ms.to_string())
-            .set("linger.ms", "0")
+        let producer = client::idempotent_producer(config)
             .create()
             .map_err(kafka("create the journal producer"))?;
         Ok(JournalWriter {

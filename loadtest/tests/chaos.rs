@@ -9,7 +9,7 @@
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde_json::Value;
 
@@ -110,8 +110,6 @@ fn a_small_chaos_run_loses_nothing_and_measures_its_faults() {
         logs >= 4,
         "broker, two workers and their replacements each log to a file"
     );
-    assert!(
-        started.elapsed() < Duration::from_secs(180),
-        "the small run takes about a minute"
-    );
+    // How long the run took is a figure, printed above, never an assertion: on a slower CPU the
+    // same run takes several times longer and is just as correct.
 }

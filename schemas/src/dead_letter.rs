@@ -17,8 +17,20 @@ pub struct DeadLetter {
     pub source: SourceRecord,
     /// The request id, when the message could be read far enough to find one.
     pub request_id: Option<String>,
-    /// The message's value exactly as it was read, base64-encoded (standard alphabet, padded).
+    /// The message's value exactly as it was read, base64-encoded (standard alphabet, padded);
+    /// only its first bytes when [`DeadLetter::payload_truncated`] (a dead letter must fit in one
+    /// Kafka record however large the original was).
     pub payload_base64: String,
+    /// The size in bytes of the original value, whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_size: Option<u64>,
+    /// The SHA-256 of the original value, whole, in lowercase hex: what a replay of a truncated
+    /// record can be checked against.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_sha256: Option<String>,
+    /// Whether `payload_base64` holds only a prefix of the original value.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub payload_truncated: bool,
     /// The worker that dead-lettered it.
     pub worker: String,
     #[serde(with = "time::serde::rfc3339")]

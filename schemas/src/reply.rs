@@ -191,6 +191,16 @@ pub enum ErrorCode {
     /// The request failed, or its worker died, `--max-attempts` times; it is in the dead-letter
     /// topic with its history ([`crate::DeadLetter::attempts`]).
     AttemptsExhausted,
+    /// The request names a reply topic this worker must not write: an internal topic (`__*`), one
+    /// of the fleet's own request, dead-letter, fallback or journal topics, or one outside
+    /// `--reply-topic-allow`. Refused before any compute.
+    ReplyTopicForbidden,
+    /// The broker refused to let the worker write the reply topic (it does not exist, its name is
+    /// invalid, the worker is not authorised, or a topic policy refused the record).
+    ReplyTopicUnwritable,
+    /// The answer would be larger than the worker may publish (`--max-record-bytes`, or the
+    /// broker's own limit for the topic).
+    ReplyTooLarge,
 }
 
 impl ErrorCode {
@@ -205,6 +215,9 @@ impl ErrorCode {
             ErrorCode::TemplateError => "template_error",
             ErrorCode::EngineError => "engine_error",
             ErrorCode::AttemptsExhausted => "attempts_exhausted",
+            ErrorCode::ReplyTopicForbidden => "reply_topic_forbidden",
+            ErrorCode::ReplyTopicUnwritable => "reply_topic_unwritable",
+            ErrorCode::ReplyTooLarge => "reply_too_large",
         }
     }
 }
@@ -224,6 +237,9 @@ mod tests {
             ErrorCode::TemplateError,
             ErrorCode::EngineError,
             ErrorCode::AttemptsExhausted,
+            ErrorCode::ReplyTopicForbidden,
+            ErrorCode::ReplyTopicUnwritable,
+            ErrorCode::ReplyTooLarge,
         ] {
             assert_eq!(
                 serde_json::to_value(code).ok(),

@@ -507,11 +507,14 @@ fn schema_enums_equal_the_rust_enums() {
         TemplateError,
         EngineError,
         AttemptsExhausted,
+        ReplyTopicForbidden,
+        ReplyTopicUnwritable,
+        ReplyTooLarge,
     ];
     for code in codes {
         match code {
             InvalidJson | InvalidSchema | InvalidRequest | PromptTooLong | UnknownModel | TemplateError
-            | EngineError | AttemptsExhausted => {}
+            | EngineError | AttemptsExhausted | ReplyTopicForbidden | ReplyTopicUnwritable | ReplyTooLarge => {}
         }
     }
     let outcomes = [AttemptOutcome::Died, AttemptOutcome::Failed, AttemptOutcome::Suspended];

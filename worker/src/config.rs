@@ -117,9 +117,38 @@ pub struct KafkaConfig {
     /// partition (`statistics.interval.ms`); `0s` turns them off.
     #[arg(long, env = "FERRY_KAFKA_STATS_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub kafka_stats_interval: Duration,
+    /// Largest record, in bytes (key, value and headers), that the worker publishes: replies,
+    /// stream chunks, dead letters and hand-offs alike. An answer that would be larger is
+    /// refused with a `reply_too_large` error reply; a dead letter of a larger message keeps only
+    /// the first bytes of the original (with its full size and sha256). The default stays below
+    /// Kafka's default limits (broker `message.max.bytes` 1,048,588, librdkafka's 1,000,000);
+    /// raise it only with both, and the topics' `max.message.bytes`, raised to match.
+    #[arg(long, env = "FERRY_MAX_RECORD_BYTES", default_value_t = DEFAULT_MAX_RECORD_BYTES)]
+    pub max_record_bytes: usize,
+    /// On a shared cluster: the reply topics requests may name, as topic-name prefixes
+    /// (`tenant-a.`) or `re:` and a regular expression that must match the whole name
+    /// (`re:tenant-[a-z]+\.replies`); comma-separated in `FERRY_REPLY_TOPIC_ALLOW`. Empty (the
+    /// default): any topic but the forbidden ones. Internal topics (`__*`) and the fleet's own
+    /// topics (request, dead-letter, fallback, `--journal-topic`) are refused either way, and
+    /// `--reply-topic` is always allowed.
+    #[arg(long = "reply-topic-allow", env = "FERRY_REPLY_TOPIC_ALLOW", value_delimiter = ',')]
+    pub reply_topic_allow: Vec<String>,
+    /// The durable callers' journal topic (`ferry request --identity`), which no request may
+    /// name as its reply topic: a record there keyed by another caller's identity would erase
+    /// that caller's journal entry by compaction.
+    #[arg(long, env = "FERRY_JOURNAL_TOPIC", default_value = "ferry.callers")]
+    pub journal_topic: String,
     #[command(flatten)]
     pub security: KafkaSecurity,
 }
+
+/// `--max-record-bytes` by default: below librdkafka's `message.max.bytes` (1,000,000) with room
+/// for the record's framing.
+pub const DEFAULT_MAX_RECORD_BYTES: usize = 900_000;
+/// What librdkafka's producer accepts by default (`message.max.bytes`).
+const LIBRDKAFKA_MESSAGE_MAX_BYTES: usize = 1_000_000;
+/// Room for a record's framing (batch and record headers) inside the producer's limit.
+const RECORD_FRAMING_BYTES: usize = 1_024;
 
 /// Properties the worker sets itself because its delivery guarantee depends on them.
 const MANAGED_PROPERTIES: &[&str] = &[
@@ -180,6 +209,31 @@ impl KafkaConfig {
         self.dead_letter_topic
             .clone()
             .unwrap_or_else(|| ferry_schemas::dead_letter_topic(topic))
+    }
+
+    /// Where requests may have their answers published ([`crate::reply_topics`]).
+    pub fn reply_policy(&self) -> Result<crate::reply_topics::ReplyTopicPolicy, ConfigError> {
+        let allow = self
+            .reply_topic_allow
+            .iter()
+            .filter(|a| !a.trim().is_empty())
+            .map(|a| crate::reply_topics::Allow::parse(a).map_err(ConfigError))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut own: Vec<String> = Vec::new();
+        for lane in &self.topics {
+            own.push(lane.topic.clone());
+            own.push(self.dead_letter_topic(&lane.topic));
+        }
+        if let Some(f) = &self.fallback_topic {
+            own.push(f.clone());
+            own.push(ferry_schemas::dead_letter_topic(f));
+        }
+        own.push(self.journal_topic.clone());
+        Ok(crate::reply_topics::ReplyTopicPolicy::new(
+            &self.reply_topic,
+            own,
+            allow,
+        ))
     }
 
     /// The request topics, in the order given.
@@ -496,6 +550,24 @@ impl Config {
             return Err(ConfigError("--publish-timeout must be at least 1s".into()));
         }
         let extra = k.property_pairs()?;
+        let producer_max = extra
+            .iter()
+            .find(|(key, _)| key == "message.max.bytes")
+            .and_then(|(_, v)| v.parse::<usize>().ok())
+            .unwrap_or(LIBRDKAFKA_MESSAGE_MAX_BYTES);
+        if k.max_record_bytes < 4096 || k.max_record_bytes + RECORD_FRAMING_BYTES > producer_max {
+            return Err(ConfigError(format!(
+                "--max-record-bytes {} must be at least 4096 and at most {} (the producer's message.max.bytes {producer_max} \
+                 less {RECORD_FRAMING_BYTES} for framing; raise it with --kafka-property message.max.bytes=N, and the \
+                 broker's and topics' limits with it)",
+                k.max_record_bytes,
+                producer_max.saturating_sub(RECORD_FRAMING_BYTES)
+            )));
+        }
+        let policy = k.reply_policy()?;
+        if let Err(why) = policy.check(&k.reply_topic) {
+            return Err(ConfigError(format!("--reply-topic: {why}")));
+        }
         k.security.validate(&extra)?;
         k.security.check_supported(&librdkafka_features()?)?;
         if k.kafka_stats_interval != Duration::ZERO && k.kafka_stats_interval < Duration::from_millis(100) {
@@ -581,6 +653,47 @@ mod tests {
         let mut all = vec!["ferry-worker", "--model", "m.gguf"];
         all.extend_from_slice(args);
         Config::try_parse_from(all).expect("parses")
+    }
+
+    #[test]
+    fn the_record_budget_fits_the_producer() {
+        assert_eq!(parse(&[]).kafka.max_record_bytes, 900_000);
+        assert!(parse(&["--max-record-bytes", "999999"]).validate().is_err());
+        assert!(parse(&["--max-record-bytes", "100"]).validate().is_err());
+        let raised = parse(&[
+            "--max-record-bytes",
+            "4000000",
+            "--kafka-property",
+            "message.max.bytes=5000000",
+        ]);
+        assert_eq!(raised.validate(), Ok(()));
+    }
+
+    #[test]
+    fn reply_topic_policy_from_flags() {
+        let c = parse(&[
+            "--reply-topic-allow",
+            "tenant-a.,re:tenant-b\\.[a-z]+",
+            "--fallback-topic",
+            "small",
+        ]);
+        assert_eq!(c.validate(), Ok(()));
+        let p = c.kafka.reply_policy().expect("policy");
+        assert_eq!(p.check("tenant-a.x"), Ok(()));
+        assert_eq!(p.check("tenant-b.replies"), Ok(()));
+        assert!(p.check("tenant-c").is_err());
+        for own in [
+            "ferry.requests",
+            "ferry.requests.dlq",
+            "small",
+            "small.dlq",
+            "ferry.callers",
+            "__consumer_offsets",
+        ] {
+            assert!(p.check(own).is_err(), "{own}");
+        }
+        assert!(parse(&["--reply-topic-allow", "re:("]).validate().is_err());
+        assert!(parse(&["--reply-topic", "ferry.callers"]).validate().is_err());
     }
 
     #[test]

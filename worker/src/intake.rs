@@ -40,7 +40,13 @@ pub fn parse(payload: Option<&[u8]>) -> Result<Request, Box<Invalid>> {
         let field = |k: &str| value.get(k).and_then(Value::as_str).map(str::to_string);
         let id = field("id").filter(|id| !id.is_empty() && id.len() <= ferry_schemas::MAX_ID_LEN);
         let reply_to = field("reply_to").filter(|t| valid_topic(t));
-        let metadata = value.get("metadata").and_then(Value::as_object).cloned();
+        // Metadata is echoed on the error reply only when it keeps within the contract's limit:
+        // an oversized one may be the very reason for the rejection.
+        let metadata = value
+            .get("metadata")
+            .and_then(Value::as_object)
+            .filter(|m| serde_json::to_vec(m).is_ok_and(|b| b.len() <= ferry_schemas::MAX_METADATA_BYTES))
+            .cloned();
         Box::new(Invalid {
             code,
             message,
@@ -55,7 +61,10 @@ pub fn parse(payload: Option<&[u8]>) -> Result<Request, Box<Invalid>> {
             "the message must be a JSON object".into(),
         ));
     }
-    let request: Request = serde_json::from_value(value.clone())
+    // The strict parse reads the bytes again rather than the `Value`: a `Value` keeps only the
+    // last of two fields with one name, and a request such as `{"prompt":"a","prompt":"b"}`
+    // must be refused, not read one way here and another way by whatever checked it upstream.
+    let request: Request = serde_json::from_slice(bytes)
         .map_err(|e| salvage(ErrorCode::InvalidSchema, format!("not a valid request: {e}")))?;
     request
         .validate()
@@ -92,6 +101,10 @@ mod tests {
         assert_eq!(code(br#"{"id":"a","prompt":5}"#), ErrorCode::InvalidSchema);
         assert_eq!(code(br#"{"id":"a"}"#), ErrorCode::InvalidRequest);
         assert_eq!(
+            code(br#"{"id":"a","prompt":"x","prompt":"y"}"#),
+            ErrorCode::InvalidSchema
+        );
+        assert_eq!(
             code(br#"{"id":"a","prompt":"x","temperature":9}"#),
             ErrorCode::InvalidRequest
         );
@@ -109,5 +122,15 @@ mod tests {
         assert_eq!(bad.metadata.and_then(|m| m.get("k").cloned()), Some(Value::from(1)));
         let bad = parse(Some(br#"{"id":"a","reply_to":"no spaces allowed","prompt":3}"#)).expect_err("bad");
         assert_eq!(bad.reply_to, None);
+    }
+
+    #[test]
+    fn oversized_metadata_is_not_salvaged_for_the_error_reply() {
+        let big = "x".repeat(ferry_schemas::MAX_METADATA_BYTES + 1);
+        let msg = serde_json::json!({"id": "a", "prompt": "hi", "metadata": {"k": big}});
+        let bad = parse(Some(&serde_json::to_vec(&msg).expect("json"))).expect_err("metadata too large");
+        assert_eq!(bad.code, ErrorCode::InvalidRequest);
+        assert_eq!(bad.id.as_deref(), Some("a"));
+        assert_eq!(bad.metadata, None);
     }
 }

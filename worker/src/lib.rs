@@ -15,7 +15,8 @@
 //! - [`model`]: the GGUF model: our llama forward pass with an explicit per-sequence KV cache,
 //!   the tokenizer and the chat template.
 //! - [`snapshot`]: periodic KV-cache snapshots to a durable store, and resuming from them.
-//! - [`reply`]: building the reply and dead-letter messages.
+//! - [`reply`]: building the reply and dead-letter messages, cut to fit one Kafka record.
+//! - [`reply_topics`]: which reply topics a request may name.
 //! - [`offsets`]: the commit position of a partition when requests finish out of order.
 //! - [`ops`]: what operators see: `/healthz`, `/readyz`, `/metrics`, JSON logs, trace context,
 //!   and the accelerator health monitor and circuit breaker that drain and restart the worker.
@@ -28,4 +29,5 @@ pub mod model;
 pub mod offsets;
 pub mod ops;
 pub mod reply;
+pub mod reply_topics;
 pub mod snapshot;

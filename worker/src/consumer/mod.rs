@@ -91,7 +91,24 @@ pub enum WorkerError {
     /// A request task panicked (a bug).
     #[error("a request task panicked: {0}")]
     Task(String),
+    /// A topic the worker must be able to write (dead-letter, fallback) is missing or unusable.
+    #[error("{0}")]
+    Topics(String),
 }
+
+impl WorkerError {
+    /// Whether the worker stops for a reason of its own, not because of a request in flight:
+    /// the attempts in flight are then closed as suspended, so they do not count against their
+    /// requests' budgets (see [`request::Inner::close_open_attempts`]). A panicking task or a
+    /// dead engine thread may have been killed by a request, so those attempts stay open and
+    /// count, as a crash's would.
+    fn is_controlled(&self) -> bool {
+        !matches!(self, WorkerError::Task(_) | WorkerError::Engine(_))
+    }
+}
+
+/// How long a controlled exit may spend closing the attempts in flight in the snapshot store.
+const CLOSE_ATTEMPTS_WITHIN: Duration = Duration::from_secs(2);
 
 /// Signals the worker counts: the first starts a drain, the second ends the process at once.
 pub type Signals = tokio::sync::watch::Receiver<u32>;
@@ -192,9 +209,26 @@ impl Worker {
         if let Some(topic) = &cfg.fallback_topic {
             info!(fallback_topic = %topic, "requests this worker cannot serve (out of memory, a trip) go to the fallback topic");
         }
+        let publisher = Publisher::new(producer, opts.worker_id, cfg.publish_timeout, cfg.max_record_bytes);
+        let mut must_write: Vec<(String, &str)> = Vec::new();
+        for lane in &cfg.topics {
+            let dlq = cfg.dead_letter_topic(&lane.topic);
+            if !must_write.iter().any(|(t, _)| *t == dlq) {
+                must_write.push((dlq, "dead-letter topic (--dead-letter-topic)"));
+            }
+        }
+        if let Some(topic) = &cfg.fallback_topic {
+            must_write.push((topic.clone(), "fallback topic (--fallback-topic)"));
+        }
+        publisher.check_topics(&must_write, &consumer)?;
+        let reply_policy = cfg
+            .reply_policy()
+            .map_err(|e| WorkerError::Setup(KafkaError::ClientCreation(e.0)))?;
         let inner = Arc::new(request::Inner {
             consumer,
-            publisher: Publisher::new(producer, opts.worker_id, cfg.publish_timeout),
+            publisher,
+            reply_policy,
+            open_attempts: std::sync::Mutex::new(std::collections::HashMap::new()),
             engine,
             engine_thread,
             reply_topic: cfg.reply_topic.clone(),
@@ -238,6 +272,9 @@ impl Worker {
                 Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
                     if let Err(e) = task_result(joined) {
                         inner.inflight.abandon();
+                        if e.is_controlled() {
+                            inner.close_open_attempts(CLOSE_ATTEMPTS_WITHIN, &e.to_string()).await;
+                        }
                         return Err(e);
                     }
                 }
@@ -256,7 +293,9 @@ impl Worker {
                             warn!(error = %e, "consumer error");
                             if matches!(e, KafkaError::MessageConsumption(RDKafkaErrorCode::Fatal)) {
                                 inner.inflight.abandon();
-                                return Err(WorkerError::Consume(e));
+                                let e = WorkerError::Consume(e);
+                                inner.close_open_attempts(CLOSE_ATTEMPTS_WITHIN, &e.to_string()).await;
+                                return Err(e);
                             }
                         }
                     }
@@ -293,7 +332,7 @@ impl Worker {
             loop {
                 tokio::select! {
                     joined = tasks.join_next() => match joined {
-                        None => return Ok(true),
+                        None => return Ok::<bool, WorkerError>(true),
                         Some(j) => task_result(j)?,
                     },
                     _ = signals.changed() => return Ok(false),
@@ -306,15 +345,24 @@ impl Worker {
             Ok(Ok(false)) => {
                 warn!("second signal: exiting now; what is in flight stays uncommitted");
                 inner.inflight.abandon();
+                inner
+                    .close_open_attempts(CLOSE_ATTEMPTS_WITHIN, "a second signal")
+                    .await;
                 Ok(())
             }
             Ok(Err(e)) => {
                 inner.inflight.abandon();
+                if e.is_controlled() {
+                    inner.close_open_attempts(CLOSE_ATTEMPTS_WITHIN, &e.to_string()).await;
+                }
                 Err(e)
             }
             Err(_) => {
                 warn!("drain deadline passed: exiting; what is in flight stays uncommitted");
                 inner.inflight.abandon();
+                inner
+                    .close_open_attempts(CLOSE_ATTEMPTS_WITHIN, "the drain deadline passed")
+                    .await;
                 Ok(())
             }
         }

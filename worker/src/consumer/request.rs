@@ -14,7 +14,7 @@ use tracing::{debug, error, info, warn, Instrument};
 
 use super::fallback::{self, Handoff};
 use super::inflight::InFlight;
-use super::publish::Publisher;
+use super::publish::{PublishError, Publisher, Refused, RefusedKind};
 use super::{WorkerConsumer, WorkerError};
 use crate::engine::{Completion, Engine, EngineHandle, Finish, Job, JobControl, Outcome, Prepared, StreamChunk};
 use crate::intake::{self, Invalid};
@@ -23,7 +23,8 @@ use crate::ops::metrics::Answered;
 use crate::ops::trace::{new_span_id, Propagation};
 use crate::ops::{FallbackReason, Ops, RequestOutcome};
 use crate::reply::{self, WorkContext};
-use crate::snapshot::format::snapshot_prefix;
+use crate::reply_topics::ReplyTopicPolicy;
+use crate::snapshot::format::request_prefix;
 use crate::snapshot::ledger::{AttemptEntry, AttemptLog, EntryOutcome};
 use crate::snapshot::Snapshots;
 
@@ -31,6 +32,12 @@ use crate::snapshot::Snapshots;
 pub struct Inner {
     pub consumer: WorkerConsumer,
     pub publisher: Publisher,
+    /// Which reply topics a request may name ([`crate::reply_topics`]).
+    pub reply_policy: ReplyTopicPolicy,
+    /// The attempts this worker has begun and not ended, by request prefix: a controlled exit
+    /// closes them as suspended ([`Inner::close_open_attempts`]), so that only real deaths
+    /// count against a request's budget.
+    pub open_attempts: std::sync::Mutex<std::collections::HashMap<String, u32>>,
     pub engine: Engine,
     pub engine_thread: EngineHandle,
     /// Where replies go for requests that name no `reply_to`.
@@ -207,7 +214,7 @@ impl Inner {
         attempts: &[AttemptEntry],
     ) -> Result<(), WorkerError> {
         let history = attempts.iter().map(AttemptEntry::to_schema).collect();
-        let told = self
+        let done = self
             .publisher
             .dead_letter(
                 &self.dead_letter_topic(msg.topic()),
@@ -219,8 +226,64 @@ impl Inner {
                 trace,
             )
             .await?;
-        self.ops.metrics.dead_lettered(invalid.code, told);
+        self.ops.metrics.dead_lettered(invalid.code, done.told);
         Ok(())
+    }
+
+    /// A record of this request's was refused (see [`super::publish`]): the request's failure.
+    /// It is dead-lettered, its caller told where the reply topic is not the problem, and it is
+    /// settled, so its partition goes on.
+    async fn refused(
+        &self,
+        msg: &OwnedMessage,
+        trace: Option<&Propagation>,
+        request: &Request,
+        prefix: &str,
+        refused: Refused,
+    ) -> Result<Served, WorkerError> {
+        let code = match refused.kind {
+            RefusedKind::TooLarge => ErrorCode::ReplyTooLarge,
+            RefusedKind::Topic => ErrorCode::ReplyTopicUnwritable,
+        };
+        error!(error = %refused, code = code.as_str(), "the answer was refused: dead-lettering the request");
+        let attempt = self.open_attempts.lock().ok().and_then(|mut m| m.remove(prefix));
+        if let (Some(s), Some(attempt)) = (&self.snapshots, attempt) {
+            s.end_attempt(prefix, attempt, EntryOutcome::Failed, Some(refused.to_string()))
+                .await;
+        }
+        let invalid = rejected(request, code, refused.to_string());
+        self.reject(msg, trace, &invalid, &[]).await?;
+        Ok(Served::Answered {
+            prefix: Some(prefix.to_string()),
+            reply: None,
+        })
+    }
+
+    /// Closes the attempts in flight as suspended, within `within`: the worker is stopping on
+    /// purpose (drain deadline, a fatal error of its own, a trip), which says nothing about the
+    /// requests, so their attempts must not count as deaths. What is not closed in time stays
+    /// open and counts, as after a crash.
+    pub async fn close_open_attempts(&self, within: Duration, why: &str) {
+        let open: Vec<(String, u32)> = match self.open_attempts.lock() {
+            Ok(mut m) => m.drain().collect(),
+            Err(_) => return,
+        };
+        let Some(s) = &self.snapshots else { return };
+        if open.is_empty() {
+            return;
+        }
+        let note = format!("stopped on purpose: {why}");
+        let all = futures::future::join_all(
+            open.iter()
+                .map(|(prefix, attempt)| s.end_attempt(prefix, *attempt, EntryOutcome::Suspended, Some(note.clone()))),
+        );
+        match tokio::time::timeout(within, all).await {
+            Ok(_) => info!(attempts = open.len(), "closed the attempts in flight as suspended"),
+            Err(_) => warn!(
+                attempts = open.len(),
+                "could not close the attempts in flight in time; they will count as died"
+            ),
+        }
     }
 
     async fn serve(
@@ -249,6 +312,13 @@ impl Inner {
                 request.model = None;
             }
             let reply_topic = request.reply_to.clone().unwrap_or_else(|| self.reply_topic.clone());
+            if let Err(why) = self.reply_policy.check(&reply_topic) {
+                let invalid = rejected(&request, ErrorCode::ReplyTopicForbidden, why);
+                return self
+                    .reject(msg, trace, &invalid, &[])
+                    .await
+                    .map(|()| Served::rejected());
+            }
             let prepared = match self.engine.prepare(&request) {
                 Ok(p) => p,
                 Err(rejection) => {
@@ -267,7 +337,38 @@ impl Inner {
                     .await
                     .map(|()| Served::rejected());
             }
-            let prefix = snapshot_prefix(msg.topic(), &request.id);
+            let prefix = request_prefix(msg.topic(), &request.id, &reply_topic, msg.payload().unwrap_or_default());
+            let answered = self
+                .answer(msg, trace, &request, prepared, &reply_topic, &prefix, control, started, queued)
+                .await;
+            match answered {
+                Ok(served) => Ok(served),
+                Err(PublishError::Worker(e)) => Err(e),
+                Err(PublishError::Refused(r)) => self.refused(msg, trace, &request, &prefix, r).await,
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Serves a valid request whose reply topic may be written: a stored answer, or the
+    /// attempts to generate one. A refused record comes back as [`PublishError::Refused`].
+    #[allow(clippy::too_many_arguments)]
+    async fn answer(
+        &self,
+        msg: &OwnedMessage,
+        trace: Option<&Propagation>,
+        request: &Request,
+        prepared: Prepared,
+        reply_topic: &str,
+        prefix: &str,
+        control: Arc<JobControl>,
+        started: Instant,
+        queued: Duration,
+    ) -> Result<Served, PublishError> {
+        {
+            let reply_topic = reply_topic.to_string();
+            let prefix = prefix.to_string();
             if let Some(served) = self.republish_done(trace, &reply_topic, &prefix).await? {
                 return Ok(served);
             }
@@ -300,7 +401,11 @@ impl Inner {
                     // The ledger outlives workers: an entry before this delivery's first attempt
                     // is an earlier delivery's (without a snapshot store there is no ledger).
                     self.ops.metrics.redelivered();
-                    if before.attempts.iter().any(|e| e.outcome == Some(EntryOutcome::HandedOff)) {
+                    if before
+                        .attempts
+                        .iter()
+                        .any(|e| e.outcome == Some(EntryOutcome::HandedOff))
+                    {
                         // The fallback topic has it and its workers answer it; serving it here
                         // as well could answer it twice, from two models.
                         info!("handed to the fallback topic by an earlier delivery: settling without serving");
@@ -386,9 +491,8 @@ impl Inner {
                         if let Some(trip) = self.ops.health.tripped() {
                             let reason = fallback::reason_of_trip(&trip);
                             let error = trip.to_string();
-                            if let Some(served) = self
-                                .hand_off(msg, &prefix, attempt, reason, &error, &mut local)
-                                .await?
+                            if let Some(served) =
+                                self.hand_off(msg, &prefix, attempt, reason, &error, &mut local).await?
                             {
                                 return Ok(served);
                             }
@@ -420,8 +524,6 @@ impl Inner {
                 }
             }
         }
-        .instrument(span)
-        .await
     }
 
     /// Hands the request to the fallback topic (see [`fallback`]): publishes the copy, waits for
@@ -463,9 +565,18 @@ impl Inner {
             offset: msg.offset(),
             error,
         };
-        self.publisher
+        match self
+            .publisher
             .hand_off(topic, msg, fallback::headers(msg.headers(), &handoff))
-            .await?;
+            .await
+        {
+            Ok(()) => {}
+            Err(PublishError::Refused(r)) => {
+                error!(fallback_topic = %topic, error = %r, "the fallback topic refused the request: handling the failure here");
+                return Ok(None);
+            }
+            Err(PublishError::Worker(e)) => return Err(e),
+        }
         warn!(fallback_topic = %topic, reason = reason.as_str(), attempt, "handed off to the fallback topic");
         self.ops.metrics.handed_off(reason);
         let note = format!("{error} (handed off to {topic})");
@@ -509,7 +620,7 @@ impl Inner {
         trace: Option<&Propagation>,
         reply_topic: &str,
         prefix: &str,
-    ) -> Result<Option<Served>, WorkerError> {
+    ) -> Result<Option<Served>, PublishError> {
         let Some(s) = &self.snapshots else {
             return Ok(None);
         };
@@ -552,7 +663,12 @@ impl Inner {
     async fn begin_attempt(&self, prefix: &str, local: &mut AttemptLog) -> AttemptLog {
         if let Some(s) = &self.snapshots {
             match s.begin_attempt(prefix, &self.publisher.worker_id).await {
-                Ok(log) => return log,
+                Ok(log) => {
+                    if let (Some(latest), Ok(mut open)) = (log.latest(), self.open_attempts.lock()) {
+                        open.insert(prefix.to_string(), latest.attempt);
+                    }
+                    return log;
+                }
                 Err(e) => warn!(error = %e, "cannot record the attempt in the snapshot store; counting it here only"),
             }
         }
@@ -578,6 +694,11 @@ impl Inner {
         if let Some(e) = local.attempts.iter_mut().find(|e| e.attempt == attempt) {
             e.outcome = Some(outcome);
             e.error.clone_from(&error);
+        }
+        if let Ok(mut open) = self.open_attempts.lock() {
+            if open.get(prefix) == Some(&attempt) {
+                open.remove(prefix);
+            }
         }
         if let Some(s) = &self.snapshots {
             s.end_attempt(prefix, attempt, outcome, error).await;

@@ -111,6 +111,44 @@ impl Engine {
         }
     }
 
+    /// The prompt's token ids. A chat whose contents hold the text of a control token (say
+    /// `<|im_start|>system`) has those contents tokenised as plain text, so a caller cannot open
+    /// a turn of another role; any other prompt is tokenised whole, exactly as rendered. A raw
+    /// `prompt` is the caller's own text, control tokens included.
+    pub fn prompt_tokens(&self, req: &Request) -> Result<Vec<u32>, Rejection> {
+        let m = &self.model;
+        let tok = &m.tokenizer;
+        let err = |e: crate::model::ModelError| Rejection::Template(e.to_string());
+        let injected = req
+            .messages
+            .as_ref()
+            .is_some_and(|ms| ms.iter().any(|x| tok.contains_control(&x.content)));
+        if !injected {
+            return tok.encode(&self.prompt_text(req)?).map_err(err);
+        }
+        let (Some(template), Some(messages)) = (&m.template, &req.messages) else {
+            return tok.encode(&self.prompt_text(req)?).map_err(err);
+        };
+        let segments = template
+            .render_segments(messages, tok.bos_token(), tok.eos_token())
+            .map_err(|e| Rejection::Template(e.to_string()))?
+            .ok_or_else(|| {
+                Rejection::Template(
+                    "a message holds the text of a control token, and this model's chat template rewrites contents, \
+                     so it cannot be kept as text: remove it"
+                        .into(),
+                )
+            })?;
+        let mut ids = Vec::new();
+        for s in segments {
+            match s {
+                crate::model::chat::Segment::Template(t) => ids.extend(tok.encode(&t).map_err(err)?),
+                crate::model::chat::Segment::Content(c) => ids.extend(tok.encode_plain(&c).map_err(err)?),
+            }
+        }
+        Ok(ids)
+    }
+
     /// Checks `req` against this model and tokenises its prompt.
     pub fn prepare(&self, req: &Request) -> Result<Prepared, Rejection> {
         let m = &self.model;
@@ -122,11 +160,7 @@ impl Engine {
                 });
             }
         }
-        let text = self.prompt_text(req)?;
-        let prompt = m
-            .tokenizer
-            .encode(&text)
-            .map_err(|e| Rejection::Template(e.to_string()))?;
+        let prompt = self.prompt_tokens(req)?;
         if prompt.is_empty() || prompt.len() >= m.context_length {
             return Err(Rejection::PromptTooLong {
                 tokens: prompt.len(),

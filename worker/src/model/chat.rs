@@ -52,6 +52,57 @@ impl ChatTemplate {
     }
 }
 
+/// A part of a rendered chat: the template's own text, or a message's content as the caller
+/// wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Segment {
+    Template(String),
+    Content(String),
+}
+
+impl ChatTemplate {
+    /// The prompt for `messages` as the template's text and the messages' contents, apart, so
+    /// that a content can be tokenised with its control-token look-alikes kept as text. Each
+    /// content is rendered as a placeholder and found again in the output; `None` when the
+    /// template does not pass every content through exactly once and unchanged (one that trims
+    /// or rewrites it), which the caller must then refuse.
+    pub fn render_segments(
+        &self,
+        messages: &[ChatMessage],
+        bos_token: &str,
+        eos_token: &str,
+    ) -> Result<Option<Vec<Segment>>, ModelError> {
+        let holder = |i: usize| format!("\u{E000}ferry-content-{i}\u{E001}");
+        let placed: Vec<ChatMessage> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| ChatMessage {
+                role: m.role,
+                content: holder(i),
+            })
+            .collect();
+        let rendered = self.render(&placed, bos_token, eos_token)?;
+        let mut out = Vec::new();
+        let mut rest = rendered.as_str();
+        for (i, m) in messages.iter().enumerate() {
+            let h = holder(i);
+            let Some(at) = rest.find(&h) else { return Ok(None) };
+            if at > 0 {
+                out.push(Segment::Template(rest[..at].to_string()));
+            }
+            out.push(Segment::Content(m.content.clone()));
+            rest = &rest[at + h.len()..];
+        }
+        if rest.contains('\u{E000}') {
+            return Ok(None);
+        }
+        if !rest.is_empty() {
+            out.push(Segment::Template(rest.to_string()));
+        }
+        Ok(Some(out))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,6 +23,11 @@ const TOKEN_TYPE_CONTROL: i32 = 3;
 /// Text to token ids and back.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// The same tokenizer with control tokens read as plain text: for what a caller wrote in a
+    /// chat message, where `<|im_start|>` must stay text and never open a turn of its own.
+    plain: tokenizers::Tokenizer,
+    /// The control tokens' texts.
+    controls: Vec<String>,
     /// The ids that end a generation: the model's end-of-sequence token and its end-of-text
     /// token when it has one (base-model style prompts end with the latter).
     eos_ids: Vec<u32>,
@@ -82,6 +87,9 @@ impl Tokenizer {
             .map(|(i, _)| AddedToken::from(tokens[i].clone(), true))
             .collect();
         inner.add_special_tokens(&special);
+        let controls: Vec<String> = special.iter().map(|t| t.content.clone()).collect();
+        let mut plain = inner.clone();
+        plain.set_encode_special_tokens(true);
 
         let id_of = |key: &str| ct.metadata.get(key).and_then(|v| v.to_u32().ok());
         let eos = id_of("tokenizer.ggml.eos_token_id")
@@ -95,6 +103,8 @@ impl Tokenizer {
         let name = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize).cloned()).unwrap_or_default();
         Ok(Self {
             inner,
+            plain,
+            controls,
             eos_ids,
             bos_token: name(id_of("tokenizer.ggml.bos_token_id")),
             eos_token: name(Some(eos)),
@@ -109,6 +119,21 @@ impl Tokenizer {
             .encode_fast(text, false)
             .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Token ids of `text` with control tokens read as plain text: `<|im_start|>` written in
+    /// `text` becomes the ids of its characters, not the control token.
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+        let enc = self
+            .plain
+            .encode_fast(text, false)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Whether `text` contains the text of a control token.
+    pub fn contains_control(&self, text: &str) -> bool {
+        self.controls.iter().any(|c| text.contains(c.as_str()))
     }
 
     /// Text of `ids`, special tokens left out. Bytes that do not form UTF-8 yet (a character

@@ -118,8 +118,30 @@ pub struct Propagation {
     pub parent: TraceContext,
     /// The worker's span: same trace, its own span id.
     pub own: TraceContext,
-    /// `tracestate`, passed on unchanged.
+    /// `tracestate`, passed on unchanged when it keeps within the W3C limits
+    /// ([`bounded_tracestate`]), else dropped.
     pub tracestate: Option<String>,
+}
+
+/// Most bytes of a `tracestate` the worker passes on (W3C Trace Context: 512).
+pub const MAX_TRACESTATE_BYTES: usize = 512;
+/// Most list members of a `tracestate` (W3C Trace Context: 32).
+pub const MAX_TRACESTATE_MEMBERS: usize = 32;
+
+/// The `tracestate` to pass on: the received value, trimmed, when it is UTF-8, not empty and
+/// within [`MAX_TRACESTATE_BYTES`] and [`MAX_TRACESTATE_MEMBERS`]. Anything else is dropped
+/// whole, as the specification allows: it is copied onto every record published for the
+/// request (each stream chunk too), so an unbounded one would multiply a caller's bytes.
+pub fn bounded_tracestate(raw: &[u8]) -> Option<String> {
+    let s = std::str::from_utf8(raw).ok()?.trim();
+    if s.is_empty() || s.len() > MAX_TRACESTATE_BYTES {
+        return None;
+    }
+    let members = s.split(',').filter(|m| !m.trim().is_empty()).count();
+    if members > MAX_TRACESTATE_MEMBERS || s.bytes().any(|b| b.is_ascii_control()) {
+        return None;
+    }
+    Some(s.to_string())
 }
 
 impl Propagation {
@@ -139,10 +161,7 @@ impl Propagation {
         Ok(Some(Self {
             parent,
             own: parent.child(span_id),
-            tracestate: tracestate
-                .and_then(|s| std::str::from_utf8(s).ok())
-                .map(|s| s.trim().to_string())
-                .filter(|s| !s.is_empty()),
+            tracestate: tracestate.and_then(bounded_tracestate),
         }))
     }
 
@@ -268,5 +287,24 @@ mod tests {
         assert_eq!(p.parent.to_header(), EXAMPLE);
         assert_eq!(p.outgoing(), "00-4bf92f3577b34da6a3ce929d0e0e4736-0707070707070707-01");
         assert_eq!(p.tracestate.as_deref(), Some("vendor=x"));
+    }
+
+    #[test]
+    fn tracestate_beyond_the_w3c_limits_is_dropped() {
+        assert_eq!(bounded_tracestate(b" a=1,b=2 ").as_deref(), Some("a=1,b=2"));
+        assert_eq!(bounded_tracestate(b""), None);
+        assert_eq!(bounded_tracestate(b"\xff\xfe"), None);
+        let at_limit = "x".repeat(MAX_TRACESTATE_BYTES - 2) + "=1";
+        assert_eq!(bounded_tracestate(at_limit.as_bytes()), Some(at_limit.clone()));
+        assert_eq!(bounded_tracestate(format!("{at_limit}2").as_bytes()), None);
+        let members = |n: usize| (0..n).map(|i| format!("k{i}=v")).collect::<Vec<_>>().join(",");
+        assert!(bounded_tracestate(members(32).as_bytes()).is_some());
+        assert_eq!(bounded_tracestate(members(33).as_bytes()), None);
+        assert_eq!(bounded_tracestate(b"a=1\nb=2"), None);
+        let huge = vec![b'a'; 200_000];
+        let p = Propagation::from_headers(Some(EXAMPLE.as_bytes()), Some(&huge), [7; 8])
+            .expect("valid")
+            .expect("present");
+        assert_eq!(p.tracestate, None, "a 200 KB tracestate is not copied onto every chunk");
     }
 }

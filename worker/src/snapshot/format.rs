@@ -58,11 +58,28 @@ pub enum FormatError {
 
 /// The prefix under which a request's snapshot lives: a hash of the topic and the request id,
 /// so any worker that receives the request finds it, and ids need no escaping.
+/// Benchmarks and tests that have no message use it; the worker uses [`request_prefix`].
 pub fn snapshot_prefix(topic: &str, request_id: &str) -> String {
     let mut h = Sha256::new();
     h.update(topic.as_bytes());
     h.update([0]);
     h.update(request_id.as_bytes());
+    format!("ferry/{}/", &hex(&h.finalize())[..32])
+}
+
+/// The prefix of one request's entries (snapshot, ledger, done marker), bound to the request
+/// itself: the request topic, the id, the reply topic its answer goes to, and the message's
+/// exact bytes. A redelivery of the same message finds its entries; another request that
+/// reuses the id (another caller, or the same caller with another prompt or reply topic) gets
+/// entries of its own, so it can never be given another request's stored answer, resume
+/// another's generation, or be settled by another's hand-off.
+pub fn request_prefix(topic: &str, request_id: &str, reply_topic: &str, payload: &[u8]) -> String {
+    let mut h = Sha256::new();
+    for part in [topic.as_bytes(), request_id.as_bytes(), reply_topic.as_bytes()] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part);
+    }
+    h.update(Sha256::digest(payload));
     format!("ferry/{}/", &hex(&h.finalize())[..32])
 }
 
@@ -328,6 +345,25 @@ impl Piece {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn request_prefixes_are_bound_to_the_whole_request() {
+        let base = request_prefix("req", "id-1", "rep", b"{\"id\":\"id-1\",\"prompt\":\"a\"}");
+        assert_eq!(
+            base,
+            request_prefix("req", "id-1", "rep", b"{\"id\":\"id-1\",\"prompt\":\"a\"}")
+        );
+        assert!(base.starts_with("ferry/") && base.ends_with('/') && base.len() == 39);
+        for other in [
+            request_prefix("req", "id-1", "rep", b"{\"id\":\"id-1\",\"prompt\":\"b\"}"),
+            request_prefix("req", "id-1", "rep-2", b"{\"id\":\"id-1\",\"prompt\":\"a\"}"),
+            request_prefix("req2", "id-1", "rep", b"{\"id\":\"id-1\",\"prompt\":\"a\"}"),
+            // Lengths are hashed too, so parts cannot trade bytes.
+            request_prefix("re", "qid-1", "rep", b"{\"id\":\"id-1\",\"prompt\":\"a\"}"),
+        ] {
+            assert_ne!(base, other);
+        }
+    }
     use super::*;
     use crate::engine::SamplingParams;
 

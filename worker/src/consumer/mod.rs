@@ -43,6 +43,8 @@
 //! when one is configured ([`fallback`]), once: a handed-off request is never handed off again.
 //! Without one, an out-of-memory attempt counts as failed and the retry runs alone.
 
+mod admission;
+mod commits;
 mod fallback;
 mod inflight;
 mod lanes;
@@ -91,6 +93,9 @@ pub enum WorkerError {
     /// A request task panicked (a bug).
     #[error("a request task panicked: {0}")]
     Task(String),
+    /// The KV budget cannot hold even one request (`--kv-budget`, or the memory limit).
+    #[error(transparent)]
+    Budget(#[from] admission::BudgetError),
 }
 
 /// Signals the worker counts: the first starts a drain, the second ends the process at once.
@@ -192,6 +197,7 @@ impl Worker {
         if let Some(topic) = &cfg.fallback_topic {
             info!(fallback_topic = %topic, "requests this worker cannot serve (out of memory, a trip) go to the fallback topic");
         }
+        let kv_budget = admission::KvBudget::from_config(cfg.kv_budget, engine.model(), opts.ops.clone())?;
         let inner = Arc::new(request::Inner {
             consumer,
             publisher: Publisher::new(producer, opts.worker_id, cfg.publish_timeout),
@@ -204,6 +210,7 @@ impl Worker {
             inflight,
             max_attempts: cfg.max_attempts,
             isolation: tokio::sync::RwLock::new(()),
+            kv_budget,
             ops: opts.ops,
         });
         Ok(Self {
@@ -384,22 +391,26 @@ fn task_result(joined: Result<Result<(), WorkerError>, tokio::task::JoinError>) 
 }
 
 impl request::Inner {
-    /// Commits `position` for a partition. A failed commit is not fatal: the caller keeps done
-    /// markers and defers the commit to a retry; if the partition moves first, the new owner
-    /// publishes the stored answers again.
-    fn commit(&self, tp: &TopicPartition, position: i64) -> bool {
-        let mut tpl = TopicPartitionList::new();
-        if let Err(e) = tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(position)) {
-            warn!(error = %e, "cannot build the commit");
-            return false;
-        }
-        match self.consumer.commit(&tpl, CommitMode::Sync) {
-            Ok(()) => true,
-            Err(e) => {
-                // Commits fail while the group rebalances; the loop retries them at every poll.
-                debug!(topic = %tp.0, partition = tp.1, position, error = %e, "commit failed; will retry");
-                false
+    /// Commits `position` for a partition, for work that started in `epoch`; `true` once it is
+    /// committed, by this call or by an equal or higher commit before it. Commits of a
+    /// partition are made one at a time and never move its position back ([`commits`]). A
+    /// failed commit is not fatal: the caller keeps done markers and defers the commit to a
+    /// retry; if the partition moves first, the new owner publishes the stored answers again.
+    fn commit(&self, tp: &TopicPartition, epoch: u64, position: i64) -> bool {
+        self.inflight.commits.commit(tp, epoch, position, || {
+            let mut tpl = TopicPartitionList::new();
+            if let Err(e) = tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(position)) {
+                warn!(error = %e, "cannot build the commit");
+                return false;
             }
-        }
+            match self.consumer.commit(&tpl, CommitMode::Sync) {
+                Ok(()) => true,
+                Err(e) => {
+                    // Commits fail while the group rebalances; the loop retries them at every poll.
+                    debug!(topic = %tp.0, partition = tp.1, position, error = %e, "commit failed; will retry");
+                    false
+                }
+            }
+        })
     }
 }

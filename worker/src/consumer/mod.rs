@@ -11,6 +11,10 @@
 //! acknowledgement. A lane that holds `--max-in-flight` waiting messages has its partitions
 //! paused until it drains.
 //!
+//! A started request generates only once its worst-case KV cache fits in the worker's
+//! `--kv-budget` beside those generating ([`admission`]); until then it waits, holding its slot,
+//! so a burst of long requests queues instead of exhausting the pod's memory.
+//!
 //! # Offsets
 //!
 //! Requests finish out of order, but a partition commits one position: the [`OffsetTracker`]
@@ -19,6 +23,8 @@
 //! before the commit passes it, the stored answer is published again instead of recomputed. If
 //! the worker dies anywhere before a commit, the group redelivers the uncommitted messages to
 //! a surviving worker: a request may be answered twice (with the same answer), never zero times.
+//! Several tasks commit (request tasks, the deferred-commit retry, the revocation callback);
+//! [`commits`] makes a partition's commits one at a time and never lets its position move back.
 //!
 //! # Rebalances and shutdown
 //!
@@ -43,7 +49,7 @@
 //! when one is configured ([`fallback`]), once: a handed-off request is never handed off again.
 //! Without one, an out-of-memory attempt counts as failed and the retry runs alone.
 
-mod admission;
+pub mod admission;
 mod commits;
 mod fallback;
 mod inflight;

@@ -306,14 +306,16 @@ pub(crate) fn check_delete_prefix(prefix: &str) -> Result<&str, StoreError> {
 /// unclear) keeps only its scheme and what follows the last `@` of its authority.
 pub fn redact(url: &str) -> String {
     match url::Url::parse(url) {
-        Ok(mut parsed) => {
+        // `user:secret@host` parses too, as scheme `user` and path `secret@host`: a URL
+        // without an authority is treated as one that does not parse.
+        Ok(mut parsed) if !parsed.cannot_be_a_base() => {
             if parsed.password().is_some() {
                 // Setting a password only fails for URLs that cannot have one, and this one has one.
                 let _ = parsed.set_password(Some("REDACTED"));
             }
             parsed.to_string()
         }
-        Err(_) => {
+        _ => {
             let (scheme, rest) = match url.split_once("://") {
                 Some((scheme, rest)) => (format!("{scheme}://"), rest),
                 None => (String::new(), url),

@@ -205,7 +205,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "MB" | "M" => 1_000_000,
         "GB" | "G" => 1_000_000_000,
         "TB" | "T" => 1_000_000_000_000,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?}; use B, KiB, MiB, GiB, TiB (or kB, MB, GB, TB)")),
+        _ => {
+            return Err(format!(
+                "{s:?}: unknown unit {unit:?}; use B, KiB, MiB, GiB, TiB (or kB, MB, GB, TB)"
+            ))
+        }
     };
     let bad = || format!("{s:?} is not a size: use a number with a unit, such as 512MiB or 2GiB, or off");
     let n: f64 = number.parse().map_err(|_| bad())?;

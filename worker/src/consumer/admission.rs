@@ -380,9 +380,17 @@ mod tests {
     #[test]
     fn cgroup_limits_are_read_from_v2_then_v1() {
         assert_eq!(cgroup_limit(Some("3221225472\n"), None), Some(3 << 30));
-        assert_eq!(cgroup_limit(Some("max\n"), Some("1073741824")), None, "v2 says no limit");
+        assert_eq!(
+            cgroup_limit(Some("max\n"), Some("1073741824")),
+            None,
+            "v2 says no limit"
+        );
         assert_eq!(cgroup_limit(None, Some("1073741824\n")), Some(1 << 30));
-        assert_eq!(cgroup_limit(None, Some("9223372036854771712\n")), None, "v1's unlimited");
+        assert_eq!(
+            cgroup_limit(None, Some("9223372036854771712\n")),
+            None,
+            "v1's unlimited"
+        );
         assert_eq!(cgroup_limit(None, None), None);
         assert_eq!(cgroup_limit(Some("garbage"), None), None);
         assert_eq!(cgroup_limit(Some("0"), None), None);
@@ -440,12 +448,21 @@ mod tests {
         }
         assert!(rx.try_recv().is_err(), "admitted while the first holds the budget");
         let text = ops.render_metrics();
-        assert!(text.contains(&format!("ferry_kv_reserved_bytes {}\n", 2 * CACHE_CHUNK)), "{text}");
+        assert!(
+            text.contains(&format!("ferry_kv_reserved_bytes {}\n", 2 * CACHE_CHUNK)),
+            "{text}"
+        );
         drop(first);
         assert!(matches!(second.await.expect("task"), Admission::Admitted(_)));
         let text = ops.render_metrics();
-        assert!(text.contains("ferry_kv_reserved_bytes 0\n"), "the second's permit dropped too: {text}");
-        assert!(text.contains(&format!("ferry_kv_budget_bytes {}\n", 3 * CACHE_CHUNK)), "{text}");
+        assert!(
+            text.contains("ferry_kv_reserved_bytes 0\n"),
+            "the second's permit dropped too: {text}"
+        );
+        assert!(
+            text.contains(&format!("ferry_kv_budget_bytes {}\n", 3 * CACHE_CHUNK)),
+            "{text}"
+        );
     }
 
     #[tokio::test]
@@ -468,7 +485,10 @@ mod tests {
             Admission::TooLarge { code, message } => {
                 assert_eq!(code, ErrorCode::InvalidRequest);
                 assert!(message.contains("max_tokens 1000"), "{message}");
-                assert!(message.contains(&format!("at most {} tokens", 2 * CACHE_CHUNK)), "{message}");
+                assert!(
+                    message.contains(&format!("at most {} tokens", 2 * CACHE_CHUNK)),
+                    "{message}"
+                );
             }
             other => panic!("{other:?}"),
         }
@@ -478,7 +498,10 @@ mod tests {
         }
         // Capped by the context, even an enormous max_tokens fits a small context.
         let small = KvBudget::new(Some(2 * CACHE_CHUNK as u64), 1, 2 * CACHE_CHUNK, ops()).expect("budget");
-        assert!(matches!(small.admit(10, 100_000, &control).await, Admission::Admitted(_)));
+        assert!(matches!(
+            small.admit(10, 100_000, &control).await,
+            Admission::Admitted(_)
+        ));
     }
 
     #[tokio::test]
@@ -495,7 +518,10 @@ mod tests {
         }
         let text = ops.render_metrics();
         assert!(text.contains("ferry_kv_budget_bytes 0\n"), "{text}");
-        assert!(text.contains(&format!("ferry_kv_reserved_bytes {}\n", 50 * 2048 * 2)), "{text}");
+        assert!(
+            text.contains(&format!("ferry_kv_reserved_bytes {}\n", 50 * 2048 * 2)),
+            "{text}"
+        );
         assert!(text.contains("ferry_kv_admission_waits_total 0\n"), "{text}");
     }
 }

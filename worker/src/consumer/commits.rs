@@ -99,7 +99,11 @@ mod tests {
         assert_eq!(decide(c(0, 5), 0, 6), Decision::Commit);
         assert_eq!(decide(c(0, 5), 0, 5), Decision::Covered);
         assert_eq!(decide(c(0, 5), 0, 4), Decision::Covered);
-        assert_eq!(decide(c(1, 9), 2, 3), Decision::Commit, "a newer assignment starts afresh");
+        assert_eq!(
+            decide(c(1, 9), 2, 3),
+            Decision::Commit,
+            "a newer assignment starts afresh"
+        );
         assert_eq!(decide(c(1, 9), 0, 12), Decision::Stale);
     }
 

@@ -339,7 +339,10 @@ impl ConsumerContext for WorkerContext {
                 made += usize::from(sent);
             }
             if made > 0 {
-                info!(partitions = made, "deferred commits made before giving the partitions up");
+                info!(
+                    partitions = made,
+                    "deferred commits made before giving the partitions up"
+                );
             }
         }
     }

@@ -185,11 +185,11 @@ mod tests {
         // The most likely token is 2; token 0 is the least likely.
         let logits = [-3.0, 0.5, 4.0, 1.0];
         for t in [
-            1e-45,                          // rounds to f32's smallest subnormal
-            1e-39,                          // subnormal in f32
+            1e-45,                              // rounds to f32's smallest subnormal
+            1e-39,                              // subnormal in f32
             f64::from(f32::MIN_POSITIVE) / 2.0, // subnormal in f32
-            1e-50,                          // rounds to 0 in f32
-            f64::MIN_POSITIVE,              // the smallest positive f64
+            1e-50,                              // rounds to 0 in f32
+            f64::MIN_POSITIVE,                  // the smallest positive f64
         ] {
             let p = params(t, 1.0, 0, 3);
             assert!(p.is_greedy(), "{t:e}");
@@ -211,7 +211,11 @@ mod tests {
         assert!((0..50).all(|n| sample(&with_nan, &p, n) != 1));
         let with_inf = [f32::INFINITY, 1.0, f32::INFINITY, 0.0];
         for n in 0..50 {
-            assert_eq!(sample(&with_inf, &p, n), 0, "nothing finite is left: the first most likely");
+            assert_eq!(
+                sample(&with_inf, &p, n),
+                0,
+                "nothing finite is left: the first most likely"
+            );
         }
     }
 

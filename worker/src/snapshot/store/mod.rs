@@ -376,7 +376,11 @@ mod tests {
         );
         assert_eq!(redact("s3://bucket/prefix"), "s3://bucket/prefix");
         assert_eq!(redact("rediss://:secret@host:6380"), "rediss://:REDACTED@host:6380");
-        assert_eq!(redact("redis://user@host"), "redis://user@host", "no password, nothing hidden");
+        assert_eq!(
+            redact("redis://user@host"),
+            "redis://user@host",
+            "no password, nothing hidden"
+        );
         // Credentials in an object store URL are hidden the same way.
         assert_eq!(
             redact("s3://AKIAX:verysecret@bucket/prefix"),

@@ -53,6 +53,7 @@ WORKER_DEFAULTS = {
     "FERRY_TERMINATION_GRACE_PERIOD": "30s",
     "FERRY_DEVICE": "cpu",
     "FERRY_LOG_FORMAT": "text",
+    "FERRY_KV_BUDGET": "auto",
 }
 # The worker refuses to start unless the drain ends this long before the grace period does.
 DRAIN_MARGIN_S = 5.0
@@ -238,6 +239,24 @@ def seconds(duration: str) -> float:
     if not parts or re.sub(r"[\d\sa-z]", "", duration) or any(u not in _UNITS for _, u in parts):
         raise ValueError(f"{duration!r} is not a duration this test understands")
     return sum(int(n) * _UNITS[u] for n, u in parts)
+
+
+BYTE_UNITS = {
+    "": 1, "B": 1,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40,
+    "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40,
+    "k": 10**3, "K": 10**3, "kB": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6,
+    "G": 10**9, "GB": 10**9, "T": 10**12, "TB": 10**12,
+}
+
+
+def size_bytes(size: str | int) -> int | None:
+    """A size as the worker's `--kv-budget` and Kubernetes' memory quantities write it (`2GiB`,
+    `3Gi`, `512M`, plain bytes); `None` when it is not one."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(size))
+    if not m or m.group(2) not in BYTE_UNITS:
+        return None
+    return int(float(m.group(1)) * BYTE_UNITS[m.group(2)])
 
 
 def cpu_cores(quantity: str | int | float) -> float:

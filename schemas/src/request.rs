@@ -28,7 +28,8 @@ pub struct Request {
     /// Most tokens to generate; [`DEFAULT_MAX_TOKENS`] when omitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_tokens: Option<u32>,
-    /// Sampling temperature; 0 (the default) is greedy decoding.
+    /// Sampling temperature; 0 (the default) is greedy decoding, and so is a positive
+    /// temperature too small for the worker's f32 arithmetic (below about 1.2e-38).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub temperature: Option<f64>,
     /// Nucleus sampling: keep the smallest set of tokens whose probability reaches `top_p`.

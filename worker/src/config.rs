@@ -79,6 +79,15 @@ pub struct KafkaConfig {
     /// its partitions (and keeps polling, so it stays in the group) until a slot frees.
     #[arg(long, env = "FERRY_MAX_IN_FLIGHT", default_value_t = 4)]
     pub max_in_flight: usize,
+    /// Memory the KV caches of the requests in flight may take together: a request starts only
+    /// when its worst case (prompt plus `max_tokens`, capped by the context) fits beside those
+    /// already generating, and waits otherwise; one that could never fit is dead-lettered. A
+    /// size (`512MiB`, `2GiB`, `1.5GB`, plain bytes), `off` or `0` for no limit, or `auto` (the
+    /// default): on the CPU, the cgroup's memory limit less what the worker holds once the model
+    /// is loaded and a reserve of a tenth of the limit (at least 128 MiB); unlimited where there
+    /// is no cgroup limit, and on an accelerator, whose memory the cgroup does not bound.
+    #[arg(long, env = "FERRY_KV_BUDGET", default_value = "auto", value_parser = parse_kv_budget)]
+    pub kv_budget: KvBudgetSetting,
     /// Attempts a request gets. An attempt counts when its generation fails or its worker dies
     /// (attempts stopped on purpose by a drain or rebalance do not); once a request has used
     /// them all, it goes to the dead-letter topic with its history and its caller gets an
@@ -185,6 +194,61 @@ fn parse_lane(s: &str) -> Result<Lane, String> {
     })
 }
 
+/// `--kv-budget`: how much memory the KV caches of the requests in flight may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvBudgetSetting {
+    /// From the cgroup memory limit, where there is one (see `consumer::admission`).
+    Auto,
+    /// No limit.
+    Off,
+    /// This many bytes.
+    Bytes(u64),
+}
+
+fn parse_kv_budget(s: &str) -> Result<KvBudgetSetting, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "auto" => Ok(KvBudgetSetting::Auto),
+        "off" | "none" | "unlimited" => Ok(KvBudgetSetting::Off),
+        _ => match parse_size(s)? {
+            0 => Ok(KvBudgetSetting::Off),
+            n => Ok(KvBudgetSetting::Bytes(n)),
+        },
+    }
+}
+
+/// A size in bytes: a number with an optional unit, binary (`KiB`, `MiB`, `GiB`, `TiB`, or
+/// Kubernetes' `Ki`, `Mi`, `Gi`, `Ti`) or decimal (`kB`, `MB`, `GB`, `TB`, or `k`, `M`, `G`,
+/// `T`), or `B`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (number, unit) = (&t[..split], t[split..].trim());
+    let factor: u64 = match unit {
+        "" | "B" | "b" => 1,
+        "KiB" | "Ki" => 1 << 10,
+        "MiB" | "Mi" => 1 << 20,
+        "GiB" | "Gi" => 1 << 30,
+        "TiB" | "Ti" => 1 << 40,
+        // As in Kubernetes quantities, a bare `k`, `M`, `G` or `T` is decimal.
+        "kB" | "KB" | "k" | "K" => 1_000,
+        "MB" | "M" => 1_000_000,
+        "GB" | "G" => 1_000_000_000,
+        "TB" | "T" => 1_000_000_000_000,
+        _ => {
+            return Err(format!(
+                "{s:?}: unknown unit {unit:?}; use B, KiB, MiB, GiB, TiB (or kB, MB, GB, TB)"
+            ))
+        }
+    };
+    let bad = || format!("{s:?} is not a size: use a number with a unit, such as 512MiB or 2GiB, or off");
+    let n: f64 = number.parse().map_err(|_| bad())?;
+    let bytes = n * factor as f64;
+    if !bytes.is_finite() || bytes < 0.0 || bytes >= u64::MAX as f64 {
+        return Err(bad());
+    }
+    Ok(bytes as u64)
+}
+
 /// `partition.assignment.strategy`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum AssignmentStrategy {
@@ -242,14 +306,31 @@ impl KafkaConfig {
     }
 
     /// The extra properties as pairs.
+    ///
+    /// An error names an entry by its position and, once it has one, its key, never by its text:
+    /// entries carry passwords (`sasl.password=...`), and an entry without `=` may be a piece of
+    /// one (a password with a comma in it, split by `FERRY_KAFKA_PROPERTIES`' delimiter).
     pub fn property_pairs(&self) -> Result<Vec<(String, String)>, ConfigError> {
         self.properties
             .iter()
-            .map(|p| {
-                let (k, v) = p
-                    .split_once('=')
-                    .ok_or_else(|| ConfigError(format!("--kafka-property {p:?} is not of the form key=value")))?;
+            .enumerate()
+            .map(|(i, p)| {
+                let (k, v) = p.split_once('=').ok_or_else(|| {
+                    ConfigError(format!(
+                        "--kafka-property entry {} of {} (FERRY_KAFKA_PROPERTIES is split at commas) is not of the \
+                         form key=value; its text is not shown, as it may hold a secret",
+                        i + 1,
+                        self.properties.len()
+                    ))
+                })?;
                 let k = k.trim();
+                if k.is_empty() {
+                    return Err(ConfigError(format!(
+                        "--kafka-property entry {} of {} has no key before '='",
+                        i + 1,
+                        self.properties.len()
+                    )));
+                }
                 if k == "statistics.interval.ms" {
                     return Err(ConfigError(
                         "--kafka-property statistics.interval.ms: use --kafka-stats-interval".into(),
@@ -612,7 +693,8 @@ impl Config {
             ];
             if !known.iter().any(|k| url.starts_with(k)) {
                 return Err(ConfigError(format!(
-                    "--snapshot-store {url:?}: use one of {}",
+                    "--snapshot-store {:?}: use one of {}",
+                    crate::snapshot::store::redact(url),
                     known.join(", ")
                 )));
             }
@@ -785,6 +867,56 @@ mod tests {
         assert_eq!(parse_device("cuda"), Ok(DeviceChoice::Cuda(0)));
         assert_eq!(parse_device("cuda:3"), Ok(DeviceChoice::Cuda(3)));
         assert!(parse_device("tpu").is_err());
+    }
+
+    #[test]
+    fn malformed_properties_are_named_by_position_never_by_text() {
+        // A password with a comma, split by the delimiter: the second piece has no '='.
+        let c = parse(&["--kafka-property", "sasl.password=hunter2,secretpart"]);
+        let err = c.kafka.property_pairs().expect_err("the second piece is malformed");
+        assert!(err.0.contains("entry 2 of 2"), "{err}");
+        assert!(!err.0.contains("secretpart") && !err.0.contains("hunter2"), "{err}");
+        let err = c.validate().expect_err("validation says the same");
+        assert!(!err.to_string().contains("secretpart"), "{err}");
+        let c = parse(&["--kafka-property", "=hunter2"]);
+        let err = c.kafka.property_pairs().expect_err("no key");
+        assert!(err.0.contains("entry 1 of 1") && !err.0.contains("hunter2"), "{err}");
+        // A key is no secret: a managed one is named.
+        let c = parse(&["--kafka-property", "group.id=mine"]);
+        let err = c.kafka.property_pairs().expect_err("managed");
+        assert!(err.0.contains("group.id") && !err.0.contains("mine"), "{err}");
+    }
+
+    #[test]
+    fn sizes_and_kv_budgets_parse() {
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("2Gi"), Ok(2 << 30));
+        assert_eq!(parse_size("1.5GiB"), Ok(3 << 29));
+        assert_eq!(parse_size("100MB"), Ok(100_000_000));
+        assert_eq!(parse_size("3G"), Ok(3_000_000_000));
+        assert_eq!(parse_size(" 4096 "), Ok(4096));
+        assert_eq!(parse_size("64 KiB"), Ok(64 << 10));
+        for bad in ["", "MiB", "12XB", "-1GiB", "1e3", "1.2.3MiB", "5m"] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(parse(&[]).kafka.kv_budget, KvBudgetSetting::Auto);
+        assert_eq!(parse(&["--kv-budget", "off"]).kafka.kv_budget, KvBudgetSetting::Off);
+        assert_eq!(parse(&["--kv-budget", "0"]).kafka.kv_budget, KvBudgetSetting::Off);
+        assert_eq!(
+            parse(&["--kv-budget", "2GiB"]).kafka.kv_budget,
+            KvBudgetSetting::Bytes(2 << 30)
+        );
+        assert!(Config::try_parse_from(["ferry-worker", "--model", "m", "--kv-budget", "lots"]).is_err());
+    }
+
+    #[test]
+    fn a_bad_store_url_is_reported_without_its_password() {
+        let err = parse(&["--snapshot-store", "ftp://user:hunter2@host/x"])
+            .validate()
+            .expect_err("unknown scheme");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+        assert!(err.to_string().contains("ftp://user:REDACTED@host/x"), "{err}");
     }
 
     #[test]

@@ -125,7 +125,7 @@ async fn run(config: Config) -> anyhow::Result<Option<String>> {
             let s = Snapshots::new(store, config.snapshot.policy(), &model, &weights, &device_for_snapshots);
             s.spawn_sweeper(config.snapshot.snapshot_ttl, Duration::from_secs(300));
             ops.metrics.attach_snapshot_stats(s.stats.clone());
-            info!(store = %url, every_tokens = config.snapshot.snapshot_every_tokens, mode = ?config.snapshot.resume, "snapshots on");
+            info!(store = %ferry_worker::snapshot::store::redact(url), every_tokens = config.snapshot.snapshot_every_tokens, mode = ?config.snapshot.resume, "snapshots on");
             Some(s)
         }
         None => {

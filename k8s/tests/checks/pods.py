@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from checks import Problems, check
-from manifests import Rendered, cpu_cores, matches, pod_templates
+from manifests import Rendered, cpu_cores, matches, pod_templates, size_bytes
 
 QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 
@@ -117,6 +117,43 @@ def resources_are_bounded(r: Rendered) -> Problems:
         yield (
             f"FERRY_THREADS {threads} must leave one core of the cpu limit {limit} free: candle's "
             "threads spin, and Kafka, HTTP and snapshots need CPU too"
+        )
+
+
+# What a CPU worker holds beside its KV caches: SmolLM2-135M re-quantised to Q8_0 and the
+# process, about 300 MiB resident once loaded, with room to spare.
+MODEL_ALLOWANCE = 512 * 2**20
+
+
+def _kv_budget_past_the_limit(r: Rendered) -> None:
+    r.worker_config()["FERRY_KV_BUDGET"] = "lots" if r.overlay == "gpu" else "3Gi"
+
+
+@check(_kv_budget_past_the_limit)
+def kv_budget_fits_the_memory_limit(r: Rendered) -> Problems:
+    # On the CPU the KV caches live in the container's memory: their budget, the model and the
+    # worker's reserve (a tenth of the limit, at least 128 MiB, as its own default keeps) must
+    # fit in the memory limit, or the pod is OOM-killed under load instead of queueing. On a GPU
+    # they live in device memory, which the container's limit does not bound.
+    budget = (r.setting("FERRY_KV_BUDGET") or "auto").strip()
+    keyword = budget.lower() in ("auto", "off", "none", "unlimited")
+    if not keyword and size_bytes(budget) is None:
+        yield f"FERRY_KV_BUDGET {budget!r} is not a size (such as 2GiB), auto or off"
+        return
+    if r.setting("FERRY_DEVICE") != "cpu":
+        return
+    if budget.lower() in ("off", "none", "unlimited") or size_bytes(budget) == 0:
+        yield "FERRY_KV_BUDGET must not be off on the CPU: long requests would get the pod OOM-killed"
+        return
+    limit = size_bytes(r.container.get("resources", {}).get("limits", {}).get("memory", ""))
+    if keyword or limit is None:
+        return
+    reserve = max(limit // 10, 128 * 2**20)
+    need = size_bytes(budget) + reserve + MODEL_ALLOWANCE
+    if need > limit:
+        yield (
+            f"FERRY_KV_BUDGET {budget} with the model ({MODEL_ALLOWANCE >> 20} MiB) and the reserve "
+            f"({reserve >> 20} MiB) needs {need >> 20} MiB, more than the memory limit of {limit >> 20} MiB"
         )
 
 

@@ -21,6 +21,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::{ClientContext, Statistics, TopicPartitionList};
 use tracing::{info, warn};
 
+use super::commits::CommitGate;
 use crate::engine::JobControl;
 use crate::offsets::{OffsetTracker, TopicPartition};
 use crate::ops::Ops;
@@ -57,6 +58,9 @@ pub struct InFlight {
     /// Set when the worker exits without settling what is in flight (a second signal, the drain
     /// deadline, a fatal error): closing the consumer then revokes without waiting.
     abandoned: AtomicBool,
+    /// Every commit goes through it, so a partition's commits are made one at a time and its
+    /// position never moves back (see [`super::commits`]).
+    pub commits: CommitGate,
 }
 
 impl InFlight {
@@ -65,6 +69,7 @@ impl InFlight {
             state: Mutex::new(State::default()),
             revoke_timeout,
             abandoned: AtomicBool::new(false),
+            commits: CommitGate::default(),
         }
     }
 
@@ -200,9 +205,9 @@ impl InFlight {
     /// revoke timeout) for them to settle, then forget the partitions. Runs on the thread that
     /// polls the consumer, which is why it may block: the rebalance waits for it, as Kafka
     /// intends, while the requests settle on other threads.
-    /// Returns the deferred commits of the revoked partitions, for the callback to make while
-    /// the partitions are still this worker's.
-    pub fn revoke_blocking(&self, tps: &[TopicPartition]) -> Vec<(TopicPartition, i64)> {
+    /// Returns the deferred commits of the revoked partitions, with the epoch they belong to,
+    /// for the callback to make while the partitions are still this worker's.
+    pub fn revoke_blocking(&self, tps: &[TopicPartition]) -> Vec<(TopicPartition, u64, i64)> {
         let suspended = self.suspend(Some(tps));
         let deadline = Instant::now() + self.revoke_timeout;
         let wait = || {
@@ -232,11 +237,13 @@ impl InFlight {
         let mut s = self.lock();
         let mut last_commits = Vec::new();
         for tp in tps {
+            let epoch = s.epochs.entry(tp.clone()).or_insert(0);
+            let old = *epoch;
+            *epoch += 1;
             if let Some((position, _)) = s.deferred.remove(tp) {
-                last_commits.push((tp.clone(), position));
+                last_commits.push((tp.clone(), old, position));
             }
             s.tracker.revoke(tp);
-            *s.epochs.entry(tp.clone()).or_insert(0) += 1;
             s.pending_deletes.remove(tp);
             s.revoked.push(tp.clone());
         }
@@ -310,19 +317,32 @@ impl ConsumerContext for WorkerContext {
             if last.is_empty() {
                 return;
             }
-            let mut commits = TopicPartitionList::new();
-            for ((t, p), position) in &last {
-                if let Err(e) = commits.add_partition_offset(t, *p, rdkafka::Offset::Offset(*position)) {
-                    warn!(error = %e, "cannot build the commit");
-                }
+            // One partition at a time, through the commit gate: a request task may be committing
+            // a higher position of the same partition right now. A failure here leaves the
+            // answers to their done markers.
+            let mut made = 0;
+            for ((t, p), epoch, position) in &last {
+                let sent = self.inflight.commits.commit(&(t.clone(), *p), *epoch, *position, || {
+                    let mut commit = TopicPartitionList::new();
+                    if let Err(e) = commit.add_partition_offset(t, *p, rdkafka::Offset::Offset(*position)) {
+                        warn!(error = %e, "cannot build the commit");
+                        return false;
+                    }
+                    match consumer.commit(&commit, rdkafka::consumer::CommitMode::Sync) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            warn!(topic = %t, partition = p, error = %e, "deferred commit failed; redeliveries will publish the stored answers");
+                            false
+                        }
+                    }
+                });
+                made += usize::from(sent);
             }
-            // A failure here leaves the answers to their done markers.
-            match consumer.commit(&commits, rdkafka::consumer::CommitMode::Sync) {
-                Ok(()) => info!(
-                    partitions = last.len(),
+            if made > 0 {
+                info!(
+                    partitions = made,
                     "deferred commits made before giving the partitions up"
-                ),
-                Err(e) => warn!(error = %e, "deferred commits failed; redeliveries will publish the stored answers"),
+                );
             }
         }
     }

@@ -11,6 +11,10 @@
 //! acknowledgement. A lane that holds `--max-in-flight` waiting messages has its partitions
 //! paused until it drains.
 //!
+//! A started request generates only once its worst-case KV cache fits in the worker's
+//! `--kv-budget` beside those generating ([`admission`]); until then it waits, holding its slot,
+//! so a burst of long requests queues instead of exhausting the pod's memory.
+//!
 //! # Offsets
 //!
 //! Requests finish out of order, but a partition commits one position: the [`OffsetTracker`]
@@ -19,6 +23,8 @@
 //! before the commit passes it, the stored answer is published again instead of recomputed. If
 //! the worker dies anywhere before a commit, the group redelivers the uncommitted messages to
 //! a surviving worker: a request may be answered twice (with the same answer), never zero times.
+//! Several tasks commit (request tasks, the deferred-commit retry, the revocation callback);
+//! [`commits`] makes a partition's commits one at a time and never lets its position move back.
 //!
 //! # Rebalances and shutdown
 //!
@@ -43,6 +49,8 @@
 //! when one is configured ([`fallback`]), once: a handed-off request is never handed off again.
 //! Without one, an out-of-memory attempt counts as failed and the retry runs alone.
 
+pub mod admission;
+mod commits;
 mod fallback;
 mod inflight;
 mod lanes;
@@ -94,6 +102,9 @@ pub enum WorkerError {
     /// A topic the worker must be able to write (dead-letter, fallback) is missing or unusable.
     #[error("{0}")]
     Topics(String),
+    /// The KV budget cannot hold even one request (`--kv-budget`, or the memory limit).
+    #[error(transparent)]
+    Budget(#[from] admission::BudgetError),
 }
 
 impl WorkerError {
@@ -224,6 +235,7 @@ impl Worker {
         let reply_policy = cfg
             .reply_policy()
             .map_err(|e| WorkerError::Setup(KafkaError::ClientCreation(e.0)))?;
+        let kv_budget = admission::KvBudget::from_config(cfg.kv_budget, engine.model(), opts.ops.clone())?;
         let inner = Arc::new(request::Inner {
             consumer,
             publisher,
@@ -238,6 +250,7 @@ impl Worker {
             inflight,
             max_attempts: cfg.max_attempts,
             isolation: tokio::sync::RwLock::new(()),
+            kv_budget,
             ops: opts.ops,
         });
         Ok(Self {
@@ -432,22 +445,26 @@ fn task_result(joined: Result<Result<(), WorkerError>, tokio::task::JoinError>) 
 }
 
 impl request::Inner {
-    /// Commits `position` for a partition. A failed commit is not fatal: the caller keeps done
-    /// markers and defers the commit to a retry; if the partition moves first, the new owner
-    /// publishes the stored answers again.
-    fn commit(&self, tp: &TopicPartition, position: i64) -> bool {
-        let mut tpl = TopicPartitionList::new();
-        if let Err(e) = tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(position)) {
-            warn!(error = %e, "cannot build the commit");
-            return false;
-        }
-        match self.consumer.commit(&tpl, CommitMode::Sync) {
-            Ok(()) => true,
-            Err(e) => {
-                // Commits fail while the group rebalances; the loop retries them at every poll.
-                debug!(topic = %tp.0, partition = tp.1, position, error = %e, "commit failed; will retry");
-                false
+    /// Commits `position` for a partition, for work that started in `epoch`; `true` once it is
+    /// committed, by this call or by an equal or higher commit before it. Commits of a
+    /// partition are made one at a time and never move its position back ([`commits`]). A
+    /// failed commit is not fatal: the caller keeps done markers and defers the commit to a
+    /// retry; if the partition moves first, the new owner publishes the stored answers again.
+    fn commit(&self, tp: &TopicPartition, epoch: u64, position: i64) -> bool {
+        self.inflight.commits.commit(tp, epoch, position, || {
+            let mut tpl = TopicPartitionList::new();
+            if let Err(e) = tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(position)) {
+                warn!(error = %e, "cannot build the commit");
+                return false;
             }
-        }
+            match self.consumer.commit(&tpl, CommitMode::Sync) {
+                Ok(()) => true,
+                Err(e) => {
+                    // Commits fail while the group rebalances; the loop retries them at every poll.
+                    debug!(topic = %tp.0, partition = tp.1, position, error = %e, "commit failed; will retry");
+                    false
+                }
+            }
+        })
     }
 }

@@ -53,6 +53,8 @@ pub struct Inner {
     /// its worker) holds it alone, so if it crashes this worker too, it takes no bystander
     /// down with it, and only the suspect's attempt budget is spent.
     pub isolation: tokio::sync::RwLock<()>,
+    /// Memory admission: a generation starts only when its worst-case KV cache fits.
+    pub kv_budget: super::admission::KvBudget,
     /// Metrics, and the health state the circuit breaker reports to.
     pub ops: Arc<Ops>,
 }
@@ -157,7 +159,7 @@ impl Inner {
     ) {
         match self.inflight.finish(tp, offset, epoch, prefix.as_deref()) {
             Some((position, prefixes)) => {
-                if self.commit(tp, position) {
+                if self.commit(tp, epoch, position) {
                     self.delete_all(prefixes).await;
                 } else {
                     // The group refuses commits while it rebalances: keep the answer as a done
@@ -191,7 +193,7 @@ impl Inner {
     /// Retries the commits that failed, from the loop.
     pub async fn retry_deferred(&self) {
         for (tp, epoch, position, prefixes) in self.inflight.take_deferred() {
-            if self.commit(&tp, position) {
+            if self.commit(&tp, epoch, position) {
                 info!(topic = %tp.0, partition = tp.1, position, "deferred commit made");
                 self.delete_all(prefixes).await;
             } else {
@@ -434,6 +436,21 @@ impl Inner {
                         reply,
                     });
                 }
+                // The KV budget is held from before the slot until the generation ends (see
+                // `admission`); it too comes before the attempt is recorded.
+                let _kv = match self
+                    .kv_budget
+                    .admit(prepared.prompt.len(), prepared.params.max_tokens, &control)
+                    .await
+                {
+                    super::admission::Admission::Admitted(permit) => permit,
+                    super::admission::Admission::Suspended => return Ok(Served::Suspended),
+                    super::admission::Admission::TooLarge { code, message } => {
+                        let invalid = rejected(&request, code, message);
+                        self.reject(msg, trace, &invalid, &before.attempts).await?;
+                        return Ok(Served::rejected());
+                    }
+                };
                 // The slot comes before the attempt is recorded: an attempt that waits behind a
                 // suspect that crashes the worker must not be counted as died.
                 let Some(_slot) = self.slot(suspect(&before), &control).await else {

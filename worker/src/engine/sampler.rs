@@ -9,7 +9,9 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-/// How to choose tokens. `temperature == 0` is greedy decoding, and then the rest is ignored.
+/// How to choose tokens. `temperature == 0` is greedy decoding, and then the rest is ignored;
+/// so is any temperature too small to divide by in f32, where sampling happens (see
+/// [`SamplingParams::is_greedy`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SamplingParams {
     pub temperature: f64,
@@ -28,8 +30,14 @@ impl SamplingParams {
         seed: 0,
     };
 
+    /// Greedy when the temperature, as the f32 the logits are divided by, is not a normal
+    /// positive number: zero, below zero, or so small that it rounds to zero or is subnormal in
+    /// f32 (below about 1.2e-38). Dividing by such a number makes the logits infinite or NaN,
+    /// which would sample nonsense (the least likely token, once); in the limit a tiny
+    /// temperature *is* greedy, which is what a caller asking for one expects.
     pub fn is_greedy(&self) -> bool {
-        self.temperature <= 0.0
+        let t = self.temperature as f32;
+        !(t.is_normal() && t > 0.0)
     }
 }
 
@@ -54,8 +62,17 @@ pub fn sample(logits: &[f32], params: &SamplingParams, position: u64) -> u32 {
     }
     let t = params.temperature as f32;
     let max = logits[order[0] as usize];
-    let mut probs: Vec<f32> = order.iter().map(|&i| ((logits[i as usize] - max) / t).exp()).collect();
+    // A NaN logit (a broken model) or an infinite one gives a NaN weight here: it counts as
+    // nothing, and if nothing is left, the most likely token is the answer.
+    let mut probs: Vec<f32> = order
+        .iter()
+        .map(|&i| ((logits[i as usize] - max) / t).exp())
+        .map(|p| if p.is_finite() { p } else { 0.0 })
+        .collect();
     let total: f32 = probs.iter().sum();
+    if !(total.is_finite() && total > 0.0) {
+        return order[0];
+    }
     probs.iter_mut().for_each(|p| *p /= total);
     if params.top_p < 1.0 {
         let mut cum = 0f32;
@@ -79,8 +96,13 @@ pub fn sample(logits: &[f32], params: &SamplingParams, position: u64) -> u32 {
             return id;
         }
     }
-    // Rounding can leave the cumulative sum a hair under 1.
-    *order.last().unwrap_or(&0)
+    // Rounding can leave the cumulative sum a hair under 1: the last token that has any weight.
+    order
+        .iter()
+        .zip(&probs)
+        .rev()
+        .find(|(_, &p)| p > 0.0)
+        .map_or(order[0], |(&id, _)| id)
 }
 
 /// The uniform number in `[0, 1)` for `position` under `seed`.
@@ -156,6 +178,45 @@ mod tests {
             .count();
         let share = hits as f64 / 4000.0;
         assert!((share - 0.731).abs() < 0.03, "share {share}");
+    }
+
+    #[test]
+    fn temperatures_too_small_for_f32_are_greedy() {
+        // The most likely token is 2; token 0 is the least likely.
+        let logits = [-3.0, 0.5, 4.0, 1.0];
+        for t in [
+            1e-45,                              // rounds to f32's smallest subnormal
+            1e-39,                              // subnormal in f32
+            f64::from(f32::MIN_POSITIVE) / 2.0, // subnormal in f32
+            1e-50,                              // rounds to 0 in f32
+            f64::MIN_POSITIVE,                  // the smallest positive f64
+        ] {
+            let p = params(t, 1.0, 0, 3);
+            assert!(p.is_greedy(), "{t:e}");
+            for n in 0..20 {
+                assert_eq!(sample(&logits, &p, n), 2, "temperature {t:e}, position {n}");
+            }
+        }
+        // The smallest normal f32 samples, and is as sharp as greedy.
+        let p = params(f64::from(f32::MIN_POSITIVE), 1.0, 0, 3);
+        assert!(!p.is_greedy());
+        assert!((0..20).all(|n| sample(&logits, &p, n) == 2));
+    }
+
+    #[test]
+    fn broken_logits_never_pick_the_least_likely_token() {
+        // NaN and infinite logits give NaN weights: they count as nothing.
+        let p = params(0.8, 1.0, 0, 11);
+        let with_nan = [0.0, f32::NAN, 5.0, -1.0];
+        assert!((0..50).all(|n| sample(&with_nan, &p, n) != 1));
+        let with_inf = [f32::INFINITY, 1.0, f32::INFINITY, 0.0];
+        for n in 0..50 {
+            assert_eq!(
+                sample(&with_inf, &p, n),
+                0,
+                "nothing finite is left: the first most likely"
+            );
+        }
     }
 
     #[test]

@@ -279,8 +279,9 @@ pub struct SequenceCache {
 }
 
 /// Positions the cache allocates at a time. Small, so a short request does not pay for the
-/// whole context; growth copies, but only every this many tokens.
-const CACHE_CHUNK: usize = 256;
+/// whole context; growth copies, but only every this many tokens. Memory admission
+/// (`consumer::admission`) counts caches in these chunks.
+pub const CACHE_CHUNK: usize = 256;
 
 impl SequenceCache {
     pub fn new(config: &LlamaConfig) -> Self {

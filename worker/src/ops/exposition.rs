@@ -43,6 +43,10 @@ impl Gauge {
         self.0.store(v, Relaxed);
     }
 
+    pub fn add(&self, n: i64) {
+        self.0.fetch_add(n, Relaxed);
+    }
+
     pub fn get(&self) -> i64 {
         self.0.load(Relaxed)
     }

@@ -5,6 +5,13 @@
 //! connection. Probes and Prometheus need nothing more. It runs on the worker's own runtime, so
 //! an answer from `/healthz` also says the runtime is alive.
 //!
+//! At most [`MAX_CONNECTIONS`] connections are served at once; the next ones wait, not yet
+//! accepted, in the listen backlog until one closes. Each connection has [`READ_TIMEOUT`] to send
+//! its head and [`WRITE_TIMEOUT`] to take the answer, so a client that sends or reads slowly
+//! (or not at all) holds its place for seconds, not for ever. Limit: a flood of such clients
+//! still delays the probes by those seconds; it cannot exhaust the worker's memory or file
+//! descriptors.
+//!
 //! - `/healthz`: 200 while the process works; 503 once the consumer loop, having started, has
 //!   stood still for longer than `--max-poll-interval` outside a drain.
 //! - `/readyz`: 200 once the model is loaded and the group has assigned this worker its
@@ -24,7 +31,11 @@ use super::Ops;
 /// A request head larger than this is refused.
 const MAX_HEAD: usize = 8 * 1024;
 /// A client has this long to send its request head.
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// A client has this long to take the answer.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections served at once.
+pub const MAX_CONNECTIONS: usize = 64;
 
 /// An answer, before it is written.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,13 +118,25 @@ pub async fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     Ok(listener)
 }
 
-/// Answers connections until the task is dropped.
+/// Answers connections, [`MAX_CONNECTIONS`] at a time, until the task is dropped.
 pub async fn serve(listener: TcpListener, ops: Arc<Ops>) {
+    serve_with_limit(listener, ops, MAX_CONNECTIONS).await;
+}
+
+/// [`serve`], with at most `limit` connections at a time.
+pub async fn serve_with_limit(listener: TcpListener, ops: Arc<Ops>, limit: usize) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(limit.max(1)));
     loop {
+        // A permit before the accept: the connections over the limit wait in the kernel's
+        // backlog, costing the process nothing, and are served in the order they came.
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return; // The semaphore is never closed.
+        };
         match listener.accept().await {
             Ok((stream, _)) => {
                 let ops = ops.clone();
                 tokio::spawn(async move {
+                    let _permit = permit;
                     if let Err(e) = handle(stream, &ops).await {
                         debug!(error = %e, "http connection");
                     }
@@ -145,8 +168,14 @@ async fn handle(mut stream: TcpStream, ops: &Ops) -> std::io::Result<()> {
         }
         None => (Response::text(431, "request head too large"), false),
     };
-    stream.write_all(&response.encode(head_only)).await?;
-    stream.shutdown().await
+    let write = async {
+        stream.write_all(&response.encode(head_only)).await?;
+        stream.shutdown().await
+    };
+    match tokio::time::timeout(WRITE_TIMEOUT, write).await {
+        Ok(written) => written,
+        Err(_) => Ok(()),
+    }
 }
 
 /// Reads up to the end of the request head. `None` when it exceeds [`MAX_HEAD`].
@@ -218,6 +247,36 @@ mod tests {
         );
         assert!(not_ready.starts_with("HTTP/1.1 503 "), "{not_ready}");
         assert!(not_ready.ends_with("loading the model\n"), "{not_ready}");
+        server.abort();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_over_the_limit_wait_until_one_closes() {
+        let listener = bind("127.0.0.1:0".parse().expect("addr")).await.expect("binds");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(serve_with_limit(listener, ops(), 2));
+        // Two clients that connect and send nothing hold both places (for up to READ_TIMEOUT).
+        let idle = TcpStream::connect(addr).await.expect("connects");
+        let _idle_too = TcpStream::connect(addr).await.expect("connects");
+        let mut probe = TcpStream::connect(addr).await.expect("connects");
+        probe
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("writes");
+        let mut first = [0u8; 1];
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), probe.read(&mut first))
+                .await
+                .is_err(),
+            "a third connection was served while two held the places"
+        );
+        drop(idle);
+        let mut out = String::new();
+        tokio::time::timeout(READ_TIMEOUT, probe.read_to_string(&mut out))
+            .await
+            .expect("answered once a place freed")
+            .expect("reads");
+        assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
         server.abort();
     }
 }

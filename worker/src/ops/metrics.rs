@@ -128,6 +128,9 @@ pub struct Metrics {
     commit_lag: Mutex<BTreeMap<TopicPartition, i64>>,
     consumer_lag: Mutex<BTreeMap<TopicPartition, i64>>,
     assigned_partitions: Gauge,
+    kv_budget: Gauge,
+    kv_reserved: Gauge,
+    kv_admission_waits: Counter,
     snapshots: OnceLock<Arc<SnapshotStats>>,
 }
 
@@ -149,6 +152,9 @@ impl Default for Metrics {
             commit_lag: Mutex::default(),
             consumer_lag: Mutex::default(),
             assigned_partitions: Gauge::default(),
+            kv_budget: Gauge::default(),
+            kv_reserved: Gauge::default(),
+            kv_admission_waits: Counter::default(),
             snapshots: OnceLock::new(),
         }
     }
@@ -252,6 +258,27 @@ impl Metrics {
         self.assigned_partitions.set(n);
     }
 
+    /// The KV budget in bytes; `None` when it is unlimited.
+    pub fn set_kv_budget(&self, bytes: Option<u64>) {
+        self.kv_budget
+            .set(bytes.map_or(0, |b| i64::try_from(b).unwrap_or(i64::MAX)));
+    }
+
+    /// A request was admitted with this worst case of KV cache reserved.
+    pub fn kv_reserved(&self, bytes: u64) {
+        self.kv_reserved.add(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// An admitted request's reservation was released.
+    pub fn kv_released(&self, bytes: u64) {
+        self.kv_reserved.add(-i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
+    /// A request had to wait for KV budget before it could start.
+    pub fn kv_admission_waited(&self) {
+        self.kv_admission_waits.inc();
+    }
+
     /// Writes every family.
     pub fn render(&self, e: &mut Exposition) {
         e.family(
@@ -339,6 +366,21 @@ impl Metrics {
             "ferry_assigned_partitions",
             "Partitions assigned to this worker, from librdkafka's statistics.",
             self.assigned_partitions.get() as f64,
+        );
+        e.gauge(
+            "ferry_kv_budget_bytes",
+            "Memory for KV caches that admitted requests may reserve at most (--kv-budget); 0 when unlimited.",
+            self.kv_budget.get() as f64,
+        );
+        e.gauge(
+            "ferry_kv_reserved_bytes",
+            "Worst-case KV cache memory reserved by the requests admitted now.",
+            self.kv_reserved.get() as f64,
+        );
+        e.counter(
+            "ferry_kv_admission_waits_total",
+            "Requests that waited for KV budget before they could start.",
+            self.kv_admission_waits.get(),
         );
         self.render_snapshots(e);
     }

@@ -300,15 +300,32 @@ pub(crate) fn check_delete_prefix(prefix: &str) -> Result<&str, StoreError> {
     Ok(trimmed)
 }
 
-/// `url` with any password replaced, for error messages and logs.
-fn redact(url: &str) -> String {
+/// `url` with any password replaced, for error messages and logs: `redis://user:pw@host` becomes
+/// `redis://user:REDACTED@host`, and `rediss://:pw@host` (Redis' password-only form)
+/// `rediss://:REDACTED@host`. A URL that does not parse (so that where its password ends is
+/// unclear) keeps only its scheme and what follows the last `@` of its authority.
+pub fn redact(url: &str) -> String {
     match url::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            // Setting a password only fails for URLs that cannot have one, and this one has one.
-            let _ = parsed.set_password(Some("REDACTED"));
+        // `user:secret@host` parses too, as scheme `user` and path `secret@host`: a URL
+        // without an authority is treated as one that does not parse.
+        Ok(mut parsed) if !parsed.cannot_be_a_base() => {
+            if parsed.password().is_some() {
+                // Setting a password only fails for URLs that cannot have one, and this one has one.
+                let _ = parsed.set_password(Some("REDACTED"));
+            }
             parsed.to_string()
         }
-        _ => url.to_string(),
+        _ => {
+            let (scheme, rest) = match url.split_once("://") {
+                Some((scheme, rest)) => (format!("{scheme}://"), rest),
+                None => (String::new(), url),
+            };
+            let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+            match rest[..authority_end].rfind('@') {
+                Some(at) => format!("{scheme}REDACTED@{}", &rest[at + 1..]),
+                None => url.to_string(),
+            }
+        }
     }
 }
 
@@ -358,6 +375,24 @@ mod tests {
             "redis://user:REDACTED@host:6379/0"
         );
         assert_eq!(redact("s3://bucket/prefix"), "s3://bucket/prefix");
+        assert_eq!(redact("rediss://:secret@host:6380"), "rediss://:REDACTED@host:6380");
+        assert_eq!(
+            redact("redis://user@host"),
+            "redis://user@host",
+            "no password, nothing hidden"
+        );
+        // Credentials in an object store URL are hidden the same way.
+        assert_eq!(
+            redact("s3://AKIAX:verysecret@bucket/prefix"),
+            "s3://AKIAX:REDACTED@bucket/prefix"
+        );
+        // A URL that does not parse loses all of its userinfo.
+        let broken = redact("redis://user:secret@host:notaport/0");
+        assert!(!broken.contains("secret"), "{broken}");
+        assert_eq!(broken, "redis://REDACTED@host:notaport/0");
+        assert_eq!(redact("redis://us:er:se@cr@et@host:x"), "redis://REDACTED@host:x");
+        assert_eq!(redact("user:secret@host"), "REDACTED@host");
+        assert_eq!(redact("/no/scheme"), "/no/scheme");
     }
 
     #[tokio::test]

@@ -1,0 +1,527 @@
+//! Memory admission: a request starts generating only when the worst case of its KV cache fits,
+//! beside the worst cases of the requests already generating, in the worker's KV budget
+//! (`--kv-budget`). Otherwise it waits for one of them to finish, so a burst of long requests
+//! queues instead of getting the pod OOM-killed.
+//!
+//! A request's worst case is the cache of every position it can reach: its prompt plus its
+//! `max_tokens`, capped by the context window, rounded up to the
+//! [`CACHE_CHUNK`] positions the cache allocates at a time, times the bytes one position takes
+//! in every layer ([`bytes_per_position`]). The budget is kept in a fair semaphore whose units
+//! are positions: a request waits in arrival order, so a long one is not starved by a stream of
+//! short ones behind it. A request whose worst case alone exceeds the whole budget could never
+//! start; it is refused at once ([`Admission::TooLarge`]), and the caller dead-letters it.
+//!
+//! The budget comes from the flag, or by default (on the CPU, where the caches live in the
+//! process's memory) from the cgroup's memory limit minus what the process holds once the model
+//! is loaded, minus a reserve ([`default_budget`]). The pure parts (sizes, cgroup files, the
+//! arithmetic) are functions of their inputs; only [`KvBudget::from_config`] reads the system.
+//!
+//! Limit: only KV caches are counted. Activations of a prefill chunk, the copies a snapshot
+//! makes of new positions, and the transient copy when a cache grows by a chunk are what the
+//! reserve is for. The default also assumes the process is alone in its cgroup, as a worker
+//! container in Kubernetes is.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_schemas::ErrorCode;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
+use tracing::{info, warn};
+
+use crate::config::KvBudgetSetting;
+use crate::engine::JobControl;
+use crate::model::llama::CACHE_CHUNK;
+use crate::model::LlamaConfig;
+use crate::ops::Ops;
+
+const MIB: u64 = 1024 * 1024;
+/// The default budget keeps this share of the cgroup limit free...
+const RESERVE_SHARE: u64 = 10;
+/// ...and at least this much.
+const MIN_RESERVE: u64 = 128 * MIB;
+/// A cgroup memory limit this large means no limit (cgroup v1 writes `PAGE_COUNTER_MAX` pages,
+/// about 8 EiB, for "unlimited").
+const NO_LIMIT_FROM: u64 = 1 << 60;
+
+/// Bytes one cached position takes: keys and values of every layer, `n_kv_head * head_dim`
+/// values each, in f32 (the forward pass computes keys and values in f32 on every device, and
+/// the cache keeps them as computed).
+pub fn bytes_per_position(c: &LlamaConfig) -> u64 {
+    (c.n_layer * c.n_kv_head * c.head_dim * 2 * std::mem::size_of::<f32>()) as u64
+}
+
+/// The most positions a request's cache can hold: its prompt and `max_tokens`, capped by the
+/// context window (generation stops there).
+pub fn worst_case_tokens(prompt_len: usize, max_tokens: usize, context: usize) -> usize {
+    prompt_len.saturating_add(max_tokens).min(context)
+}
+
+/// The positions a cache of `tokens` positions has allocated: whole chunks.
+pub fn allocated_positions(tokens: usize) -> usize {
+    tokens.div_ceil(CACHE_CHUNK) * CACHE_CHUNK
+}
+
+/// The cgroup's memory limit, from the contents of cgroup v2's `memory.max` or else cgroup v1's
+/// `memory.limit_in_bytes`. `None` when neither gives one (`max`, a value too large to be a
+/// limit, unreadable or absent).
+pub fn cgroup_limit(v2_memory_max: Option<&str>, v1_limit_in_bytes: Option<&str>) -> Option<u64> {
+    let parse = |s: &str| s.trim().parse::<u64>().ok().filter(|&n| n > 0 && n < NO_LIMIT_FROM);
+    match v2_memory_max {
+        // cgroup v2 is authoritative where it is mounted, even when it says `max`.
+        Some(v2) => parse(v2),
+        None => v1_limit_in_bytes.and_then(parse),
+    }
+}
+
+/// The resident set size, from the contents of `/proc/self/status` (`VmRSS:  1234 kB`).
+pub fn resident_bytes(proc_status: &str) -> Option<u64> {
+    let line = proc_status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let mut fields = line["VmRSS:".len()..].split_whitespace();
+    let n: u64 = fields.next()?.parse().ok()?;
+    match fields.next() {
+        Some("kB") => n.checked_mul(1024),
+        _ => None,
+    }
+}
+
+/// The default budget under a memory limit: what the limit leaves beside the process as it is
+/// now (the model loaded) and a reserve of a tenth of the limit, at least 128 MiB. `None` when
+/// that leaves nothing.
+pub fn default_budget(limit: u64, resident: u64) -> Option<u64> {
+    let reserve = (limit / RESERVE_SHARE).max(MIN_RESERVE);
+    limit.checked_sub(resident)?.checked_sub(reserve).filter(|&b| b > 0)
+}
+
+/// How an admission ended.
+#[derive(Debug)]
+pub enum Admission {
+    /// The request may generate; its worst case stays reserved until the permit drops.
+    Admitted(KvPermit),
+    /// The request was told to suspend (a drain, a revocation) while it waited.
+    Suspended,
+    /// Its worst case alone exceeds the whole budget: it can never start on this worker.
+    TooLarge { code: ErrorCode, message: String },
+}
+
+/// A request's reservation, released when dropped.
+#[derive(Debug)]
+pub struct KvPermit {
+    /// `None` under an unlimited budget, which still reports what it would reserve.
+    _permit: Option<OwnedSemaphorePermit>,
+    bytes: u64,
+    ops: Arc<Ops>,
+}
+
+impl Drop for KvPermit {
+    fn drop(&mut self) {
+        self.ops.metrics.kv_released(self.bytes);
+    }
+}
+
+/// The worker's KV budget, shared by every request task.
+#[derive(Debug)]
+pub struct KvBudget {
+    /// The budget in positions; `None` is unlimited (every request is admitted at once).
+    positions: Option<Arc<Semaphore>>,
+    capacity: usize,
+    bytes_per_position: u64,
+    context: usize,
+    ops: Arc<Ops>,
+}
+
+/// Why the worker cannot start with the budget it was given or found.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("--kv-budget: {0}")]
+pub struct BudgetError(pub String);
+
+impl KvBudget {
+    /// A budget of `bytes` (`None`: unlimited) for caches of `bytes_per_position` bytes a
+    /// position, in a context of `context` positions.
+    pub fn new(
+        bytes: Option<u64>,
+        bytes_per_position: u64,
+        context: usize,
+        ops: Arc<Ops>,
+    ) -> Result<Self, BudgetError> {
+        let bytes_per_position = bytes_per_position.max(1);
+        let capacity = match bytes {
+            None => None,
+            Some(b) => {
+                let positions = usize::try_from(b / bytes_per_position)
+                    .unwrap_or(usize::MAX)
+                    .min(Semaphore::MAX_PERMITS)
+                    .min(u32::MAX as usize);
+                if positions < CACHE_CHUNK {
+                    return Err(BudgetError(format!(
+                        "{} MiB holds {positions} cached positions, less than the {CACHE_CHUNK} (\
+                         {} MiB) one request's cache takes at the least: raise it, or the memory limit",
+                        b / MIB,
+                        CACHE_CHUNK as u64 * bytes_per_position / MIB
+                    )));
+                }
+                Some(positions)
+            }
+        };
+        ops.metrics
+            .set_kv_budget(capacity.map(|p| p as u64 * bytes_per_position));
+        Ok(Self {
+            positions: capacity.map(|p| Arc::new(Semaphore::new(p))),
+            capacity: capacity.unwrap_or(usize::MAX),
+            bytes_per_position,
+            context,
+            ops,
+        })
+    }
+
+    /// The budget for `model` as configured: the flag's size, unlimited, or by default the
+    /// cgroup's limit less what this process holds now (call it once the model is loaded). The
+    /// default applies on the CPU only: on an accelerator the caches live in its memory, which
+    /// the cgroup does not bound, so there it is unlimited unless the flag sets one. Logs which.
+    pub fn from_config(
+        setting: KvBudgetSetting,
+        model: &crate::model::Model,
+        ops: Arc<Ops>,
+    ) -> Result<Self, BudgetError> {
+        let per_position = bytes_per_position(&model.weights.config);
+        let bytes = match setting {
+            KvBudgetSetting::Off => {
+                info!("KV budget: unlimited (--kv-budget off)");
+                None
+            }
+            KvBudgetSetting::Bytes(b) => Some(b),
+            KvBudgetSetting::Auto if !model.weights.device().is_cpu() => {
+                info!("KV budget: unlimited (the caches live in accelerator memory; set --kv-budget to bound them)");
+                None
+            }
+            KvBudgetSetting::Auto => {
+                let read = |p: &str| std::fs::read_to_string(p).ok();
+                let limit = cgroup_limit(
+                    read("/sys/fs/cgroup/memory.max").as_deref(),
+                    read("/sys/fs/cgroup/memory/memory.limit_in_bytes").as_deref(),
+                );
+                let resident = read("/proc/self/status").as_deref().and_then(resident_bytes);
+                match (limit, resident) {
+                    (None, _) => {
+                        info!("KV budget: unlimited (no cgroup memory limit; set --kv-budget to bound the caches)");
+                        None
+                    }
+                    (Some(limit), resident) => {
+                        let resident = resident.unwrap_or_else(|| {
+                            warn!("cannot read this process's resident memory; counting it as none");
+                            0
+                        });
+                        let budget = default_budget(limit, resident).ok_or_else(|| {
+                            BudgetError(format!(
+                                "the cgroup memory limit of {} MiB leaves no room for KV caches beside the {} MiB \
+                                 this process holds and the reserve: raise the limit or set --kv-budget",
+                                limit / MIB,
+                                resident / MIB
+                            ))
+                        })?;
+                        info!(
+                            limit_mib = limit / MIB,
+                            resident_mib = resident / MIB,
+                            "KV budget from the cgroup memory limit, less the process and a reserve"
+                        );
+                        Some(budget)
+                    }
+                }
+            }
+        };
+        let budget = Self::new(bytes, per_position, model.context_length, ops)?;
+        if let Some(b) = bytes {
+            info!(
+                budget_mib = b / MIB,
+                positions = budget.capacity,
+                bytes_per_position = per_position,
+                full_context_requests = budget.capacity / allocated_positions(model.context_length).max(1),
+                "KV budget: requests start when their worst-case cache fits"
+            );
+        }
+        Ok(budget)
+    }
+
+    /// Waits until the worst case of a request with a prompt of `prompt_len` tokens and
+    /// `max_tokens` fits beside those admitted, and reserves it. Gives up when `control` is told
+    /// to suspend; refuses at once a request that could never fit.
+    pub async fn admit(&self, prompt_len: usize, max_tokens: usize, control: &JobControl) -> Admission {
+        let worst = worst_case_tokens(prompt_len, max_tokens, self.context);
+        let positions = allocated_positions(worst);
+        let bytes = positions as u64 * self.bytes_per_position;
+        if positions > self.capacity {
+            return Admission::TooLarge {
+                code: self.too_large_code(prompt_len),
+                message: self.too_large_message(prompt_len, max_tokens, bytes),
+            };
+        }
+        let permit = match &self.positions {
+            None => None,
+            Some(sem) => {
+                // `positions <= capacity <= u32::MAX` (see `new`).
+                let n = positions as u32;
+                match sem.clone().try_acquire_many_owned(n) {
+                    Ok(p) => Some(p),
+                    Err(TryAcquireError::NoPermits) => {
+                        self.ops.metrics.kv_admission_waited();
+                        info!(
+                            worst_case_mib = bytes / MIB,
+                            free_mib = sem.available_permits() as u64 * self.bytes_per_position / MIB,
+                            "waiting for KV budget"
+                        );
+                        tokio::select! {
+                            p = sem.clone().acquire_many_owned(n) => p.ok(),
+                            () = suspended(control) => return Admission::Suspended,
+                        }
+                    }
+                    // The semaphore is never closed.
+                    Err(TryAcquireError::Closed) => None,
+                }
+            }
+        };
+        self.ops.metrics.kv_reserved(bytes);
+        Admission::Admitted(KvPermit {
+            _permit: permit,
+            bytes,
+            ops: self.ops.clone(),
+        })
+    }
+
+    /// A prompt that does not fit beside one generated token is too long for this worker; a
+    /// prompt that fits but not with its `max_tokens` is a request to send with fewer.
+    fn too_large_code(&self, prompt_len: usize) -> ErrorCode {
+        if allocated_positions(worst_case_tokens(prompt_len, 1, self.context)) > self.capacity {
+            ErrorCode::PromptTooLong
+        } else {
+            ErrorCode::InvalidRequest
+        }
+    }
+
+    fn too_large_message(&self, prompt_len: usize, max_tokens: usize, bytes: u64) -> String {
+        let most = (self.capacity / CACHE_CHUNK) * CACHE_CHUNK;
+        format!(
+            "a prompt of {prompt_len} tokens with max_tokens {max_tokens} needs up to {} MiB of KV cache, more than \
+             this worker's whole KV budget of {} MiB (--kv-budget): prompt plus max_tokens may be at most {most} tokens here",
+            bytes.div_ceil(MIB),
+            self.capacity as u64 * self.bytes_per_position / MIB,
+        )
+    }
+}
+
+/// Resolves once `control` is told to suspend.
+async fn suspended(control: &JobControl) {
+    while !control.suspend.load(std::sync::atomic::Ordering::Acquire) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    fn ops() -> Arc<Ops> {
+        let (tx, _rx) = tokio::sync::watch::channel(0);
+        Ops::new(Arc::new(tx), 5, Duration::from_secs(60))
+    }
+
+    fn smollm2() -> LlamaConfig {
+        LlamaConfig {
+            n_layer: 30,
+            n_head: 9,
+            n_kv_head: 3,
+            head_dim: 64,
+            embedding_length: 576,
+            context_length: 8192,
+            rms_norm_eps: 1e-5,
+            rope_freq_base: 100_000.0,
+            vocab_size: 49_152,
+        }
+    }
+
+    #[test]
+    fn a_position_is_keys_and_values_of_every_layer_in_f32() {
+        assert_eq!(bytes_per_position(&smollm2()), 30 * 3 * 64 * 2 * 4);
+        // And that is what a real cache of that shape holds.
+        let c = LlamaConfig {
+            n_layer: 2,
+            n_kv_head: 2,
+            head_dim: 4,
+            ..smollm2()
+        };
+        let positions = 3;
+        let values = (0..c.n_layer)
+            .map(|_| {
+                let n = positions * c.n_kv_head * c.head_dim;
+                (vec![0.5f32; n], vec![0.25f32; n])
+            })
+            .collect();
+        let cache = crate::model::SequenceCache::from_range_values(&c, positions, values, &candle_core::Device::Cpu)
+            .expect("cache");
+        let held: usize = cache
+            .layer_tensors()
+            .expect("tensors")
+            .iter()
+            .map(|(k, v)| (k.elem_count() * k.dtype().size_in_bytes()) + v.elem_count() * v.dtype().size_in_bytes())
+            .sum();
+        assert_eq!(held as u64, positions as u64 * bytes_per_position(&c));
+    }
+
+    #[test]
+    fn the_worst_case_is_capped_by_the_context_and_allocated_in_chunks() {
+        assert_eq!(worst_case_tokens(100, 256, 8192), 356);
+        assert_eq!(worst_case_tokens(8000, 1000, 8192), 8192);
+        assert_eq!(worst_case_tokens(10, usize::MAX, 2048), 2048);
+        assert_eq!(allocated_positions(1), CACHE_CHUNK);
+        assert_eq!(allocated_positions(CACHE_CHUNK), CACHE_CHUNK);
+        assert_eq!(allocated_positions(CACHE_CHUNK + 1), 2 * CACHE_CHUNK);
+        assert_eq!(allocated_positions(0), 0);
+    }
+
+    #[test]
+    fn cgroup_limits_are_read_from_v2_then_v1() {
+        assert_eq!(cgroup_limit(Some("3221225472\n"), None), Some(3 << 30));
+        assert_eq!(
+            cgroup_limit(Some("max\n"), Some("1073741824")),
+            None,
+            "v2 says no limit"
+        );
+        assert_eq!(cgroup_limit(None, Some("1073741824\n")), Some(1 << 30));
+        assert_eq!(
+            cgroup_limit(None, Some("9223372036854771712\n")),
+            None,
+            "v1's unlimited"
+        );
+        assert_eq!(cgroup_limit(None, None), None);
+        assert_eq!(cgroup_limit(Some("garbage"), None), None);
+        assert_eq!(cgroup_limit(Some("0"), None), None);
+    }
+
+    #[test]
+    fn resident_memory_is_read_from_proc_status() {
+        let status = "Name:\tferry-worker\nVmPeak:\t 900000 kB\nVmRSS:\t  312344 kB\nThreads:\t9\n";
+        assert_eq!(resident_bytes(status), Some(312_344 * 1024));
+        assert_eq!(resident_bytes("Name:\tx\n"), None);
+        assert_eq!(resident_bytes("VmRSS:\tlots\n"), None);
+        assert_eq!(resident_bytes("VmRSS:\t12 MB\n"), None, "only kB is known");
+    }
+
+    #[test]
+    fn the_default_leaves_the_process_and_a_reserve() {
+        // 3 GiB limit, 300 MiB resident: a reserve of 307.2 MiB (a tenth).
+        let limit = 3 << 30;
+        assert_eq!(default_budget(limit, 300 * MIB), Some(limit - 300 * MIB - limit / 10));
+        // A small limit keeps at least 128 MiB.
+        assert_eq!(default_budget(512 * MIB, 100 * MIB), Some(284 * MIB));
+        assert_eq!(default_budget(512 * MIB, 400 * MIB), None);
+        assert_eq!(default_budget(100 * MIB, 0), None);
+    }
+
+    #[test]
+    fn a_budget_smaller_than_one_chunk_is_refused() {
+        assert!(KvBudget::new(Some(CACHE_CHUNK as u64 * 100 - 1), 100, 2048, ops()).is_err());
+        assert!(KvBudget::new(Some(CACHE_CHUNK as u64 * 100), 100, 2048, ops()).is_ok());
+        assert!(KvBudget::new(None, 100, 2048, ops()).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_second_admission_waits_until_the_first_permit_drops() {
+        let ops = ops();
+        // Room for three chunks: two requests of two chunks do not fit together.
+        let budget = Arc::new(KvBudget::new(Some(3 * CACHE_CHUNK as u64), 1, 2048, ops.clone()).expect("budget"));
+        let control = Arc::new(JobControl::default());
+        let Admission::Admitted(first) = budget.admit(300, 100, &control).await else {
+            panic!("the first fits");
+        };
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        let second = {
+            let budget = budget.clone();
+            let control = control.clone();
+            tokio::spawn(async move {
+                let a = budget.admit(CACHE_CHUNK, 1, &control).await;
+                let _ = tx.send(());
+                a
+            })
+        };
+        // The second is waiting: the wait is counted before it blocks.
+        while !ops.render_metrics().contains("ferry_kv_admission_waits_total 1\n") {
+            tokio::task::yield_now().await;
+        }
+        assert!(rx.try_recv().is_err(), "admitted while the first holds the budget");
+        let text = ops.render_metrics();
+        assert!(
+            text.contains(&format!("ferry_kv_reserved_bytes {}\n", 2 * CACHE_CHUNK)),
+            "{text}"
+        );
+        drop(first);
+        assert!(matches!(second.await.expect("task"), Admission::Admitted(_)));
+        let text = ops.render_metrics();
+        assert!(
+            text.contains("ferry_kv_reserved_bytes 0\n"),
+            "the second's permit dropped too: {text}"
+        );
+        assert!(
+            text.contains(&format!("ferry_kv_budget_bytes {}\n", 3 * CACHE_CHUNK)),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn suspension_ends_a_wait() {
+        let budget = KvBudget::new(Some(CACHE_CHUNK as u64), 1, 2048, ops()).expect("budget");
+        let control = JobControl::default();
+        let Admission::Admitted(_held) = budget.admit(10, 10, &control).await else {
+            panic!("the first fits");
+        };
+        let waiting = JobControl::default();
+        waiting.suspend.store(true, Ordering::Release);
+        assert!(matches!(budget.admit(10, 10, &waiting).await, Admission::Suspended));
+    }
+
+    #[tokio::test]
+    async fn what_can_never_fit_is_refused_with_the_reason() {
+        let budget = KvBudget::new(Some(2 * CACHE_CHUNK as u64), 1, 8192, ops()).expect("budget");
+        let control = JobControl::default();
+        match budget.admit(100, 1000, &control).await {
+            Admission::TooLarge { code, message } => {
+                assert_eq!(code, ErrorCode::InvalidRequest);
+                assert!(message.contains("max_tokens 1000"), "{message}");
+                assert!(
+                    message.contains(&format!("at most {} tokens", 2 * CACHE_CHUNK)),
+                    "{message}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        match budget.admit(3 * CACHE_CHUNK, 1, &control).await {
+            Admission::TooLarge { code, .. } => assert_eq!(code, ErrorCode::PromptTooLong),
+            other => panic!("{other:?}"),
+        }
+        // Capped by the context, even an enormous max_tokens fits a small context.
+        let small = KvBudget::new(Some(2 * CACHE_CHUNK as u64), 1, 2 * CACHE_CHUNK, ops()).expect("budget");
+        assert!(matches!(
+            small.admit(10, 100_000, &control).await,
+            Admission::Admitted(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn an_unlimited_budget_admits_everything_at_once_and_still_reports() {
+        let ops = ops();
+        let budget = KvBudget::new(None, 2, 2048, ops.clone()).expect("budget");
+        let control = JobControl::default();
+        let mut held = Vec::new();
+        for _ in 0..50 {
+            match budget.admit(2000, 48, &control).await {
+                Admission::Admitted(p) => held.push(p),
+                other => panic!("{other:?}"),
+            }
+        }
+        let text = ops.render_metrics();
+        assert!(text.contains("ferry_kv_budget_bytes 0\n"), "{text}");
+        assert!(
+            text.contains(&format!("ferry_kv_reserved_bytes {}\n", 50 * 2048 * 2)),
+            "{text}"
+        );
+        assert!(text.contains("ferry_kv_admission_waits_total 0\n"), "{text}");
+    }
+}

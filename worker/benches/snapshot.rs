@@ -38,7 +38,7 @@ use ferry_schemas::{Reply, Request};
 use ferry_worker::config::SnapshotConfig;
 use ferry_worker::engine::{Engine, GenerationParams, Prepared, SamplingParams, Sequence};
 use ferry_worker::model::{Model, WeightFormat};
-use ferry_worker::snapshot::format::snapshot_prefix;
+use ferry_worker::snapshot::format::{request_prefix, snapshot_prefix};
 use ferry_worker::snapshot::store::{self, SnapshotStore};
 use ferry_worker::snapshot::writer::SnapshotSink;
 use ferry_worker::snapshot::{SnapshotPolicy, Snapshots};
@@ -562,7 +562,7 @@ mod failover {
             let offset = self
                 .rt
                 .block_on(self.cluster.publish(&self.producer, &self.requests, &id, &payload));
-            let prefix = snapshot_prefix(&self.requests, &id);
+            let prefix = request_prefix(&self.requests, &id, &self.replies, &payload);
             Ok((id, offset, Watch::new(self.store_dir.join(prefix).join("manifest"))))
         }
 

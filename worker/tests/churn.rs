@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use ferry_schemas::{Reply, Request, Response};
 use ferry_worker::config::DRAIN_MARGIN;
 use ferry_worker::engine::Engine;
-use ferry_worker::snapshot::format::{snapshot_prefix, Manifest};
+use ferry_worker::snapshot::format::{request_prefix, Manifest};
 use support::kafka::{unique, wait_for, ChildGuard, Cluster};
 
 /// Requests published in the run.
@@ -200,7 +200,12 @@ fn a_churning_fleet_loses_no_request_and_never_answers_one_two_ways() {
     std::fs::create_dir_all(&store).expect("store dir");
     let prefixes: HashMap<String, String> = batch
         .iter()
-        .map(|r| (snapshot_prefix(&requests, &r.id), r.id.clone()))
+        .map(|r| {
+            (
+                request_prefix(&requests, &r.id, &replies, &serde_json::to_vec(r).expect("json")),
+                r.id.clone(),
+            )
+        })
         .collect();
     let store_url = format!("file://{}", store.display());
     let (every, drain) = (SNAPSHOT_EVERY.to_string(), format!("{}s", DRAIN_TIMEOUT.as_secs()));

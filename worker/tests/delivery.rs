@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use ferry_schemas::{FinishReason, Reply, Request, Response};
 use ferry_worker::engine::Engine;
-use ferry_worker::snapshot::format::{snapshot_prefix, Manifest};
+use ferry_worker::snapshot::format::{request_prefix, Manifest};
 use support::kafka::{unique, wait_for, ChildGuard, Cluster};
 
 fn rt() -> tokio::runtime::Runtime {
@@ -125,6 +125,17 @@ impl Setup {
         self.cluster.worker(name, &args)
     }
 
+    /// Where the worker keeps `r`'s snapshot and ledger: bound to the request topic, the id, the
+    /// reply topic and the bytes [`Setup::publish`] sends.
+    fn prefix(&self, r: &Request) -> String {
+        request_prefix(
+            &self.requests,
+            &r.id,
+            &self.replies,
+            &serde_json::to_vec(r).expect("json"),
+        )
+    }
+
     fn publish(&self, partition: i32, r: &Request) -> i64 {
         let producer = self.cluster.producer();
         let payload = serde_json::to_vec(r).expect("json");
@@ -186,10 +197,10 @@ fn out_of_order_answers_commit_in_order_and_done_markers_survive_a_crash() {
         s.committed(0)
     );
     for q in &short {
-        let done = s.store.join(snapshot_prefix(&s.requests, &q.id)).join("done");
+        let done = s.store.join(s.prefix(q)).join("done");
         assert!(done.exists(), "no done marker for {}", q.id);
     }
-    let long_prefix = snapshot_prefix(&s.requests, &long.id);
+    let long_prefix = s.prefix(&long);
     wait_for(Duration::from_secs(60), "a snapshot of the long request", || {
         (snapshot_tokens(&s.store, &long_prefix) >= 8).then_some(())
     });
@@ -229,7 +240,7 @@ fn out_of_order_answers_commit_in_order_and_done_markers_survive_a_crash() {
     wait_for(Duration::from_secs(10), "the store to be cleaned up", || {
         [&long, &short[0], &short[1]]
             .iter()
-            .all(|q| !s.store.join(snapshot_prefix(&s.requests, &q.id)).join("done").exists())
+            .all(|q| !s.store.join(s.prefix(q)).join("done").exists())
             .then_some(())
     });
     drop(a);
@@ -319,7 +330,7 @@ fn a_cooperative_rebalance_leaves_the_other_partitions_working() {
     wait_for(Duration::from_secs(120), "all four generating", || {
         batch
             .iter()
-            .all(|r| snapshot_tokens(&s.store, &snapshot_prefix(&s.requests, &r.id)) >= 8)
+            .all(|r| snapshot_tokens(&s.store, &s.prefix(r)) >= 8)
             .then_some(())
     });
     let b = s.worker("worker-b", &["--max-in-flight", "4"]);
@@ -398,7 +409,7 @@ fn streamed_chunks_survive_a_crash_with_the_same_numbering() {
     let expected = reference(&[&r]);
     let mut a = s.worker("worker-a", &[]);
     s.publish(0, &r);
-    let prefix = snapshot_prefix(&s.requests, &r.id);
+    let prefix = s.prefix(&r);
     wait_for(Duration::from_secs(60), "a snapshot with 16 tokens", || {
         (snapshot_tokens(&s.store, &prefix) >= 16).then_some(())
     });

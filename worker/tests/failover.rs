@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use ferry_schemas::{Reply, Request};
 use ferry_worker::engine::Engine;
-use ferry_worker::snapshot::format::{snapshot_prefix, Manifest};
+use ferry_worker::snapshot::format::{request_prefix, Manifest};
 use rand::{Rng, SeedableRng};
 use support::kafka::{unique, wait_for, ChildGuard, Cluster};
 
@@ -65,7 +65,12 @@ fn generation_survives_evictions_and_crashes_token_for_token() {
         200,
         "the reference must run long enough to interrupt four times"
     );
-    let prefix = snapshot_prefix(&requests, &request.id);
+    let prefix = request_prefix(
+        &requests,
+        &request.id,
+        &replies,
+        &serde_json::to_vec(&request).expect("json"),
+    );
 
     let producer = cluster.producer();
     let payload = serde_json::to_vec(&request).expect("json");
@@ -215,4 +220,70 @@ fn a_second_signal_ends_the_drain() {
         None,
         "nothing may be committed"
     );
+}
+
+/// A worker that stops for a reason of its own (here: the broker gone for longer than
+/// `--publish-timeout`, so its finished answer cannot be published) closes the attempts it has
+/// in flight as suspended before it exits: they say nothing about the requests, so a fleet that
+/// keeps losing its broker does not dead-letter innocent requests as `attempts_exhausted`.
+#[test]
+fn a_controlled_exit_closes_the_attempts_in_flight_as_suspended() {
+    let (requests, replies, group) = (unique("req"), unique("rep"), unique("group"));
+    let dlq = format!("{requests}.dlq");
+    let mut cluster = Cluster::start(&[&requests, &replies, &dlq]);
+    let store = cluster.dir.path().join("snapshots");
+    std::fs::create_dir_all(&store).expect("store dir");
+    let store_url = format!("file://{}", store.display());
+    let args = [
+        "--topic",
+        &requests,
+        "--reply-topic",
+        &replies,
+        "--group-id",
+        &group,
+        "--snapshot-store",
+        &store_url,
+        "--publish-timeout",
+        "2s",
+        "--max-in-flight",
+        "2",
+    ];
+    let mut w = cluster.worker("worker-controlled", &args);
+    let producer = cluster.producer();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    for (id, n) in [("short", 48), ("long", 2000)] {
+        let payload = format!(r#"{{"id":"{id}","prompt":"Once upon a time","max_tokens":{n}}}"#);
+        rt.block_on(cluster.publish(&producer, &requests, id, payload.as_bytes()));
+    }
+    wait_for(Duration::from_secs(120), "both requests generating", || {
+        (w.log().matches("generating").count() >= 2).then_some(())
+    });
+    cluster.kill_broker();
+    let status = w
+        .wait_exit(Duration::from_secs(300))
+        .expect("the worker stops once it cannot publish");
+    assert!(
+        !status.success(),
+        "a worker that cannot publish exits with an error: {status}"
+    );
+    assert!(
+        w.log().contains("closed the attempts in flight as suspended"),
+        "{}",
+        w.log()
+    );
+    let mut logs = 0;
+    for dir in std::fs::read_dir(store.join("ferry")).expect("the store has requests") {
+        let Ok(bytes) = std::fs::read(dir.expect("entry").path().join("attempts")) else {
+            continue;
+        };
+        let log: serde_json::Value = serde_json::from_slice(&bytes).expect("an attempt log");
+        for a in log["attempts"].as_array().expect("attempts") {
+            assert_eq!(a["outcome"], "suspended", "{log}");
+        }
+        logs += 1;
+    }
+    assert_eq!(logs, 2, "both requests' attempts were recorded");
 }

@@ -122,6 +122,14 @@ impl Cluster {
         Self::start_with_partitions(topics, 1)
     }
 
+    /// Kills the broker this cluster started (on a real cluster, does nothing): the fault of a
+    /// broker that is gone for good.
+    pub fn kill_broker(&mut self) {
+        if let Some(b) = self._broker.take() {
+            b.signal("KILL");
+        }
+    }
+
     /// Starts a worker on this cluster with the test model and `args`.
     pub fn worker(&self, name: &str, args: &[&str]) -> ChildGuard {
         self.worker_with_env(name, args, &[])

@@ -214,3 +214,25 @@ fn bad_messages_are_dead_lettered_and_the_worker_keeps_serving() {
         .collect();
     assert_eq!(answered, ["good"]);
 }
+
+/// A worker whose dead-letter topic does not exist refuses to start, and says which topic to
+/// create: a dead letter it could not write later would otherwise stop its partition.
+#[test]
+fn a_missing_dead_letter_topic_is_a_clear_error_at_start_up() {
+    let (requests, replies, group) = (unique("req"), unique("rep"), unique("group"));
+    let cluster = Cluster::start(&[&requests, &replies]);
+    let mut worker = cluster.worker(
+        "worker-no-dlq",
+        &["--topic", &requests, "--reply-topic", &replies, "--group-id", &group],
+    );
+    let status = worker
+        .wait_exit(Duration::from_secs(120))
+        .expect("the worker stops by itself");
+    assert!(!status.success(), "{status}");
+    let log = worker.log();
+    let dlq = format!("{requests}.dlq");
+    assert!(
+        log.contains(&format!("the dead-letter topic (--dead-letter-topic) {dlq:?} does not exist: create it")),
+        "{log}"
+    );
+}

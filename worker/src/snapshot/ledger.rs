@@ -266,7 +266,8 @@ impl Ledger {
                 return;
             }
             Err(e) => {
-                warn!(prefix, attempt, error = %e, "cannot read the attempt log; the attempt will count as died");
+                // The store logs its failures, at most once per interval.
+                debug!(prefix, attempt, error = %e, "cannot read the attempt log; the attempt will count as died");
                 return;
             }
         };
@@ -285,7 +286,7 @@ impl Ledger {
             return;
         }
         if let Err(e) = self.store.put(&key, log.encode()).await {
-            warn!(prefix, attempt, error = %e, "cannot write the attempt log; the attempt will count as died");
+            debug!(prefix, attempt, error = %e, "cannot write the attempt log; the attempt will count as died");
         }
     }
 
@@ -302,7 +303,8 @@ impl Ledger {
         match self.store.get(&format!("{prefix}{DONE}")).await {
             Ok(reply) => reply,
             Err(e) => {
-                warn!(prefix, error = %e, "cannot read the done marker; computing the answer again");
+                // The store logs its failures, at most once per interval.
+                debug!(prefix, error = %e, "cannot read the done marker; computing the answer again");
                 None
             }
         }

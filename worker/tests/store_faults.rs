@@ -9,6 +9,7 @@
 //! it gives up.
 
 mod support {
+    pub mod http;
     pub mod kafka;
     pub mod model;
     pub mod services;
@@ -25,6 +26,7 @@ use std::time::{Duration, Instant};
 use ferry_schemas::{Reply, Request};
 use ferry_worker::engine::Engine;
 use ferry_worker::snapshot::format::snapshot_prefix;
+use rdkafka::consumer::Consumer;
 use support::kafka::{unique, wait_for, ChildGuard, Cluster};
 use support::services::RedisServer;
 
@@ -36,11 +38,15 @@ const ANSWER_WAIT: Duration = Duration::from_secs(240);
 fn short_requests() -> &'static [(Request, String)] {
     static REFERENCES: OnceLock<Vec<(Request, String)>> = OnceLock::new();
     REFERENCES.get_or_init(|| {
-        ["The capital of France is", "Write a haiku about rivers.", "List three colours:"]
-            .iter()
-            .enumerate()
-            .map(|(i, prompt)| reference(&format!("short-{i}"), prompt, 24))
-            .collect()
+        [
+            "The capital of France is",
+            "Write a haiku about rivers.",
+            "List three colours:",
+        ]
+        .iter()
+        .enumerate()
+        .map(|(i, prompt)| reference(&format!("short-{i}"), prompt, 24))
+        .collect()
     })
 }
 
@@ -82,7 +88,8 @@ impl Setup {
         }
     }
 
-    /// A worker whose snapshot store is `store`, snapshotting every 4 tokens.
+    /// A worker whose snapshot store is `store`, snapshotting every 4 tokens, with no HTTP
+    /// endpoints unless `extra` names an `--http-addr`.
     fn worker(&self, name: &str, store: &str, extra: &[&str]) -> ChildGuard {
         let mut args = vec![
             "--topic",
@@ -95,9 +102,10 @@ impl Setup {
             store,
             "--snapshot-every-tokens",
             "4",
-            "--http-addr",
-            "off",
         ];
+        if !extra.contains(&"--http-addr") {
+            args.extend(["--http-addr", "off"]);
+        }
         args.extend_from_slice(extra);
         self.cluster.worker(name, &args)
     }
@@ -259,7 +267,12 @@ impl Proxy {
 
 /// Accepts connections while the proxy is up; closes the listener (so connecting is refused)
 /// while it is down, and listens on the same port again when it comes back.
-fn accept_loop(mut listener: Option<TcpListener>, addr: SocketAddr, upstream: SocketAddr, state: Arc<Mutex<ProxyState>>) {
+fn accept_loop(
+    mut listener: Option<TcpListener>,
+    addr: SocketAddr,
+    upstream: SocketAddr,
+    state: Arc<Mutex<ProxyState>>,
+) {
     loop {
         let mode = state.lock().expect("proxy state").mode;
         if mode == Mode::Down {
@@ -350,30 +363,52 @@ fn redis_has(port: u16, key: &str) -> bool {
     stream.write_all(command.as_bytes()).is_ok() && stream.read_exact(&mut reply).is_ok() && &reply == b":1\r\n"
 }
 
+/// Snapshot writes that failed so far, as the worker's `/metrics` counts them (all kinds).
+fn failed_puts(addr: SocketAddr) -> Option<f64> {
+    let (_, metrics) = support::http::get(addr, "/metrics")?;
+    Some(
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("ferry_snapshot_store_errors_total{op=\"put\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum(),
+    )
+}
+
 /// A store that accepts connections and never answers: every request is answered anyway, and a
-/// SIGTERM with a generation in flight drains and exits by itself, with status 0, well inside a
-/// drain deadline it is given no reason to reach (every store call has its own deadline, and
-/// flushing the last snapshot gives up after a few).
+/// SIGTERM while a generation's snapshots are failing drains and exits by itself, with status 0,
+/// well inside a drain deadline it is given no reason to reach (every store call has its own
+/// deadline, and flushing the last snapshot gives up after a few).
 #[test]
 fn a_store_that_never_answers_neither_stops_answers_nor_the_drain() {
     let s = Setup::start();
     let store = format!("redis://{}/", black_hole());
+    let http = support::http::free_addr().to_string();
     let mut w = s.worker(
         "worker-hung-store",
         &store,
-        &["--drain-timeout", "90s", "--termination-grace-period", "100s"],
+        &[
+            "--drain-timeout",
+            "90s",
+            "--termination-grace-period",
+            "100s",
+            "--http-addr",
+            &http,
+        ],
     );
+    let http: SocketAddr = http.parse().expect("address");
     let expected: Vec<_> = short_requests().iter().collect();
     s.publish(&expected.iter().map(|(r, _)| r).collect::<Vec<_>>());
     s.assert_answered(&expected, &mut w);
+    let before = wait_for(Duration::from_secs(30), "/metrics", || failed_puts(http));
 
     let long: Request = serde_json::from_value(serde_json::json!({
         "id": "long", "prompt": "Once upon a time", "max_tokens": 4000
     }))
     .expect("request");
     s.publish(&[&long]);
-    wait_for(Duration::from_secs(120), "the long request to be generating", || {
-        generating(&w, "long").then_some(())
+    wait_for(Duration::from_secs(120), "the long request's snapshots to fail", || {
+        (generating(&w, "long") && failed_puts(http).is_some_and(|n| n > before)).then_some(())
     });
     w.signal("TERM");
     let status = w
@@ -448,9 +483,11 @@ fn a_store_that_disappears_mid_generation_and_comes_back() {
     });
     proxy.set(Mode::Down);
     s.publish(&[&during.0]);
-    wait_for(Duration::from_secs(120), "the worker to notice the store is gone", || {
-        w.log().contains("going on without it").then_some(())
-    });
+    wait_for(
+        Duration::from_secs(120),
+        "the worker to notice the store is gone",
+        || w.log().contains("going on without it").then_some(()),
+    );
     s.assert_answered(&[&cut, during], &mut w);
 
     proxy.set(Mode::Pass);
@@ -459,12 +496,10 @@ fn a_store_that_disappears_mid_generation_and_comes_back() {
     }))
     .expect("request");
     s.publish(&[&after]);
-    wait_for(Duration::from_secs(120), "a snapshot in the store that came back", || {
-        redis_has(redis.port, &manifest("after")).then_some(())
-    });
-    assert!(
-        w.wait_exit(Duration::ZERO).is_none(),
-        "the worker exited:\n{}",
-        w.log()
+    wait_for(
+        Duration::from_secs(120),
+        "a snapshot in the store that came back",
+        || redis_has(redis.port, &manifest("after")).then_some(()),
     );
+    assert!(w.wait_exit(Duration::ZERO).is_none(), "the worker exited:\n{}", w.log());
 }

@@ -160,7 +160,10 @@ impl Snapshots {
         )
         .await
         .unwrap_or_else(|_| {
-            let e = store::StoreError::Timeout { op: "get", after: bound };
+            let e = store::StoreError::Timeout {
+                op: "get",
+                after: bound,
+            };
             // Counted and logged as the store's own failures are.
             self.stats.store_faults.record(store::StoreOp::Get, &e);
             Err(resume::ResumeError::Store(e))
@@ -318,14 +321,20 @@ impl Snapshots {
 }
 
 /// `store` behind a deadline of `timeout` per call, counting its failures in `stats`.
-fn bounded(store: Arc<dyn store::SnapshotStore>, timeout: Duration, stats: &SnapshotStats) -> Arc<dyn store::SnapshotStore> {
+fn bounded(
+    store: Arc<dyn store::SnapshotStore>,
+    timeout: Duration,
+    stats: &SnapshotStats,
+) -> Arc<dyn store::SnapshotStore> {
     Arc::new(store::DeadlineStore::new(store, timeout, stats.store_faults.clone()))
 }
 
 /// Every key a request under `prefix` has, as far as its manifest (if it could be read) tells:
 /// the pieces it names, the manifest, and the two [`ledger`] keys.
 pub fn request_keys(prefix: &str, manifest: Option<&Manifest>) -> Vec<String> {
-    let pieces = manifest.into_iter().flat_map(|m| m.pieces.iter().map(|p| p.name.as_str()));
+    let pieces = manifest
+        .into_iter()
+        .flat_map(|m| m.pieces.iter().map(|p| p.name.as_str()));
     pieces
         .chain([format::MANIFEST, ledger::ATTEMPTS, ledger::DONE])
         .map(|name| format!("{prefix}{name}"))

@@ -458,7 +458,10 @@ async fn write_loop(
             };
             let body = manifest.encode();
             written += body.len() as u64;
-            if let Err(e) = store.put(&format!("{}{}", id.prefix, super::format::MANIFEST), Bytes::from(body)).await {
+            if let Err(e) = store
+                .put(&format!("{}{}", id.prefix, super::format::MANIFEST), Bytes::from(body))
+                .await
+            {
                 debug!(error = %e, prefix = %id.prefix, "snapshot manifest write failed; retrying with the next snapshot");
                 failed = true;
             }

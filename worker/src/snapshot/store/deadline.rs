@@ -55,7 +55,13 @@ pub enum StoreOp {
 }
 
 impl StoreOp {
-    pub const ALL: [StoreOp; 5] = [StoreOp::Get, StoreOp::Put, StoreOp::Delete, StoreOp::List, StoreOp::Sweep];
+    pub const ALL: [StoreOp; 5] = [
+        StoreOp::Get,
+        StoreOp::Put,
+        StoreOp::Delete,
+        StoreOp::List,
+        StoreOp::Sweep,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -193,9 +199,7 @@ impl CoolDown {
     /// A call found the store down at `now`: skip it for `base` × 2^(strikes), at most
     /// [`MAX_COOL_DOWN`].
     fn strike(&mut self, now: Instant, base: Duration) {
-        let wait = base
-            .saturating_mul(1u32 << self.strikes.min(10))
-            .min(MAX_COOL_DOWN);
+        let wait = base.saturating_mul(1u32 << self.strikes.min(10)).min(MAX_COOL_DOWN);
         self.strikes = self.strikes.saturating_add(1);
         self.until = Some(now + wait);
     }
@@ -248,10 +252,7 @@ impl DeadlineStore {
     ) -> Result<T, StoreError> {
         let skipped = self.cool_down().remaining(Instant::now());
         let result = match skipped {
-            Some(left) => Err(StoreError::Skipped {
-                op: op.as_str(),
-                left,
-            }),
+            Some(left) => Err(StoreError::Skipped { op: op.as_str(), left }),
             None => match tokio::time::timeout(deadline, call).await {
                 Ok(result) => result,
                 Err(_) => Err(StoreError::Timeout {
@@ -398,15 +399,9 @@ mod tests {
         ));
         assert_eq!(sick.calls.load(Relaxed), 2);
         tokio::time::advance(Duration::from_secs(3)).await;
-        assert!(matches!(
-            store.list("ferry/a").await,
-            Err(StoreError::Skipped { .. })
-        ));
+        assert!(matches!(store.list("ferry/a").await, Err(StoreError::Skipped { .. })));
         tokio::time::advance(Duration::from_secs(1)).await;
-        assert!(matches!(
-            store.list("ferry/a").await,
-            Err(StoreError::Timeout { .. })
-        ));
+        assert!(matches!(store.list("ferry/a").await, Err(StoreError::Timeout { .. })));
 
         assert_eq!(faults.count(StoreOp::Get, FaultKind::Timeout), 1);
         assert_eq!(faults.count(StoreOp::Put, FaultKind::Skipped), 1);

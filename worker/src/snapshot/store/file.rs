@@ -470,13 +470,13 @@ mod tests {
         let (dir, store) = runtime.block_on(store());
         let fifo = store.root().join("ferry/ab/manifest");
         fs::create_dir_all(fifo.parent().expect("parent")).expect("mkdir");
-        let made = std::process::Command::new("mkfifo").arg(&fifo).status().expect("mkfifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo");
         assert!(made.success(), "mkfifo {}", fifo.display());
-        let bounded = super::super::DeadlineStore::new(
-            Arc::new(store.clone()),
-            Duration::from_millis(200),
-            Arc::default(),
-        );
+        let bounded =
+            super::super::DeadlineStore::new(Arc::new(store.clone()), Duration::from_millis(200), Arc::default());
         runtime.block_on(async {
             let hung = bounded.get("ferry/ab/manifest").await;
             assert!(matches!(hung, Err(StoreError::Timeout { op: "get", .. })), "{hung:?}");

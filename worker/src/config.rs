@@ -284,7 +284,7 @@ pub struct SnapshotConfig {
     /// The deadline of one call to the snapshot store (a put also gets a second per 16 MiB it
     /// writes). A call past it is abandoned and the request goes on without the store (no
     /// snapshot, no ledger entry), and a store that timed out is left alone for a few seconds.
-    /// Shorter than `--drain-timeout`.
+    /// At most `--drain-timeout`.
     #[arg(long, env = "FERRY_SNAPSHOT_STORE_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
     pub snapshot_store_timeout: Duration,
 }
@@ -535,9 +535,9 @@ impl Config {
             return Err(ConfigError("--snapshot-max-pieces must be at least 2".into()));
         }
         let store_timeout = self.snapshot.snapshot_store_timeout;
-        if store_timeout < Duration::from_millis(10) || store_timeout >= sh.drain_timeout {
+        if store_timeout < Duration::from_millis(10) || store_timeout > sh.drain_timeout {
             return Err(ConfigError(format!(
-                "--snapshot-store-timeout {store_timeout:?} must be at least 10ms and shorter than \
+                "--snapshot-store-timeout {store_timeout:?} must be at least 10ms and at most \
                  --drain-timeout {:?}",
                 sh.drain_timeout
             )));
@@ -625,7 +625,7 @@ mod tests {
             &["--drain-timeout", "28s"],
             &["--snapshot-store", "ftp://x"],
             &["--snapshot-store-timeout", "0s"],
-            &["--snapshot-store-timeout", "20s"],
+            &["--snapshot-store-timeout", "21s"],
             &["--max-in-flight", "0"],
             &["--max-attempts", "0"],
             &["--topic", "a:0"],

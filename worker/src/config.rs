@@ -416,6 +416,12 @@ pub struct SnapshotConfig {
     /// abandoned) and are deleted.
     #[arg(long, env = "FERRY_SNAPSHOT_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
     pub snapshot_ttl: Duration,
+    /// The deadline of one call to the snapshot store (a put also gets a second per 16 MiB it
+    /// writes). A call past it is abandoned and the request goes on without the store (no
+    /// snapshot, no ledger entry), and a store that timed out is left alone for a few seconds.
+    /// At most `--drain-timeout`.
+    #[arg(long, env = "FERRY_SNAPSHOT_STORE_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub snapshot_store_timeout: Duration,
 }
 
 impl SnapshotConfig {
@@ -681,6 +687,14 @@ impl Config {
         if self.snapshot.snapshot_max_pieces < 2 {
             return Err(ConfigError("--snapshot-max-pieces must be at least 2".into()));
         }
+        let store_timeout = self.snapshot.snapshot_store_timeout;
+        if store_timeout < Duration::from_millis(10) || store_timeout > sh.drain_timeout {
+            return Err(ConfigError(format!(
+                "--snapshot-store-timeout {store_timeout:?} must be at least 10ms and at most \
+                 --drain-timeout {:?}",
+                sh.drain_timeout
+            )));
+        }
         if let Some(url) = &self.snapshot.snapshot_store {
             let known = [
                 "file://",
@@ -805,6 +819,8 @@ mod tests {
             &["--max-context", "4"],
             &["--drain-timeout", "28s"],
             &["--snapshot-store", "ftp://x"],
+            &["--snapshot-store-timeout", "0s"],
+            &["--snapshot-store-timeout", "21s"],
             &["--max-in-flight", "0"],
             &["--max-attempts", "0"],
             &["--topic", "a:0"],

@@ -120,9 +120,11 @@ async fn run(config: Config) -> anyhow::Result<Option<String>> {
     };
     let snapshots = match &config.snapshot.snapshot_store {
         Some(url) => {
-            let store = ferry_worker::snapshot::store::open(url, config.snapshot.snapshot_ttl).await?;
+            let timeout = config.snapshot.snapshot_store_timeout;
+            let store = ferry_worker::snapshot::store::open_within(url, config.snapshot.snapshot_ttl, timeout).await?;
             let weights = format!("{:?}", config.model.weights).to_lowercase();
-            let s = Snapshots::new(store, config.snapshot.policy(), &model, &weights, &device_for_snapshots);
+            let s = Snapshots::new(store, config.snapshot.policy(), &model, &weights, &device_for_snapshots)
+                .with_store_timeout(timeout);
             s.spawn_sweeper(config.snapshot.snapshot_ttl, Duration::from_secs(300));
             ops.metrics.attach_snapshot_stats(s.stats.clone());
             info!(store = %ferry_worker::snapshot::store::redact(url), every_tokens = config.snapshot.snapshot_every_tokens, mode = ?config.snapshot.resume, "snapshots on");

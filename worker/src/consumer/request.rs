@@ -176,7 +176,8 @@ impl Inner {
         if let (Some(s), Some(prefix), Some(reply)) = (&self.snapshots, prefix, reply) {
             match s.put_done(prefix, reply).await {
                 Ok(()) => info!("answered, not yet committable: done marker kept until the commit passes it"),
-                Err(e) => warn!(error = %e, "cannot keep a done marker; a redelivery would compute the answer again"),
+                // The store logs its failures, at most once per interval.
+                Err(e) => debug!(error = %e, "cannot keep a done marker; a redelivery would compute the answer again"),
             }
         }
     }
@@ -669,7 +670,8 @@ impl Inner {
         if let Some(s) = &self.snapshots {
             match s.attempts(prefix).await {
                 Ok(log) => return log,
-                Err(e) => warn!(error = %e, "cannot read the attempt log; counting attempts here only"),
+                // The store logs its failures, at most once per interval.
+                Err(e) => debug!(error = %e, "cannot read the attempt log; counting attempts here only"),
             }
         }
         local.clone()
@@ -686,7 +688,8 @@ impl Inner {
                     }
                     return log;
                 }
-                Err(e) => warn!(error = %e, "cannot record the attempt in the snapshot store; counting it here only"),
+                // The store logs its failures, at most once per interval.
+                Err(e) => debug!(error = %e, "cannot record the attempt in the snapshot store; counting it here only"),
             }
         }
         let attempt = local.attempts.last().map_or(1, |a| a.attempt + 1);

@@ -14,6 +14,7 @@ use ferry_schemas::{ErrorCode, FinishReason};
 
 use super::exposition::{Counter, Exposition, Gauge, Histogram, Kind};
 use crate::offsets::TopicPartition;
+use crate::snapshot::store::{FaultKind, StoreOp};
 use crate::snapshot::SnapshotStats;
 
 /// How the handling of one delivered request ended, as `ferry_requests_total{outcome}` counts it.
@@ -440,6 +441,20 @@ impl Metrics {
             "Tokens computed again on resume (tokens-mode snapshots).",
             get(&s.tokens_recomputed),
         );
+        e.family(
+            "ferry_snapshot_store_errors_total",
+            Kind::Counter,
+            "Snapshot store calls that failed, by op (get, put, delete, list, sweep) and kind: timeout (no answer within --snapshot-store-timeout), skipped (not tried: the store timed out or was unreachable moments ago), error (any other failure). Each was served around: the request went on without the store.",
+        );
+        for op in StoreOp::ALL {
+            for kind in FaultKind::ALL {
+                e.sample(
+                    "ferry_snapshot_store_errors_total",
+                    &[("op", op.as_str()), ("kind", kind.as_str())],
+                    s.store_faults.count(op, kind) as f64,
+                );
+            }
+        }
     }
 }
 
@@ -561,6 +576,20 @@ mod tests {
         assert!(text.contains("ferry_snapshot_write_seconds_sum 1.5\n"));
         assert!(text.contains("ferry_snapshot_write_seconds_count 3\n"));
         assert!(text.contains("ferry_snapshot_write_failures_total 1\n"));
+        assert!(text.contains("ferry_snapshot_store_errors_total{op=\"put\",kind=\"timeout\"} 0\n"));
+        stats.store_faults.record(
+            StoreOp::Put,
+            &crate::snapshot::store::StoreError::Timeout {
+                op: "put",
+                after: Duration::from_secs(2),
+            },
+        );
+        let text = render(&m);
+        assert!(
+            text.contains("ferry_snapshot_store_errors_total{op=\"put\",kind=\"timeout\"} 1\n"),
+            "{text}"
+        );
+        assert!(text.contains("ferry_snapshot_store_errors_total{op=\"get\",kind=\"error\"} 0\n"));
     }
 
     #[test]

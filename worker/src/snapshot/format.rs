@@ -56,6 +56,9 @@ pub enum FormatError {
     WrongRequest,
 }
 
+/// Key of the manifest, relative to the request's prefix.
+pub const MANIFEST: &str = "manifest";
+
 /// The prefix under which a request's snapshot lives: a hash of the topic and the request id,
 /// so any worker that receives the request finds it, and ids need no escaping.
 /// Benchmarks and tests that have no message use it; the worker uses [`request_prefix`].

@@ -266,7 +266,8 @@ impl Ledger {
                 return;
             }
             Err(e) => {
-                warn!(prefix, attempt, error = %e, "cannot read the attempt log; the attempt will count as died");
+                // The store logs its failures, at most once per interval.
+                debug!(prefix, attempt, error = %e, "cannot read the attempt log; the attempt will count as died");
                 return;
             }
         };
@@ -285,7 +286,7 @@ impl Ledger {
             return;
         }
         if let Err(e) = self.store.put(&key, log.encode()).await {
-            warn!(prefix, attempt, error = %e, "cannot write the attempt log; the attempt will count as died");
+            debug!(prefix, attempt, error = %e, "cannot write the attempt log; the attempt will count as died");
         }
     }
 
@@ -302,7 +303,8 @@ impl Ledger {
         match self.store.get(&format!("{prefix}{DONE}")).await {
             Ok(reply) => reply,
             Err(e) => {
-                warn!(prefix, error = %e, "cannot read the done marker; computing the answer again");
+                // The store logs its failures, at most once per interval.
+                debug!(prefix, error = %e, "cannot read the done marker; computing the answer again");
                 None
             }
         }
@@ -616,6 +618,75 @@ mod tests {
     async fn done_markers_round_trip_and_go_with_the_prefix_on_disk() {
         let (_dir, store) = file().await;
         done_markers(store).await;
+    }
+
+    /// A store that refuses to list or to delete by prefix: what Redis would do by walking the
+    /// whole keyspace.
+    #[derive(Debug)]
+    struct NoListing(Arc<dyn SnapshotStore>);
+
+    #[async_trait::async_trait]
+    impl SnapshotStore for NoListing {
+        async fn put(&self, key: &str, value: Bytes) -> Result<(), StoreError> {
+            self.0.put(key, value).await
+        }
+        async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
+            self.0.get(key).await
+        }
+        async fn delete(&self, key: &str) -> Result<(), StoreError> {
+            self.0.delete(key).await
+        }
+        async fn delete_prefix(&self, prefix: &str) -> Result<(), StoreError> {
+            panic!("delete_prefix({prefix}) walks the store")
+        }
+        async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+            panic!("list({prefix}) walks the store")
+        }
+        async fn sweep_expired(&self, prefix: &str, ttl: Duration) -> Result<usize, StoreError> {
+            self.0.sweep_expired(prefix, ttl).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_finished_requests_keys_are_deleted_by_name() {
+        let store = memory().await;
+        let snaps = snapshots(Arc::new(NoListing(store.clone())));
+        let piece = |name: &str| format::PieceRef {
+            name: name.into(),
+            from: 0,
+            to: 1,
+            bytes: 1,
+            crc32: 0,
+        };
+        let manifest = format::Manifest {
+            version: format::FORMAT_VERSION,
+            model: "m".into(),
+            request: "r".into(),
+            prompt_len: 1,
+            tokens: vec![7, 8],
+            pieces: vec![piece("piece-000001-0abc1234"), piece("piece-000002-0abc1234")],
+            attempt: 1,
+            worker: "w-1".into(),
+            seq: 2,
+        };
+        let other = "ferry/fedcba9876543210fedcba9876543210/manifest";
+        for (key, value) in [
+            (format!("{PREFIX}manifest"), Bytes::from(manifest.encode())),
+            (format!("{PREFIX}piece-000001-0abc1234"), Bytes::from_static(b"kv")),
+            (format!("{PREFIX}piece-000002-0abc1234"), Bytes::from_static(b"kv")),
+            (other.to_string(), Bytes::from_static(b"another request's")),
+        ] {
+            store.put(&key, value).await.expect("put");
+        }
+        snaps.begin_attempt(PREFIX, "w-1").await.expect("begin");
+        snaps.put_done(PREFIX, b"{}").await.expect("put_done");
+
+        snaps.delete(PREFIX).await;
+        assert_eq!(
+            store.list("").await.expect("list"),
+            [other],
+            "only the other request's key is left"
+        );
     }
 
     async fn discard_keeps_the_ledger(store: Arc<dyn SnapshotStore>) {

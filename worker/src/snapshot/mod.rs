@@ -11,6 +11,12 @@
 //!
 //! Beside each snapshot, under the same prefix, the request's [`ledger`] counts its attempts
 //! and keeps its answer until the answer's offset is committed.
+//!
+//! Nor can a sick store stop an answer: every store call has a deadline
+//! (`--snapshot-store-timeout`, see [`store::DeadlineStore`]), and whatever fails or times out is
+//! served around: no snapshot, no ledger entry, the answer computed again. Looking for a snapshot
+//! has an overall deadline too ([`FIND_CALLS`] store timeouts), and stopping a writer never waits
+//! long (see [`writer`]).
 
 pub mod format;
 pub mod ledger;
@@ -26,7 +32,7 @@ pub use writer::{ResumeMode, SnapshotPolicy, SnapshotStats, SnapshotWriter};
 
 use bytes::Bytes;
 use candle_core::Device;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::engine::{Prepared, ResumeFrom};
 use crate::model::{LlamaConfig, Model};
@@ -34,10 +40,21 @@ use format::{KvShape, Manifest};
 use ledger::{AttemptLog, EntryOutcome, Ledger};
 use writer::{ChainStart, SnapshotIdentity, SnapshotSink};
 
+/// The default of `--snapshot-store-timeout`: the deadline of one store call.
+pub const DEFAULT_STORE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Looking for a snapshot (a manifest and the pieces it names) may take this many store
+/// timeouts in all before the request starts from the beginning instead.
+pub const FIND_CALLS: u32 = 4;
+
 /// The worker's snapshot service: the store, the policy, and what identifies this model.
 #[derive(Debug, Clone)]
 pub struct Snapshots {
+    /// The store, behind a [`store::DeadlineStore`]: every call through it has a deadline.
     pub store: Arc<dyn store::SnapshotStore>,
+    /// The backend behind `store`'s deadlines, to set other deadlines on.
+    backend: Arc<dyn store::SnapshotStore>,
+    /// The deadline of one store call.
+    store_timeout: Duration,
     pub stats: Arc<SnapshotStats>,
     pub policy: SnapshotPolicy,
     model_fingerprint: String,
@@ -67,9 +84,12 @@ impl Snapshots {
             "" => device_name.to_string(),
             kernels => format!("{device_name}+{kernels}"),
         };
+        let stats = Arc::new(SnapshotStats::default());
         Self {
-            store,
-            stats: Arc::new(SnapshotStats::default()),
+            store: bounded(store.clone(), DEFAULT_STORE_TIMEOUT, &stats),
+            backend: store,
+            store_timeout: DEFAULT_STORE_TIMEOUT,
+            stats,
             policy,
             model_fingerprint: format::model_fingerprint(&model.sha256, weights, &device_name),
             config: model.weights.config.clone(),
@@ -81,9 +101,12 @@ impl Snapshots {
     /// tests that never load a model.
     #[cfg(test)]
     pub(crate) fn for_tests(store: Arc<dyn store::SnapshotStore>, config: LlamaConfig) -> Self {
+        let stats = Arc::new(SnapshotStats::default());
         Self {
-            store,
-            stats: Arc::new(SnapshotStats::default()),
+            store: bounded(store.clone(), DEFAULT_STORE_TIMEOUT, &stats),
+            backend: store,
+            store_timeout: DEFAULT_STORE_TIMEOUT,
+            stats,
             policy: SnapshotPolicy {
                 every_tokens: 0,
                 every: None,
@@ -96,6 +119,19 @@ impl Snapshots {
         }
     }
 
+    /// The same service with a deadline of `timeout` on every store call
+    /// (`--snapshot-store-timeout`) instead of [`DEFAULT_STORE_TIMEOUT`].
+    pub fn with_store_timeout(mut self, timeout: Duration) -> Self {
+        self.store = bounded(self.backend.clone(), timeout, &self.stats);
+        self.store_timeout = timeout;
+        self
+    }
+
+    /// The deadline of one store call.
+    pub fn store_timeout(&self) -> Duration {
+        self.store_timeout
+    }
+
     pub fn shape(&self) -> KvShape {
         KvShape {
             n_layer: self.config.n_layer as u32,
@@ -106,19 +142,33 @@ impl Snapshots {
 
     /// Looks for a verified snapshot of the request. A snapshot that does not verify is logged,
     /// counted, deleted (its manifest and pieces; the request's [`ledger`] stays), and the request
-    /// starts from the beginning.
+    /// starts from the beginning. So does one that cannot be read, whole, within [`FIND_CALLS`]
+    /// store timeouts.
     pub async fn find(&self, prefix: &str, prepared: &Prepared) -> Option<Found> {
         let request = format::request_fingerprint(&prepared.prompt, &prepared.params);
-        match resume::load(
-            &self.store,
-            prefix,
-            &self.model_fingerprint,
-            &request,
-            &self.config,
-            &self.device,
+        let bound = self.store_timeout.saturating_mul(FIND_CALLS);
+        let loaded = tokio::time::timeout(
+            bound,
+            resume::load(
+                &self.store,
+                prefix,
+                &self.model_fingerprint,
+                &request,
+                &self.config,
+                &self.device,
+            ),
         )
         .await
-        {
+        .unwrap_or_else(|_| {
+            let e = store::StoreError::Timeout {
+                op: "get",
+                after: bound,
+            };
+            // Counted and logged as the store's own failures are.
+            self.stats.store_faults.record(store::StoreOp::Get, &e);
+            Err(resume::ResumeError::Store(e))
+        });
+        match loaded {
             Ok(Some(r)) => {
                 self.stats.resumed.fetch_add(1, Relaxed);
                 let recomputed = if r.cache.is_some() {
@@ -139,14 +189,15 @@ impl Snapshots {
             }
             Ok(None) => None,
             Err(resume::ResumeError::Store(e)) => {
-                warn!(prefix, error = %e, "cannot read the snapshot store; starting from the beginning");
+                // The store logs its failures, at most once per interval.
+                debug!(prefix, error = %e, "cannot read the snapshot store; starting from the beginning");
                 None
             }
             Err(e) => {
                 self.stats.discarded.fetch_add(1, Relaxed);
                 warn!(prefix, error = %e, "discarding a snapshot that does not verify; starting from the beginning");
                 if let Err(e) = ledger::delete_snapshot_only(self.store.as_ref(), prefix).await {
-                    warn!(prefix, error = %e, "cannot delete the discarded snapshot; it will be overwritten or expire");
+                    debug!(prefix, error = %e, "cannot delete the discarded snapshot; it will be overwritten or expire");
                 }
                 None
             }
@@ -184,6 +235,7 @@ impl Snapshots {
             self.shape(),
             id,
             chain,
+            self.store_timeout,
         ))
     }
 
@@ -230,15 +282,28 @@ impl Snapshots {
         Ledger::new(self.store.clone())
     }
 
-    /// Deletes a request's snapshot and ledger once its answer is committed.
+    /// Deletes a request's snapshot and ledger once its answer is committed: its keys by name
+    /// (see [`request_keys`]), never by listing the store, which for Redis would walk the whole
+    /// keyspace after every answer. Keys this cannot name (the pieces of a manifest that cannot be
+    /// read, pieces an earlier compaction failed to delete) expire with the TTL.
     pub async fn delete(&self, prefix: &str) {
-        if let Err(e) = self.store.delete_prefix(prefix).await {
-            warn!(prefix, error = %e, "cannot delete a finished request's snapshot; it will expire");
+        let manifest = match self.store.get(&format!("{prefix}{}", format::MANIFEST)).await {
+            Ok(bytes) => bytes.and_then(|b| Manifest::peek(&b).ok()),
+            Err(e) => {
+                debug!(prefix, error = %e, "cannot read a finished request's manifest; its pieces will expire");
+                None
+            }
+        };
+        let keys = request_keys(prefix, manifest.as_ref());
+        let deleted = futures::future::join_all(keys.iter().map(|k| self.store.delete(k))).await;
+        if let Some(Err(e)) = deleted.into_iter().find(Result::is_err) {
+            debug!(prefix, error = %e, "cannot delete a finished request's snapshot; it will expire");
         }
     }
 
     /// Deletes snapshots older than `ttl` every `every`, for as long as the task runs: orphans
-    /// of requests whose answer was never committed here.
+    /// of requests whose answer was never committed here, and keys [`Snapshots::delete`] could
+    /// not name.
     pub fn spawn_sweeper(&self, ttl: Duration, every: Duration) -> tokio::task::JoinHandle<()> {
         let store = self.store.clone();
         tokio::spawn(async move {
@@ -246,10 +311,75 @@ impl Snapshots {
                 match store.sweep_expired("ferry/", ttl).await {
                     Ok(0) => {}
                     Ok(n) => info!(deleted = n, "expired snapshots swept"),
-                    Err(e) => warn!(error = %e, "sweeping expired snapshots failed"),
+                    // The store logs its failures, at most once per interval.
+                    Err(e) => debug!(error = %e, "sweeping expired snapshots failed"),
                 }
                 tokio::time::sleep(every).await;
             }
         })
+    }
+}
+
+/// `store` behind a deadline of `timeout` per call, counting its failures in `stats`.
+fn bounded(
+    store: Arc<dyn store::SnapshotStore>,
+    timeout: Duration,
+    stats: &SnapshotStats,
+) -> Arc<dyn store::SnapshotStore> {
+    Arc::new(store::DeadlineStore::new(store, timeout, stats.store_faults.clone()))
+}
+
+/// Every key a request under `prefix` has, as far as its manifest (if it could be read) tells:
+/// the pieces it names, the manifest, and the two [`ledger`] keys.
+pub fn request_keys(prefix: &str, manifest: Option<&Manifest>) -> Vec<String> {
+    let pieces = manifest
+        .into_iter()
+        .flat_map(|m| m.pieces.iter().map(|p| p.name.as_str()));
+    pieces
+        .chain([format::MANIFEST, ledger::ATTEMPTS, ledger::DONE])
+        .map(|name| format!("{prefix}{name}"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::format::PieceRef;
+    use super::*;
+
+    #[test]
+    fn a_requests_keys_are_its_pieces_its_manifest_and_its_ledger() {
+        let prefix = "ferry/ab/";
+        assert_eq!(
+            request_keys(prefix, None),
+            ["ferry/ab/manifest", "ferry/ab/attempts", "ferry/ab/done"]
+        );
+        let piece = |name: &str| PieceRef {
+            name: name.into(),
+            from: 0,
+            to: 1,
+            bytes: 1,
+            crc32: 0,
+        };
+        let manifest = Manifest {
+            version: format::FORMAT_VERSION,
+            model: "m".into(),
+            request: "r".into(),
+            prompt_len: 1,
+            tokens: vec![1, 2],
+            pieces: vec![piece("piece-000001-0abc1234"), piece("piece-000002-0abc1234")],
+            attempt: 1,
+            worker: "w".into(),
+            seq: 2,
+        };
+        assert_eq!(
+            request_keys(prefix, Some(&manifest)),
+            [
+                "ferry/ab/piece-000001-0abc1234",
+                "ferry/ab/piece-000002-0abc1234",
+                "ferry/ab/manifest",
+                "ferry/ab/attempts",
+                "ferry/ab/done"
+            ]
+        );
     }
 }

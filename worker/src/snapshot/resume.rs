@@ -44,7 +44,7 @@ pub async fn load(
     config: &LlamaConfig,
     device: &Device,
 ) -> Result<Option<Restored>, ResumeError> {
-    let Some(bytes) = store.get(&format!("{prefix}manifest")).await? else {
+    let Some(bytes) = store.get(&format!("{prefix}{}", super::format::MANIFEST)).await? else {
         return Ok(None);
     };
     let manifest = Manifest::decode(&bytes, model, request)?;

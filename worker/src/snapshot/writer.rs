@@ -11,6 +11,11 @@
 //!
 //! After `max_pieces` pieces the writer asks for a full copy at the next offer and, once the
 //! manifest names only that one piece, deletes the old ones (compaction).
+//!
+//! Stopping never waits long for the store: every store call has a deadline (the store is a
+//! [`super::store::DeadlineStore`]), [`SnapshotWriter::stop`] waits at most one store timeout for
+//! the write in progress and [`SnapshotWriter::flush_and_stop`] at most [`FLUSH_CALLS`], after
+//! which the write task is aborted. What it was writing is lost; the last durable snapshot stands.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -18,10 +23,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::Notify;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::format::{KvShape, Manifest, Piece, PieceRef, FORMAT_VERSION};
-use super::store::SnapshotStore;
+use super::store::{SnapshotStore, StoreFaults};
 use crate::engine::Sequence;
 use crate::model::ModelError;
 
@@ -78,6 +83,8 @@ pub struct SnapshotStats {
     /// (tokens/s and bytes/s, as f64 bits; 0 until measured).
     pub decode_tps_bits: AtomicU64,
     pub store_bps_bits: AtomicU64,
+    /// Store calls that failed or timed out, by operation and kind.
+    pub store_faults: Arc<StoreFaults>,
 }
 
 impl SnapshotStats {
@@ -150,6 +157,8 @@ struct Slot {
     closed: bool,
     /// The writer is between taking a delta and finishing its write.
     busy: bool,
+    /// The generation finished: drop whatever is pending, and do not retry a failed write.
+    stopped: bool,
 }
 
 #[derive(Debug)]
@@ -157,6 +166,8 @@ struct Shared {
     slot: Mutex<Slot>,
     wake: Notify,
     idle: Notify,
+    /// Cuts short the back-off after a failed write once the writer is closed.
+    closing: Notify,
     stats: Arc<SnapshotStats>,
     with_kv: bool,
 }
@@ -235,11 +246,17 @@ impl SnapshotSink {
     }
 }
 
+/// How many store timeouts [`SnapshotWriter::flush_and_stop`] waits at most: the write in
+/// progress and the final one, a piece and a manifest each.
+pub const FLUSH_CALLS: u32 = 4;
+
 /// The async side: a task that stores what the engine offers.
 #[derive(Debug)]
 pub struct SnapshotWriter {
     shared: Arc<Shared>,
     task: tokio::task::JoinHandle<()>,
+    /// The deadline of one store call: what bounds how long stopping waits for the task.
+    store_timeout: Duration,
 }
 
 /// Where the chain of a resumed snapshot left off.
@@ -252,6 +269,8 @@ pub struct ChainStart {
 
 impl SnapshotWriter {
     /// Starts a writer for one generation. `chain` continues a resumed snapshot's pieces.
+    /// `store_timeout` is the deadline each of `store`'s calls has (see the module
+    /// documentation).
     pub fn start(
         store: Arc<dyn SnapshotStore>,
         stats: Arc<SnapshotStats>,
@@ -259,6 +278,7 @@ impl SnapshotWriter {
         shape: KvShape,
         id: SnapshotIdentity,
         chain: ChainStart,
+        store_timeout: Duration,
     ) -> (SnapshotWriter, SnapshotSink) {
         let bytes_per_token = shape.values_per_tensor(1) * 2 * shape.n_layer as usize * 4;
         let with_kv = stats.use_cache(policy.mode, bytes_per_token);
@@ -278,6 +298,7 @@ impl SnapshotWriter {
             }),
             wake: Notify::new(),
             idle: Notify::new(),
+            closing: Notify::new(),
             stats,
             with_kv,
         });
@@ -297,24 +318,36 @@ impl SnapshotWriter {
             last_tokens: chain.tokens,
             last_at: Instant::now(),
         };
-        (SnapshotWriter { shared, task }, sink)
+        (
+            SnapshotWriter {
+                shared,
+                task,
+                store_timeout,
+            },
+            sink,
+        )
     }
 
-    /// Writes whatever is still pending, then stops. Used when draining: the caller bounds it
-    /// with its deadline.
+    /// Writes whatever is still pending, retrying a failed write, then stops. Used when
+    /// draining or on a revocation. Gives up after [`FLUSH_CALLS`] store timeouts, leaving the
+    /// last durable snapshot as it is.
     pub async fn flush_and_stop(self) {
         self.close();
-        let _ = self.task.await;
+        let bound = self.store_timeout.saturating_mul(FLUSH_CALLS);
+        self.wait(bound, "flushing the snapshot").await;
     }
 
     /// Stops without writing what is pending (the generation finished; its answer supersedes
-    /// any snapshot).
+    /// any snapshot). Waits at most one store timeout for the write in progress, so that it
+    /// lands before the request's keys are deleted; a store that takes longer is not waited for.
     pub async fn stop(self) {
         if let Ok(mut slot) = self.shared.slot.lock() {
             slot.pending = None;
+            slot.stopped = true;
         }
         self.close();
-        let _ = self.task.await;
+        let bound = self.store_timeout;
+        self.wait(bound, "the snapshot write in progress").await;
     }
 
     fn close(&self) {
@@ -322,6 +355,16 @@ impl SnapshotWriter {
             slot.closed = true;
         }
         self.shared.wake.notify_one();
+        self.shared.closing.notify_one();
+    }
+
+    /// Waits for the write task to end, for at most `bound`; then aborts it.
+    async fn wait(self, bound: Duration, what: &str) {
+        let mut task = self.task;
+        if tokio::time::timeout(bound, &mut task).await.is_err() {
+            task.abort();
+            debug!(waited = ?bound, "the snapshot store is too slow: gave up on {what}");
+        }
     }
 
     /// Waits until everything offered so far is written (or has failed).
@@ -395,7 +438,8 @@ async fn write_loop(
                     new_pieces.push(entry);
                 }
                 Err(e) => {
-                    warn!(error = %e, prefix = %id.prefix, "snapshot piece write failed; retrying with the next snapshot");
+                    // The store logs its failures, at most once per interval.
+                    debug!(error = %e, prefix = %id.prefix, "snapshot piece write failed; retrying with the next snapshot");
                     failed = true;
                 }
             }
@@ -414,8 +458,11 @@ async fn write_loop(
             };
             let body = manifest.encode();
             written += body.len() as u64;
-            if let Err(e) = store.put(&format!("{}manifest", id.prefix), Bytes::from(body)).await {
-                warn!(error = %e, prefix = %id.prefix, "snapshot manifest write failed; retrying with the next snapshot");
+            if let Err(e) = store
+                .put(&format!("{}{}", id.prefix, super::format::MANIFEST), Bytes::from(body))
+                .await
+            {
+                debug!(error = %e, prefix = %id.prefix, "snapshot manifest write failed; retrying with the next snapshot");
                 failed = true;
             }
         }
@@ -423,18 +470,30 @@ async fn write_loop(
         stats.write_micros.fetch_add(elapsed.as_micros() as u64, Relaxed);
         if failed {
             stats.failed.fetch_add(1, Relaxed);
-            // Put the data back so the chain keeps no gap; a newer offer merges onto it.
-            if let Ok(mut slot) = shared.slot.lock() {
+            // Put the data back so the chain keeps no gap; a newer offer merges onto it. A
+            // stopped writer has nothing left to write.
+            let closed = {
+                let Ok(mut slot) = shared.slot.lock() else { return };
+                if slot.stopped {
+                    slot.busy = false;
+                    return;
+                }
                 let newer = slot.pending.take();
                 slot.pending = Some(match newer {
                     Some(n) => Delta::merge(delta, n),
                     None => delta,
                 });
                 slot.busy = false;
-            }
-            // Back off while the store is down, so a dead store costs neither CPU nor log volume.
+                slot.closed
+            };
+            // Back off while the store is down, so a dead store costs neither CPU nor log volume;
+            // a flush has a deadline, so it backs off less, and closing cuts the back-off short.
             failures = failures.saturating_add(1);
-            tokio::time::sleep(Duration::from_millis(100 << failures.min(6))).await;
+            let backoff = Duration::from_millis(100 << failures.min(if closed { 2 } else { 6 }));
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = shared.closing.notified() => {}
+            }
             continue;
         }
         failures = 0;
@@ -446,8 +505,12 @@ async fn write_loop(
         }
         debug!(prefix = %id.prefix, tokens = delta.tokens.len(), bytes = written, micros = elapsed.as_micros() as u64, "snapshot written");
         if full && !pieces.is_empty() {
+            // Best effort: after the first failure the store is likely down, and what is left
+            // expires with the TTL.
             for old in pieces.iter().filter(|o| !new_pieces.iter().any(|n| n.name == o.name)) {
-                let _ = store.delete(&format!("{}{}", id.prefix, old.name)).await;
+                if store.delete(&format!("{}{}", id.prefix, old.name)).await.is_err() {
+                    break;
+                }
             }
         }
         pieces = new_pieces;
@@ -487,6 +550,100 @@ mod tests {
         slow.record_decode_speed(50.0);
         SnapshotStats::record_rate(&slow.store_bps_bits, 1e6);
         assert!(!slow.use_cache(ResumeMode::Auto, 46_080));
+    }
+
+    /// A store that never answers (`hangs`), or fails every call at once.
+    #[derive(Debug)]
+    struct Sick {
+        hangs: bool,
+    }
+
+    #[async_trait::async_trait]
+    impl SnapshotStore for Sick {
+        async fn put(&self, _: &str, _: Bytes) -> Result<(), crate::snapshot::store::StoreError> {
+            if self.hangs {
+                std::future::pending::<()>().await;
+            }
+            Err(crate::snapshot::store::StoreError::Timeout {
+                op: "put",
+                after: Duration::ZERO,
+            })
+        }
+        async fn get(&self, _: &str) -> Result<Option<Bytes>, crate::snapshot::store::StoreError> {
+            unreachable!("a writer only writes")
+        }
+        async fn delete(&self, _: &str) -> Result<(), crate::snapshot::store::StoreError> {
+            Ok(())
+        }
+        async fn delete_prefix(&self, _: &str) -> Result<(), crate::snapshot::store::StoreError> {
+            Ok(())
+        }
+        async fn list(&self, _: &str) -> Result<Vec<String>, crate::snapshot::store::StoreError> {
+            Ok(Vec::new())
+        }
+        async fn sweep_expired(&self, _: &str, _: Duration) -> Result<usize, crate::snapshot::store::StoreError> {
+            Ok(0)
+        }
+    }
+
+    // Paused time: the bounds are checked in virtual time, the same on every machine.
+    #[tokio::test(start_paused = true)]
+    async fn stopping_never_waits_past_its_deadline_for_a_sick_store() {
+        let timeout = Duration::from_secs(2);
+        for (hangs, flush) in [(true, false), (true, true), (false, false), (false, true)] {
+            let store = Arc::new(Sick { hangs });
+            let policy = SnapshotPolicy {
+                every_tokens: 1,
+                every: None,
+                mode: ResumeMode::Tokens,
+                max_pieces: 8,
+            };
+            let id = SnapshotIdentity {
+                prefix: "ferry/ab/".into(),
+                model: "m".into(),
+                request: "r".into(),
+                prompt_len: 3,
+                attempt: 1,
+                worker: "w".into(),
+            };
+            let shape = KvShape {
+                n_layer: 1,
+                n_kv_head: 1,
+                head_dim: 2,
+            };
+            let (writer, _sink) = SnapshotWriter::start(
+                store.clone(),
+                Arc::default(),
+                policy,
+                shape,
+                id,
+                ChainStart::default(),
+                timeout,
+            );
+            writer.shared.slot.lock().expect("slot").pending = Some(Delta {
+                tokens: vec![1, 2],
+                kv: None,
+            });
+            writer.shared.wake.notify_one();
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            let started = tokio::time::Instant::now();
+            if flush {
+                writer.flush_and_stop().await;
+            } else {
+                writer.stop().await;
+            }
+            let bound = if flush { timeout * FLUSH_CALLS } else { timeout };
+            assert!(
+                started.elapsed() <= bound,
+                "hangs {hangs}, flush {flush}: waited {:?}",
+                started.elapsed()
+            );
+            // The write task is gone (aborted, or it gave up), and with it its hold on the store.
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(Arc::strong_count(&store), 1, "hangs {hangs}, flush {flush}");
+        }
     }
 
     fn piece(from: u32, to: u32) -> Piece {

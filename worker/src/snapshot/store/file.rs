@@ -13,14 +13,23 @@
 //!
 //! The limit: a key cannot also be a prefix of another key (`a/b` and `a/b/c`), because `a/b`
 //! cannot be both a file and a directory. The snapshot format's keys never nest that way.
+//!
+//! File system calls on a hung mount (an NFS server gone away) never return, and no deadline can
+//! interrupt a thread inside one. So each call runs on a thread of the store's own rather than
+//! on tokio's blocking pool, whose threads the runtime waits for when the process exits: a
+//! caller's deadline abandons the thread, and the process still exits. At most
+//! [`MAX_CALLS`] run at once, so a hung mount holds a bounded number of threads; the calls beyond
+//! them wait for a turn, and their deadline ends the wait.
 
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use tokio::sync::Semaphore;
 
 use super::{check_delete_prefix, check_key, check_prefix, SnapshotStore, StoreError};
 
@@ -28,11 +37,16 @@ use super::{check_delete_prefix, check_key, check_prefix, SnapshotStore, StoreEr
 /// created. One retry is almost always enough; the bound only stops a pathological loop.
 const PUT_ATTEMPTS: usize = 3;
 
+/// File system calls running at once, at most (see the module documentation).
+pub const MAX_CALLS: usize = 16;
+
 /// A [`SnapshotStore`] on the local file system.
 #[derive(Debug, Clone)]
 pub struct FileStore {
     /// The directory every key is relative to. Absolute, and it exists.
     root: PathBuf,
+    /// A turn to run a file system call: [`MAX_CALLS`] permits.
+    turns: Arc<Semaphore>,
 }
 
 impl FileStore {
@@ -44,9 +58,15 @@ impl FileStore {
                 reason: "the snapshot directory must be an absolute path".into(),
             });
         }
-        let dir = root.clone();
-        blocking(move || fs::create_dir_all(&dir).map_err(io_error("create", &dir))).await?;
-        Ok(Self { root })
+        let store = Self {
+            root,
+            turns: Arc::new(Semaphore::new(MAX_CALLS)),
+        };
+        let dir = store.root.clone();
+        store
+            .blocking(move || fs::create_dir_all(&dir).map_err(io_error("create", &dir)))
+            .await?;
+        Ok(store)
     }
 
     /// The directory the store writes under.
@@ -66,13 +86,13 @@ impl SnapshotStore for FileStore {
     async fn put(&self, key: &str, value: Bytes) -> Result<(), StoreError> {
         check_key(key)?;
         let (root, path) = (self.root.clone(), self.path(key));
-        blocking(move || write_atomically(&root, &path, &value)).await
+        self.blocking(move || write_atomically(&root, &path, &value)).await
     }
 
     async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
         check_key(key)?;
         let path = self.path(key);
-        blocking(move || match fs::read(&path) {
+        self.blocking(move || match fs::read(&path) {
             Ok(data) => Ok(Some(Bytes::from(data))),
             Err(e) if is_absent(&e) => Ok(None),
             Err(e) => Err(io_error("read", &path)(e)),
@@ -83,7 +103,7 @@ impl SnapshotStore for FileStore {
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         check_key(key)?;
         let path = self.path(key);
-        blocking(move || match fs::remove_file(&path) {
+        self.blocking(move || match fs::remove_file(&path) {
             Ok(()) => Ok(()),
             Err(e) if is_absent(&e) => Ok(()),
             Err(e) => Err(io_error("remove", &path)(e)),
@@ -93,7 +113,7 @@ impl SnapshotStore for FileStore {
 
     async fn delete_prefix(&self, prefix: &str) -> Result<(), StoreError> {
         let path = self.path(check_delete_prefix(prefix)?);
-        blocking(move || {
+        self.blocking(move || {
             // A directory is a group of keys; anything else is the one key the prefix names.
             let removed = match fs::symlink_metadata(&path) {
                 Ok(meta) if meta.is_dir() => fs::remove_dir_all(&path),
@@ -112,7 +132,7 @@ impl SnapshotStore for FileStore {
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
         let prefix = check_prefix(prefix)?;
         let (root, dir) = (self.root.clone(), self.path_or_root(prefix));
-        blocking(move || {
+        self.blocking(move || {
             let mut keys = Vec::new();
             walk(&dir, &mut |path, _| {
                 if let Some(key) = key_of(&root, path) {
@@ -129,7 +149,7 @@ impl SnapshotStore for FileStore {
     async fn sweep_expired(&self, prefix: &str, ttl: Duration) -> Result<usize, StoreError> {
         let prefix = check_prefix(prefix)?;
         let (root, dir) = (self.root.clone(), self.path_or_root(prefix));
-        blocking(move || sweep(&root, &dir, ttl)).await
+        self.blocking(move || sweep(&root, &dir, ttl)).await
     }
 }
 
@@ -296,17 +316,38 @@ fn io_error(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreErr
     move |source| StoreError::Io { op, path, source }
 }
 
-/// Runs blocking file system work off the async runtime's threads.
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, StoreError> {
-    tokio::task::spawn_blocking(work).await.unwrap_or_else(|e| {
-        Err(StoreError::Io {
+impl FileStore {
+    /// Runs blocking file system work on a thread of its own, once one of the store's turns is
+    /// free (see the module documentation). Dropping the future abandons the work, which finishes
+    /// (or hangs) on its thread with its turn still held.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let failed = |what: String| StoreError::Io {
             op: "run",
             path: PathBuf::new(),
-            source: io::Error::other(format!("file store task failed: {e}")),
-        })
-    })
+            source: io::Error::other(what),
+        };
+        // The semaphore is never closed.
+        let turn = self
+            .turns
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| failed(e.to_string()))?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("ferry-file-store".into())
+            .spawn(move || {
+                let result = work();
+                drop(turn);
+                let _ = tx.send(result);
+            })
+            .map_err(|e| failed(format!("cannot start a file store thread: {e}")))?;
+        rx.await
+            .unwrap_or_else(|_| Err(failed("the file store thread panicked".into())))
+    }
 }
 
 #[cfg(test)]
@@ -415,6 +456,46 @@ mod tests {
             outside.join("secret").exists(),
             "a sweep never follows a link out of the root"
         );
+    }
+
+    /// Opening a FIFO for reading blocks until a writer comes: to the store, a call on a hung
+    /// mount. Its deadline abandons it, other calls still run, and the runtime shuts down
+    /// without waiting for the hung thread.
+    #[test]
+    fn a_hung_call_is_abandoned_at_its_deadline_and_does_not_hold_up_shutdown() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let (dir, store) = runtime.block_on(store());
+        let fifo = store.root().join("ferry/ab/manifest");
+        fs::create_dir_all(fifo.parent().expect("parent")).expect("mkdir");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo");
+        assert!(made.success(), "mkfifo {}", fifo.display());
+        let bounded =
+            super::super::DeadlineStore::new(Arc::new(store.clone()), Duration::from_millis(200), Arc::default());
+        runtime.block_on(async {
+            let hung = bounded.get("ferry/ab/manifest").await;
+            assert!(matches!(hung, Err(StoreError::Timeout { op: "get", .. })), "{hung:?}");
+            store
+                .put("ferry/cd/manifest", Bytes::from_static(b"m"))
+                .await
+                .expect("another call runs while one hangs");
+        });
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(runtime);
+            let _ = tx.send(());
+        });
+        let shut_down = rx.recv_timeout(Duration::from_secs(60));
+        // Let the hung thread go, whatever the outcome: opening the FIFO for writing unblocks its
+        // reader (on a thread of its own, in case there is no reader and it blocks instead).
+        std::thread::spawn(move || drop(fs::OpenOptions::new().write(true).open(&fifo)));
+        assert!(shut_down.is_ok(), "the runtime waited for a hung file system call");
+        drop(dir);
     }
 
     #[tokio::test]

@@ -23,8 +23,11 @@
 //! its manifest is how the format gets an atomic commit point out of single-key atomicity.
 //!
 //! Failures are never fatal to a generation: a failed write is skipped and counted, a failed
-//! read means the request starts from the beginning (see [`StoreError`]).
+//! read means the request starts from the beginning (see [`StoreError`]). Nor may a store that
+//! hangs hold a request up: the worker reaches its store through a [`DeadlineStore`], which gives
+//! every call a deadline.
 
+mod deadline;
 mod file;
 mod object;
 mod redis;
@@ -36,6 +39,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+pub use self::deadline::{DeadlineStore, FaultKind, LogLimiter, StoreFaults, StoreOp};
 pub use self::file::FileStore;
 pub use self::object::ObjectStoreBackend;
 pub use self::redis::RedisStore;
@@ -77,7 +81,7 @@ pub trait SnapshotStore: Send + Sync + Debug {
 /// failed snapshot write is skipped and counted (the generation goes on, it just has an older
 /// snapshot to resume from), and a failed read means the request starts from the beginning.
 /// Only [`open`] failing at start-up stops the worker, because it means the configuration is
-/// wrong.
+/// wrong (or, for a file store, that its volume is missing or hangs).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The store URL or one of its options is malformed, names an unknown scheme, or is
@@ -133,6 +137,26 @@ pub enum StoreError {
         source: std::io::Error,
     },
 
+    /// The store did not answer within its deadline (`--snapshot-store-timeout`), and the call
+    /// was abandoned. It may still take effect later: see [`DeadlineStore`].
+    #[error("snapshot store {op} did not answer within {after:?}")]
+    Timeout {
+        /// The operation ("get", "put", ...).
+        op: &'static str,
+        /// The deadline it was given.
+        after: Duration,
+    },
+
+    /// Not tried: the store timed out or could not be reached moments ago, and is left alone for
+    /// a short cool-down (see [`DeadlineStore`]).
+    #[error("snapshot store {op} skipped: the store failed to answer moments ago (retried in {left:?})")]
+    Skipped {
+        /// The operation ("get", "put", ...).
+        op: &'static str,
+        /// How long the cool-down still lasts.
+        left: Duration,
+    },
+
     /// Any other error the backend reported: an unexpected response, a protocol error, a
     /// server-side failure.
     #[error("snapshot store {backend} failed: {source}")]
@@ -157,6 +181,8 @@ impl StoreError {
             StoreError::Unavailable { .. } => "unavailable",
             StoreError::Denied { .. } => "denied",
             StoreError::Io { .. } => "io",
+            StoreError::Timeout { .. } => "timeout",
+            StoreError::Skipped { .. } => "skipped",
             StoreError::Backend { .. } => "backend",
         }
     }
@@ -186,6 +212,17 @@ impl StoreError {
 /// fail, and they are not fatal.
 pub async fn open(url: &str, ttl: Duration) -> Result<Arc<dyn SnapshotStore>, StoreError> {
     open_with_options(url, ttl, std::iter::empty::<(&str, &str)>()).await
+}
+
+/// [`open`], giving up after `timeout`: only the file store does I/O when it opens (it creates
+/// its directory), and on a hung mount that would never return.
+pub async fn open_within(url: &str, ttl: Duration, timeout: Duration) -> Result<Arc<dyn SnapshotStore>, StoreError> {
+    tokio::time::timeout(timeout, open(url, ttl))
+        .await
+        .unwrap_or(Err(StoreError::Timeout {
+            op: "open",
+            after: timeout,
+        }))
 }
 
 /// [`open`], with object store settings given explicitly rather than read from the environment

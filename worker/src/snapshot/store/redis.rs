@@ -16,7 +16,8 @@
 //! Listing and prefix deletion walk the keyspace with `SCAN MATCH <prefix>/*`, which never
 //! blocks the server the way `KEYS` would, but visits every key of the database: keep the
 //! snapshots in a database (the URL's `/db`) or a server of their own, and delete single keys
-//! with [`SnapshotStore::delete`], which is one `UNLINK`. Deletion uses `UNLINK`,
+//! with [`SnapshotStore::delete`], which is one `UNLINK` (the worker deletes a finished
+//! request's keys that way, by name: see `Snapshots::delete`). Deletion uses `UNLINK`,
 //! which frees large values in the background. The key alphabet (see [`check_key`]) has no glob
 //! characters, so a prefix needs no quoting in the pattern. Single-node Redis only: a cluster
 //! would need a `SCAN` per node.

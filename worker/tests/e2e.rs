@@ -232,7 +232,9 @@ fn a_missing_dead_letter_topic_is_a_clear_error_at_start_up() {
     let log = worker.log();
     let dlq = format!("{requests}.dlq");
     assert!(
-        log.contains(&format!("the dead-letter topic (--dead-letter-topic) {dlq:?} does not exist: create it")),
+        log.contains(&format!(
+            "the dead-letter topic (--dead-letter-topic) {dlq:?} does not exist: create it"
+        )),
         "{log}"
     );
 }

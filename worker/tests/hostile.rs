@@ -39,6 +39,9 @@ enum Expect {
     Answered { reply_topic: String },
 }
 
+/// A reply as read back: its key, the reply, its headers.
+type Published = (String, Reply, Vec<(String, String)>);
+
 struct Case {
     name: String,
     key: Option<Vec<u8>>,
@@ -721,7 +724,7 @@ fn hostile_messages_are_dead_lettered_or_answered_and_the_worker_keeps_serving()
         );
     }
 
-    let read_replies = |topic: &str| -> Vec<(String, Reply, Vec<(String, String)>)> {
+    let read_replies = |topic: &str| -> Vec<Published> {
         cluster
             .read_all_with_headers(topic)
             .into_iter()
@@ -731,7 +734,7 @@ fn hostile_messages_are_dead_lettered_or_answered_and_the_worker_keeps_serving()
             })
             .collect()
     };
-    let mut on_topic: HashMap<String, Vec<(String, Reply, Vec<(String, String)>)>> = HashMap::new();
+    let mut on_topic: HashMap<String, Vec<Published>> = HashMap::new();
     on_topic.insert(replies.clone(), read_replies(&replies));
     on_topic.insert(other_replies.clone(), read_replies(&other_replies));
     for (_, reply, headers) in on_topic.values().flatten() {

@@ -369,176 +369,173 @@ impl Inner {
         started: Instant,
         queued: Duration,
     ) -> Result<Served, PublishError> {
-        {
-            let reply_topic = reply_topic.to_string();
-            let prefix = prefix.to_string();
-            if let Some(served) = self.republish_done(trace, &reply_topic, &prefix).await? {
-                return Ok(served);
-            }
-            let cx = |attempt| WorkContext {
-                worker: &self.publisher.worker_id,
-                model: &self.engine.model().name,
-                attempt,
-                queued,
-                total: started.elapsed(),
-            };
-            let deadline = request.deadline.map(deadline_instant);
-            if deadline.is_some_and(|d| d <= Instant::now()) {
-                info!("deadline passed before the start: answering without compute");
-                let completion = past_deadline(&prepared);
-                let body = self
-                    .publisher
-                    .reply(&reply_topic, &reply::response(&request, &completion, &cx(1)), trace)
-                    .await?;
-                self.ops.metrics.answered(&answered(&completion, queued, false));
-                return Ok(Served::Answered {
-                    prefix: Some(prefix),
-                    reply: Some(body),
-                });
-            }
-            let mut local = AttemptLog::default();
-            let mut first_round = true;
-            loop {
-                let before = self.attempts(&prefix, &local).await;
-                if first_round && !before.attempts.is_empty() {
-                    // The ledger outlives workers: an entry before this delivery's first attempt
-                    // is an earlier delivery's (without a snapshot store there is no ledger).
-                    self.ops.metrics.redelivered();
-                    if before
-                        .attempts
-                        .iter()
-                        .any(|e| e.outcome == Some(EntryOutcome::HandedOff))
-                    {
-                        // The fallback topic has it and its workers answer it; serving it here
-                        // as well could answer it twice, from two models.
-                        info!("handed to the fallback topic by an earlier delivery: settling without serving");
-                        self.ops.metrics.request_settled(RequestOutcome::HandedOff);
-                        return Ok(Served::Answered {
-                            prefix: Some(prefix),
-                            reply: None,
-                        });
-                    }
-                }
-                first_round = false;
-                if before.counted() >= self.max_attempts {
-                    let used = before.counted();
-                    let message = format!(
-                        "the request failed, or its worker died, {used} times (--max-attempts {})",
-                        self.max_attempts
-                    );
-                    error!(attempts = used, "attempts exhausted: dead-lettering with the history");
-                    let invalid = rejected(&request, ErrorCode::AttemptsExhausted, message);
-                    self.reject(msg, trace, &invalid, &before.attempts).await?;
-                    let reply = reply::error_reply(&invalid, &self.publisher.worker_id, used)
-                        .map(|r| serde_json::to_vec(&r))
-                        .transpose()?;
+        // Owned, for the replies that keep them.
+        let reply_topic = reply_topic.to_string();
+        let prefix = prefix.to_string();
+        if let Some(served) = self.republish_done(trace, &reply_topic, &prefix).await? {
+            return Ok(served);
+        }
+        let cx = |attempt| WorkContext {
+            worker: &self.publisher.worker_id,
+            model: &self.engine.model().name,
+            attempt,
+            queued,
+            total: started.elapsed(),
+        };
+        let deadline = request.deadline.map(deadline_instant);
+        if deadline.is_some_and(|d| d <= Instant::now()) {
+            info!("deadline passed before the start: answering without compute");
+            let completion = past_deadline(&prepared);
+            let body = self
+                .publisher
+                .reply(&reply_topic, &reply::response(request, &completion, &cx(1)), trace)
+                .await?;
+            self.ops.metrics.answered(&answered(&completion, queued, false));
+            return Ok(Served::Answered {
+                prefix: Some(prefix),
+                reply: Some(body),
+            });
+        }
+        let mut local = AttemptLog::default();
+        let mut first_round = true;
+        loop {
+            let before = self.attempts(&prefix, &local).await;
+            if first_round && !before.attempts.is_empty() {
+                // The ledger outlives workers: an entry before this delivery's first attempt
+                // is an earlier delivery's (without a snapshot store there is no ledger).
+                self.ops.metrics.redelivered();
+                if before
+                    .attempts
+                    .iter()
+                    .any(|e| e.outcome == Some(EntryOutcome::HandedOff))
+                {
+                    // The fallback topic has it and its workers answer it; serving it here
+                    // as well could answer it twice, from two models.
+                    info!("handed to the fallback topic by an earlier delivery: settling without serving");
+                    self.ops.metrics.request_settled(RequestOutcome::HandedOff);
                     return Ok(Served::Answered {
                         prefix: Some(prefix),
-                        reply,
+                        reply: None,
                     });
                 }
-                // The KV budget is held from before the slot until the generation ends (see
-                // `admission`); it too comes before the attempt is recorded.
-                let _kv = match self
-                    .kv_budget
-                    .admit(prepared.prompt.len(), prepared.params.max_tokens, &control)
-                    .await
-                {
-                    super::admission::Admission::Admitted(permit) => permit,
-                    super::admission::Admission::Suspended => return Ok(Served::Suspended),
-                    super::admission::Admission::TooLarge { code, message } => {
-                        let invalid = rejected(&request, code, message);
-                        self.reject(msg, trace, &invalid, &before.attempts).await?;
-                        return Ok(Served::rejected());
+            }
+            first_round = false;
+            if before.counted() >= self.max_attempts {
+                let used = before.counted();
+                let message = format!(
+                    "the request failed, or its worker died, {used} times (--max-attempts {})",
+                    self.max_attempts
+                );
+                error!(attempts = used, "attempts exhausted: dead-lettering with the history");
+                let invalid = rejected(request, ErrorCode::AttemptsExhausted, message);
+                self.reject(msg, trace, &invalid, &before.attempts).await?;
+                let reply = reply::error_reply(&invalid, &self.publisher.worker_id, used)
+                    .map(|r| serde_json::to_vec(&r))
+                    .transpose()?;
+                return Ok(Served::Answered {
+                    prefix: Some(prefix),
+                    reply,
+                });
+            }
+            // The KV budget is held from before the slot until the generation ends (see
+            // `admission`); it too comes before the attempt is recorded.
+            let _kv = match self
+                .kv_budget
+                .admit(prepared.prompt.len(), prepared.params.max_tokens, &control)
+                .await
+            {
+                super::admission::Admission::Admitted(permit) => permit,
+                super::admission::Admission::Suspended => return Ok(Served::Suspended),
+                super::admission::Admission::TooLarge { code, message } => {
+                    let invalid = rejected(request, code, message);
+                    self.reject(msg, trace, &invalid, &before.attempts).await?;
+                    return Ok(Served::rejected());
+                }
+            };
+            // The slot comes before the attempt is recorded: an attempt that waits behind a
+            // suspect that crashes the worker must not be counted as died.
+            let Some(_slot) = self.slot(suspect(&before), &control).await else {
+                return Ok(Served::Suspended);
+            };
+            let log = self.begin_attempt(&prefix, &mut local).await;
+            let attempt = log.attempts.last().map_or(1, |a| a.attempt);
+            #[cfg(feature = "fault-injection")]
+            fault_injection::maybe_crash(&request.id);
+            let generated = self
+                .generate(
+                    trace,
+                    request,
+                    prepared.clone(),
+                    &prefix,
+                    attempt,
+                    control.clone(),
+                    deadline,
+                    &reply_topic,
+                )
+                .await?;
+            #[cfg(feature = "fault-injection")]
+            let generated = fault_injection::maybe_fail(&request.id, generated);
+            match generated {
+                Generated::Finished {
+                    completion,
+                    resumed_from,
+                } => {
+                    let mut reply = reply::response(request, &completion, &cx(attempt));
+                    if let Reply::Response(r) = &mut reply {
+                        r.resumed_from_token = resumed_from;
                     }
-                };
-                // The slot comes before the attempt is recorded: an attempt that waits behind a
-                // suspect that crashes the worker must not be counted as died.
-                let Some(_slot) = self.slot(suspect(&before), &control).await else {
+                    let body = self.publisher.reply(&reply_topic, &reply, trace).await?;
+                    log_answered(&completion, resumed_from, attempt, started);
+                    self.ops.health.generation_succeeded();
+                    self.ops
+                        .metrics
+                        .answered(&answered(&completion, queued, resumed_from.is_some()));
+                    if let Some(s) = &self.snapshots {
+                        let decode_s = completion.decode.as_secs_f64();
+                        if decode_s > 0.0 && !completion.tokens.is_empty() {
+                            s.stats.record_decode_speed(completion.tokens.len() as f64 / decode_s);
+                        }
+                    }
+                    return Ok(Served::Answered {
+                        prefix: Some(prefix),
+                        reply: Some(body),
+                    });
+                }
+                Generated::Suspended => {
+                    // A drain because the worker gave up on itself: what it holds cannot be
+                    // served here, and the fallback may serve it sooner than the next owner
+                    // of the partition. A drain on a signal or a revocation leaves it to be
+                    // resumed from its snapshot.
+                    if let Some(trip) = self.ops.health.tripped() {
+                        let reason = fallback::reason_of_trip(&trip);
+                        let error = trip.to_string();
+                        if let Some(served) = self.hand_off(msg, &prefix, attempt, reason, &error, &mut local).await? {
+                            return Ok(served);
+                        }
+                    }
+                    self.end_attempt(&prefix, attempt, EntryOutcome::Suspended, None, &mut local)
+                        .await;
                     return Ok(Served::Suspended);
-                };
-                let log = self.begin_attempt(&prefix, &mut local).await;
-                let attempt = log.attempts.last().map_or(1, |a| a.attempt);
-                #[cfg(feature = "fault-injection")]
-                fault_injection::maybe_crash(&request.id);
-                let generated = self
-                    .generate(
-                        trace,
-                        &request,
-                        prepared.clone(),
-                        &prefix,
-                        attempt,
-                        control.clone(),
-                        deadline,
-                        &reply_topic,
-                    )
-                    .await?;
-                #[cfg(feature = "fault-injection")]
-                let generated = fault_injection::maybe_fail(&request.id, generated);
-                match generated {
-                    Generated::Finished {
-                        completion,
-                        resumed_from,
-                    } => {
-                        let mut reply = reply::response(&request, &completion, &cx(attempt));
-                        if let Reply::Response(r) = &mut reply {
-                            r.resumed_from_token = resumed_from;
+                }
+                Generated::Failed(e) => {
+                    error!(error = %e, attempt, "generation failed");
+                    self.ops.metrics.generation_failed();
+                    self.ops.health.generation_failed(&request.id, &e);
+                    let reason = if fallback::is_out_of_memory(&e) {
+                        Some(FallbackReason::OutOfMemory)
+                    } else {
+                        self.ops.health.tripped().as_ref().map(fallback::reason_of_trip)
+                    };
+                    if let Some(reason) = reason {
+                        if let Some(served) = self.hand_off(msg, &prefix, attempt, reason, &e, &mut local).await? {
+                            return Ok(served);
                         }
-                        let body = self.publisher.reply(&reply_topic, &reply, trace).await?;
-                        log_answered(&completion, resumed_from, attempt, started);
-                        self.ops.health.generation_succeeded();
-                        self.ops
-                            .metrics
-                            .answered(&answered(&completion, queued, resumed_from.is_some()));
-                        if let Some(s) = &self.snapshots {
-                            let decode_s = completion.decode.as_secs_f64();
-                            if decode_s > 0.0 && !completion.tokens.is_empty() {
-                                s.stats.record_decode_speed(completion.tokens.len() as f64 / decode_s);
-                            }
-                        }
-                        return Ok(Served::Answered {
-                            prefix: Some(prefix),
-                            reply: Some(body),
-                        });
                     }
-                    Generated::Suspended => {
-                        // A drain because the worker gave up on itself: what it holds cannot be
-                        // served here, and the fallback may serve it sooner than the next owner
-                        // of the partition. A drain on a signal or a revocation leaves it to be
-                        // resumed from its snapshot.
-                        if let Some(trip) = self.ops.health.tripped() {
-                            let reason = fallback::reason_of_trip(&trip);
-                            let error = trip.to_string();
-                            if let Some(served) =
-                                self.hand_off(msg, &prefix, attempt, reason, &error, &mut local).await?
-                            {
-                                return Ok(served);
-                            }
-                        }
-                        self.end_attempt(&prefix, attempt, EntryOutcome::Suspended, None, &mut local)
-                            .await;
-                        return Ok(Served::Suspended);
-                    }
-                    Generated::Failed(e) => {
-                        error!(error = %e, attempt, "generation failed");
-                        self.ops.metrics.generation_failed();
-                        self.ops.health.generation_failed(&request.id, &e);
-                        let reason = if fallback::is_out_of_memory(&e) {
-                            Some(FallbackReason::OutOfMemory)
-                        } else {
-                            self.ops.health.tripped().as_ref().map(fallback::reason_of_trip)
-                        };
-                        if let Some(reason) = reason {
-                            if let Some(served) = self.hand_off(msg, &prefix, attempt, reason, &e, &mut local).await? {
-                                return Ok(served);
-                            }
-                        }
-                        self.end_attempt(&prefix, attempt, EntryOutcome::Failed, Some(e), &mut local)
-                            .await;
-                        // The next round counts it, and dead-letters the request once the
-                        // budget is used up. An attempt that ran out of memory is retried
-                        // alone (see `suspect`).
-                    }
+                    self.end_attempt(&prefix, attempt, EntryOutcome::Failed, Some(e), &mut local)
+                        .await;
+                    // The next round counts it, and dead-letters the request once the
+                    // budget is used up. An attempt that ran out of memory is retried
+                    // alone (see `suspect`).
                 }
             }
         }

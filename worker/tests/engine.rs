@@ -170,7 +170,6 @@ fn control_tokens_in_a_message_stay_text() {
         .encode(&engine.prompt_text(&clean).expect("renders"))
         .expect("encodes");
     assert_eq!(engine.prepare(&clean).expect("prepares").prompt, whole);
-    assert_eq!(whole.len(), 56);
 }
 
 #[test]

@@ -342,8 +342,11 @@ impl Publisher {
             let found = md.topics().iter().find(|t| t.name() == topic.as_str());
             let problem = match found {
                 None => Some("does not exist".to_string()),
-                Some(t) => match t.error() {
-                    Some(e) => Some(format!("is not usable: {}", RDKafkaErrorCode::from(e))),
+                Some(t) => match t.error().map(RDKafkaErrorCode::from) {
+                    Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic) => {
+                        Some("does not exist".to_string())
+                    }
+                    Some(e) => Some(format!("is not usable: {e}")),
                     None if t.partitions().is_empty() => Some("does not exist".to_string()),
                     None => None,
                 },

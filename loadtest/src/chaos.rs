@@ -60,6 +60,11 @@ pub struct ChaosArgs {
     /// No fault before this long after the load starts (workers load the model and join).
     #[arg(long, env = "FERRY_CHAOS_WARMUP", value_parser = humantime::parse_duration, default_value = "10s")]
     pub warmup: Duration,
+    /// At most this many faults, whatever the run's length: a slower machine makes the same
+    /// load last longer, and without a cap it meets more faults (and a request killed
+    /// `--max-attempts` times is rightly given up). Unset: as many as the load lasts.
+    #[arg(long, env = "FERRY_CHAOS_MAX_FAULTS")]
+    pub max_faults: Option<usize>,
     /// Only these kinds of faults (comma-separated) from the scenario.
     #[arg(
         long,
@@ -195,6 +200,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<ExitCode> {
     )
     .into_iter()
     .filter(|s| args.fault_kinds.contains(&Kind::of(s.action)))
+    .take(args.max_faults.unwrap_or(usize::MAX))
     .collect();
 
     // Topics and a group of the run's own, so that nothing of an earlier run is read again.

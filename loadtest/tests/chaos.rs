@@ -48,7 +48,10 @@ fn a_small_chaos_run_loses_nothing_and_measures_its_faults() {
         // well past the crash's slot (at 14 to 22 s; 32 requests of up to 96 tokens take about
         // 40 s here with the eviction's rebalance; 20 of 48 ran out before the crash), and the evicted worker's replacement is old enough by then
         // to be a victim (the harness always spares one worker, and never hits a new one).
+        // Four faults at most (two evictions, two crashes), however slow the machine: no
+        // request can be crashed --max-attempts (3) times, so every answer must be right.
         .args(["--fault-kinds", "evict,crash", "--warmup", "6s", "--fault-every", "8s"])
+        .args(["--max-faults", "4"])
         .args(["--restart-delay", "1s"])
         .args(["--answer-timeout", "120s", "--seed", "7"])
         .arg("--model")

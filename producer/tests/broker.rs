@@ -176,7 +176,10 @@ async fn kafka_broker_serves_real_kafka_and_stops_on_sigterm() -> anyhow::Result
 
     let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &servers).create()?;
     producer
-        .send(FutureRecord::to(&topic).key("k").payload("hello kafka").partition(1), PATIENCE)
+        .send(
+            FutureRecord::to(&topic).key("k").payload("hello kafka").partition(1),
+            PATIENCE,
+        )
         .await
         .map_err(|(e, _)| e)?;
     let messages = cluster::read_messages(&servers, &topic, 1).await?;
@@ -198,7 +201,10 @@ async fn kafka_broker_serves_real_kafka_and_stops_on_sigterm() -> anyhow::Result
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(exit.code(), Some(0));
-    assert!(!broker.bootstrap_file().exists(), "the bootstrap file should be removed on shutdown");
+    assert!(
+        !broker.bootstrap_file().exists(),
+        "the bootstrap file should be removed on shutdown"
+    );
     wait_until_gone(&jvms, PATIENCE).await
 }
 

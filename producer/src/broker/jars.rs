@@ -57,7 +57,9 @@ pub enum JarsError {
         source: io::Error,
     },
     /// `java` or `mvn` is missing and installing the packages failed.
-    #[error("{program} is missing and `apt-get install {PACKAGES}` failed; install Java 17+ and Maven yourself:\n{output}")]
+    #[error(
+        "{program} is missing and `apt-get install {PACKAGES}` failed; install Java 17+ and Maven yourself:\n{output}"
+    )]
     Install { program: &'static str, output: String },
     /// Maven ran but did not fetch the classpath (no network, no repository, for example).
     #[error("Maven could not fetch the Kafka jars ({status}):\n{output}")]
@@ -88,7 +90,11 @@ pub struct Mismatch {
 impl fmt::Display for Mismatch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut parts = Vec::new();
-        for (label, names) in [("missing", &self.missing), ("not locked", &self.extra), ("digest differs", &self.changed)] {
+        for (label, names) in [
+            ("missing", &self.missing),
+            ("not locked", &self.extra),
+            ("digest differs", &self.changed),
+        ] {
             if !names.is_empty() {
                 parts.push(format!("{label}: {}", names.join(", ")));
             }
@@ -102,7 +108,10 @@ impl Lock {
     pub fn parse(text: &str) -> Result<Self, JarsError> {
         let mut jars = BTreeMap::new();
         for (index, line) in text.lines().enumerate() {
-            let bad = |reason| JarsError::Lock { line: index + 1, reason };
+            let bad = |reason| JarsError::Lock {
+                line: index + 1,
+                reason,
+            };
             let Some((digest, name)) = line.split_once("  ") else {
                 return Err(bad("expected `<sha256>  <jar>`"));
             };
@@ -117,7 +126,10 @@ impl Lock {
             }
         }
         if jars.is_empty() {
-            return Err(JarsError::Lock { line: 0, reason: "the lock lists no jars" });
+            return Err(JarsError::Lock {
+                line: 0,
+                reason: "the lock lists no jars",
+            });
         }
         Ok(Lock(jars))
     }
@@ -132,7 +144,11 @@ impl Lock {
                 Some(_) => {}
             }
         }
-        mismatch.extra = found.keys().filter(|name| !self.0.contains_key(*name)).cloned().collect();
+        mismatch.extra = found
+            .keys()
+            .filter(|name| !self.0.contains_key(*name))
+            .cloned()
+            .collect();
         if mismatch == Mismatch::default() {
             Ok(())
         } else {
@@ -152,7 +168,10 @@ pub fn default_cache_dir() -> Option<PathBuf> {
 /// The directory of verified jars for the compiled-in lock, fetching them first if needed.
 pub async fn ensure(cache: Option<&Path>) -> Result<PathBuf, JarsError> {
     let lock = Lock::parse(LOCK)?;
-    let cache = cache.map(Path::to_path_buf).or_else(default_cache_dir).ok_or(JarsError::NoCacheDir)?;
+    let cache = cache
+        .map(Path::to_path_buf)
+        .or_else(default_cache_dir)
+        .ok_or(JarsError::NoCacheDir)?;
     let version_dir = cache.join(format!("{KAFKA_VERSION}-{}", &sha256_hex(LOCK.as_bytes())[..12]));
     let jars = version_dir.join("jars");
     if jars.join(VERIFIED_MARKER).exists() {
@@ -184,7 +203,11 @@ pub async fn ensure(cache: Option<&Path>) -> Result<PathBuf, JarsError> {
         .kill_on_drop(true)
         .output()
         .await
-        .map_err(|source| JarsError::Io { action: "run", path: "mvn".into(), source })?;
+        .map_err(|source| JarsError::Io {
+            action: "run",
+            path: "mvn".into(),
+            source,
+        })?;
     if !output.status.success() {
         let _ = std::fs::remove_dir_all(&partial);
         return Err(JarsError::Fetch {
@@ -207,10 +230,18 @@ pub async fn ensure(cache: Option<&Path>) -> Result<PathBuf, JarsError> {
         let _ = std::fs::remove_dir_all(&partial);
         // Another broker may have committed the same verified jars first.
         if !jars.join(VERIFIED_MARKER).exists() {
-            return Err(JarsError::Io { action: "move the verified jars to", path: jars, source });
+            return Err(JarsError::Io {
+                action: "move the verified jars to",
+                path: jars,
+                source,
+            });
         }
     }
-    info!(jars = found.len(), seconds = started.elapsed().as_secs_f64(), "Kafka jars fetched and verified");
+    info!(
+        jars = found.len(),
+        seconds = started.elapsed().as_secs_f64(),
+        "Kafka jars fetched and verified"
+    );
     Ok(jars)
 }
 
@@ -307,7 +338,13 @@ mod tests {
     #[test]
     fn malformed_lock_lines_are_refused() {
         let a = "a".repeat(64);
-        for bad in ["", "abc  x.jar", &format!("{a} x.jar"), &format!("{a}  x.txt"), &format!("{a}  d/x.jar")] {
+        for bad in [
+            "",
+            "abc  x.jar",
+            &format!("{a} x.jar"),
+            &format!("{a}  x.txt"),
+            &format!("{a}  d/x.jar"),
+        ] {
             assert!(Lock::parse(bad).is_err(), "{bad:?}");
         }
         assert!(Lock::parse(&format!("{a}  x.jar\n{a}  x.jar")).is_err());
@@ -324,7 +361,10 @@ mod tests {
         assert_eq!(mismatch.missing, ["two.jar"]);
         assert_eq!(mismatch.extra, ["three.jar"]);
         assert_eq!(mismatch.changed, ["one.jar"]);
-        assert_eq!(mismatch.to_string(), "missing: two.jar; not locked: three.jar; digest differs: one.jar");
+        assert_eq!(
+            mismatch.to_string(),
+            "missing: two.jar; not locked: three.jar; digest differs: one.jar"
+        );
         Ok(())
     }
 

@@ -154,7 +154,10 @@ impl KafkaBroker {
         let bootstrap_servers = format!("127.0.0.1:{port}");
         let properties = dir.0.join("server.properties");
         let log4j = dir.0.join("log4j2.properties");
-        dir.write(&properties, &server_properties(&dir.0.join("data"), port, controller_port, options.partitions))?;
+        dir.write(
+            &properties,
+            &server_properties(&dir.0.join("data"), port, controller_port, options.partitions),
+        )?;
         dir.write(&log4j, LOG4J2)?;
         let log4j_option = format!("-Dlog4j2.configurationFile={}", log4j.display());
         let started = std::time::Instant::now();
@@ -162,7 +165,14 @@ impl KafkaBroker {
         let output = Command::new("java")
             .args(TOOL_JVM_OPTIONS)
             .arg(&log4j_option)
-            .args(["-cp", &classpath, "kafka.tools.StorageTool", "format", "--standalone", "-t"])
+            .args([
+                "-cp",
+                &classpath,
+                "kafka.tools.StorageTool",
+                "format",
+                "--standalone",
+                "-t",
+            ])
             .arg(cluster_id())
             .arg("-c")
             .arg(&properties)
@@ -170,7 +180,10 @@ impl KafkaBroker {
             .kill_on_drop(true)
             .output()
             .await
-            .map_err(|source| KafkaBrokerError::Spawn { program: "java", source })?;
+            .map_err(|source| KafkaBrokerError::Spawn {
+                program: "java",
+                source,
+            })?;
         if !output.status.success() {
             return Err(KafkaBrokerError::Format {
                 status: output.status.to_string(),
@@ -183,7 +196,13 @@ impl KafkaBroker {
             .arg(&dir.0)
             .arg("java")
             .args(BROKER_JVM_OPTIONS)
-            .args(["-Djava.awt.headless=true", &log4j_option, "-cp", &classpath, "kafka.Kafka"])
+            .args([
+                "-Djava.awt.headless=true",
+                &log4j_option,
+                "-cp",
+                &classpath,
+                "kafka.Kafka",
+            ])
             .arg(&properties)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
@@ -207,7 +226,13 @@ impl KafkaBroker {
             "Kafka answers"
         );
         for topic in topics {
-            topics::create_topic(&broker.bootstrap_servers, topic, options.partitions, options.start_timeout).await?;
+            topics::create_topic(
+                &broker.bootstrap_servers,
+                topic,
+                options.partitions,
+                options.start_timeout,
+            )
+            .await?;
         }
         Ok(broker)
     }
@@ -238,7 +263,9 @@ impl KafkaBroker {
             }
             tokio::time::sleep(POLL_INTERVAL).await;
         }
-        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(1));
         match topics::cluster_kind(&self.bootstrap_servers, left).await {
             Ok(ClusterKind::Kafka) => Ok(()),
             Ok(ClusterKind::Mock) => Err(KafkaBrokerError::Impostor(self.bootstrap_servers.clone())),
@@ -303,7 +330,11 @@ impl WorkDir {
     }
 
     fn jvm_pid(&self) -> Option<u32> {
-        std::fs::read_to_string(self.0.join("jvm.pid")).ok()?.trim().parse().ok()
+        std::fs::read_to_string(self.0.join("jvm.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 
     /// The last lines of the JVM's output, for an error message.
@@ -345,7 +376,10 @@ fn base64_url(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     let mut out = String::new();
     for chunk in bytes.chunks(3) {
-        let n = chunk.iter().enumerate().fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
         for i in 0..=chunk.len() {
             out.push(char::from(ALPHABET[(n >> (18 - 6 * i) & 63) as usize]));
         }
@@ -399,7 +433,14 @@ mod tests {
 
     #[test]
     fn base64_url_matches_the_rfc_4648_vectors() {
-        for (input, expected) in [("", ""), ("f", "Zg"), ("fo", "Zm8"), ("foo", "Zm9v"), ("foob", "Zm9vYg"), ("fooba", "Zm9vYmE")] {
+        for (input, expected) in [
+            ("", ""),
+            ("f", "Zg"),
+            ("fo", "Zm8"),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg"),
+            ("fooba", "Zm9vYmE"),
+        ] {
             assert_eq!(base64_url(input.as_bytes()), expected);
         }
         assert_eq!(base64_url(&[0xfb, 0xff]), "-_8");

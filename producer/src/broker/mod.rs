@@ -60,6 +60,8 @@ pub enum BrokerError {
 }
 
 /// The broker being served, of either kind.
+// One value per process, so the size of its larger variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum Running {
     Mock(Broker),
     Kafka(kafka::KafkaBroker),

@@ -82,7 +82,7 @@ pub struct BrokerArgs {
 
     /// Where `--kafka` caches its jars. Defaults to `$XDG_CACHE_HOME/ferry-kafka` or
     /// `~/.cache/ferry-kafka`.
-    #[arg(long, env = "FERRY_KAFKA_CACHE", requires = "kafka")]
+    #[arg(long, env = "FERRY_KAFKA_CACHE")]
     pub kafka_cache: Option<PathBuf>,
 
     /// How long `--kafka` waits for the JVM to answer metadata requests (not counting the

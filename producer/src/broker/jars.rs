@@ -8,8 +8,8 @@
 //! trusting jars verified against an older lock. A fetch goes to a private directory that is
 //! verified (missing, extra or changed jars are refused) and then renamed into place with a
 //! marker file inside: the rename is the commit, so a fetch that was interrupted or refused is
-//! never mistaken for a verified one, and two brokers fetching at once both end up with the
-//! same verified directory. The limit: a verified directory is trusted from then on, not
+//! never mistaken for a verified one. A file lock keeps two brokers that start together from
+//! fetching at once. The limit: a verified directory is trusted from then on, not
 //! hashed again at every start.
 //!
 //! Java and Maven come from the distribution's packages (`apt-get`) when they are missing.
@@ -183,9 +183,20 @@ pub async fn ensure(cache: Option<&Path>) -> Result<PathBuf, JarsError> {
         move |source| JarsError::Io { action, path, source }
     };
     std::fs::create_dir_all(&version_dir).map_err(io_err("create", &version_dir))?;
+    // One fetch at a time per cache: two brokers started together on an empty cache (parallel
+    // tests) would otherwise run two Maven processes on one local repository. The second waits
+    // here and then finds the jars verified. The lock is released when `_fetching` drops.
+    let lock_path = version_dir.join("fetch.lock");
+    let lock_file = std::fs::File::create(&lock_path).map_err(io_err("create", &lock_path))?;
+    let _fetching = tokio::task::spawn_blocking(move || lock_file.lock().map(|()| lock_file))
+        .await?
+        .map_err(io_err("lock", &lock_path))?;
+    if jars.join(VERIFIED_MARKER).exists() {
+        return Ok(jars);
+    }
     let pom = version_dir.join("pom.xml");
-    // Each process writes its own pom and fetches into its own directory, so two brokers that
-    // start together on an empty cache do not trip over each other.
+    // The pom and the fetch directory are still private to this process, so that a fetch
+    // interrupted by a kill is never taken for a finished one.
     let pom_tmp = version_dir.join(format!("pom.xml.{}", std::process::id()));
     std::fs::write(&pom_tmp, POM).map_err(io_err("write", &pom_tmp))?;
     std::fs::rename(&pom_tmp, &pom).map_err(io_err("write", &pom))?;

@@ -36,8 +36,10 @@ test: model
 
 # The main job on the embedded broker: a broker and three workers, requests through Kafka, one
 # worker evicted and one killed mid-generation, every answer checked against the reference.
+# `make demo BROKER=kafka` runs it on a real single-node Apache Kafka (`ferry broker --kafka`).
+BROKER ?= mock
 demo: model build
-	./scripts/demo.py
+	FERRY_DEMO_BROKER=$(BROKER) ./scripts/demo.py
 
 # The chaos harness: a broker and three workers under streaming load (150 requests, 6 in flight),
 # a fault every 8 s (evictions and crashes, a freeze, a node drain, a broker outage), every

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""`make demo`: Ferry's promise, shown on the embedded broker.
+"""`make demo`: Ferry's promise, shown on the embedded broker (or, with `make demo BROKER=kafka`,
+on a real single-node Apache Kafka started by `ferry broker --kafka`).
 
 A broker and three workers as separate processes, snapshots to a shared directory. Requests go
 through Kafka. While they generate, one worker is evicted (SIGTERM) and another killed (SIGKILL)
@@ -31,6 +32,9 @@ REQUESTS = [
     {"id": "demo-6", "prompt": "Once upon a time, in a small village by the sea,", "max_tokens": 120, "temperature": 0.9, "top_k": 40, "seed": 3},
 ]
 
+# `mock` (librdkafka's mock cluster, nothing to install) or `kafka` (`ferry broker --kafka`).
+BROKER = os.environ.get("FERRY_DEMO_BROKER", "mock")
+
 procs = []
 
 
@@ -42,9 +46,19 @@ def start(name, *args):
 
 
 def stop_all():
-    for p in procs:
+    # The broker last, and by SIGTERM, so that a real Kafka shuts down cleanly and removes its
+    # storage; everything else is killed outright.
+    for p in procs[1:]:
         if p.poll() is None:
             p.kill()
+    for p in procs[1:]:
+        p.wait()
+    if procs and procs[0].poll() is None:
+        procs[0].send_signal(signal.SIGTERM)
+        try:
+            procs[0].wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            procs[0].kill()
     for p in procs:
         p.wait()
 
@@ -76,7 +90,15 @@ def main():
     shutil.rmtree(DIR, ignore_errors=True)
     SNAPSHOTS.mkdir(parents=True)
     bootstrap = DIR / "bootstrap"
-    start("broker", BIN / "ferry", "broker", "--partitions", "3", "--bootstrap-file", bootstrap)
+    if BROKER not in ("mock", "kafka"):
+        raise SystemExit(f"demo: BROKER must be mock or kafka, not {BROKER!r}")
+    start("broker", BIN / "ferry", "broker", "--partitions", "3", "--bootstrap-file", bootstrap,
+          *(["--kafka"] if BROKER == "kafka" else []))
+    if BROKER == "kafka":
+        # Workers and callers wait 30 s for the bootstrap file; a real Kafka may need longer,
+        # minutes on the first run, which fetches its jars.
+        print("starting Apache Kafka (the first run fetches its jars with Maven)")
+        wait_for("Kafka to start", bootstrap.exists, timeout=900)
     workers = {}
 
     def worker(name):

@@ -35,8 +35,9 @@ pub struct Cli {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Host an in-memory Kafka-protocol broker (librdkafka's mock cluster) until SIGTERM or
-    /// SIGINT. Prints its bootstrap servers as the first line of stdout.
+    /// Host a local broker until SIGTERM or SIGINT: an in-memory Kafka-protocol broker
+    /// (librdkafka's mock cluster), or with `--kafka` a real single-node Apache Kafka. Prints
+    /// its bootstrap servers as the first line of stdout.
     Broker(BrokerArgs),
     /// Publish one request, wait for its reply and print it.
     Request(RequestArgs),
@@ -47,12 +48,13 @@ pub enum Command {
 /// Flags of `ferry broker`.
 #[derive(Debug, Clone, Args)]
 pub struct BrokerArgs {
-    /// Number of brokers in the mock cluster.
+    /// Number of brokers in the mock cluster (1 with `--kafka`).
     #[arg(long, env = "FERRY_BROKERS", default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=16))]
     pub brokers: i32,
 
     /// Partitions of each topic named by `--topic`. Topics created later by auto-creation get
-    /// librdkafka's fixed mock default of 4 instead (see `ferry::broker`).
+    /// librdkafka's fixed mock default of 4 instead (see `ferry::broker::mock`); with `--kafka`
+    /// they get this count too.
     #[arg(long, env = "FERRY_PARTITIONS", default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=1000))]
     pub partitions: i32,
 
@@ -71,6 +73,33 @@ pub struct BrokerArgs {
     /// place), so a process waiting for it never reads a partial line. Removed on shutdown.
     #[arg(long, env = "FERRY_BOOTSTRAP_FILE")]
     pub bootstrap_file: Option<PathBuf>,
+
+    /// Run a real single-node Apache Kafka (the version pinned in `producer/kafka/pom.xml`)
+    /// instead of the mock: its jars are fetched with Maven once into a cache and checked
+    /// against `producer/kafka/jars.lock`; Java and Maven are installed with apt-get if missing.
+    #[arg(long, env = "FERRY_BROKER_KAFKA")]
+    pub kafka: bool,
+
+    /// Where `--kafka` caches its jars. Defaults to `$XDG_CACHE_HOME/ferry-kafka` or
+    /// `~/.cache/ferry-kafka`.
+    #[arg(long, env = "FERRY_KAFKA_CACHE")]
+    pub kafka_cache: Option<PathBuf>,
+
+    /// How long `--kafka` waits for the JVM to answer metadata requests (not counting the
+    /// one-time fetch of the jars).
+    #[arg(long, env = "FERRY_KAFKA_START_TIMEOUT", default_value = "120s", value_parser = humantime::parse_duration)]
+    pub kafka_start_timeout: Duration,
+}
+
+impl BrokerArgs {
+    /// The settings `--kafka` uses.
+    pub fn kafka_options(&self) -> crate::broker::kafka::KafkaOptions {
+        crate::broker::kafka::KafkaOptions {
+            partitions: self.partitions,
+            cache_dir: self.kafka_cache.clone(),
+            start_timeout: self.kafka_start_timeout,
+        }
+    }
 }
 
 /// Where the Kafka cluster is and how long to wait for it.

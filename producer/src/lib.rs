@@ -11,7 +11,8 @@
 //! - [`cli`]: the command line as clap types; every flag also reads a `FERRY_...` variable.
 //! - [`client`]: publish a request keyed by its id; request-and-wait for the reply.
 //! - [`bootstrap`]: the bootstrap-servers file that `ferry broker` writes and clients wait for.
-//! - [`broker`]: `ferry broker`, an embedded librdkafka mock cluster.
+//! - [`broker`]: `ferry broker`: an embedded librdkafka mock cluster, or with `--kafka` a real
+//!   single-node Apache Kafka run as a child JVM.
 //! - [`topics`]: create a topic in a way that works on both the mock and a real cluster.
 //! - [`request`]: `ferry request`: build a request from flags, await and print its reply.
 //! - [`durable`]: the durable caller: a journal and a consumer group in Kafka, so a caller that

@@ -102,3 +102,137 @@ async fn sigterm_stops_the_broker_with_exit_0_and_removes_the_file() -> anyhow::
     assert!(!file.exists(), "the bootstrap file should be removed on shutdown");
     Ok(())
 }
+
+/// How long `ferry broker --kafka` may take to write its bootstrap file. The first run on a
+/// machine fetches the jars from Maven Central (and may install Java and Maven), so this is
+/// generous; later starts take seconds.
+const KAFKA_PATIENCE: Duration = Duration::from_secs(900);
+
+/// The processes below `pid`: its children, their children, and so on (from /proc).
+fn descendants(pid: u32) -> anyhow::Result<Vec<u32>> {
+    let mut parents = Vec::new();
+    for entry in std::fs::read_dir("/proc")? {
+        let Some(child) = entry?.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        // `pid (comm) state ppid ...`; the command name may hold spaces, so parse after `)`.
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        if let Some(ppid) = stat.rsplit_once(") ").and_then(|(_, rest)| rest.split(' ').nth(1)) {
+            parents.push((child, ppid.parse::<u32>()?));
+        }
+    }
+    let mut found = vec![pid];
+    let mut index = 0;
+    while index < found.len() {
+        let parent = found[index];
+        found.extend(parents.iter().filter(|(_, p)| *p == parent).map(|(c, _)| *c));
+        index += 1;
+    }
+    found.remove(0);
+    Ok(found)
+}
+
+/// The `java` processes below `pid`.
+fn jvms_below(pid: u32) -> anyhow::Result<Vec<u32>> {
+    Ok(descendants(pid)?
+        .into_iter()
+        .filter(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "java"))
+        .collect())
+}
+
+/// Whether `pid` still runs (exists and is not a zombie).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
+}
+
+async fn wait_until_gone(pids: &[u32], within: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    while pids.iter().any(|&p| alive(p)) {
+        if Instant::now() >= deadline {
+            bail!("processes {pids:?} still running {within:?} later");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn kafka_broker_serves_real_kafka_and_stops_on_sigterm() -> anyhow::Result<()> {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use rdkafka::Message as _;
+
+    let topic = format!("ferry-test-kafka-{}", uuid::Uuid::new_v4());
+    let mut broker = BrokerProcess::spawn(&["--kafka", "--topic", &topic, "--partitions", "3"])?;
+    let started = Instant::now();
+    let servers = ferry::bootstrap::wait_for_file(&broker.bootstrap_file(), KAFKA_PATIENCE).await?;
+    eprintln!("ferry broker --kafka ready after {:.1?}", started.elapsed());
+    assert_eq!(cluster_kind(&servers, PATIENCE).await?, ClusterKind::Kafka);
+    assert_eq!(partition_count(&servers, &topic)?, 3);
+    let jvms = jvms_below(broker.pid())?;
+    assert_eq!(jvms.len(), 1, "expected one JVM below ferry broker, found {jvms:?}");
+
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &servers).create()?;
+    producer
+        .send(
+            FutureRecord::to(&topic).key("k").payload("hello kafka").partition(1),
+            PATIENCE,
+        )
+        .await
+        .map_err(|(e, _)| e)?;
+    let messages = cluster::read_messages(&servers, &topic, 1).await?;
+    assert_eq!(messages[0].payload(), Some(&b"hello kafka"[..]));
+    assert_eq!(messages[0].partition(), 1);
+
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &broker.pid().to_string()])
+        .status()?;
+    assert!(status.success(), "kill -TERM failed");
+    let deadline = Instant::now() + ferry::broker::kafka::STOP_GRACE + PATIENCE;
+    let exit = loop {
+        if let Some(exit) = broker.child().try_wait()? {
+            break exit;
+        }
+        if Instant::now() >= deadline {
+            bail!("ferry broker --kafka still running long after SIGTERM");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(exit.code(), Some(0));
+    assert!(
+        !broker.bootstrap_file().exists(),
+        "the bootstrap file should be removed on shutdown"
+    );
+    wait_until_gone(&jvms, PATIENCE).await
+}
+
+#[tokio::test]
+async fn kafka_jvm_does_not_outlive_a_killed_ferry_broker() -> anyhow::Result<()> {
+    let mut broker = BrokerProcess::spawn(&["--kafka", "--topic", "t"])?;
+    ferry::bootstrap::wait_for_file(&broker.bootstrap_file(), KAFKA_PATIENCE).await?;
+    let jvms = jvms_below(broker.pid())?;
+    assert_eq!(jvms.len(), 1, "expected one JVM below ferry broker, found {jvms:?}");
+    // The JVM's working directory (its storage) is named on its command line.
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", jvms[0]))?;
+    let properties = cmdline
+        .split(|&b| b == 0)
+        .filter_map(|arg| std::str::from_utf8(arg).ok())
+        .find(|arg| arg.ends_with("server.properties"))
+        .map(std::path::PathBuf::from)
+        .context("no server.properties on the JVM's command line")?;
+    broker.child().kill()?;
+    broker.child().wait()?;
+    wait_until_gone(&jvms, ferry::broker::kafka::STOP_GRACE + PATIENCE).await?;
+    let dir = properties.parent().context("server.properties has no directory")?;
+    // The wrapper deletes the directory right after the JVM exits; allow it a moment.
+    let deadline = Instant::now() + PATIENCE;
+    while dir.exists() {
+        if Instant::now() >= deadline {
+            bail!("{} left behind after ferry broker was killed", dir.display());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}

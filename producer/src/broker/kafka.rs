@@ -1,0 +1,473 @@
+//! `ferry broker --kafka`: a real single-node Apache Kafka (broker and KRaft controller in one
+//! JVM), run as a child process on loopback ports.
+//!
+//! Start-up: make sure Java runs ([`jars::ensure_program`]), get the verified jars
+//! ([`jars::ensure`]), write `server.properties` and a quiet log4j2 configuration into a fresh
+//! temporary directory, format the storage there (`kafka.tools.StorageTool format
+//! --standalone`), start `kafka.Kafka`, wait until the broker answers a metadata request, and
+//! create the `--topic` topics through the Admin API. The bootstrap file is written by the caller
+//! only after all of that, so a client that sees it can use every topic at once.
+//!
+//! # The JVM does not outlive ferry
+//!
+//! The JVM runs under a small `sh` wrapper ([`WRAPPER`]) whose stdin is a pipe from this process.
+//! A watcher inside the wrapper reads that pipe; end of file, which the kernel delivers when
+//! ferry closes the pipe *or dies in any way, SIGKILL included*, makes it send the JVM SIGTERM,
+//! Kafka's own clean shutdown. Stopping is therefore one path: [`KafkaBroker::stop`] closes the
+//! pipe and waits for the wrapper, and kills the JVM outright only if it outlives
+//! [`STOP_GRACE`]. The wrapper runs in a process group of its own, so a Ctrl-C in a terminal
+//! reaches only ferry, which then stops Kafka that way. When the watcher fired, the wrapper also
+//! deletes the temporary directory after the JVM exits, so a killed ferry leaves no data behind.
+//!
+//! # Settings
+//!
+//! Auto-creation stays on (Kafka's default), as on the mock: producers create the topics they
+//! write to, here with `--partitions` partitions (`num.partitions`), where the mock uses its
+//! fixed 4. Internal topics (offsets, transactions, share groups) have replication factor 1, and
+//! the offsets topic one partition, so the first consumer group does not wait for 50 partitions
+//! to be created. A new group is assigned at once (`group.initial.rebalance.delay.ms=0`).
+//!
+//! # Limits
+//!
+//! - Data lives in a temporary directory and is deleted on exit.
+//! - The ports are picked by binding port 0 and releasing it just before Kafka starts; another
+//!   process could take one in between, in which case Kafka exits and start-up reports it.
+//! - The first start fetches about 45 MB of jars from Maven Central.
+
+use std::io;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use super::jars::{self, JarsError};
+use crate::topics::{self, ClusterKind, TopicError};
+
+/// How long the JVM gets to shut down cleanly after SIGTERM before it is killed.
+pub const STOP_GRACE: Duration = Duration::from_secs(30);
+
+/// How often start-up checks whether the broker's port accepts connections.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+
+/// JVM options for the broker: a small heap, since a development broker holds little.
+const BROKER_JVM_OPTIONS: &[&str] = &["-Xms128m", "-Xmx512m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20"];
+
+/// JVM options for the short-lived storage formatter: a quick start matters, not throughput.
+const TOOL_JVM_OPTIONS: &[&str] = &["-Xmx256m", "-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC"];
+
+/// Runs `"$@"` (the JVM) in the background and sends it SIGTERM when stdin reaches end of file
+/// (see the module documentation). `$1` is the working directory. A non-interactive shell gives
+/// a background job /dev/null as stdin, so the watcher reads a duplicate (fd 3) made first.
+const WRAPPER: &str = r#"dir=$1; shift
+exec 3<&0
+"$@" </dev/null >>"$dir/kafka.log" 2>&1 &
+jvm=$!
+echo "$jvm" >"$dir/jvm.pid"
+{ cat >/dev/null; : >"$dir/stop-requested"; kill -TERM "$jvm" 2>/dev/null; } <&3 &
+exec 3<&- </dev/null
+wait "$jvm"; code=$?
+if [ -e "$dir/stop-requested" ]; then rm -rf "$dir"; fi
+exit "$code"
+"#;
+
+/// What `--kafka` needs from the command line.
+#[derive(Debug, Clone)]
+pub struct KafkaOptions {
+    /// Partitions of the `--topic` topics and of auto-created ones.
+    pub partitions: i32,
+    /// Where the jars are cached; `None` for [`jars::default_cache_dir`].
+    pub cache_dir: Option<PathBuf>,
+    /// How long the JVM may take to answer metadata requests, once the jars are there.
+    pub start_timeout: Duration,
+}
+
+/// Why the real Kafka broker could not start or stop.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaBrokerError {
+    /// Java, Maven or the jars are missing and could not be had.
+    #[error(transparent)]
+    Jars(#[from] JarsError),
+    /// The working directory or a file in it could not be made.
+    #[error("could not {action} {path}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// No free loopback port could be found.
+    #[error("could not pick a free loopback port")]
+    Port(#[source] io::Error),
+    /// A JVM could not be spawned.
+    #[error("could not run {program}")]
+    Spawn {
+        program: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    /// `kafka.tools.StorageTool format` failed.
+    #[error("formatting Kafka's storage failed ({status}):\n{output}")]
+    Format { status: String, output: String },
+    /// The JVM exited before it was ready; the log's last lines say why.
+    #[error("Kafka exited during start-up ({status}); last lines of its log:\n{log}")]
+    Exited { status: String, log: String },
+    /// The broker did not answer within `--kafka-start-timeout`.
+    #[error("Kafka did not answer at {bootstrap_servers} within {waited:.1?}; last lines of its log:\n{log}")]
+    NotReady {
+        bootstrap_servers: String,
+        waited: Duration,
+        log: String,
+    },
+    /// Something other than Kafka answered on the port that was picked for it.
+    #[error("the broker at {0} is not the Kafka that was started")]
+    Impostor(String),
+    /// A `--topic` topic could not be created.
+    #[error(transparent)]
+    Topic(#[from] TopicError),
+}
+
+/// A running single-node Kafka. Dropping it without [`KafkaBroker::stop`] still stops the JVM
+/// (the pipe closes), just without waiting for it.
+pub struct KafkaBroker {
+    /// The `sh` wrapper around the JVM; it exits when the JVM does.
+    wrapper: Child,
+    /// The pipe the wrapper watches; closing it asks the JVM to shut down.
+    stdin: Option<ChildStdin>,
+    /// Configuration, storage and log; removed once the JVM is gone.
+    dir: WorkDir,
+    /// `127.0.0.1:<port>` of the PLAINTEXT listener.
+    bootstrap_servers: String,
+}
+
+impl KafkaBroker {
+    /// Installs what is missing, starts Kafka, waits until it answers, and creates `topics`.
+    pub async fn start(options: &KafkaOptions, topics: &[String]) -> Result<Self, KafkaBrokerError> {
+        jars::ensure_program("java").await?;
+        let jars = jars::ensure(options.cache_dir.as_deref()).await?;
+        let classpath = format!("{}/*", jars.display());
+        let dir = WorkDir::create()?;
+        let (port, controller_port) = free_ports()?;
+        let bootstrap_servers = format!("127.0.0.1:{port}");
+        let properties = dir.0.join("server.properties");
+        let log4j = dir.0.join("log4j2.properties");
+        dir.write(
+            &properties,
+            &server_properties(&dir.0.join("data"), port, controller_port, options.partitions),
+        )?;
+        dir.write(&log4j, LOG4J2)?;
+        let log4j_option = format!("-Dlog4j2.configurationFile={}", log4j.display());
+        let started = std::time::Instant::now();
+
+        let output = Command::new("java")
+            .args(TOOL_JVM_OPTIONS)
+            .arg(&log4j_option)
+            .args([
+                "-cp",
+                &classpath,
+                "kafka.tools.StorageTool",
+                "format",
+                "--standalone",
+                "-t",
+            ])
+            .arg(cluster_id())
+            .arg("-c")
+            .arg(&properties)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output()
+            .await
+            .map_err(|source| KafkaBrokerError::Spawn {
+                program: "java",
+                source,
+            })?;
+        if !output.status.success() {
+            return Err(KafkaBrokerError::Format {
+                status: output.status.to_string(),
+                output: jars::tail(&output.stdout, &output.stderr),
+            });
+        }
+
+        let mut wrapper = Command::new("sh")
+            .args(["-c", WRAPPER, "ferry-kafka"])
+            .arg(&dir.0)
+            .arg("java")
+            .args(BROKER_JVM_OPTIONS)
+            .args([
+                "-Djava.awt.headless=true",
+                &log4j_option,
+                "-cp",
+                &classpath,
+                "kafka.Kafka",
+            ])
+            .arg(&properties)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .map_err(|source| KafkaBrokerError::Spawn { program: "sh", source })?;
+        let stdin = wrapper.stdin.take();
+        let mut broker = KafkaBroker {
+            wrapper,
+            stdin,
+            dir,
+            bootstrap_servers,
+        };
+        // On any error below, dropping `broker` closes the pipe and the JVM shuts down.
+        broker.wait_until_ready(port, options.start_timeout).await?;
+        info!(
+            bootstrap_servers = broker.bootstrap_servers,
+            version = jars::KAFKA_VERSION,
+            seconds = started.elapsed().as_secs_f64(),
+            "Kafka answers"
+        );
+        for topic in topics {
+            topics::create_topic(
+                &broker.bootstrap_servers,
+                topic,
+                options.partitions,
+                options.start_timeout,
+            )
+            .await?;
+        }
+        Ok(broker)
+    }
+
+    /// Where clients connect.
+    pub fn bootstrap_servers(&self) -> &str {
+        &self.bootstrap_servers
+    }
+
+    /// Waits until the PLAINTEXT port accepts connections and a metadata request is answered
+    /// with a real cluster id, or fails with the log's tail if the JVM exits first.
+    async fn wait_until_ready(&mut self, port: u16, timeout: Duration) -> Result<(), KafkaBrokerError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.wrapper.try_wait() {
+                return Err(KafkaBrokerError::Exited {
+                    status: status.to_string(),
+                    log: self.dir.log_tail(),
+                });
+            }
+            // A loopback connect is accepted or refused at once, so it may block this thread.
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+            if std::net::TcpStream::connect_timeout(&addr, POLL_INTERVAL).is_ok() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(self.not_ready(timeout));
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(1));
+        match topics::cluster_kind(&self.bootstrap_servers, left).await {
+            Ok(ClusterKind::Kafka) => Ok(()),
+            Ok(ClusterKind::Mock) => Err(KafkaBrokerError::Impostor(self.bootstrap_servers.clone())),
+            Err(TopicError::Unreachable { .. }) => Err(self.not_ready(timeout)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn not_ready(&self, waited: Duration) -> KafkaBrokerError {
+        KafkaBrokerError::NotReady {
+            bootstrap_servers: self.bootstrap_servers.clone(),
+            waited,
+            log: self.dir.log_tail(),
+        }
+    }
+
+    /// Asks Kafka to shut down (SIGTERM through the wrapper), waits up to [`STOP_GRACE`], kills
+    /// it if it is still running then, and removes its directory.
+    pub async fn stop(mut self) -> Result<(), KafkaBrokerError> {
+        let started = std::time::Instant::now();
+        drop(self.stdin.take());
+        match tokio::time::timeout(STOP_GRACE, self.wrapper.wait()).await {
+            Ok(Ok(status)) => {
+                info!(%status, seconds = started.elapsed().as_secs_f64(), "Kafka stopped");
+                return Ok(());
+            }
+            Ok(Err(e)) => warn!(error = %e, "could not wait for Kafka; killing it"),
+            Err(_) => warn!(grace = ?STOP_GRACE, "Kafka did not stop after SIGTERM; killing it"),
+        }
+        if let Some(pid) = self.dir.jvm_pid() {
+            // The wrapper is still waiting on the JVM, so this pid is still the JVM's.
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+        let _ = self.wrapper.kill().await;
+        Ok(())
+    }
+}
+
+/// The temporary directory of one broker, removed on drop.
+struct WorkDir(PathBuf);
+
+impl WorkDir {
+    fn create() -> Result<Self, KafkaBrokerError> {
+        let path = std::env::temp_dir().join(format!("ferry-kafka-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir(&path).map_err(|source| KafkaBrokerError::Io {
+            action: "create",
+            path: path.clone(),
+            source,
+        })?;
+        Ok(WorkDir(path))
+    }
+
+    fn write(&self, path: &Path, text: &str) -> Result<(), KafkaBrokerError> {
+        std::fs::write(path, text).map_err(|source| KafkaBrokerError::Io {
+            action: "write",
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    fn jvm_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.0.join("jvm.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// The last lines of the JVM's output, for an error message.
+    fn log_tail(&self) -> String {
+        let log = std::fs::read(self.0.join("kafka.log")).unwrap_or_default();
+        jars::tail(&log, &[])
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Two distinct free loopback ports, for the broker and the controller listener.
+fn free_ports() -> Result<(u16, u16), KafkaBrokerError> {
+    // Both are held until both are known, so the kernel cannot hand out the same port twice.
+    let first = TcpListener::bind("127.0.0.1:0").map_err(KafkaBrokerError::Port)?;
+    let second = TcpListener::bind("127.0.0.1:0").map_err(KafkaBrokerError::Port)?;
+    let port = |l: &TcpListener| l.local_addr().map(|a| a.port()).map_err(KafkaBrokerError::Port);
+    Ok((port(&first)?, port(&second)?))
+}
+
+/// A new cluster id in Kafka's form: 16 random bytes as unpadded URL-safe base64 (22
+/// characters), never starting with `-` (Kafka's `Uuid.randomUuid` rule, so the id cannot be
+/// mistaken for a command-line option). Made here rather than by `StorageTool random-uuid`,
+/// which would cost a JVM start.
+fn cluster_id() -> String {
+    loop {
+        let id = base64_url(uuid::Uuid::new_v4().as_bytes());
+        if !id.starts_with('-') {
+            return id;
+        }
+    }
+}
+
+fn base64_url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(char::from(ALPHABET[(n >> (18 - 6 * i) & 63) as usize]));
+        }
+    }
+    out
+}
+
+/// `server.properties` of a single node that is both broker and KRaft controller.
+fn server_properties(data: &Path, port: u16, controller_port: u16, partitions: i32) -> String {
+    format!(
+        "# Written by ferry broker --kafka: a single-node development broker on loopback.
+process.roles=broker,controller
+node.id=1
+controller.quorum.bootstrap.servers=127.0.0.1:{controller_port}
+listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
+advertised.listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+log.dirs={data}
+num.partitions={partitions}
+auto.create.topics.enable=true
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+",
+        data = data.display()
+    )
+}
+
+/// Warnings and errors only, plus the line that says the server started.
+const LOG4J2: &str = "status = warn
+shutdownHook = disable
+appender.console.type = Console
+appender.console.name = console
+appender.console.layout.type = PatternLayout
+appender.console.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = warn
+rootLogger.appenderRef.console.ref = console
+logger.started.name = kafka.server.KafkaRaftServer
+logger.started.level = info
+";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_url_matches_the_rfc_4648_vectors() {
+        for (input, expected) in [
+            ("", ""),
+            ("f", "Zg"),
+            ("fo", "Zm8"),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg"),
+            ("fooba", "Zm9vYmE"),
+        ] {
+            assert_eq!(base64_url(input.as_bytes()), expected);
+        }
+        assert_eq!(base64_url(&[0xfb, 0xff]), "-_8");
+    }
+
+    #[test]
+    fn cluster_ids_have_kafkas_form() {
+        for _ in 0..200 {
+            let id = cluster_id();
+            assert_eq!(id.len(), 22);
+            assert!(!id.starts_with('-'));
+        }
+    }
+
+    #[test]
+    fn server_properties_name_both_listeners_and_the_partitions() {
+        let text = server_properties(Path::new("/tmp/d"), 9092, 9093, 7);
+        assert!(text.contains("listeners=PLAINTEXT://127.0.0.1:9092,CONTROLLER://127.0.0.1:9093\n"));
+        assert!(text.contains("controller.quorum.bootstrap.servers=127.0.0.1:9093\n"));
+        assert!(text.contains("num.partitions=7\n"));
+        assert!(text.contains("log.dirs=/tmp/d\n"));
+    }
+
+    #[test]
+    fn free_ports_are_distinct() -> anyhow::Result<()> {
+        let (a, b) = free_ports()?;
+        assert_ne!(a, b);
+        Ok(())
+    }
+}

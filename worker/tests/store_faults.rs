@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use ferry_schemas::{Reply, Request};
 use ferry_worker::engine::Engine;
-use ferry_worker::snapshot::format::snapshot_prefix;
+use ferry_worker::snapshot::format::request_prefix;
 use rdkafka::consumer::Consumer;
 use support::kafka::{unique, wait_for, ChildGuard, Cluster};
 use support::services::RedisServer;
@@ -477,9 +477,14 @@ fn a_store_that_disappears_mid_generation_and_comes_back() {
     let during = &short_requests()[0];
 
     s.publish(&[&cut.0]);
-    let manifest = |id: &str| format!("{}manifest", snapshot_prefix(&s.requests, id));
+    // A request's keys live under a prefix bound to the request topic, id, reply topic and the
+    // bytes `Setup::publish` sends.
+    let manifest = |r: &Request| {
+        let payload = serde_json::to_vec(r).expect("json");
+        format!("{}manifest", request_prefix(&s.requests, &r.id, &s.replies, &payload))
+    };
     wait_for(Duration::from_secs(120), "the first snapshot of the generation", || {
-        redis_has(redis.port, &manifest("cut")).then_some(())
+        redis_has(redis.port, &manifest(&cut.0)).then_some(())
     });
     proxy.set(Mode::Down);
     s.publish(&[&during.0]);
@@ -499,7 +504,7 @@ fn a_store_that_disappears_mid_generation_and_comes_back() {
     wait_for(
         Duration::from_secs(120),
         "a snapshot in the store that came back",
-        || redis_has(redis.port, &manifest("after")).then_some(()),
+        || redis_has(redis.port, &manifest(&after)).then_some(()),
     );
     assert!(w.wait_exit(Duration::ZERO).is_none(), "the worker exited:\n{}", w.log());
 }

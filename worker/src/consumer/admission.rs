@@ -33,6 +33,7 @@ use crate::engine::JobControl;
 use crate::model::llama::CACHE_CHUNK;
 use crate::model::LlamaConfig;
 use crate::ops::Ops;
+use crate::snapshot::format::KvShape;
 
 const MIB: u64 = 1024 * 1024;
 /// The default budget keeps this share of the cgroup limit free...
@@ -43,11 +44,15 @@ const MIN_RESERVE: u64 = 128 * MIB;
 /// about 8 EiB, for "unlimited").
 const NO_LIMIT_FROM: u64 = 1 << 60;
 
-/// Bytes one cached position takes: keys and values of every layer, `n_kv_head * head_dim`
-/// values each, in f32 (the forward pass computes keys and values in f32 on every device, and
-/// the cache keeps them as computed).
+/// Bytes one cached position of this model takes ([`KvShape::bytes_per_position`], the measure
+/// the snapshot writer uses too).
 pub fn bytes_per_position(c: &LlamaConfig) -> u64 {
-    (c.n_layer * c.n_kv_head * c.head_dim * 2 * std::mem::size_of::<f32>()) as u64
+    let shape = KvShape {
+        n_layer: c.n_layer as u32,
+        n_kv_head: c.n_kv_head as u32,
+        head_dim: c.head_dim as u32,
+    };
+    shape.bytes_per_position() as u64
 }
 
 /// The most positions a request's cache can hold: its prompt and `max_tokens`, capped by the

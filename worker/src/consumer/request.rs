@@ -369,10 +369,9 @@ impl Inner {
         started: Instant,
         queued: Duration,
     ) -> Result<Served, PublishError> {
-        // Owned, for the replies that keep them.
-        let reply_topic = reply_topic.to_string();
+        // Owned, for the settled outcomes that keep it.
         let prefix = prefix.to_string();
-        if let Some(served) = self.republish_done(trace, &reply_topic, &prefix).await? {
+        if let Some(served) = self.republish_done(trace, reply_topic, &prefix).await? {
             return Ok(served);
         }
         let cx = |attempt| WorkContext {
@@ -388,7 +387,7 @@ impl Inner {
             let completion = past_deadline(&prepared);
             let body = self
                 .publisher
-                .reply(&reply_topic, &reply::response(request, &completion, &cx(1)), trace)
+                .reply(reply_topic, &reply::response(request, &completion, &cx(1)), trace)
                 .await?;
             self.ops.metrics.answered(&answered(&completion, queued, false));
             return Ok(Served::Answered {
@@ -470,7 +469,7 @@ impl Inner {
                     attempt,
                     control.clone(),
                     deadline,
-                    &reply_topic,
+                    reply_topic,
                 )
                 .await?;
             #[cfg(feature = "fault-injection")]
@@ -484,7 +483,7 @@ impl Inner {
                     if let Reply::Response(r) = &mut reply {
                         r.resumed_from_token = resumed_from;
                     }
-                    let body = self.publisher.reply(&reply_topic, &reply, trace).await?;
+                    let body = self.publisher.reply(reply_topic, &reply, trace).await?;
                     log_answered(&completion, resumed_from, attempt, started);
                     self.ops.health.generation_succeeded();
                     self.ops

@@ -237,6 +237,12 @@ impl KvShape {
     pub fn values_per_tensor(&self, positions: u32) -> usize {
         self.n_kv_head as usize * positions as usize * self.head_dim as usize
     }
+
+    /// Bytes one cached position takes: keys and values of every layer, in f32 (the forward
+    /// pass computes them in f32 on every device and the cache keeps them as computed).
+    pub fn bytes_per_position(&self) -> usize {
+        self.values_per_tensor(1) * 2 * self.n_layer as usize * std::mem::size_of::<f32>()
+    }
 }
 
 /// A decoded piece: for every layer, keys and values for positions `[from, to)`, each laid out

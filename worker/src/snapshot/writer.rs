@@ -280,7 +280,7 @@ impl SnapshotWriter {
         chain: ChainStart,
         store_timeout: Duration,
     ) -> (SnapshotWriter, SnapshotSink) {
-        let bytes_per_token = shape.values_per_tensor(1) * 2 * shape.n_layer as usize * 4;
+        let bytes_per_token = shape.bytes_per_position();
         let with_kv = stats.use_cache(policy.mode, bytes_per_token);
         // A resumed chain continues where it ended; a tokens-only chain switching to the cache
         // (or the reverse) starts a fresh, full copy.

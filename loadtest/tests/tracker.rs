@@ -3,9 +3,10 @@
 //! replies to the reply topic, then checks what the tracker recorded, what the load loops sent,
 //! and what the report makes of it.
 //!
-//! Each test starts its own `ferry broker` (librdkafka's mock cluster, over TCP) with random topic
-//! names; with `FERRY_TEST_BOOTSTRAP_SERVERS` set, it uses that cluster instead and creates its
-//! topics with the admin API.
+//! The tests share one real Apache Kafka (`ferry broker --kafka`, started by the first test,
+//! stopped when the test binary exits) and create random topics on it with the admin API; with
+//! `FERRY_TEST_BOOTSTRAP_SERVERS` set they use that cluster instead, and with
+//! `FERRY_TEST_BROKER=mock` each starts its own `ferry broker` (librdkafka's mock cluster).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -28,6 +29,9 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
 const PARTITIONS: i32 = 3;
+
+#[path = "../../testing/shared_kafka.rs"]
+mod shared;
 
 fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
@@ -60,7 +64,15 @@ struct Cluster {
 impl Cluster {
     fn start(topics: &[&str]) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
-        if let Ok(bootstrap) = std::env::var("FERRY_TEST_BOOTSTRAP_SERVERS") {
+        let external = std::env::var("FERRY_TEST_BOOTSTRAP_SERVERS")
+            .ok()
+            .filter(|s| !s.trim().is_empty());
+        let real = match external {
+            Some(bootstrap) => Some(bootstrap),
+            None if std::env::var("FERRY_TEST_BROKER").is_ok_and(|v| v == "mock") => None,
+            None => Some(shared::bootstrap_servers(&ferry_bin()).unwrap_or_else(|e| panic!("{e}"))),
+        };
+        if let Some(bootstrap) = real {
             create_topics(&bootstrap, topics);
             return Cluster {
                 bootstrap,

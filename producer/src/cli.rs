@@ -89,6 +89,19 @@ pub struct BrokerArgs {
     /// one-time fetch of the jars).
     #[arg(long, env = "FERRY_KAFKA_START_TIMEOUT", default_value = "120s", value_parser = humantime::parse_duration)]
     pub kafka_start_timeout: Duration,
+
+    /// Keep `--kafka`'s data, configuration, log (`kafka.log`) and JVM pid (`jvm.pid`) in this
+    /// directory instead of a temporary one removed on exit. Starting again on the same
+    /// directory brings the broker back on the same ports with its topics, records and
+    /// committed offsets: a broker restart, not a new cluster.
+    #[arg(long, env = "FERRY_KAFKA_DIR", requires = "kafka")]
+    pub kafka_dir: Option<PathBuf>,
+
+    /// Also stop when stdin reaches end of file: start the broker with a pipe as its stdin and it
+    /// stops when that pipe is closed or its writer dies in any way, SIGKILL included, so a
+    /// test harness or script that is killed leaves no broker behind.
+    #[arg(long, env = "FERRY_BROKER_STOP_ON_STDIN_EOF")]
+    pub stop_on_stdin_eof: bool,
 }
 
 impl BrokerArgs {
@@ -98,6 +111,7 @@ impl BrokerArgs {
             partitions: self.partitions,
             cache_dir: self.kafka_cache.clone(),
             start_timeout: self.kafka_start_timeout,
+            dir: self.kafka_dir.clone(),
         }
     }
 }

@@ -236,3 +236,107 @@ async fn kafka_jvm_does_not_outlive_a_killed_ferry_broker() -> anyhow::Result<()
     }
     Ok(())
 }
+
+/// Waits for the broker process to exit, failing after `within`.
+async fn exit_of(broker: &mut BrokerProcess, within: Duration) -> anyhow::Result<std::process::ExitStatus> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(exit) = broker.child().try_wait()? {
+            return Ok(exit);
+        }
+        if Instant::now() >= deadline {
+            bail!("ferry broker still running {within:?} later");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A broker on a kept `--kafka-dir` is a broker that can crash and come back: when its JVM is
+/// SIGKILLed, `ferry broker` exits with an error (it no longer serves), and a new `ferry broker`
+/// on the same directory serves at the same address with the records written before the crash.
+#[tokio::test]
+async fn kafka_broker_on_a_kept_dir_survives_a_jvm_kill_with_its_data_and_address() -> anyhow::Result<()> {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use rdkafka::Message as _;
+
+    let kept = tempfile::tempdir()?;
+    let dir = kept.path().join("kafka");
+    let dir_arg = dir.to_str().context("temporary path is not UTF-8")?;
+    let topic = format!("ferry-test-kept-{}", uuid::Uuid::new_v4());
+    let args = [
+        "--kafka",
+        "--kafka-dir",
+        dir_arg,
+        "--topic",
+        &topic,
+        "--partitions",
+        "1",
+    ];
+    let mut broker = BrokerProcess::spawn(&args)?;
+    let servers = ferry::bootstrap::wait_for_file(&broker.bootstrap_file(), KAFKA_PATIENCE).await?;
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &servers).create()?;
+    producer
+        .send(FutureRecord::to(&topic).key("k").payload("before the crash"), PATIENCE)
+        .await
+        .map_err(|(e, _)| e)?;
+    drop(producer);
+
+    let jvm = std::fs::read_to_string(dir.join("jvm.pid"))?.trim().to_string();
+    assert_eq!(jvms_below(broker.pid())?, [jvm.parse::<u32>()?]);
+    let status = std::process::Command::new("kill").args(["-KILL", &jvm]).status()?;
+    assert!(status.success(), "kill -KILL {jvm} failed");
+    let exit = exit_of(&mut broker, PATIENCE).await?;
+    assert!(
+        !exit.success(),
+        "ferry broker should fail when its Kafka dies, exited {exit}"
+    );
+    assert!(
+        dir.join("data").join("meta.properties").exists(),
+        "the kept data is gone"
+    );
+
+    let mut again = BrokerProcess::spawn(&args)?;
+    let servers_again = ferry::bootstrap::wait_for_file(&again.bootstrap_file(), KAFKA_PATIENCE).await?;
+    assert_eq!(servers_again, servers, "a restarted broker keeps its address");
+    let messages = cluster::read_messages(&servers_again, &topic, 1).await?;
+    assert_eq!(messages[0].payload(), Some(&b"before the crash"[..]));
+
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &again.pid().to_string()])
+        .status()?;
+    assert!(status.success(), "kill -TERM failed");
+    let exit = exit_of(&mut again, ferry::broker::kafka::STOP_GRACE + PATIENCE).await?;
+    assert_eq!(exit.code(), Some(0));
+    assert!(
+        dir.join("data").join("meta.properties").exists(),
+        "a kept directory is kept"
+    );
+    Ok(())
+}
+
+/// `--stop-on-stdin-eof`: the broker stops cleanly once the pipe on its stdin is closed, as it
+/// is when the process that started it dies.
+#[tokio::test]
+async fn stop_on_stdin_eof_stops_the_broker_when_its_pipe_closes() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("bootstrap");
+    let mut child = ferry_command()
+        .args(["broker", "--stop-on-stdin-eof", "--bootstrap-file"])
+        .arg(&file)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()?;
+    ferry::bootstrap::wait_for_file(&file, PATIENCE).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        child.try_wait()?.is_none(),
+        "the broker stopped while its stdin was open"
+    );
+    drop(child.stdin.take());
+    let exit = tokio::time::timeout(PATIENCE, child.wait())
+        .await
+        .context("ferry broker still running after its stdin closed")??;
+    assert_eq!(exit.code(), Some(0));
+    assert!(!file.exists(), "the bootstrap file should be removed on shutdown");
+    Ok(())
+}

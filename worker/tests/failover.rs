@@ -228,13 +228,12 @@ fn a_second_signal_ends_the_drain() {
 /// keeps losing its broker does not dead-letter innocent requests as `attempts_exhausted`.
 #[test]
 fn a_controlled_exit_closes_the_attempts_in_flight_as_suspended() {
-    if std::env::var_os("FERRY_TEST_BOOTSTRAP_SERVERS").is_some() {
-        eprintln!("skipped: this test kills the broker, which it can do only to one it started");
-        return;
-    }
     let (requests, replies, group) = (unique("req"), unique("rep"), unique("group"));
     let dlq = format!("{requests}.dlq");
-    let mut cluster = Cluster::start(&[&requests, &replies, &dlq]);
+    let Some(mut cluster) = Cluster::start_dedicated(&[&requests, &replies, &dlq], 1) else {
+        eprintln!("skipped: this test kills the broker, which it can do only to one it started");
+        return;
+    };
     let store = cluster.dir.path().join("snapshots");
     std::fs::create_dir_all(&store).expect("store dir");
     let store_url = format!("file://{}", store.display());

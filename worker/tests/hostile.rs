@@ -25,7 +25,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use support::kafka::{unique, wait_for, Cluster};
+use support::kafka::{unique, wait_for, BrokerChoice, Cluster};
 
 /// The worker's record budget in this test: small, so that an answer can exceed it.
 const MAX_RECORD_BYTES: usize = 16_384;
@@ -431,7 +431,7 @@ fn hostile_messages_are_dead_lettered_or_answered_and_the_worker_keeps_serving()
     // Past the broker's default record size: only the mock accepts these (it keeps about 5 MB
     // per partition and drops older records to make room, so these stay well below that); a real broker refuses them
     // at the door, which is its own protection.
-    if std::env::var_os("FERRY_TEST_BOOTSTRAP_SERVERS").is_none() {
+    if BrokerChoice::is_mock() {
         add(
             "message-1.1m",
             Some(pad("message-1.1m", 1_100_000)),

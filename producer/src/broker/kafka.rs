@@ -60,9 +60,11 @@ const BROKER_JVM_OPTIONS: &[&str] = &["-Xms128m", "-Xmx512m", "-XX:+UseG1GC", "-
 const TOOL_JVM_OPTIONS: &[&str] = &["-Xmx256m", "-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC"];
 
 /// Runs `"$@"` (the JVM) in the background and sends it SIGTERM when stdin reaches end of file
-/// (see the module documentation). `$1` is the working directory. A non-interactive shell gives
+/// (see the module documentation). `$1` is the working directory, `$2` whether it is kept
+/// (`keep`) or removed once the JVM stopped (`remove`). A non-interactive shell gives
 /// a background job /dev/null as stdin, so the watcher reads a duplicate (fd 3) made first.
-const WRAPPER: &str = r#"dir=$1; shift
+const WRAPPER: &str = r#"dir=$1; keep=$2; shift 2
+rm -f "$dir/stop-requested"
 exec 3<&0
 "$@" </dev/null >>"$dir/kafka.log" 2>&1 &
 jvm=$!
@@ -70,7 +72,7 @@ echo "$jvm" >"$dir/jvm.pid"
 { cat >/dev/null; : >"$dir/stop-requested"; kill -TERM "$jvm" 2>/dev/null; } <&3 &
 exec 3<&- </dev/null
 wait "$jvm"; code=$?
-if [ -e "$dir/stop-requested" ]; then rm -rf "$dir"; fi
+if [ -e "$dir/stop-requested" ] && [ "$keep" = remove ]; then rm -rf "$dir"; fi
 exit "$code"
 "#;
 
@@ -83,6 +85,11 @@ pub struct KafkaOptions {
     pub cache_dir: Option<PathBuf>,
     /// How long the JVM may take to answer metadata requests, once the jars are there.
     pub start_timeout: Duration,
+    /// A directory of its own that outlives the broker (`--kafka-dir`): its data, ports and
+    /// configuration are kept on exit and reused by the next start, so a broker killed and
+    /// started again comes back at the same address with its topics, records and committed
+    /// offsets. `None` for a temporary directory deleted on exit.
+    pub dir: Option<PathBuf>,
 }
 
 /// Why the real Kafka broker could not start or stop.
@@ -122,6 +129,9 @@ pub enum KafkaBrokerError {
         waited: Duration,
         log: String,
     },
+    /// The JVM exited while serving (killed, out of memory, its disk full); the log says why.
+    #[error("Kafka exited while serving ({status}); last lines of its log:\n{log}")]
+    Died { status: String, log: String },
     /// Something other than Kafka answered on the port that was picked for it.
     #[error("the broker at {0} is not the Kafka that was started")]
     Impostor(String),
@@ -149,51 +159,31 @@ impl KafkaBroker {
         jars::ensure_program("java").await?;
         let jars = jars::ensure(options.cache_dir.as_deref()).await?;
         let classpath = format!("{}/*", jars.display());
-        let dir = WorkDir::create()?;
-        let (port, controller_port) = free_ports()?;
+        let dir = match &options.dir {
+            Some(path) => WorkDir::keep(path)?,
+            None => WorkDir::create()?,
+        };
+        let (port, controller_port) = dir.ports()?;
         let bootstrap_servers = format!("127.0.0.1:{port}");
         let properties = dir.0.join("server.properties");
         let log4j = dir.0.join("log4j2.properties");
+        let data = dir.0.join("data");
         dir.write(
             &properties,
-            &server_properties(&dir.0.join("data"), port, controller_port, options.partitions),
+            &server_properties(&data, port, controller_port, options.partitions),
         )?;
         dir.write(&log4j, LOG4J2)?;
         let log4j_option = format!("-Dlog4j2.configurationFile={}", log4j.display());
         let started = std::time::Instant::now();
-
-        let output = Command::new("java")
-            .args(TOOL_JVM_OPTIONS)
-            .arg(&log4j_option)
-            .args([
-                "-cp",
-                &classpath,
-                "kafka.tools.StorageTool",
-                "format",
-                "--standalone",
-                "-t",
-            ])
-            .arg(cluster_id())
-            .arg("-c")
-            .arg(&properties)
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output()
-            .await
-            .map_err(|source| KafkaBrokerError::Spawn {
-                program: "java",
-                source,
-            })?;
-        if !output.status.success() {
-            return Err(KafkaBrokerError::Format {
-                status: output.status.to_string(),
-                output: jars::tail(&output.stdout, &output.stderr),
-            });
+        if !data.join("meta.properties").exists() {
+            let template = storage_template(&jars, &classpath, &log4j_option).await?;
+            copy_tree(&template, &data)?;
         }
 
         let mut wrapper = Command::new("sh")
             .args(["-c", WRAPPER, "ferry-kafka"])
             .arg(&dir.0)
+            .arg(if dir.1 { "keep" } else { "remove" })
             .arg("java")
             .args(BROKER_JVM_OPTIONS)
             .args([
@@ -240,6 +230,18 @@ impl KafkaBroker {
     /// Where clients connect.
     pub fn bootstrap_servers(&self) -> &str {
         &self.bootstrap_servers
+    }
+
+    /// Completes when the JVM exits without being asked to (SIGKILLed, crashed), with why.
+    pub async fn died(&mut self) -> KafkaBrokerError {
+        let status = match self.wrapper.wait().await {
+            Ok(status) => status.to_string(),
+            Err(e) => e.to_string(),
+        };
+        KafkaBrokerError::Died {
+            status,
+            log: self.dir.log_tail(),
+        }
     }
 
     /// Waits until the PLAINTEXT port accepts connections and a metadata request is answered
@@ -307,8 +309,9 @@ impl KafkaBroker {
     }
 }
 
-/// The temporary directory of one broker, removed on drop.
-struct WorkDir(PathBuf);
+/// The directory of one broker: configuration, `data/`, `kafka.log`, `jvm.pid` and `ports`.
+/// A temporary one (`.1` false) is removed on drop; a kept one (`--kafka-dir`) never is.
+struct WorkDir(PathBuf, bool);
 
 impl WorkDir {
     fn create() -> Result<Self, KafkaBrokerError> {
@@ -318,7 +321,36 @@ impl WorkDir {
             path: path.clone(),
             source,
         })?;
-        Ok(WorkDir(path))
+        Ok(WorkDir(path, false))
+    }
+
+    /// A directory kept across starts, made if it does not exist yet.
+    fn keep(path: &Path) -> Result<Self, KafkaBrokerError> {
+        std::fs::create_dir_all(path).map_err(|source| KafkaBrokerError::Io {
+            action: "create",
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        Ok(WorkDir(path, true))
+    }
+
+    /// The broker and controller ports: in a kept directory, the ones of its first start
+    /// (recorded in `ports`), so that clients and the stored metadata still find the broker after
+    /// a restart; otherwise two free ones.
+    fn ports(&self) -> Result<(u16, u16), KafkaBrokerError> {
+        let file = self.0.join("ports");
+        if self.1 {
+            if let Ok(text) = std::fs::read_to_string(&file) {
+                let mut it = text.split_whitespace().map(str::parse::<u16>);
+                if let (Some(Ok(port)), Some(Ok(controller))) = (it.next(), it.next()) {
+                    return Ok((port, controller));
+                }
+            }
+        }
+        let (port, controller) = free_ports()?;
+        self.write(&file, &format!("{port} {controller}\n"))?;
+        Ok((port, controller))
     }
 
     fn write(&self, path: &Path, text: &str) -> Result<(), KafkaBrokerError> {
@@ -346,8 +378,96 @@ impl WorkDir {
 
 impl Drop for WorkDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        if !self.1 {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
+}
+
+/// Formatted, empty KRaft storage for a single node, made once per jar directory (next to it,
+/// as `storage/`) and copied into each new broker: formatting costs a JVM start, copying a few
+/// file writes. Every copy has the same cluster and directory ids, which is harmless for
+/// brokers that never form one cluster. The controller is named by the static
+/// `controller.quorum.voters`, not by `format --standalone`, because a standalone format writes
+/// the controller's port into the storage and a copy could then only run on that port.
+async fn storage_template(jars: &Path, classpath: &str, log4j_option: &str) -> Result<PathBuf, KafkaBrokerError> {
+    let template = jars.with_file_name("storage");
+    if template.join("meta.properties").exists() {
+        return Ok(template);
+    }
+    let io_err = |action, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| KafkaBrokerError::Io { action, path, source }
+    };
+    // Formatted privately, then renamed into place: the rename is the commit, so a format that
+    // was interrupted is never copied, and two brokers formatting at once both succeed.
+    let partial = jars.with_file_name(format!("storage.partial.{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&partial).map_err(io_err("create", &partial))?;
+    let properties = partial.join("format.properties");
+    std::fs::write(&properties, server_properties(&partial.join("data"), 9092, 9093, 1))
+        .map_err(io_err("write", &properties))?;
+    let output = Command::new("java")
+        .args(TOOL_JVM_OPTIONS)
+        .arg(log4j_option)
+        .args(["-cp", classpath, "kafka.tools.StorageTool", "format", "-t"])
+        .arg(cluster_id())
+        .arg("-c")
+        .arg(&properties)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|source| KafkaBrokerError::Spawn {
+            program: "java",
+            source,
+        })?;
+    if !output.status.success() {
+        let _ = std::fs::remove_dir_all(&partial);
+        return Err(KafkaBrokerError::Format {
+            status: output.status.to_string(),
+            output: jars::tail(&output.stdout, &output.stderr),
+        });
+    }
+    let renamed = std::fs::rename(partial.join("data"), &template);
+    let _ = std::fs::remove_dir_all(&partial);
+    if let Err(source) = renamed {
+        // Another broker may have committed its template first; that one serves as well.
+        if !template.join("meta.properties").exists() {
+            return Err(KafkaBrokerError::Io {
+                action: "move the formatted storage to",
+                path: template,
+                source,
+            });
+        }
+    }
+    info!(template = %template.display(), "Kafka storage formatted (once)");
+    Ok(template)
+}
+
+/// Copies the directory tree `from` to `to` (files and directories only, as formatted storage
+/// holds), made writable: the formatter leaves its checkpoint read-only.
+fn copy_tree(from: &Path, to: &Path) -> Result<(), KafkaBrokerError> {
+    let io_err = |action, path: &Path| {
+        let path = path.to_path_buf();
+        move |source| KafkaBrokerError::Io { action, path, source }
+    };
+    std::fs::create_dir_all(to).map_err(io_err("create", to))?;
+    for entry in std::fs::read_dir(from).map_err(io_err("read", from))? {
+        let entry = entry.map_err(io_err("read", from))?;
+        let target = to.join(entry.file_name());
+        if entry.file_type().map_err(io_err("read", &entry.path()))?.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target).map_err(io_err("copy", &entry.path()))?;
+            let mut permissions = std::fs::metadata(&target)
+                .map_err(io_err("read", &target))?
+                .permissions();
+            #[allow(clippy::permissions_set_readonly_false)] // Only the owner's write bit matters.
+            permissions.set_readonly(false);
+            std::fs::set_permissions(&target, permissions).map_err(io_err("write", &target))?;
+        }
+    }
+    Ok(())
 }
 
 /// Two distinct free loopback ports, for the broker and the controller listener.
@@ -393,7 +513,7 @@ fn server_properties(data: &Path, port: u16, controller_port: u16, partitions: i
         "# Written by ferry broker --kafka: a single-node development broker on loopback.
 process.roles=broker,controller
 node.id=1
-controller.quorum.bootstrap.servers=127.0.0.1:{controller_port}
+controller.quorum.voters=1@127.0.0.1:{controller_port}
 listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
 advertised.listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
 controller.listener.names=CONTROLLER
@@ -409,6 +529,8 @@ transaction.state.log.min.isr=1
 share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
+broker.heartbeat.interval.ms=500
+broker.session.timeout.ms=3000
 ",
         data = data.display()
     )
@@ -459,7 +581,7 @@ mod tests {
     fn server_properties_name_both_listeners_and_the_partitions() {
         let text = server_properties(Path::new("/tmp/d"), 9092, 9093, 7);
         assert!(text.contains("listeners=PLAINTEXT://127.0.0.1:9092,CONTROLLER://127.0.0.1:9093\n"));
-        assert!(text.contains("controller.quorum.bootstrap.servers=127.0.0.1:9093\n"));
+        assert!(text.contains("controller.quorum.voters=1@127.0.0.1:9093\n"));
         assert!(text.contains("num.partitions=7\n"));
         assert!(text.contains("log.dirs=/tmp/d\n"));
     }

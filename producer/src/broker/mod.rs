@@ -74,6 +74,15 @@ impl Running {
             Running::Kafka(broker) => broker.bootstrap_servers(),
         }
     }
+
+    /// Completes if the broker stops serving by itself: a Kafka JVM that was killed or crashed.
+    /// The mock lives in this process and never does.
+    async fn died(&mut self) -> BrokerError {
+        match self {
+            Running::Mock(_) => std::future::pending().await,
+            Running::Kafka(broker) => broker.died().await.into(),
+        }
+    }
 }
 
 /// Runs `ferry broker`: starts the broker, announces it on stdout (first line, flushed) and in
@@ -83,10 +92,24 @@ pub async fn serve(args: &BrokerArgs, shutdown: io::Result<impl Future<Output = 
     // The signal handlers are installed by the caller before this starts, so a SIGTERM sent the
     // moment the bootstrap line appears is already caught rather than killing the process.
     let shutdown = shutdown.map_err(BrokerError::Signal)?;
+    let stdin_closed = if args.stop_on_stdin_eof {
+        Some(stdin_closed())
+    } else {
+        None
+    };
+    let shutdown = async move {
+        match stdin_closed {
+            Some(closed) => tokio::select! {
+                () = shutdown => {}
+                _ = closed => info!("stdin closed: shutting down"),
+            },
+            None => shutdown.await,
+        }
+    };
     tokio::pin!(shutdown);
     let topics = distinct_topics(&args.topics)?;
     let kind = if args.kafka { "kafka" } else { "mock" };
-    let broker = if args.kafka {
+    let mut broker = if args.kafka {
         if args.brokers != 1 {
             return Err(BrokerError::KafkaBrokers(args.brokers));
         }
@@ -118,7 +141,10 @@ pub async fn serve(args: &BrokerArgs, shutdown: io::Result<impl Future<Output = 
         topics = ?topics,
         "broker ready"
     );
-    shutdown.await;
+    let died = tokio::select! {
+        () = &mut shutdown => None,
+        died = broker.died() => Some(died),
+    };
     info!(kind, "broker shutting down");
     if let Some(path) = &args.bootstrap_file {
         // Only remove the file while it still names this broker; another broker may have taken
@@ -126,6 +152,9 @@ pub async fn serve(args: &BrokerArgs, shutdown: io::Result<impl Future<Output = 
         if std::fs::read_to_string(path).is_ok_and(|text| text.trim() == servers) {
             let _ = std::fs::remove_file(path);
         }
+    }
+    if let Some(died) = died {
+        return Err(died);
     }
     match broker {
         Running::Mock(broker) => drop(broker),
@@ -145,6 +174,20 @@ pub fn terminate_signal() -> io::Result<impl Future<Output = ()>> {
             _ = int.recv() => info!(signal = "SIGINT", "shutdown requested"),
         }
     })
+}
+
+/// Completes when stdin reaches end of file (or cannot be read): the process that started this
+/// broker with a pipe as its stdin closed it, or died in any way. A plain thread reads, not a
+/// Tokio task, because a blocking read would keep the runtime from shutting down.
+fn stdin_closed() -> tokio::sync::oneshot::Receiver<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        let mut stdin = io::stdin();
+        while matches!(io::Read::read(&mut stdin, &mut buf), Ok(n) if n > 0) {}
+        let _ = tx.send(());
+    });
+    rx
 }
 
 /// The topics to create: each name checked, the first of any repeats kept.

@@ -1,10 +1,12 @@
 //! The Kafka cluster an integration test runs against, and small Kafka tools for tests.
 //!
-//! With `FERRY_TEST_BOOTSTRAP_SERVERS` set, tests use that cluster and spawn nothing; without
-//! it, each test spawns its own `ferry broker` (the real binary, as a separate process) and
-//! kills it when the [`TestCluster`] is dropped. Every test makes its own random topics with
-//! [`TestCluster::topic`]; on a real cluster they are deleted on drop, on the mock they end with
-//! the broker process.
+//! With `FERRY_TEST_BOOTSTRAP_SERVERS` set, tests use that cluster and spawn nothing. By
+//! default they share one real Apache Kafka per test binary (`ferry broker --kafka`, started by
+//! the first test that asks, stopped when the test binary exits: it watches a pipe from this
+//! process, `--stop-on-stdin-eof`). With `FERRY_TEST_BROKER=mock`, each test spawns its own
+//! `ferry broker` (librdkafka's mock cluster) and kills it when the [`TestCluster`] is dropped.
+//! Every test makes its own random topics with [`TestCluster::topic`]; on a real cluster they
+//! are deleted on drop, on the mock they end with the broker process.
 
 #![allow(dead_code)] // Each test binary uses its own part of this module.
 
@@ -112,9 +114,16 @@ pub struct TestCluster {
 }
 
 impl TestCluster {
-    /// The external cluster named by `FERRY_TEST_BOOTSTRAP_SERVERS`, or a fresh `ferry broker`.
+    /// The external cluster named by `FERRY_TEST_BOOTSTRAP_SERVERS`, this binary's shared
+    /// Kafka, or with `FERRY_TEST_BROKER=mock` a fresh mock `ferry broker`.
     pub async fn start() -> anyhow::Result<Self> {
-        if let Some(servers) = std::env::var(BOOTSTRAP_ENV).ok().filter(|s| !s.trim().is_empty()) {
+        let external = std::env::var(BOOTSTRAP_ENV).ok().filter(|s| !s.trim().is_empty());
+        let servers = match external {
+            Some(servers) => Some(servers),
+            None if is_mock() => None,
+            None => Some(tokio::task::spawn_blocking(shared_kafka).await??),
+        };
+        if let Some(servers) = servers {
             return Ok(TestCluster {
                 bootstrap_servers: servers,
                 broker: None,
@@ -174,6 +183,19 @@ impl Drop for TestCluster {
             Err(_) => eprintln!("topic cleanup panicked"),
         }
     }
+}
+
+/// Whether `FERRY_TEST_BROKER=mock` asks for librdkafka's mock cluster instead of real Kafka.
+pub fn is_mock() -> bool {
+    std::env::var("FERRY_TEST_BROKER").is_ok_and(|v| v == "mock")
+}
+
+#[path = "../../../testing/shared_kafka.rs"]
+mod shared;
+
+/// The bootstrap servers of this test binary's real Kafka, started on first use.
+pub fn shared_kafka() -> anyhow::Result<String> {
+    shared::bootstrap_servers(Path::new(ferry_bin())).map_err(anyhow::Error::msg)
 }
 
 /// A consumer that reads `topic` from the beginning of every partition, without a group.

@@ -1,10 +1,18 @@
 //! A Kafka-protocol broker and worker processes for integration tests.
 #![allow(dead_code)] // Each test binary uses its own subset of these helpers.
 //!
-//! By default each test starts its own `ferry broker` (librdkafka's mock cluster, in a separate
-//! process, over TCP). With `FERRY_TEST_BOOTSTRAP_SERVERS` set, the same tests run against that
-//! real cluster instead, creating their topics with the admin API. Every test uses fresh random
-//! topic and group names, so tests never see each other's messages.
+//! Which broker, by [`BrokerChoice::from_env`]:
+//! - by default, a real single-node Apache Kafka (`ferry broker --kafka`), one per test binary,
+//!   started by the first test that asks and shared by all of them; it stops when the test
+//!   binary exits, however it exits (it watches a pipe from this process,
+//!   `--stop-on-stdin-eof`);
+//! - with `FERRY_TEST_BOOTSTRAP_SERVERS`, that cluster;
+//! - with `FERRY_TEST_BROKER=mock`, a `ferry broker` (librdkafka's mock cluster) per test: no
+//!   Java needed, but not Kafka (see `ferry::broker::mock`).
+//!
+//! Topics are created with the admin API, each test with fresh random topic and group names, so
+//! tests sharing a broker never see each other's messages. A test that kills its broker asks
+//! for one of its own ([`Cluster::start_dedicated`]).
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
@@ -331,17 +339,35 @@ pub fn find_line(path: &Path, needle: &str) -> Option<String> {
 /// Helpers for tests whose topics have several partitions, so that several workers of one group
 /// share the load. The readers above keep to partition 0; these cover every one.
 impl Cluster {
-    /// A broker holding `topics`, each with `partitions` partitions.
+    /// A broker holding `topics`, each with `partitions` partitions: the test binary's shared
+    /// Kafka, unless [`BrokerChoice::from_env`] says otherwise.
     pub fn start_with_partitions(topics: &[&str], partitions: i32) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        if let Ok(bootstrap) = std::env::var("FERRY_TEST_BOOTSTRAP_SERVERS") {
-            create_topics(&bootstrap, topics, partitions);
-            return Self {
-                bootstrap,
-                dir,
-                _broker: None,
-            };
+        let bootstrap = match BrokerChoice::from_env() {
+            BrokerChoice::External(bootstrap) => bootstrap,
+            BrokerChoice::Kafka => shared_kafka(),
+            BrokerChoice::Mock => return Self::spawn_broker(dir, topics, partitions, false),
+        };
+        create_topics(&bootstrap, topics, partitions);
+        Self {
+            bootstrap,
+            dir,
+            _broker: None,
         }
+    }
+
+    /// A broker of this test's own, which it may kill ([`Cluster::kill_broker`]): a real Kafka
+    /// unless `FERRY_TEST_BROKER=mock`. `None` on an external cluster, which a test cannot kill.
+    pub fn start_dedicated(topics: &[&str], partitions: i32) -> Option<Self> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        match BrokerChoice::from_env() {
+            BrokerChoice::External(_) => None,
+            BrokerChoice::Kafka => Some(Self::spawn_broker(dir, topics, partitions, true)),
+            BrokerChoice::Mock => Some(Self::spawn_broker(dir, topics, partitions, false)),
+        }
+    }
+
+    fn spawn_broker(dir: tempfile::TempDir, topics: &[&str], partitions: i32, kafka: bool) -> Self {
         let file = dir.path().join("bootstrap");
         let mut cmd = Command::new(bin("ferry"));
         cmd.arg("broker")
@@ -349,16 +375,14 @@ impl Cluster {
             .arg(partitions.to_string())
             .arg("--bootstrap-file")
             .arg(&file);
+        if kafka {
+            cmd.arg("--kafka");
+        }
         for t in topics {
             cmd.arg("--topic").arg(t);
         }
-        let broker = ChildGuard::spawn("ferry broker", &mut cmd, dir.path().join("broker.log"));
-        let bootstrap = wait_for(Duration::from_secs(30), "the broker's bootstrap file", || {
-            std::fs::read_to_string(&file)
-                .ok()
-                .map(|s| s.trim().to_string())
-                .filter(|s| !s.is_empty())
-        });
+        let mut broker = ChildGuard::spawn("ferry broker", &mut cmd, dir.path().join("broker.log"));
+        let bootstrap = wait_for_bootstrap(&file, &mut broker.child, &broker.log);
         Self {
             bootstrap,
             dir,
@@ -432,6 +456,76 @@ impl Cluster {
             Offset::Offset(o) => Some(o),
             _ => None,
         }
+    }
+}
+
+/// The broker the integration tests run against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BrokerChoice {
+    /// `FERRY_TEST_BOOTSTRAP_SERVERS`: a cluster someone else runs.
+    External(String),
+    /// The default: real Apache Kafka started by the tests.
+    Kafka,
+    /// `FERRY_TEST_BROKER=mock`: librdkafka's mock cluster, one per test.
+    Mock,
+}
+
+impl BrokerChoice {
+    pub fn from_env() -> Self {
+        if let Some(servers) = std::env::var("FERRY_TEST_BOOTSTRAP_SERVERS")
+            .ok()
+            .filter(|s| !s.trim().is_empty())
+        {
+            return BrokerChoice::External(servers);
+        }
+        match std::env::var("FERRY_TEST_BROKER").as_deref() {
+            Ok("mock") => BrokerChoice::Mock,
+            Ok("kafka") | Ok("") | Err(_) => BrokerChoice::Kafka,
+            Ok(other) => panic!("FERRY_TEST_BROKER={other:?}: expected kafka or mock"),
+        }
+    }
+
+    /// Whether the tests run on librdkafka's mock cluster rather than on a real broker.
+    pub fn is_mock() -> bool {
+        Self::from_env() == BrokerChoice::Mock
+    }
+}
+
+#[path = "../../../testing/shared_kafka.rs"]
+mod shared;
+
+/// How long a broker's first start may take: on a fresh machine it fetches Kafka's jars first.
+const KAFKA_FIRST_START: Duration = shared::FIRST_START;
+
+/// The bootstrap servers of this test binary's real Kafka, started on first use.
+pub fn shared_kafka() -> String {
+    shared::bootstrap_servers(&bin("ferry")).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Waits for a starting `ferry broker` to write its bootstrap file, failing with its log if it
+/// exits first or takes longer than [`KAFKA_FIRST_START`].
+fn wait_for_bootstrap(file: &Path, child: &mut Child, log: &Path) -> String {
+    let deadline = Instant::now() + KAFKA_FIRST_START;
+    loop {
+        if let Some(s) = std::fs::read_to_string(file)
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+        {
+            return s;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "ferry broker exited with {status} before it was ready:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ferry broker was not ready within {KAFKA_FIRST_START:?}:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

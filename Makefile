@@ -22,9 +22,11 @@ $(MODEL):
 build:
 	$(CARGO) build --release --workspace --bins
 
-# Every test: unit, schema, engine against candle's reference, and end to end through a real
-# Kafka-protocol broker process. Set FERRY_TEST_BOOTSTRAP_SERVERS to run the integration tests
-# against a real cluster instead of `ferry broker`.
+# Every test: unit, schema, engine against candle's reference, and end to end through real
+# Apache Kafka: each test binary starts one `ferry broker --kafka` (jars fetched once into
+# ~/.cache/ferry-kafka, Java and Maven installed if missing) and shares it among its tests.
+# FERRY_TEST_BROKER=mock runs them on the mock instead (no Java); FERRY_TEST_BOOTSTRAP_SERVERS
+# runs them against a cluster of your own.
 # Tests use the dev profile (dependencies fully optimised, see Cargo.toml). confluent-kafka is the
 # client of the Python durable-caller example, which worker/tests/durable_caller.rs runs.
 test: model
@@ -41,9 +43,10 @@ BROKER ?= mock
 demo: model build
 	FERRY_DEMO_BROKER=$(BROKER) ./scripts/demo.py
 
-# The chaos harness: a broker and three workers under streaming load (150 requests, 6 in flight),
-# a fault every 8 s (evictions and crashes, a freeze, a node drain, a broker outage), every
-# answer checked against the uninterrupted reference. Writes target/chaos/report.json and
+# The chaos harness: real Apache Kafka and three workers under streaming load (150 requests, 6 in
+# flight), a fault every 8 s (evictions and crashes, a freeze, a node drain, the broker stopped
+# and resumed, the broker SIGKILLed and restarted on its data), every answer checked against the
+# uninterrupted reference. FERRY_CHAOS_BROKER=mock runs it on the mock (no broker crash there). Writes target/chaos/report.json and
 # chart.svg (logs in target/chaos/logs); fails if any request is lost or answered wrongly.
 # FERRY_CHAOS_* variables change the defaults (`ferry-loadtest chaos --help`).
 chaos: model build
@@ -56,6 +59,8 @@ chaos: model build
 # decode with 1, 4, 8 and 16 sequences in flight; peak RSS with 8 sequences of 1024 tokens
 # (target/bench/throughput.json). Start-up: process start to /readyz 200 of the release worker with the
 # model, median of several runs, and the model load's share of it (target/bench/startup.json).
+# Recovery: signal to the survivor's first new token after SIGTERM and SIGKILL, on real Kafka and on
+# the mock side by side, and fleet throughput through Kafka over in-process (target/bench/recovery.json).
 # The throughput bench's llama.cpp is llama-cpp-python, compiled once into
 # ~/.cache/ferry-llama-cpp by scripts/setup-llama-cpp.sh (about ten minutes); if that fails the
 # throughput report says why and the other figures are still measured.
@@ -65,7 +70,7 @@ bench: model
 	$(CARGO) build --release -p ferry -p ferry-worker --bins
 	python=$$(./scripts/setup-llama-cpp.sh) || python=; \
 	RAYON_NUM_THREADS=$(BENCH_THREADS) FERRY_BENCH_OUT=$(CURDIR)/target/bench FERRY_TEST_MODEL=$(CURDIR)/$(MODEL) \
-		FERRY_LLAMA_CPP_PYTHON=$$python $(CARGO) bench -p ferry-worker --bench engine --bench snapshot --bench throughput --bench startup
+		FERRY_LLAMA_CPP_PYTHON=$$python $(CARGO) bench -p ferry-worker --bench engine --bench snapshot --bench throughput --bench startup --bench recovery
 
 lint:
 	$(CARGO) fmt --all --check

@@ -60,7 +60,7 @@ import time
 import uuid
 from datetime import datetime
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 ENTRY_VERSION = 1
@@ -122,6 +122,29 @@ def ensure_journal_topic(conf, topic, partitions):
     raise RuntimeError(f"journal topic {topic} is not ready")
 
 
+# What a broker answers for a partition whose leader is still being elected or moved.
+LEADER_ERRORS = (
+    KafkaError.NOT_LEADER_FOR_PARTITION,
+    KafkaError.LEADER_NOT_AVAILABLE,
+    KafkaError.UNKNOWN_TOPIC_OR_PART,
+)
+
+
+def watermarks(consumer, topic, partition):
+    """The partition's low and high offsets, retrying the errors a broker gives while a new
+    topic's leader is being elected (NOT_LEADER_FOR_PARTITION, for one) until TIMEOUT."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        try:
+            return consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=TIMEOUT)
+        except KafkaException as e:
+            error = e.args[0] if e.args else None
+            transient = isinstance(error, KafkaError) and (error.retriable() or error.code() in LEADER_ERRORS)
+            if not transient or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)
+
+
 def read_journal(conf, topic, partition, identity):
     """The identity's entries by request id: the partition folded from the beginning."""
     consumer = Consumer(
@@ -133,7 +156,7 @@ def read_journal(conf, topic, partition, identity):
         }
     )
     entries = {}
-    low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=TIMEOUT)
+    low, high = watermarks(consumer, topic, partition)
     if high > low:
         consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING)])
         deadline = time.monotonic() + TIMEOUT
@@ -257,7 +280,7 @@ def main():
         if tp.offset >= 0:
             starts[tp.partition] = tp.offset
         else:
-            low, high = replies.get_watermark_offsets(TopicPartition(args.reply_topic, tp.partition), timeout=TIMEOUT)
+            low, high = watermarks(replies, args.reply_topic, tp.partition)
             starts[tp.partition] = low if has_open else high
             to_commit.append(TopicPartition(args.reply_topic, tp.partition, starts[tp.partition]))
     if to_commit:

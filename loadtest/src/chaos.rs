@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::autoscale::{OffsetResetPolicy, ScalerSpec, Target};
 use crate::faults::{schedule, Action, DefaultSpec, Scenario, Step};
-use crate::fleet::{default_bin_dir, Fleet, WorkerSpec};
+use crate::fleet::{default_bin_dir, BrokerKind, Fleet, WorkerSpec};
 use crate::load::{self, Limit, LoadSpec, Mode};
 use crate::metrics::{Progress, Report};
 use crate::prompts::PromptSet;
@@ -71,7 +71,7 @@ pub struct ChaosArgs {
         env = "FERRY_CHAOS_FAULT_KINDS",
         value_enum,
         value_delimiter = ',',
-        default_value = "evict,crash,freeze,node-drain,broker-outage"
+        default_value = "evict,crash,freeze,node-drain,broker-outage,broker-crash"
     )]
     pub fault_kinds: Vec<Kind>,
     /// Scale the fleet by KEDA's Kafka rule on the group's lag.
@@ -92,7 +92,12 @@ pub struct ChaosArgs {
     /// Partitions of the request topic.
     #[arg(long, env = "FERRY_CHAOS_PARTITIONS", default_value_t = 3)]
     pub partitions: u32,
-    /// Attach to this cluster instead of starting `ferry broker` (broker outages are skipped).
+    /// The broker the harness starts: a real single-node Apache Kafka (`ferry broker --kafka`),
+    /// or librdkafka's mock (`ferry broker`), on which broker crashes are skipped (it keeps
+    /// nothing to restart with).
+    #[arg(long, env = "FERRY_CHAOS_BROKER", value_enum, default_value = "kafka")]
+    pub broker: BrokerKind,
+    /// Attach to this cluster instead of starting a broker (the broker's faults are skipped).
     #[arg(long, env = "FERRY_CHAOS_BOOTSTRAP_SERVERS")]
     pub bootstrap_servers: Option<String>,
     /// The GGUF model the workers and the reference run.
@@ -145,6 +150,7 @@ pub enum Kind {
     Freeze,
     NodeDrain,
     BrokerOutage,
+    BrokerCrash,
 }
 
 impl Kind {
@@ -155,6 +161,7 @@ impl Kind {
             Action::Freeze(_) => Kind::Freeze,
             Action::NodeDrain(_) => Kind::NodeDrain,
             Action::BrokerOutage(_) => Kind::BrokerOutage,
+            Action::BrokerCrash(_) => Kind::BrokerCrash,
         }
     }
 }
@@ -380,16 +387,25 @@ async fn start_fleet(
                     .await
                     .with_context(|| format!("cannot create topic {t}"))?;
             }
-            if args.fault_kinds.contains(&Kind::BrokerOutage) && args.scenario == Scenario::Default {
+            let broker_faults = [Kind::BrokerOutage, Kind::BrokerCrash];
+            if args.fault_kinds.iter().any(|k| broker_faults.contains(k)) && args.scenario == Scenario::Default {
                 eprintln!(
-                    "chaos: attached to {b}: broker outages will be skipped (the harness did not start the broker)"
+                    "chaos: attached to {b}: the broker's faults will be skipped (the harness did not start the broker)"
                 );
             }
             Ok(Fleet::attach(bin_dir, logs, b, spec))
         }
         None => {
-            let (bin_dir, logs, partitions) = (bin_dir.to_path_buf(), logs.to_path_buf(), args.partitions);
-            tokio::task::spawn_blocking(move || Fleet::start_broker(&bin_dir, &logs, &topics, partitions, spec)).await?
+            let (bin_dir, logs, partitions, kind) =
+                (bin_dir.to_path_buf(), logs.to_path_buf(), args.partitions, args.broker);
+            if kind == BrokerKind::Kafka {
+                eprintln!(
+                    "chaos: starting Apache Kafka {} (ferry broker --kafka) ...",
+                    ferry::broker::jars::KAFKA_VERSION
+                );
+            }
+            tokio::task::spawn_blocking(move || Fleet::start_broker(&bin_dir, &logs, &topics, partitions, kind, spec))
+                .await?
         }
     }
 }

@@ -335,6 +335,7 @@ fn fault_colour(kind: FaultKind) -> &'static str {
         FaultKind::Freeze => "#9467bd",
         FaultKind::NodeDrain => "#8c564b",
         FaultKind::BrokerOutage => "#e377c2",
+        FaultKind::BrokerCrash => "#17becf",
         FaultKind::Start => "#17becf",
         FaultKind::ScaleIn => "#7f7f7f",
     }
@@ -347,6 +348,7 @@ fn fault_name(kind: FaultKind) -> &'static str {
         FaultKind::Freeze => "freeze",
         FaultKind::NodeDrain => "node drain",
         FaultKind::BrokerOutage => "broker outage",
+        FaultKind::BrokerCrash => "broker crash",
         FaultKind::Start => "start",
         FaultKind::ScaleIn => "scale in",
     }
@@ -356,7 +358,10 @@ fn fault_name(kind: FaultKind) -> &'static str {
 /// One still going at the end of the run is shaded to the end.
 fn draw_fault_spans(svg: &mut String, faults: &[FaultEvent], x: &Scale, end_s: f64) {
     for f in faults {
-        if !matches!(f.kind, FaultKind::Freeze | FaultKind::BrokerOutage) {
+        if !matches!(
+            f.kind,
+            FaultKind::Freeze | FaultKind::BrokerOutage | FaultKind::BrokerCrash
+        ) {
             continue;
         }
         let from = x.map(f.at_ms / 1000.0);

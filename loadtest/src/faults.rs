@@ -23,8 +23,8 @@ use rand::{Rng, SeedableRng};
 #[serde(rename_all = "snake_case")]
 pub enum Scenario {
     /// After a warm-up, an eviction or a crash every `--fault-every` (alternating, the first one
-    /// chosen by the seed), plus one freeze, one node drain and one broker outage at seeded
-    /// places among the first faults.
+    /// chosen by the seed), plus one freeze, one node drain, one broker outage and one broker
+    /// crash at seeded places among the first faults.
     Default,
     /// The classic disruption drill: delete one of three replicas while requests are in flight,
     /// wait until it has recovered, then drain a node (two replicas evicted at once).
@@ -46,6 +46,9 @@ pub enum Action {
     NodeDrain(usize),
     /// SIGSTOP the broker, SIGCONT it after this long (only for a broker the harness started).
     BrokerOutage(Duration),
+    /// SIGKILL the broker and start it again on its data this long after (only for a real
+    /// Kafka the harness started: the mock keeps nothing across a restart).
+    BrokerCrash(Duration),
 }
 
 /// One fault and the condition that releases it.
@@ -109,6 +112,9 @@ pub const FREEZE_FOR: Duration = Duration::from_secs(4);
 /// How long the broker stays unreachable: shorter than the session timeout too, so the group
 /// survives it and the workers' clients reconnect and flush what they buffered.
 pub const OUTAGE_FOR: Duration = Duration::from_secs(4);
+/// How long a crashed broker stays down before it is started again (its start adds several
+/// seconds more, during which clients are refused).
+pub const BROKER_DOWN_FOR: Duration = Duration::from_secs(2);
 /// Workers a node drain evicts at once.
 pub const NODE_DRAIN_WORKERS: usize = 2;
 /// The special faults of the default schedule go among its first this many slots (after the
@@ -147,13 +153,15 @@ fn default_schedule(spec: &DefaultSpec) -> Vec<Step> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(spec.seed);
     let every = spec.every.max(Duration::from_millis(100));
     let count = ((spec.horizon.saturating_sub(spec.warmup)).as_secs_f64() / every.as_secs_f64()).floor() as usize + 1;
-    // Which of the first slots get the freeze, the node drain and the broker outage.
+    // Which of the first slots get the freeze, the node drain, the broker outage and the broker
+    // crash.
     let mut slots: Vec<usize> = (1..=SPECIAL_SLOTS).collect();
     slots.shuffle(&mut rng);
     let special = [
         (slots[0], Action::Freeze(FREEZE_FOR)),
         (slots[1], Action::NodeDrain(NODE_DRAIN_WORKERS)),
         (slots[2], Action::BrokerOutage(OUTAGE_FOR)),
+        (slots[3], Action::BrokerCrash(BROKER_DOWN_FOR)),
     ];
     let mut crash_next: bool = rng.random();
     (0..count)
@@ -189,7 +197,7 @@ pub fn pick_victims<R: Rng + ?Sized>(action: Action, running: &[String], busy: &
     let wanted = match action {
         Action::Evict | Action::Crash | Action::Freeze(_) => 1,
         Action::NodeDrain(n) => n,
-        Action::BrokerOutage(_) => return Vec::new(),
+        Action::BrokerOutage(_) | Action::BrokerCrash(_) => return Vec::new(),
     };
     let n = wanted.min(running.len().saturating_sub(1));
     let (mut first, mut rest): (Vec<String>, Vec<String>) = running.iter().cloned().partition(|w| busy.contains(w));
@@ -198,9 +206,9 @@ pub fn pick_victims<R: Rng + ?Sized>(action: Action, running: &[String], busy: &
     first.into_iter().chain(rest).take(n).collect()
 }
 
-/// Whether `action` needs at least one worker hit to mean anything (all but a broker outage).
+/// Whether `action` needs at least one worker hit to mean anything (all but the broker's).
 pub fn hits_workers(action: Action) -> bool {
-    !matches!(action, Action::BrokerOutage(_))
+    !matches!(action, Action::BrokerOutage(_) | Action::BrokerCrash(_))
 }
 
 #[cfg(test)]
@@ -247,12 +255,13 @@ mod tests {
             assert_eq!(count(|a| matches!(a, Action::Freeze(_))), 1);
             assert_eq!(count(|a| matches!(a, Action::NodeDrain(2))), 1);
             assert_eq!(count(|a| matches!(a, Action::BrokerOutage(_))), 1);
+            assert_eq!(count(|a| matches!(a, Action::BrokerCrash(_))), 1);
             let specials = first_slots
                 .iter()
                 .filter(|s| !matches!(s.action, Action::Evict | Action::Crash))
                 .count();
             assert_eq!(
-                specials, 3,
+                specials, 4,
                 "seed {seed}: the special faults come among the first slots"
             );
             assert!(matches!(steps[0].action, Action::Evict | Action::Crash));
@@ -354,5 +363,6 @@ mod tests {
         assert_eq!(pick_victims(Action::NodeDrain(2), &names(2), &[], &mut rng).len(), 1);
         assert_eq!(pick_victims(Action::NodeDrain(2), &names(3), &[], &mut rng).len(), 2);
         assert!(pick_victims(Action::BrokerOutage(OUTAGE_FOR), &names(3), &[], &mut rng).is_empty());
+        assert!(pick_victims(Action::BrokerCrash(BROKER_DOWN_FOR), &names(3), &[], &mut rng).is_empty());
     }
 }

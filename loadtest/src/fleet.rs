@@ -156,6 +156,23 @@ impl WorkerSpec {
     }
 }
 
+/// Which broker the harness starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BrokerKind {
+    /// A real single-node Apache Kafka (`ferry broker --kafka`), on a directory kept in the
+    /// logs, so that a crashed broker can be started again on its data.
+    Kafka,
+    /// librdkafka's in-process mock cluster (`ferry broker`): no Java, but not Kafka, and it
+    /// keeps nothing across a restart.
+    Mock,
+}
+
+/// How long a first start of Kafka may take: on a fresh machine it fetches its jars first.
+const KAFKA_FIRST_START: Duration = Duration::from_secs(600);
+/// How long the broker gets to stop cleanly at the end of a run.
+const BROKER_STOP_GRACE: Duration = Duration::from_secs(30);
+
 /// The broker and the workers of a run.
 pub struct Fleet {
     bin_dir: PathBuf,
@@ -163,34 +180,61 @@ pub struct Fleet {
     bootstrap: String,
     /// `None` when attached to a cluster the harness did not start.
     broker: Option<Proc>,
+    /// The `ferry broker` arguments, to start it again after a crash.
+    broker_args: Vec<String>,
+    /// Kafka's kept directory (`--kafka-dir`): `jvm.pid` there names the process that the
+    /// broker's faults signal. `None` for the mock, whose process is the broker itself.
+    kafka_dir: Option<PathBuf>,
+    /// Whether the broker is SIGSTOPped now.
+    broker_frozen: bool,
+    /// Starts of the broker so far, the first included.
+    broker_starts: usize,
     workers: Vec<Proc>,
     next_index: usize,
     spec: WorkerSpec,
 }
 
 impl Fleet {
-    /// Starts `ferry broker` with `topics` of `partitions` partitions each and waits for it to
-    /// write its bootstrap servers.
+    /// Starts `ferry broker` of `kind` with `topics` of `partitions` partitions each and waits
+    /// for it to write its bootstrap servers.
     pub fn start_broker(
         bin_dir: &Path,
         log_dir: &Path,
         topics: &[String],
         partitions: u32,
+        kind: BrokerKind,
         spec: WorkerSpec,
     ) -> anyhow::Result<Self> {
         let file = log_dir.join("bootstrap");
         let _ = std::fs::remove_file(&file);
-        let mut cmd = Command::new(bin(bin_dir, "ferry")?);
-        cmd.arg("broker")
-            .arg("--partitions")
-            .arg(partitions.to_string())
-            .arg("--bootstrap-file")
-            .arg(&file);
+        let mut args: Vec<String> = vec![
+            "broker".into(),
+            "--partitions".into(),
+            partitions.to_string(),
+            "--bootstrap-file".into(),
+            file.display().to_string(),
+        ];
         for t in topics {
-            cmd.arg("--topic").arg(t);
+            args.extend(["--topic".to_string(), t.clone()]);
         }
+        let kafka_dir = (kind == BrokerKind::Kafka).then(|| log_dir.join("kafka"));
+        if let Some(dir) = &kafka_dir {
+            // A directory left by an earlier run would restart that run's broker.
+            let _ = std::fs::remove_dir_all(dir);
+            args.extend([
+                "--kafka".to_string(),
+                "--kafka-dir".to_string(),
+                dir.display().to_string(),
+            ]);
+        }
+        let mut cmd = Command::new(bin(bin_dir, "ferry")?);
+        cmd.args(&args);
         let mut broker = Proc::spawn("broker", &mut cmd, log_dir.join("broker.log"))?;
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let wait = match kind {
+            BrokerKind::Kafka => KAFKA_FIRST_START,
+            BrokerKind::Mock => Duration::from_secs(30),
+        };
+        let deadline = Instant::now() + wait;
         let bootstrap = loop {
             if let Ok(text) = std::fs::read_to_string(&file) {
                 if !text.trim().is_empty() {
@@ -203,11 +247,15 @@ impl Fleet {
             }
             anyhow::ensure!(
                 Instant::now() < deadline,
-                "ferry broker wrote no bootstrap file within 30 s"
+                "ferry broker wrote no bootstrap file within {wait:?}: see {}",
+                broker.log.display()
             );
             std::thread::sleep(Duration::from_millis(50));
         };
-        Ok(Self::new(bin_dir, log_dir, bootstrap, Some(broker), spec))
+        let mut fleet = Self::new(bin_dir, log_dir, bootstrap, Some(broker), spec);
+        fleet.broker_args = args;
+        fleet.kafka_dir = kafka_dir;
+        Ok(fleet)
     }
 
     /// Uses the cluster at `bootstrap` (its topics must exist).
@@ -219,8 +267,12 @@ impl Fleet {
         Self {
             bin_dir: bin_dir.to_path_buf(),
             log_dir: log_dir.to_path_buf(),
+            broker_starts: usize::from(broker.is_some()),
             bootstrap,
             broker,
+            broker_args: Vec::new(),
+            kafka_dir: None,
+            broker_frozen: false,
             workers: Vec::new(),
             next_index: 0,
             spec,
@@ -257,12 +309,66 @@ impl Fleet {
         w.signal(sig)
     }
 
-    /// Sends `sig` to the broker; an error when the harness did not start it.
+    /// Whether the broker is a real Kafka the harness started, which can crash and come back.
+    pub fn broker_restartable(&self) -> bool {
+        self.broker.is_some() && self.kafka_dir.is_some()
+    }
+
+    /// Sends `sig` to the broker (Kafka's JVM, or the mock's process); an error when the harness
+    /// did not start it.
     pub fn signal_broker(&mut self, sig: Signal) -> anyhow::Result<()> {
-        self.broker
+        let broker = self
+            .broker
             .as_mut()
-            .context("attached to a cluster the harness did not start")?
-            .signal(sig)
+            .context("attached to a cluster the harness did not start")?;
+        match &self.kafka_dir {
+            None => broker.signal(sig)?,
+            Some(dir) => {
+                let pid_file = dir.join("jvm.pid");
+                let pid = std::fs::read_to_string(&pid_file)
+                    .with_context(|| format!("cannot read {}", pid_file.display()))?;
+                let ok = Command::new("kill")
+                    .arg(format!("-{}", sig.name()))
+                    .arg(pid.trim())
+                    .stderr(Stdio::null())
+                    .status()
+                    .context("cannot run `kill`")?
+                    .success();
+                anyhow::ensure!(ok, "kill -{} {} (Kafka's JVM) failed", sig.name(), pid.trim());
+            }
+        }
+        match sig {
+            Signal::Stop => self.broker_frozen = true,
+            Signal::Cont | Signal::Kill => self.broker_frozen = false,
+            Signal::Term => {}
+        }
+        Ok(())
+    }
+
+    /// SIGKILLs Kafka's JVM: the broker crashes, its data stays; `ferry broker` exits with it.
+    pub fn crash_broker(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.broker_restartable(),
+            "only a real Kafka the harness started can crash and restart"
+        );
+        self.signal_broker(Signal::Kill)
+    }
+
+    /// Starts `ferry broker` again on the same directory (so the same address, topics, records
+    /// and committed offsets) after [`Fleet::crash_broker`]. Does not wait for it to be ready:
+    /// clients reconnect by themselves, as they would to a real broker coming back.
+    pub fn restart_broker(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.broker_restartable(), "no broker to restart");
+        if let Some(old) = self.broker.as_mut() {
+            // The old `ferry broker` exits as soon as its JVM is gone; never run two at once.
+            wait_or_kill(std::slice::from_mut(old), Duration::from_secs(5));
+        }
+        self.broker_starts += 1;
+        let log = self.log_dir.join(format!("broker-{}.log", self.broker_starts));
+        let mut cmd = Command::new(bin(&self.bin_dir, "ferry")?);
+        cmd.args(&self.broker_args);
+        self.broker = Some(Proc::spawn("broker", &mut cmd, log)?);
+        Ok(())
     }
 
     /// Workers running (not frozen, not stopping), oldest first. Reaps exited ones on the way.
@@ -328,12 +434,12 @@ impl Fleet {
             }
         }
         let killed = wait_or_kill(&mut self.workers, grace);
+        if self.broker_frozen {
+            let _ = self.signal_broker(Signal::Cont);
+        }
         if let Some(b) = self.broker.as_mut() {
-            if b.state == State::Frozen {
-                let _ = b.signal(Signal::Cont);
-            }
             let _ = b.signal(Signal::Term);
-            wait_or_kill(std::slice::from_mut(b), Duration::from_secs(5));
+            wait_or_kill(std::slice::from_mut(b), BROKER_STOP_GRACE);
         }
         killed
     }
@@ -366,6 +472,10 @@ impl Drop for Fleet {
     fn drop(&mut self) {
         // SIGKILL ends stopped processes too, so frozen ones need no SIGCONT first.
         wait_or_kill(&mut self.workers, Duration::ZERO);
+        // A JVM left stopped would never act on the SIGTERM its wrapper sends it.
+        if self.broker_frozen {
+            let _ = self.signal_broker(Signal::Cont);
+        }
         if let Some(b) = self.broker.as_mut() {
             wait_or_kill(std::slice::from_mut(b), Duration::ZERO);
         }

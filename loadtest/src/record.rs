@@ -76,8 +76,11 @@ pub enum FaultKind {
     Freeze,
     /// Several workers evicted at once: a node drained.
     NodeDrain,
-    /// The broker unreachable for a while.
+    /// The broker unreachable for a while (SIGSTOP, later SIGCONT): a broker stalled, a network
+    /// partition.
     BrokerOutage,
+    /// The broker SIGKILLed and started again on its data (real Kafka only): a broker crash.
+    BrokerCrash,
     /// A worker (re)started: a Deployment bringing a pod back, or a scale-out.
     Start,
     /// A worker stopped by the autoscaler: a scale-in.

@@ -234,6 +234,7 @@ pub fn kind_key(kind: FaultKind) -> Option<&'static str> {
         FaultKind::NodeDrain => "node_drain",
         FaultKind::Freeze => "freeze",
         FaultKind::BrokerOutage => "broker_outage",
+        FaultKind::BrokerCrash => "broker_crash",
         FaultKind::ScaleIn => "scale_in",
         FaultKind::Start => return None,
     })

@@ -73,7 +73,13 @@ impl Cluster {
             None => Some(shared::bootstrap_servers(&ferry_bin()).unwrap_or_else(|e| panic!("{e}"))),
         };
         if let Some(bootstrap) = real {
-            create_topics(&bootstrap, topics);
+            // On a thread of its own: the tests call this from inside their Tokio runtime, where
+            // create_topics' own runtime could not block.
+            let names: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
+            let servers = bootstrap.clone();
+            std::thread::spawn(move || create_topics(&servers, &names.iter().map(String::as_str).collect::<Vec<_>>()))
+                .join()
+                .expect("topics created");
             return Cluster {
                 bootstrap,
                 broker: None,

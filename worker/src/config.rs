@@ -104,6 +104,18 @@ pub struct KafkaConfig {
         default_value = "cooperative-sticky"
     )]
     pub assignment_strategy: AssignmentStrategy,
+    /// The consumer group protocol. `classic` (the default): the group's members agree on the
+    /// assignment among themselves, with `--assignment-strategy` and `--session-timeout`.
+    /// `consumer` (KIP-848, Kafka 4.0 and later): the broker assigns (`--group-remote-assignor`)
+    /// and owns the session timeout and heartbeat (`group.consumer.session.timeout.ms`, 45 s by
+    /// default, and the group's `consumer.session.timeout.ms`), so `--session-timeout` and
+    /// `--assignment-strategy` do not apply. See the README's "Choosing a group protocol".
+    #[arg(long, env = "FERRY_GROUP_PROTOCOL", value_enum, default_value = "classic")]
+    pub group_protocol: GroupProtocol,
+    /// With `--group-protocol consumer`: the broker's assignor by name (`uniform` or `range` on
+    /// Apache Kafka); the broker's default when unset.
+    #[arg(long, env = "FERRY_GROUP_REMOTE_ASSIGNOR")]
+    pub group_remote_assignor: Option<String>,
     /// Static group membership (`group.instance.id`, e.g. the pod name from a StatefulSet). A
     /// worker that restarts within the session timeout gets its partitions back without a
     /// rebalance; the price is that a worker that really died, or was evicted, keeps its
@@ -170,6 +182,8 @@ const MANAGED_PROPERTIES: &[&str] = &[
     "partition.assignment.strategy",
     "group.instance.id",
     "max.poll.interval.ms",
+    "group.protocol",
+    "group.remote.assignor",
 ];
 
 /// A request topic and its share of the worker's slots.
@@ -247,6 +261,25 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         return Err(bad());
     }
     Ok(bytes as u64)
+}
+
+/// `group.protocol`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum GroupProtocol {
+    Classic,
+    Consumer,
+}
+
+/// The largest `max.poll.interval.ms` librdkafka accepts (24 h).
+pub const LIBRDKAFKA_MAX_POLL_INTERVAL_MS: u64 = 86_400_000;
+
+impl GroupProtocol {
+    pub fn as_librdkafka(self) -> &'static str {
+        match self {
+            GroupProtocol::Classic => "classic",
+            GroupProtocol::Consumer => "consumer",
+        }
+    }
 }
 
 /// `partition.assignment.strategy`.
@@ -614,7 +647,7 @@ impl Config {
         if k.max_attempts == 0 {
             return Err(ConfigError("--max-attempts must be at least 1".into()));
         }
-        if k.max_poll_interval < k.session_timeout {
+        if k.group_protocol == GroupProtocol::Classic && k.max_poll_interval < k.session_timeout {
             return Err(ConfigError(
                 "--max-poll-interval must be at least --session-timeout (librdkafka requires it)".into(),
             ));
@@ -622,6 +655,11 @@ impl Config {
         if k.revoke_timeout >= k.max_poll_interval {
             return Err(ConfigError(
                 "--revoke-timeout must be shorter than --max-poll-interval, which bounds a rebalance".into(),
+            ));
+        }
+        if k.group_remote_assignor.is_some() && k.group_protocol == GroupProtocol::Classic {
+            return Err(ConfigError(
+                "--group-remote-assignor needs --group-protocol consumer (the classic protocol assigns with --assignment-strategy)".into(),
             ));
         }
         if k.group_instance_id.as_deref() == Some("") {

@@ -67,6 +67,7 @@ enum Pending {
     Restart,
     Thaw(String),
     ThawBroker,
+    RestartBroker,
 }
 
 impl Injector {
@@ -151,7 +152,19 @@ impl Injector {
                 until_ms: until.map(|d| at_ms + d.as_secs_f64() * 1e3),
             };
             let applied = match step.action {
-                Action::BrokerOutage(_) if !fleet.owns_broker() => Err("the harness did not start the broker".into()),
+                Action::BrokerOutage(_) | Action::BrokerCrash(_) if !fleet.owns_broker() => {
+                    Err("the harness did not start the broker".into())
+                }
+                Action::BrokerCrash(_) if !fleet.broker_restartable() => {
+                    Err("the mock broker keeps no data to restart with".into())
+                }
+                Action::BrokerCrash(d) => fleet
+                    .crash_broker()
+                    .map(|()| {
+                        pending.push((now + d, Pending::RestartBroker));
+                        event(FaultKind::BrokerCrash, Vec::new(), Some(d))
+                    })
+                    .map_err(|e| format!("{e:#}")),
                 Action::BrokerOutage(d) => fleet
                     .signal_broker(Signal::Stop)
                     .map(|()| {
@@ -238,6 +251,7 @@ impl Injector {
             }),
             Pending::Thaw(name) => fleet.signal(&name, Signal::Cont),
             Pending::ThawBroker => fleet.signal_broker(Signal::Cont),
+            Pending::RestartBroker => fleet.restart_broker(),
         };
         if let Err(e) = result {
             self.progress.println(format!("chaos: {e:#}"));

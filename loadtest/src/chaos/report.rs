@@ -59,6 +59,9 @@ pub struct Config {
     pub weights: String,
     pub seed: u64,
     pub attached: bool,
+    /// The broker the run used: `Apache Kafka 4.4.0 (ferry broker --kafka)`, the mock, or the
+    /// cluster it attached to.
+    pub broker: String,
 }
 
 impl ChaosReport {
@@ -95,6 +98,17 @@ impl ChaosReport {
                 weights: args.weights.clone(),
                 seed: args.seed,
                 attached: args.bootstrap_servers.is_some(),
+                broker: match (&args.bootstrap_servers, args.broker) {
+                    (Some(b), _) => format!("attached to {b}"),
+                    (None, crate::fleet::BrokerKind::Kafka) => format!(
+                        "Apache Kafka {} (ferry broker --kafka)",
+                        ferry::broker::jars::KAFKA_VERSION
+                    ),
+                    (None, crate::fleet::BrokerKind::Mock) => format!(
+                        "librdkafka {} mock cluster (ferry broker)",
+                        rdkafka::util::get_rdkafka_version().1
+                    ),
+                },
             },
             wall_s: wall.as_secs_f64(),
             load,

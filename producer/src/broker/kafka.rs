@@ -3,8 +3,8 @@
 //!
 //! Start-up: make sure Java runs ([`jars::ensure_program`]), get the verified jars
 //! ([`jars::ensure`]), write `server.properties` and a quiet log4j2 configuration into a fresh
-//! temporary directory, format the storage there (`kafka.tools.StorageTool format
-//! --standalone`), start `kafka.Kafka`, wait until the broker answers a metadata request, and
+//! temporary directory (or the kept `--kafka-dir`), copy formatted storage there unless it
+//! holds some already, start `kafka.Kafka`, wait until the broker answers a metadata request, and
 //! create the `--topic` topics through the Admin API. The bootstrap file is written by the caller
 //! only after all of that, so a client that sees it can use every topic at once.
 //!
@@ -25,11 +25,22 @@
 //! write to, here with `--partitions` partitions (`num.partitions`), where the mock uses its
 //! fixed 4. Internal topics (offsets, transactions, share groups) have replication factor 1, and
 //! the offsets topic one partition, so the first consumer group does not wait for 50 partitions
-//! to be created. A new group is assigned at once (`group.initial.rebalance.delay.ms=0`).
+//! to be created. A new group is assigned at once (`group.initial.rebalance.delay.ms=0`). Groups
+//! of the new consumer protocol (KIP-848) get a 10 s session timeout and a 1 s heartbeat, as a
+//! classic Ferry worker has by default, instead of Kafka's 45 s and 5 s. A restarted broker
+//! re-registers within seconds (`broker.session.timeout.ms=3000`, against Kafka's 9 s).
+//!
+//! # Storage
+//!
+//! Formatted once per jar directory and copied into each new broker ([`storage_template`]).
+//! With `--kafka-dir` the directory is kept: configuration, `data/`, `kafka.log`, `jvm.pid` (the
+//! JVM, for whoever wants to stop or kill the broker itself) and `ports`, so a second start on
+//! it is the same broker restarted, on the same ports. A JVM that dies while serving (SIGKILL,
+//! a crash) makes `ferry broker` exit with an error and the log's tail.
 //!
 //! # Limits
 //!
-//! - Data lives in a temporary directory and is deleted on exit.
+//! - Without `--kafka-dir`, data lives in a temporary directory and is deleted on exit.
 //! - The ports are picked by binding port 0 and releasing it just before Kafka starts; another
 //!   process could take one in between, in which case Kafka exits and start-up reports it.
 //! - The first start fetches about 45 MB of jars from Maven Central.
@@ -531,6 +542,10 @@ share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
 broker.heartbeat.interval.ms=500
 broker.session.timeout.ms=3000
+group.consumer.min.session.timeout.ms=1000
+group.consumer.session.timeout.ms=10000
+group.consumer.min.heartbeat.interval.ms=500
+group.consumer.heartbeat.interval.ms=1000
 ",
         data = data.display()
     )

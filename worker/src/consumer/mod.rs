@@ -67,7 +67,7 @@ use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use crate::config::{KafkaConfig, Lane};
+use crate::config::{GroupProtocol, KafkaConfig, Lane, LIBRDKAFKA_MAX_POLL_INTERVAL_MS};
 use crate::engine::{Engine, EngineHandle, JobControl};
 use crate::offsets::TopicPartition;
 use crate::ops::Ops;
@@ -187,9 +187,29 @@ impl Worker {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
-            .set("session.timeout.ms", cfg.session_timeout.as_millis().to_string())
-            .set("max.poll.interval.ms", cfg.max_poll_interval.as_millis().to_string())
-            .set("partition.assignment.strategy", cfg.assignment_strategy.as_librdkafka())
+            .set("group.protocol", cfg.group_protocol.as_librdkafka());
+        match cfg.group_protocol {
+            GroupProtocol::Classic => {
+                consumer_config
+                    .set("session.timeout.ms", cfg.session_timeout.as_millis().to_string())
+                    .set("max.poll.interval.ms", cfg.max_poll_interval.as_millis().to_string())
+                    .set("partition.assignment.strategy", cfg.assignment_strategy.as_librdkafka());
+            }
+            GroupProtocol::Consumer => {
+                // The broker owns the session timeout, the heartbeat and the assignment; librdkafka
+                // refuses the client-side settings. And librdkafka 2.12 fails fatally when a
+                // consumer of this protocol exceeds `max.poll.interval.ms` (fixed in 2.15), which
+                // would turn a long stall into a dead worker that drops its in-flight work. So its
+                // limit is set out of reach, and `--max-poll-interval` is enforced by the worker's
+                // own liveness check instead: /healthz fails once the poll loop has stood still
+                // that long, and the liveness probe restarts the pod.
+                consumer_config.set("max.poll.interval.ms", LIBRDKAFKA_MAX_POLL_INTERVAL_MS.to_string());
+                if let Some(assignor) = &cfg.group_remote_assignor {
+                    consumer_config.set("group.remote.assignor", assignor);
+                }
+            }
+        }
+        consumer_config
             .set(
                 "statistics.interval.ms",
                 cfg.kafka_stats_interval.as_millis().to_string(),
@@ -273,6 +293,8 @@ impl Worker {
         let mut poll = tokio::time::interval(POLL_EVERY);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            #[cfg(feature = "fault-injection")]
+            fault_injection::maybe_stall_poll();
             inner.ops.health.beat();
             drop_revoked(inner, &mut lanes);
             while tasks.len() < self.max_in_flight {
@@ -466,5 +488,24 @@ impl request::Inner {
                 }
             }
         })
+    }
+}
+
+/// Faults for the tests, compiled only into builds with the `fault-injection` feature:
+/// `FERRY_FAULT_STALL_POLL_FILE=<path>` stops the consumer loop (blocking its thread, as a stuck
+/// worker would) for as long as that file exists, while librdkafka's own threads run on.
+#[cfg(feature = "fault-injection")]
+mod fault_injection {
+    pub fn maybe_stall_poll() {
+        let Some(path) = std::env::var_os("FERRY_FAULT_STALL_POLL_FILE") else {
+            return;
+        };
+        let path = std::path::PathBuf::from(path);
+        if path.exists() {
+            tracing::warn!(file = %path.display(), "fault injection: the consumer loop stalls while this file exists");
+            while path.exists() {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
     }
 }

@@ -152,10 +152,12 @@ impl Cluster {
             .arg("--model")
             .arg(super::model::model_path())
             .arg("--worker-id")
-            .arg(name)
-            .arg("--threads")
-            .arg("1")
-            .args(args);
+            .arg(name);
+        // One compute thread unless the caller sets its own (the cores are shared).
+        if !args.contains(&"--threads") {
+            cmd.arg("--threads").arg("1");
+        }
+        cmd.args(args);
         ChildGuard::spawn(name, &mut cmd, self.dir.path().join(format!("{name}.log")))
     }
 
@@ -365,6 +367,13 @@ impl Cluster {
             BrokerChoice::Kafka => Some(Self::spawn_broker(dir, topics, partitions, true)),
             BrokerChoice::Mock => Some(Self::spawn_broker(dir, topics, partitions, false)),
         }
+    }
+
+    /// A mock `ferry broker` of this test's own, whatever [`BrokerChoice::from_env`] says: for
+    /// figures taken on both brokers side by side.
+    pub fn start_mock(topics: &[&str], partitions: i32) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self::spawn_broker(dir, topics, partitions, false)
     }
 
     fn spawn_broker(dir: tempfile::TempDir, topics: &[&str], partitions: i32, kafka: bool) -> Self {

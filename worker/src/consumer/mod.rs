@@ -158,6 +158,12 @@ impl std::fmt::Debug for Worker {
 }
 
 /// librdkafka settings shared by the consumer and the producer.
+/// The classic protocol's heartbeat interval for a session timeout: a tenth of it, between
+/// 100 ms and librdkafka's default of 3 s.
+fn classic_heartbeat_ms(session_timeout: Duration) -> u128 {
+    (session_timeout.as_millis() / 10).clamp(100, 3_000)
+}
+
 fn base_config(bootstrap: &str, cfg: &KafkaConfig, defaults: &[(&str, &str)]) -> Result<ClientConfig, WorkerError> {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", bootstrap);
@@ -180,8 +186,17 @@ impl Worker {
     pub fn new(bootstrap: &str, cfg: &KafkaConfig, engine: Engine, opts: WorkerOptions) -> Result<Self, WorkerError> {
         let inflight = Arc::new(InFlight::new(cfg.revoke_timeout));
         // A worker just handed an evicted worker's partition should see its message at once,
-        // not after librdkafka's default 500 ms fetch wait. Overridable.
-        let mut consumer_config = base_config(bootstrap, cfg, &[("fetch.wait.max.ms", "100")])?;
+        // not after librdkafka's default 500 ms fetch wait. And under the classic protocol a
+        // member learns that a rebalance began (a worker left) only from its next heartbeat's
+        // answer: librdkafka's default 3 s interval made a survivor take over an evicted worker's
+        // partition 1.5 s later on average, so it heartbeats every tenth of the session timeout
+        // (1 s by default). Both overridable with --kafka-property.
+        let heartbeat = classic_heartbeat_ms(cfg.session_timeout).to_string();
+        let mut defaults = vec![("fetch.wait.max.ms", "100")];
+        if cfg.group_protocol == GroupProtocol::Classic {
+            defaults.push(("heartbeat.interval.ms", heartbeat.as_str()));
+        }
+        let mut consumer_config = base_config(bootstrap, cfg, &defaults)?;
         consumer_config
             .set("group.id", &cfg.group_id)
             .set("enable.auto.commit", "false")
@@ -507,5 +522,18 @@ mod fault_injection {
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classic_heartbeat_is_a_tenth_of_the_session_within_bounds() {
+        assert_eq!(classic_heartbeat_ms(Duration::from_secs(10)), 1_000);
+        assert_eq!(classic_heartbeat_ms(Duration::from_secs(6)), 600);
+        assert_eq!(classic_heartbeat_ms(Duration::from_millis(500)), 100);
+        assert_eq!(classic_heartbeat_ms(Duration::from_secs(300)), 3_000);
     }
 }

@@ -500,7 +500,9 @@ mod tests {
         assert_eq!((a.scenario, a.rate, a.duration), (Scenario::Default, None, None));
         assert_eq!(a.fault_every, Duration::from_secs(8));
         assert_eq!(a.restart_delay, Duration::from_secs(2));
-        assert_eq!(a.fault_kinds.len(), 5, "every kind of fault");
+        assert_eq!(a.fault_kinds.len(), 6, "every kind of fault");
+        assert!(a.fault_kinds.contains(&Kind::BrokerCrash));
+        assert_eq!(a.broker, BrokerKind::Kafka, "real Kafka unless asked for the mock");
         assert_eq!(a.out, PathBuf::from("target/chaos"));
         assert!(!a.autoscale && a.bootstrap_servers.is_none());
         Ok(())

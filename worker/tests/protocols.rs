@@ -59,6 +59,11 @@ impl Fleet {
     }
 
     fn worker(&self, name: &str, more: &[&str]) -> ChildGuard {
+        self.worker_with_env(name, more, &[])
+    }
+
+    /// [`Fleet::worker`] with extra environment variables (fault injection).
+    fn worker_with_env(&self, name: &str, more: &[&str], env: &[(&str, &str)]) -> ChildGuard {
         let store = format!("file://{}", self.store.display());
         let mut args = vec![
             "--topic",
@@ -76,7 +81,7 @@ impl Fleet {
         ];
         args.extend(self.extra.iter().map(String::as_str));
         args.extend_from_slice(more);
-        self.cluster.worker(name, &args)
+        self.cluster.worker_with_env(name, &args, env)
     }
 
     fn publish(&self, partition: i32, r: &Request) {
@@ -297,24 +302,7 @@ fn the_consumer_protocol_survives_a_stall_past_max_poll_interval() {
     ]);
     let stall = fleet.cluster.dir.path().join("stall");
     let stall_env = stall.display().to_string();
-    let mut w = fleet.cluster.worker_with_env(
-        "worker-a",
-        &[
-            "--topic",
-            &fleet.requests,
-            "--reply-topic",
-            &fleet.replies,
-            "--group-id",
-            &fleet.group,
-            "--group-protocol",
-            "consumer",
-            "--max-poll-interval",
-            "3s",
-            "--revoke-timeout",
-            "2s",
-        ],
-        &[("FERRY_FAULT_STALL_POLL_FILE", &stall_env)],
-    );
+    let mut w = fleet.worker_with_env("worker-a", &[], &[("FERRY_FAULT_STALL_POLL_FILE", &stall_env)]);
     let first = chat(&unique("stall"), "Say hello.");
     fleet.publish(0, &first);
     fleet.wait_committed(0, 1);

@@ -43,6 +43,8 @@ const ROUNDS: usize = 3;
 /// Requests of the throughput part, and the tokens each generates.
 const THROUGHPUT_REQUESTS: usize = 8;
 const THROUGHPUT_TOKENS: u32 = 128;
+/// Alternating runs of each kind in the throughput part.
+const THROUGHPUT_RUNS: usize = 3;
 
 fn median(mut v: Vec<f64>) -> Option<f64> {
     v.retain(|x| x.is_finite());
@@ -187,36 +189,38 @@ fn fleet_tokens_per_s(requests: &[ferry_schemas::Request], threads: usize) -> an
     Ok((tokens as f64 / started.elapsed().as_secs_f64(), tokens))
 }
 
+/// Fleet and in-process runs of the same requests, alternating, [`THROUGHPUT_RUNS`] of each:
+/// the machine's speed drifts by several percent between runs, so the ratio is of the medians.
 fn throughput(threads: usize) -> anyhow::Result<Value> {
-    let requests = (0..THROUGHPUT_REQUESTS)
-        .map(|i| failover::count_request(&format!("tput-{i}-{}", unique("r")), THROUGHPUT_TOKENS))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    // Fleet first, then in process, then the fleet again: a drift in machine speed shows as a
-    // difference between the two fleet runs, and the ratio uses their mean.
-    let (fleet_a, tokens_a) = fleet_tokens_per_s(&requests, threads)?;
-    let (local, local_tokens) = in_process_tokens_per_s(&requests)?;
-    let requests_b: Vec<_> = requests
-        .iter()
-        .map(|r| {
-            let mut r = r.clone();
-            r.id = format!("{}-b", r.id);
-            r
-        })
-        .collect();
-    let (fleet_b, tokens_b) = fleet_tokens_per_s(&requests_b, threads)?;
-    ensure!(
-        tokens_a == local_tokens && tokens_b == local_tokens,
-        "the fleet generated {tokens_a} and {tokens_b} tokens, the engine {local_tokens}: the runs differ"
-    );
-    let fleet = (fleet_a + fleet_b) / 2.0;
+    let requests = |run: usize| {
+        (0..THROUGHPUT_REQUESTS)
+            .map(|i| failover::count_request(&format!("tput-{run}-{i}-{}", unique("r")), THROUGHPUT_TOKENS))
+            .collect::<anyhow::Result<Vec<_>>>()
+    };
+    let (mut fleet, mut local) = (Vec::new(), Vec::new());
+    for run in 0..THROUGHPUT_RUNS {
+        let batch = requests(run)?;
+        let (f, fleet_tokens) = fleet_tokens_per_s(&batch, threads)?;
+        let (l, local_tokens) = in_process_tokens_per_s(&batch)?;
+        ensure!(
+            fleet_tokens == local_tokens,
+            "the fleet generated {fleet_tokens} tokens, the engine {local_tokens}: the runs differ"
+        );
+        eprintln!("throughput run {run}: fleet {f:.1} tokens/s, in process {l:.1}");
+        fleet.push(f);
+        local.push(l);
+    }
+    let (f, l) = (median(fleet.clone()), median(local.clone()));
     Ok(json!({
         "requests": THROUGHPUT_REQUESTS,
         "tokens_per_request": THROUGHPUT_TOKENS,
         "threads": threads,
-        "fleet_tokens_per_s": fleet,
-        "fleet_runs_tokens_per_s": [fleet_a, fleet_b],
-        "in_process_tokens_per_s": local,
-        "fleet_over_in_process": fleet / local,
+        "runs": THROUGHPUT_RUNS,
+        "fleet_tokens_per_s": f,
+        "in_process_tokens_per_s": l,
+        "fleet_runs_tokens_per_s": fleet,
+        "in_process_runs_tokens_per_s": local,
+        "fleet_over_in_process": f.zip(l).map(|(f, l)| f / l),
     }))
 }
 
@@ -231,12 +235,19 @@ fn main() -> anyhow::Result<()> {
         BrokerChoice::External(b) => format!("the cluster at {b} (FERRY_TEST_BOOTSTRAP_SERVERS)"),
         _ => format!("Apache Kafka {} (ferry broker --kafka)", kafka_version()),
     };
-    eprintln!("recovery on {broker}: {rounds} rounds …");
-    let real = failover::run(false, rounds).context("recovery on the real broker")?;
-    eprintln!("recovery on the mock: {rounds} rounds …");
-    let mock = failover::run(true, rounds).context("recovery on the mock broker")?;
-    eprintln!("fleet throughput …");
-    let throughput = throughput(threads).context("fleet throughput")?;
+    let (mut real, mut mock) = (Vec::new(), Vec::new());
+    if selected("recovery") {
+        eprintln!("recovery on {broker}: {rounds} rounds …");
+        real = failover::run(false, rounds).context("recovery on the real broker")?;
+        eprintln!("recovery on the mock: {rounds} rounds …");
+        mock = failover::run(true, rounds).context("recovery on the mock broker")?;
+    }
+    let throughput = if selected("throughput") {
+        eprintln!("fleet throughput …");
+        throughput(threads).context("fleet throughput")?
+    } else {
+        Value::Null
+    };
     let report = json!({
         "cpu": cpu(),
         "model": model::model_path().file_name().map(|f| f.to_string_lossy().into_owned()),
@@ -260,6 +271,12 @@ fn main() -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(&report)?);
     println!("wrote {}", file.display());
     Ok(())
+}
+
+/// Whether `part` is to run: `FERRY_BENCH_PARTS` lists some of `recovery,throughput` (all when
+/// unset), to rerun one part alone.
+fn selected(part: &str) -> bool {
+    std::env::var("FERRY_BENCH_PARTS").map_or(true, |parts| parts.split(',').any(|p| p.trim() == part))
 }
 
 /// The Kafka version `ferry broker --kafka` runs: the pom's `kafka.version`.
@@ -289,7 +306,7 @@ const NOTES: &[&str] = &[
      rebalances, so its SIGTERM figures include that wait; a real broker rebalances at once.",
     "throughput: one worker, --max-in-flight 1, a file snapshot store with the default snapshot \
      settings, requests published at once after a warm-up; tokens/s from the first publish to the last \
-     answer (mean of two fleet runs, one before and one after the in-process run), over Engine::run's \
-     tokens/s generating the same requests one after another in this process (prefill included, no \
-     snapshots): the cost of Kafka, the worker's plumbing and its snapshots.",
+     answer, over Engine::run's tokens/s generating the same requests one after another in this \
+     process (prefill included, no snapshots): the cost of Kafka, the worker's plumbing and its \
+     snapshots. Fleet and in-process runs alternate, three of each, and the ratio is of the medians.",
 ];

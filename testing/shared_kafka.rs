@@ -32,6 +32,43 @@ pub fn bootstrap_servers(ferry: &Path) -> Result<String, String> {
     }
 }
 
+/// The cluster `FERRY_TEST_BOOTSTRAP_SERVERS` names, when set and not blank.
+pub fn external() -> Option<String> {
+    std::env::var("FERRY_TEST_BOOTSTRAP_SERVERS")
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+}
+
+/// Whether `FERRY_TEST_BROKER=mock` asks for librdkafka's mock cluster instead of real Kafka.
+pub fn mock_requested() -> bool {
+    std::env::var("FERRY_TEST_BROKER").is_ok_and(|v| v == "mock")
+}
+
+/// Waits for a starting `ferry broker` (`child`, logging to `log`) to write its bootstrap
+/// servers to `file`; the error, with the log, if it exits first or takes over [`FIRST_START`].
+pub fn wait_for_bootstrap(file: &Path, child: &mut Child, log: &Path) -> Result<String, String> {
+    let read_log = || std::fs::read_to_string(log).unwrap_or_default();
+    let deadline = Instant::now() + FIRST_START;
+    loop {
+        if let Some(s) = std::fs::read_to_string(file).ok().filter(|s| !s.trim().is_empty()) {
+            return Ok(s.trim().to_string());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!(
+                "ferry broker exited with {status} before it was ready:\n{}",
+                read_log()
+            ));
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "ferry broker was not ready within {FIRST_START:?}:\n{}",
+                read_log()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn start(ferry: &Path) -> Result<Shared, String> {
     // Named after this process, and kept after it: the broker's log stays there to read.
     let dir = std::env::temp_dir().join(format!("ferry-test-kafka-{}", std::process::id()));
@@ -58,23 +95,12 @@ fn start(ferry: &Path) -> Result<Shared, String> {
         .spawn()
         .map_err(|e| format!("cannot run {} broker --kafka: {e}", ferry.display()))?;
     let stdin = child.stdin.take().ok_or("no pipe to the broker's stdin")?;
-    let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
-    let deadline = Instant::now() + FIRST_START;
-    let servers = loop {
-        if let Some(s) = std::fs::read_to_string(&file).ok().filter(|s| !s.trim().is_empty()) {
-            break s.trim().to_string();
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!("ferry broker --kafka exited with {status}:\n{}", read_log()));
-        }
-        if Instant::now() >= deadline {
+    let servers = match wait_for_bootstrap(&file, &mut child, &log_path) {
+        Ok(servers) => servers,
+        Err(e) => {
             let _ = child.kill();
-            return Err(format!(
-                "ferry broker --kafka not ready within {FIRST_START:?}:\n{}",
-                read_log()
-            ));
+            return Err(e);
         }
-        std::thread::sleep(Duration::from_millis(50));
     };
     eprintln!("tests: Kafka at {servers} (log: {})", log_path.display());
     Ok((servers, Mutex::new((child, stdin))))

@@ -64,12 +64,9 @@ struct Cluster {
 impl Cluster {
     fn start(topics: &[&str]) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
-        let external = std::env::var("FERRY_TEST_BOOTSTRAP_SERVERS")
-            .ok()
-            .filter(|s| !s.trim().is_empty());
-        let real = match external {
+        let real = match shared::external() {
             Some(bootstrap) => Some(bootstrap),
-            None if std::env::var("FERRY_TEST_BROKER").is_ok_and(|v| v == "mock") => None,
+            None if shared::mock_requested() => None,
             None => Some(shared::bootstrap_servers(&ferry_bin()).unwrap_or_else(|e| panic!("{e}"))),
         };
         if let Some(bootstrap) = real {

@@ -4,6 +4,9 @@
 //! `make bench` runs it and writes `target/bench/engine.json`. Threads follow
 //! `RAYON_NUM_THREADS` (all cores when unset); the figure is printed with the results.
 
+#[path = "support/report.rs"]
+mod report;
+
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -92,12 +95,7 @@ fn main() -> anyhow::Result<()> {
         "q8_0_vs_q4_1_decode_ratio": q8.decode_tps / native.decode_tps,
         "q8_0_vs_q4_1_prefill_ratio": q8.prefill_tps / native.prefill_tps,
     });
-    let out = std::env::var_os("FERRY_BENCH_OUT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench"));
-    std::fs::create_dir_all(&out)?;
-    let file = out.join("engine.json");
-    std::fs::write(&file, serde_json::to_string_pretty(&report)? + "\n")?;
+    let file = report::save("engine", &report)?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     println!("wrote {}", file.display());
     Ok(())

@@ -20,8 +20,9 @@
 
 #[path = "../tests/support/model.rs"]
 mod model;
+#[path = "support/report.rs"]
+mod report;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -364,12 +365,7 @@ fn main() -> anyhow::Result<()> {
         "bench_s": started.elapsed().as_secs_f64(),
         "notes": NOTES,
     });
-    let out = std::env::var_os("FERRY_BENCH_OUT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench"));
-    std::fs::create_dir_all(&out)?;
-    let file = out.join("snapshot.json");
-    std::fs::write(&file, serde_json::to_string_pretty(&report)? + "\n")?;
+    let file = report::save("snapshot", &report)?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     println!("wrote {}", file.display());
     Ok(())

@@ -29,8 +29,9 @@ mod http;
 mod kafka;
 #[path = "../tests/support/model.rs"]
 mod model;
+#[path = "support/report.rs"]
+mod report;
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -171,12 +172,7 @@ fn main() -> anyhow::Result<()> {
         "bench_s": started.elapsed().as_secs_f64(),
         "notes": NOTES,
     });
-    let out = std::env::var_os("FERRY_BENCH_OUT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench"));
-    std::fs::create_dir_all(&out)?;
-    let file = out.join("startup.json");
-    std::fs::write(&file, serde_json::to_string_pretty(&report)? + "\n")?;
+    let file = report::save("startup", &report)?;
     println!("{}", serde_json::to_string_pretty(&report)?);
     println!("wrote {}", file.display());
     Ok(())

@@ -33,6 +33,9 @@
 //! script), and candle picks its kernels at run time, AVX-512 VNNI included. If llama.cpp cannot be
 //! installed, the report records why (`llama_cpp_error`) and the ratio is null.
 
+#[path = "support/report.rs"]
+mod report;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -462,12 +465,7 @@ fn main() -> anyhow::Result<()> {
         "memory": memory,
         "wall_s": started.elapsed().as_secs_f64(),
     });
-    let out = std::env::var_os("FERRY_BENCH_OUT")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target/bench"));
-    std::fs::create_dir_all(&out)?;
-    let file = out.join("throughput.json");
-    std::fs::write(&file, serde_json::to_string_pretty(&report)? + "\n")?;
+    let file = report::save("throughput", &report)?;
     print_table(&report);
     println!("wrote {}", file.display());
     Ok(())

@@ -327,21 +327,13 @@ struct WorkDir(PathBuf, bool);
 impl WorkDir {
     fn create() -> Result<Self, KafkaBrokerError> {
         let path = std::env::temp_dir().join(format!("ferry-kafka-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir(&path).map_err(|source| KafkaBrokerError::Io {
-            action: "create",
-            path: path.clone(),
-            source,
-        })?;
+        std::fs::create_dir(&path).map_err(io_err("create", &path))?;
         Ok(WorkDir(path, false))
     }
 
     /// A directory kept across starts, made if it does not exist yet.
     fn keep(path: &Path) -> Result<Self, KafkaBrokerError> {
-        std::fs::create_dir_all(path).map_err(|source| KafkaBrokerError::Io {
-            action: "create",
-            path: path.to_path_buf(),
-            source,
-        })?;
+        std::fs::create_dir_all(path).map_err(io_err("create", path))?;
         let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
         Ok(WorkDir(path, true))
     }
@@ -365,11 +357,7 @@ impl WorkDir {
     }
 
     fn write(&self, path: &Path, text: &str) -> Result<(), KafkaBrokerError> {
-        std::fs::write(path, text).map_err(|source| KafkaBrokerError::Io {
-            action: "write",
-            path: path.to_path_buf(),
-            source,
-        })
+        std::fs::write(path, text).map_err(io_err("write", path))
     }
 
     fn jvm_pid(&self) -> Option<u32> {
@@ -395,6 +383,12 @@ impl Drop for WorkDir {
     }
 }
 
+/// The error of a file operation `action` on `path`, for `map_err`.
+fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> KafkaBrokerError {
+    let path = path.to_path_buf();
+    move |source| KafkaBrokerError::Io { action, path, source }
+}
+
 /// Formatted, empty KRaft storage for a single node, made once per jar directory (next to it,
 /// as `storage/`) and copied into each new broker: formatting costs a JVM start, copying a few
 /// file writes. Every copy has the same cluster and directory ids, which is harmless for
@@ -406,10 +400,6 @@ async fn storage_template(jars: &Path, classpath: &str, log4j_option: &str) -> R
     if template.join("meta.properties").exists() {
         return Ok(template);
     }
-    let io_err = |action, path: &Path| {
-        let path = path.to_path_buf();
-        move |source| KafkaBrokerError::Io { action, path, source }
-    };
     // Formatted privately, then renamed into place: the rename is the commit, so a format that
     // was interrupted is never copied, and two brokers formatting at once both succeed.
     let partial = jars.with_file_name(format!("storage.partial.{}", uuid::Uuid::new_v4().simple()));
@@ -444,11 +434,7 @@ async fn storage_template(jars: &Path, classpath: &str, log4j_option: &str) -> R
     if let Err(source) = renamed {
         // Another broker may have committed its template first; that one serves as well.
         if !template.join("meta.properties").exists() {
-            return Err(KafkaBrokerError::Io {
-                action: "move the formatted storage to",
-                path: template,
-                source,
-            });
+            return Err(io_err("move the formatted storage to", &template)(source));
         }
     }
     info!(template = %template.display(), "Kafka storage formatted (once)");
@@ -458,10 +444,6 @@ async fn storage_template(jars: &Path, classpath: &str, log4j_option: &str) -> R
 /// Copies the directory tree `from` to `to` (files and directories only, as formatted storage
 /// holds), made writable: the formatter leaves its checkpoint read-only.
 fn copy_tree(from: &Path, to: &Path) -> Result<(), KafkaBrokerError> {
-    let io_err = |action, path: &Path| {
-        let path = path.to_path_buf();
-        move |source| KafkaBrokerError::Io { action, path, source }
-    };
     std::fs::create_dir_all(to).map_err(io_err("create", to))?;
     for entry in std::fs::read_dir(from).map_err(io_err("read", from))? {
         let entry = entry.map_err(io_err("read", from))?;

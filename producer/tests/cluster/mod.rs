@@ -21,9 +21,6 @@ use rdkafka::message::OwnedMessage;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use tokio::time::Instant;
 
-/// Names the external cluster, when there is one (set and not blank).
-pub const BOOTSTRAP_ENV: &str = "FERRY_TEST_BOOTSTRAP_SERVERS";
-
 /// Generous bound for anything that should take milliseconds on the mock and seconds on a
 /// loaded real cluster; a test that hits it has found a bug, not a slow machine.
 pub const PATIENCE: Duration = Duration::from_secs(30);
@@ -117,10 +114,9 @@ impl TestCluster {
     /// The external cluster named by `FERRY_TEST_BOOTSTRAP_SERVERS`, this binary's shared
     /// Kafka, or with `FERRY_TEST_BROKER=mock` a fresh mock `ferry broker`.
     pub async fn start() -> anyhow::Result<Self> {
-        let external = std::env::var(BOOTSTRAP_ENV).ok().filter(|s| !s.trim().is_empty());
-        let servers = match external {
+        let servers = match shared::external() {
             Some(servers) => Some(servers),
-            None if is_mock() => None,
+            None if shared::mock_requested() => None,
             None => Some(tokio::task::spawn_blocking(shared_kafka).await??),
         };
         if let Some(servers) = servers {
@@ -183,11 +179,6 @@ impl Drop for TestCluster {
             Err(_) => eprintln!("topic cleanup panicked"),
         }
     }
-}
-
-/// Whether `FERRY_TEST_BROKER=mock` asks for librdkafka's mock cluster instead of real Kafka.
-pub fn is_mock() -> bool {
-    std::env::var("FERRY_TEST_BROKER").is_ok_and(|v| v == "mock")
 }
 
 #[path = "../../../testing/shared_kafka.rs"]

@@ -511,11 +511,12 @@ impl request::Inner {
 /// worker would) for as long as that file exists, while librdkafka's own threads run on.
 #[cfg(feature = "fault-injection")]
 mod fault_injection {
+    /// Runs on every turn of the consumer loop, so the variable is read once.
     pub fn maybe_stall_poll() {
-        let Some(path) = std::env::var_os("FERRY_FAULT_STALL_POLL_FILE") else {
+        static FILE: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+        let Some(path) = FILE.get_or_init(|| std::env::var_os("FERRY_FAULT_STALL_POLL_FILE").map(Into::into)) else {
             return;
         };
-        let path = std::path::PathBuf::from(path);
         if path.exists() {
             tracing::warn!(file = %path.display(), "fault injection: the consumer loop stalls while this file exists");
             while path.exists() {

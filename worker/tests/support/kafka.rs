@@ -481,15 +481,12 @@ pub enum BrokerChoice {
 
 impl BrokerChoice {
     pub fn from_env() -> Self {
-        if let Some(servers) = std::env::var("FERRY_TEST_BOOTSTRAP_SERVERS")
-            .ok()
-            .filter(|s| !s.trim().is_empty())
-        {
+        if let Some(servers) = shared::external() {
             return BrokerChoice::External(servers);
         }
         match std::env::var("FERRY_TEST_BROKER").as_deref() {
-            Ok("mock") => BrokerChoice::Mock,
             Ok("kafka") | Ok("") | Err(_) => BrokerChoice::Kafka,
+            Ok(_) if shared::mock_requested() => BrokerChoice::Mock,
             Ok(other) => panic!("FERRY_TEST_BROKER={other:?}: expected kafka or mock"),
         }
     }
@@ -503,39 +500,15 @@ impl BrokerChoice {
 #[path = "../../../testing/shared_kafka.rs"]
 mod shared;
 
-/// How long a broker's first start may take: on a fresh machine it fetches Kafka's jars first.
-const KAFKA_FIRST_START: Duration = shared::FIRST_START;
-
 /// The bootstrap servers of this test binary's real Kafka, started on first use.
 pub fn shared_kafka() -> String {
     shared::bootstrap_servers(&bin("ferry")).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Waits for a starting `ferry broker` to write its bootstrap file, failing with its log if it
-/// exits first or takes longer than [`KAFKA_FIRST_START`].
+/// exits first or takes too long.
 fn wait_for_bootstrap(file: &Path, child: &mut Child, log: &Path) -> String {
-    let deadline = Instant::now() + KAFKA_FIRST_START;
-    loop {
-        if let Some(s) = std::fs::read_to_string(file)
-            .ok()
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-        {
-            return s;
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!(
-                "ferry broker exited with {status} before it was ready:\n{}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
-        }
-        assert!(
-            Instant::now() < deadline,
-            "ferry broker was not ready within {KAFKA_FIRST_START:?}:\n{}",
-            std::fs::read_to_string(log).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    shared::wait_for_bootstrap(file, child, log).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn create_topics(bootstrap: &str, topics: &[&str], partitions: i32) {

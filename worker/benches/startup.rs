@@ -17,10 +17,11 @@
 //! `cargo build --release -p ferry -p ferry-worker` first (`make bench` does).
 //!
 //! Limits: the model file is in the page cache after the first run (a cold node reads it from
-//! disk, or downloads it first, in the init step). The group's first assignment comes from
-//! `ferry broker` (librdkafka's mock cluster) unless `FERRY_TEST_BOOTSTRAP_SERVERS` names a real
-//! cluster; both delay a new group's first rebalance by `group.initial.rebalance.delay.ms` (3 s
-//! by default), which is most of `kafka_to_ready_s`. A worker joining a group that already has
+//! disk, or downloads it first, in the init step). The group's first assignment comes from the
+//! test support's broker: real Kafka by default (`ferry broker --kafka`, which sets
+//! `group.initial.rebalance.delay.ms=0`), the mock with `FERRY_TEST_BROKER=mock` (whose first
+//! rebalance waits 3 s, Kafka's default delay), or the cluster `FERRY_TEST_BOOTSTRAP_SERVERS`
+//! names. A worker joining a group that already has
 //! members waits for a rebalance instead.
 
 #[path = "../tests/support/http.rs"]
@@ -168,7 +169,11 @@ fn main() -> anyhow::Result<()> {
         "fetch_model_only_s_median": median(fetch.clone()),
         "per_run": runs,
         "fetch_model_only_s": fetch,
-        "broker": if std::env::var_os("FERRY_TEST_BOOTSTRAP_SERVERS").is_some() { "FERRY_TEST_BOOTSTRAP_SERVERS" } else { "ferry broker" },
+        "broker": match kafka::BrokerChoice::from_env() {
+            kafka::BrokerChoice::External(_) => "FERRY_TEST_BOOTSTRAP_SERVERS",
+            kafka::BrokerChoice::Kafka => "ferry broker --kafka",
+            kafka::BrokerChoice::Mock => "ferry broker (mock)",
+        },
         "bench_s": started.elapsed().as_secs_f64(),
         "notes": NOTES,
     });
@@ -187,9 +192,9 @@ const NOTES: &[&str] = &[
      hash, parse, re-quantise to Q8_0); model_load_share = median model_load_s / median ready_s; \
      model_hash_s: reading and hashing the file, part of the load.",
     "kafka_to_ready_s: ready_s minus model_load_s: creating the Kafka clients, subscribing, and the group's \
-     first assignment, on ferry broker (librdkafka's mock cluster) unless FERRY_TEST_BOOTSTRAP_SERVERS is set; \
-     a new group's first rebalance waits group.initial.rebalance.delay.ms (3 s in the mock cluster, as in \
-     Kafka's default), which is most of it.",
+     first assignment, on the broker named by `broker`; a new group's first rebalance waits \
+     group.initial.rebalance.delay.ms: 0 on ferry broker --kafka, 3 s on the mock (Kafka's default), \
+     which is then most of it.",
     "http_up_s: the first answer of the HTTP endpoint (503 while loading), so probes have something to ask.",
     "fetch_model_only_s: `ferry-worker --fetch-model-only` with the file already local (the init step on a \
      node whose cache holds the model): hash and verify, then exit.",

@@ -75,6 +75,20 @@ pub struct KafkaConfig {
     /// stops (the request is then redelivered, never lost).
     #[arg(long, env = "FERRY_PUBLISH_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub publish_timeout: Duration,
+    /// How answers reach the reply topics. `at-least-once` (the default): an answer is published,
+    /// then its offset committed; a worker that dies in between leaves the request to be
+    /// answered again (with the same answer), so a reader may see it twice. `exactly-once`
+    /// (Apache Kafka, not the mock): each request's answer (or dead letter, or hand-off) and its
+    /// offset are committed in one Kafka transaction, so readers with `isolation.level=
+    /// read_committed` (librdkafka's default) see each answer once. The answers of a partition are
+    /// then released in offset order. See the README's "Exactly-once delivery".
+    #[arg(long, env = "FERRY_DELIVERY", value_enum, default_value = "at-least-once")]
+    pub delivery: Delivery,
+    /// With `--delivery exactly-once`: how long the broker lets a worker's transaction stay open
+    /// before it aborts it (`transaction.timeout.ms`). A worker that dies inside one holds back
+    /// the partitions it wrote (for read_committed readers) and the request's offset until then.
+    #[arg(long, env = "FERRY_TRANSACTION_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub transaction_timeout: Duration,
     /// Requests generated at once by this worker. When that many are running, the worker pauses
     /// its partitions (and keeps polling, so it stays in the group) until a slot frees.
     #[arg(long, env = "FERRY_MAX_IN_FLIGHT", default_value_t = 4)]
@@ -184,6 +198,9 @@ const MANAGED_PROPERTIES: &[&str] = &[
     "max.poll.interval.ms",
     "group.protocol",
     "group.remote.assignor",
+    "transactional.id",
+    "transaction.timeout.ms",
+    "isolation.level",
 ];
 
 /// A request topic and its share of the worker's slots.
@@ -268,6 +285,13 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 pub enum GroupProtocol {
     Classic,
     Consumer,
+}
+
+/// `--delivery`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Delivery {
+    AtLeastOnce,
+    ExactlyOnce,
 }
 
 /// The largest `max.poll.interval.ms` librdkafka accepts (24 h).
@@ -673,6 +697,14 @@ impl Config {
         }
         if k.publish_timeout < Duration::from_secs(1) {
             return Err(ConfigError("--publish-timeout must be at least 1s".into()));
+        }
+        if k.delivery == Delivery::ExactlyOnce
+            && (k.transaction_timeout < Duration::from_secs(1) || k.transaction_timeout > Duration::from_secs(900))
+        {
+            return Err(ConfigError(
+                "--transaction-timeout must be between 1s and 15m (the broker's transaction.max.timeout.ms by default)"
+                    .into(),
+            ));
         }
         let extra = k.property_pairs()?;
         let producer_max = extra

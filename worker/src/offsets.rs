@@ -5,8 +5,7 @@
 //! the lowest offset still running (or just past the highest finished one when nothing runs).
 //! Committing further would lose the unfinished request below it if the worker died.
 //!
-//! Pure bookkeeping, no I/O. Not yet used by the consumer, which runs one request at a time;
-//! the concurrency issue wires it in.
+//! Pure bookkeeping, no I/O; the consumer's [`InFlight`](crate::consumer) holds one.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -75,6 +74,11 @@ impl OffsetTracker {
     /// Forgets a partition (revoked): its running work is no longer this worker's to commit.
     pub fn revoke(&mut self, tp: &TopicPartition) {
         self.partitions.remove(tp);
+    }
+
+    /// The lowest offset still running on a partition.
+    pub fn lowest_running(&self, tp: &TopicPartition) -> Option<i64> {
+        self.partitions.get(tp).and_then(|s| s.running.first().copied())
     }
 
     /// Offsets still running on a partition.

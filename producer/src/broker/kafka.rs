@@ -24,8 +24,10 @@
 //! Auto-creation stays on (Kafka's default), as on the mock: producers create the topics they
 //! write to, here with `--partitions` partitions (`num.partitions`), where the mock uses its
 //! fixed 4. Internal topics (offsets, transactions, share groups) have replication factor 1, and
-//! the offsets topic one partition, so the first consumer group does not wait for 50 partitions
-//! to be created. A new group is assigned at once (`group.initial.rebalance.delay.ms=0`). Groups
+//! the offsets and transaction-state topics one partition each, so the first consumer group and
+//! the first transactional producer do not wait for 50 partitions to be created. A transaction
+//! left open by a dead producer is aborted within a second of its timeout (Kafka checks every
+//! 10 s by default). A new group is assigned at once (`group.initial.rebalance.delay.ms=0`). Groups
 //! of the new consumer protocol (KIP-848) get a 10 s session timeout and a 1 s heartbeat, as a
 //! classic Ferry worker has by default, instead of Kafka's 45 s and 5 s. A restarted broker
 //! re-registers within seconds (`broker.session.timeout.ms=3000`, against Kafka's 9 s).
@@ -519,6 +521,8 @@ offsets.topic.replication.factor=1
 offsets.topic.num.partitions=1
 transaction.state.log.replication.factor=1
 transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=1
+transaction.abort.timed.out.transaction.cleanup.interval.ms=1000
 share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0

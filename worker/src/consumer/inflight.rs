@@ -26,6 +26,26 @@ use crate::engine::JobControl;
 use crate::offsets::{OffsetTracker, TopicPartition};
 use crate::ops::Ops;
 
+/// Whether a request may commit now (exactly-once delivery, see [`super::transaction`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Turn {
+    /// It is the lowest offset its partition runs: everything below it is committed.
+    Ready,
+    /// A lower offset still runs.
+    Wait,
+    /// Its partition was revoked since it started.
+    Gone,
+}
+
+/// Runs a blocking call from async code: on a multi-threaded runtime the thread's queued tasks
+/// move to another worker thread meanwhile (they may be what the call waits for).
+pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 /// A request that has started and not yet settled.
 #[derive(Debug)]
 struct Registered {
@@ -99,6 +119,26 @@ impl InFlight {
     #[cfg(test)]
     pub fn same_epoch(&self, tp: &TopicPartition, epoch: u64) -> bool {
         self.lock().epochs.get(tp).copied().unwrap_or(0) == epoch
+    }
+
+    /// Whether `offset` of `tp`, started in `epoch`, may commit now.
+    pub fn turn(&self, tp: &TopicPartition, offset: i64, epoch: u64) -> Turn {
+        let s = self.lock();
+        if s.epochs.get(tp).copied().unwrap_or(0) != epoch {
+            return Turn::Gone;
+        }
+        match s.tracker.lowest_running(tp) {
+            Some(lowest) if lowest == offset => Turn::Ready,
+            Some(lowest) if lowest < offset => Turn::Wait,
+            _ => Turn::Gone,
+        }
+    }
+
+    /// Runs `f` under the lock if the partition is still in `epoch`: a revocation, which
+    /// changes the epoch under the same lock, cannot happen meanwhile.
+    pub fn while_same_epoch<T>(&self, tp: &TopicPartition, epoch: u64, f: impl FnOnce() -> T) -> Option<T> {
+        let s = self.lock();
+        (s.epochs.get(tp).copied().unwrap_or(0) == epoch).then(f)
     }
 
     /// Records that `offset` is finished. Returns the position to commit, if it moved, with the
@@ -218,14 +258,8 @@ impl InFlight {
             }
             left
         };
-        // On a multi-threaded runtime, hand this thread's queued tasks to another worker thread
-        // while it blocks: they include the very requests being waited for.
-        let left = match tokio::runtime::Handle::try_current() {
-            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-                tokio::task::block_in_place(wait)
-            }
-            _ => wait(),
-        };
+        // The requests being waited for may be queued on this very thread.
+        let left = blocking(wait);
         if left > 0 {
             warn!(
                 left,

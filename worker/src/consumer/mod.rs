@@ -56,6 +56,7 @@ mod inflight;
 mod lanes;
 mod publish;
 mod request;
+mod transaction;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,11 +64,12 @@ use std::time::Duration;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::OwnedMessage;
+use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
-use crate::config::{GroupProtocol, KafkaConfig, Lane, LIBRDKAFKA_MAX_POLL_INTERVAL_MS};
+use crate::config::{Delivery, GroupProtocol, KafkaConfig, Lane, LIBRDKAFKA_MAX_POLL_INTERVAL_MS};
 use crate::engine::{Engine, EngineHandle, JobControl};
 use crate::offsets::TopicPartition;
 use crate::ops::Ops;
@@ -105,6 +107,11 @@ pub enum WorkerError {
     /// The KV budget cannot hold even one request (`--kv-budget`, or the memory limit).
     #[error(transparent)]
     Budget(#[from] admission::BudgetError),
+    /// Exactly-once delivery cannot go on: the transactional producer was fenced by a newer
+    /// worker of the same name, the broker does not support transactions, or no transaction
+    /// could be committed within `--publish-timeout`.
+    #[error("exactly-once delivery: {0}")]
+    Transaction(String),
 }
 
 impl WorkerError {
@@ -182,6 +189,50 @@ fn base_config(bootstrap: &str, cfg: &KafkaConfig, defaults: &[(&str, &str)]) ->
     Ok(c)
 }
 
+/// The producer of `--delivery exactly-once` ([`transaction`]), its transactions initialised
+/// (which fences and aborts what a previous worker of the same name left open). Refused on
+/// librdkafka's mock cluster, which does not store transactional offsets.
+fn transactional_producer(
+    bootstrap: &str,
+    cfg: &KafkaConfig,
+    worker_id: &str,
+    consumer: &WorkerConsumer,
+) -> Result<transaction::Transactions, WorkerError> {
+    let cluster = inflight::blocking(|| consumer.client().fetch_cluster_id(Duration::from_secs(30)));
+    if cluster.as_deref().is_some_and(|id| id.starts_with("mockCluster")) {
+        return Err(WorkerError::Transaction(
+            "librdkafka's mock cluster does not store transactional offsets: use a real Kafka broker \
+             (`ferry broker --kafka`) or --delivery at-least-once"
+                .into(),
+        ));
+    }
+    // librdkafka requires a transactional producer's message timeout within the transaction's.
+    let message_timeout = cfg.publish_timeout.min(cfg.transaction_timeout);
+    let producer: FutureProducer = base_config(bootstrap, cfg, &[])?
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("transactional.id", format!("ferry-{}-{worker_id}", cfg.group_id))
+        .set(
+            "transaction.timeout.ms",
+            cfg.transaction_timeout.as_millis().to_string(),
+        )
+        .set("message.timeout.ms", message_timeout.as_millis().to_string())
+        .set("client.id", worker_id)
+        .create()
+        .map_err(WorkerError::Setup)?;
+    inflight::blocking(|| producer.init_transactions(Duration::from_secs(60)))
+        .map_err(|e| WorkerError::Transaction(format!("cannot initialise transactions: {e}")))?;
+    info!(
+        transaction_timeout = ?cfg.transaction_timeout,
+        "exactly-once delivery: answers and offsets committed in one transaction"
+    );
+    Ok(transaction::Transactions::new(
+        producer,
+        message_timeout,
+        cfg.publish_timeout,
+    ))
+}
+
 impl Worker {
     pub fn new(bootstrap: &str, cfg: &KafkaConfig, engine: Engine, opts: WorkerOptions) -> Result<Self, WorkerError> {
         let inflight = Arc::new(InFlight::new(cfg.revoke_timeout));
@@ -202,6 +253,9 @@ impl Worker {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
+            // A request published in a transaction (a hand-off from an exactly-once worker) is
+            // served only once that transaction is committed.
+            .set("isolation.level", "read_committed")
             .set("group.protocol", cfg.group_protocol.as_librdkafka());
         match cfg.group_protocol {
             GroupProtocol::Classic => {
@@ -255,7 +309,17 @@ impl Worker {
         if let Some(topic) = &cfg.fallback_topic {
             info!(fallback_topic = %topic, "requests this worker cannot serve (out of memory, a trip) go to the fallback topic");
         }
-        let publisher = Publisher::new(producer, opts.worker_id, cfg.publish_timeout, cfg.max_record_bytes);
+        let transactions = match cfg.delivery {
+            Delivery::AtLeastOnce => None,
+            Delivery::ExactlyOnce => Some(transactional_producer(bootstrap, cfg, &opts.worker_id, &consumer)?),
+        };
+        let publisher = Publisher::new(
+            producer,
+            transactions,
+            opts.worker_id,
+            cfg.publish_timeout,
+            cfg.max_record_bytes,
+        );
         let mut must_write: Vec<(String, &str)> = Vec::new();
         for lane in &cfg.topics {
             let dlq = cfg.dead_letter_topic(&lane.topic);

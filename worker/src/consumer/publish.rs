@@ -23,6 +23,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::Message;
 use tracing::{error, warn};
 
+use super::transaction::{self, Transactions};
 use super::WorkerError;
 use crate::intake::Invalid;
 use crate::ops::trace::Propagation;
@@ -30,7 +31,12 @@ use crate::reply;
 
 /// The producer side of a worker.
 pub struct Publisher {
+    /// Idempotent, not transactional: every record under at-least-once delivery, and stream
+    /// chunks under exactly-once.
     pub producer: FutureProducer,
+    /// Under `--delivery exactly-once`: replies, dead letters and hand-offs go in the request's
+    /// transaction ([`super::transaction`]).
+    pub transactions: Option<Transactions>,
     pub worker_id: String,
     pub timeout: Duration,
     /// Largest record (key, value and headers) the worker publishes (`--max-record-bytes`).
@@ -67,6 +73,10 @@ pub enum PublishError {
     /// The worker must stop (see [`WorkerError`]).
     #[error(transparent)]
     Worker(#[from] WorkerError),
+    /// Exactly-once delivery: the request was told to suspend (a drain, a revocation) while it
+    /// waited for its turn to commit; nothing of it is published.
+    #[error("suspended before its turn to commit")]
+    Suspended,
 }
 
 impl From<serde_json::Error> for PublishError {
@@ -102,9 +112,16 @@ pub fn record_size(key: Option<&[u8]>, payload: Option<&[u8]>, headers: Option<&
 }
 
 impl Publisher {
-    pub fn new(producer: FutureProducer, worker_id: String, timeout: Duration, max_record_bytes: usize) -> Self {
+    pub fn new(
+        producer: FutureProducer,
+        transactions: Option<Transactions>,
+        worker_id: String,
+        timeout: Duration,
+        max_record_bytes: usize,
+    ) -> Self {
         Self {
             producer,
+            transactions,
             worker_id,
             timeout,
             max_record_bytes,
@@ -179,7 +196,7 @@ impl Publisher {
         attempts: Vec<Attempt>,
         consumer: &impl Consumer<super::inflight::WorkerContext>,
         trace: Option<&Propagation>,
-    ) -> Result<DeadLettered, WorkerError> {
+    ) -> Result<DeadLettered, PublishError> {
         warn!(
             request_id = invalid.id.as_deref().unwrap_or(""),
             partition = msg.partition(),
@@ -232,7 +249,7 @@ impl Publisher {
                         error!(error = %r, "the dead-letter topic refused the record: the message is settled without one");
                         false
                     }
-                    Err(PublishError::Worker(e)) => return Err(e),
+                    Err(e) => return Err(e),
                 }
             }
             None => {
@@ -277,7 +294,7 @@ impl Publisher {
                             warn!(error = %r, "no error reply: the reply topic refused it");
                             break;
                         }
-                        Err(PublishError::Worker(e)) => return Err(e),
+                        Err(e) => return Err(e),
                     }
                 }
             }
@@ -319,6 +336,14 @@ impl Publisher {
     /// [`PublishError::Refused`], anything else stops the worker.
     async fn send<K: ToBytes + ?Sized>(&self, topic: &str, rec: FutureRecord<'_, K, [u8]>) -> Result<(), PublishError> {
         self.check_size(&rec).map_err(PublishError::Refused)?;
+        if let Some(transactions) = &self.transactions {
+            let Some(scope) = transaction::current() else {
+                return Err(PublishError::Worker(WorkerError::Transaction(format!(
+                    "a record for {topic} outside any request's transaction (a bug)"
+                ))));
+            };
+            return transactions.send(&scope, topic, rec).await;
+        }
         match self.producer.send(rec, self.timeout).await {
             Ok(_) => Ok(()),
             Err((source, _)) => Err(classify(topic, source)),
@@ -402,7 +427,7 @@ pub struct DeadLettered {
 }
 
 /// A producer error as a [`PublishError`].
-fn classify(topic: &str, source: KafkaError) -> PublishError {
+pub fn classify(topic: &str, source: KafkaError) -> PublishError {
     let code = match &source {
         KafkaError::MessageProduction(code) => Some(*code),
         _ => None,

@@ -15,6 +15,7 @@ use tracing::{debug, error, info, warn, Instrument};
 use super::fallback::{self, Handoff};
 use super::inflight::InFlight;
 use super::publish::{PublishError, Publisher, Refused, RefusedKind};
+use super::transaction::{self, Scope, Settled, Transactions};
 use super::{WorkerConsumer, WorkerError};
 use crate::engine::{Completion, Engine, EngineHandle, Finish, Job, JobControl, Outcome, Prepared, StreamChunk};
 use crate::intake::{self, Invalid};
@@ -128,23 +129,86 @@ impl Inner {
             span.record("span_id", t.own.span_id_hex());
             span.record("parent_span_id", t.parent.span_id_hex());
         }
-        let result = async {
+        let scope = self.publisher.transactions.as_ref().map(|_| {
+            Arc::new(Scope::new(
+                tp.clone(),
+                msg.offset(),
+                epoch,
+                control.clone(),
+                self.inflight.clone(),
+            ))
+        });
+        let result = transaction::within(scope.clone(), async {
             let trace = trace.unwrap_or_else(|e| {
                 debug!(error = %e, "ignoring an invalid traceparent header");
                 None
             });
-            match self.serve(&msg, trace.as_ref(), control).await? {
-                Served::Answered { prefix, reply } => {
-                    self.settle_answered(&tp, msg.offset(), epoch, prefix, reply).await
+            let served = self.serve(&msg, trace.as_ref(), control).await;
+            match (served, &scope, &self.publisher.transactions) {
+                (Ok(Served::Answered { prefix, .. }), Some(scope), Some(txns)) => {
+                    self.settle_in_transaction(txns, scope, &tp, msg.offset(), epoch, prefix)
+                        .await?;
                 }
-                Served::Suspended => self.ops.metrics.request_settled(RequestOutcome::Suspended),
+                (Ok(Served::Answered { prefix, reply }), _, _) => {
+                    self.settle_answered(&tp, msg.offset(), epoch, prefix, reply).await;
+                }
+                (Ok(Served::Suspended), _, _) => self.ops.metrics.request_settled(RequestOutcome::Suspended),
+                (Err(e), _, _) => return Err(e),
             }
             Ok(())
-        }
+        })
         .instrument(span)
         .await;
+        // Whatever is still open in this request's transaction (it failed, or suspended after
+        // publishing) is aborted: none of it becomes visible.
+        let result = match (&scope, &self.publisher.transactions) {
+            (Some(scope), Some(txns)) => match txns.abort(scope).await {
+                Ok(()) => result,
+                Err(e) => result.and(Err(e)),
+            },
+            _ => result,
+        };
         self.inflight.settle(&tp, msg.offset());
         result
+    }
+
+    /// Exactly-once delivery: commits the request's records with its offset in its transaction
+    /// ([`transaction`]), then deletes its store entries. A request told to suspend before its
+    /// turn keeps a plain answer as a done marker for the partition's next owner.
+    async fn settle_in_transaction(
+        &self,
+        txns: &Transactions,
+        scope: &Scope,
+        tp: &TopicPartition,
+        offset: i64,
+        epoch: u64,
+        prefix: Option<String>,
+    ) -> Result<(), WorkerError> {
+        match txns.commit(scope, &self.consumer).await? {
+            Settled::Committed => {
+                let prefixes = match self.inflight.finish(tp, offset, epoch, prefix.as_deref()) {
+                    Some((_, prefixes)) => prefixes,
+                    // Revoked since the commit: its entries are still the committed request's.
+                    None => prefix.into_iter().collect(),
+                };
+                self.delete_all(prefixes).await;
+            }
+            Settled::Suspended => {
+                if let Some(answer) = scope.answer_only().await {
+                    self.keep_done(prefix.as_deref(), Some(&answer)).await;
+                }
+                self.ops.metrics.request_settled(RequestOutcome::Suspended);
+            }
+        }
+        Ok(())
+    }
+
+    /// The answer of this task's transaction, when it published nothing else (exactly-once).
+    async fn answer_only(&self) -> Option<Vec<u8>> {
+        match transaction::current() {
+            Some(scope) => scope.answer_only().await,
+            None => None,
+        }
     }
 
     /// Commits past an answered offset when everything below it is finished; otherwise keeps
@@ -215,7 +279,7 @@ impl Inner {
         trace: Option<&Propagation>,
         invalid: &Invalid,
         attempts: &[AttemptEntry],
-    ) -> Result<(), WorkerError> {
+    ) -> Result<(), PublishError> {
         let history = attempts.iter().map(AttemptEntry::to_schema).collect();
         let done = self
             .publisher
@@ -255,11 +319,13 @@ impl Inner {
                 .await;
         }
         let invalid = rejected(request, code, refused.to_string());
-        self.reject(msg, trace, &invalid, &[]).await?;
-        Ok(Served::Answered {
-            prefix: Some(prefix.to_string()),
-            reply: None,
-        })
+        match rejected_as(self.reject(msg, trace, &invalid, &[]).await)? {
+            Served::Suspended => Ok(Served::Suspended),
+            Served::Answered { .. } => Ok(Served::Answered {
+                prefix: Some(prefix.to_string()),
+                reply: None,
+            }),
+        }
     }
 
     /// Closes the attempts in flight as suspended, within `within`: the worker is stopping on
@@ -299,12 +365,7 @@ impl Inner {
         let queued = queued_for(msg);
         let mut request = match intake::parse(msg.payload()) {
             Ok(r) => r,
-            Err(invalid) => {
-                return self
-                    .reject(msg, trace, &invalid, &[])
-                    .await
-                    .map(|()| Served::rejected())
-            }
+            Err(invalid) => return rejected_as(self.reject(msg, trace, &invalid, &[]).await),
         };
         let span = tracing::info_span!("request", request_id = %request.id);
         async {
@@ -317,28 +378,19 @@ impl Inner {
             let reply_topic = request.reply_to.clone().unwrap_or_else(|| self.reply_topic.clone());
             if let Err(why) = self.reply_policy.check(&reply_topic) {
                 let invalid = rejected(&request, ErrorCode::ReplyTopicForbidden, why);
-                return self
-                    .reject(msg, trace, &invalid, &[])
-                    .await
-                    .map(|()| Served::rejected());
+                return rejected_as(self.reject(msg, trace, &invalid, &[]).await);
             }
             let prepared = match self.engine.prepare(&request) {
                 Ok(p) => p,
                 Err(rejection) => {
                     let invalid = rejected(&request, rejection.code(), rejection.to_string());
-                    return self
-                        .reject(msg, trace, &invalid, &[])
-                        .await
-                        .map(|()| Served::rejected());
+                    return rejected_as(self.reject(msg, trace, &invalid, &[]).await);
                 }
             };
             if !self.publisher.topic_exists(&reply_topic, &self.consumer) {
                 let message = format!("the reply topic {reply_topic:?} does not exist");
                 let invalid = rejected(&request, ErrorCode::InvalidRequest, message);
-                return self
-                    .reject(msg, trace, &invalid, &[])
-                    .await
-                    .map(|()| Served::rejected());
+                return rejected_as(self.reject(msg, trace, &invalid, &[]).await);
             }
             let prefix = request_prefix(msg.topic(), &request.id, &reply_topic, msg.payload().unwrap_or_default());
             let answered = self
@@ -348,6 +400,14 @@ impl Inner {
                 Ok(served) => Ok(served),
                 Err(PublishError::Worker(e)) => Err(e),
                 Err(PublishError::Refused(r)) => self.refused(msg, trace, &request, &prefix, r).await,
+                Err(PublishError::Suspended) => {
+                    // Exactly-once: told to suspend before its turn to commit. A computed answer
+                    // is kept for the partition's next owner to publish.
+                    if let Some(answer) = self.answer_only().await {
+                        self.keep_done(Some(&prefix), Some(&answer)).await;
+                    }
+                    Ok(Served::Suspended)
+                }
             }
         }
         .instrument(span)
@@ -474,6 +534,11 @@ impl Inner {
                 .await?;
             #[cfg(feature = "fault-injection")]
             let generated = fault_injection::maybe_fail(&request.id, generated);
+            // The generation is over: its memory and its slot go to the next request before this
+            // one publishes (which, under exactly-once delivery, may wait for lower offsets that
+            // need them).
+            drop(_slot);
+            drop(_kv);
             match generated {
                 Generated::Finished {
                     completion,
@@ -590,6 +655,12 @@ impl Inner {
                 return Ok(None);
             }
             Err(PublishError::Worker(e)) => return Err(e),
+            Err(PublishError::Suspended) => {
+                // Exactly-once: the hand-off was not published; the next owner decides again.
+                self.end_attempt(prefix, attempt, EntryOutcome::Suspended, None, local)
+                    .await;
+                return Ok(Some(Served::Suspended));
+            }
         }
         warn!(fallback_topic = %topic, reason = reason.as_str(), attempt, "handed off to the fallback topic");
         self.ops.metrics.handed_off(reason);
@@ -907,6 +978,18 @@ fn past_deadline(prepared: &Prepared) -> Completion {
         tokens: Vec::new(),
         prefill: Duration::ZERO,
         decode: Duration::ZERO,
+    }
+}
+
+/// How serving ended for a message that was dead-lettered (or, under exactly-once delivery,
+/// told to suspend before its dead letter's turn came).
+fn rejected_as(r: Result<(), PublishError>) -> Result<Served, WorkerError> {
+    match r {
+        Ok(()) => Ok(Served::rejected()),
+        Err(PublishError::Suspended) => Ok(Served::Suspended),
+        Err(PublishError::Worker(e)) => Err(e),
+        // A dead letter's refusals are settled inside `Publisher::dead_letter`.
+        Err(PublishError::Refused(r)) => Err(WorkerError::Transaction(format!("unexpected refusal: {r}"))),
     }
 }
 

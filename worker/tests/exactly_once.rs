@@ -1,0 +1,305 @@
+//! `--delivery exactly-once` on real Kafka (the test binary's shared broker): every answer, dead
+//! letter and offset committed in one transaction per request, and a zombie fenced.
+//!
+//! - Requests of two partitions, several in flight per partition so they finish out of order,
+//!   valid and hostile: each valid one is answered once, each hostile one dead-lettered once, as
+//!   a `read_committed` reader sees them, and the group's offsets reach the end of the topic.
+//! - A worker that freezes (SIGSTOP, by fault injection) with its answer published in its open
+//!   transaction, just before it adds the offset: a second worker takes the partition over after
+//!   the session timeout and answers; the first resumes and tries to commit with the group
+//!   generation it read while the partition was its own. The coordinator refuses it, the
+//!   transaction is aborted, and a `read_committed` reader sees one answer (a
+//!   `read_uncommitted` reader sees both: the zombie did publish).
+//! - On the mock, which does not store transactional offsets, the worker refuses to start.
+
+mod support {
+    pub mod kafka;
+    pub mod model;
+}
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use ferry_schemas::{Reply, Request, Response};
+use ferry_worker::engine::Engine;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use support::kafka::{unique, wait_for, BrokerChoice, ChildGuard, Cluster};
+
+const EXACTLY_ONCE: [&str; 2] = ["--delivery", "exactly-once"];
+
+fn chat(id: &str, content: &str, max_tokens: u32) -> Request {
+    serde_json::from_value(serde_json::json!({
+        "id": id,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+    }))
+    .expect("a valid request")
+}
+
+fn reference(r: &Request) -> String {
+    let engine = Engine::new(support::model::shared());
+    engine
+        .generate(engine.prepare(r).expect("prepares"))
+        .expect("generates")
+        .text
+}
+
+struct Topics {
+    cluster: Cluster,
+    requests: String,
+    replies: String,
+    dlq: String,
+    group: String,
+}
+
+impl Topics {
+    fn new(partitions: i32) -> Self {
+        let (requests, replies, group) = (unique("eos-req"), unique("eos-rep"), unique("eos-group"));
+        let dlq = format!("{requests}.dlq");
+        let cluster = Cluster::start_with_partitions(&[&requests, &replies, &dlq], partitions);
+        Self {
+            cluster,
+            requests,
+            replies,
+            dlq,
+            group,
+        }
+    }
+
+    fn worker(&self, name: &str, more: &[&str], env: &[(&str, &str)]) -> ChildGuard {
+        let mut args = vec![
+            "--topic",
+            &self.requests,
+            "--reply-topic",
+            &self.replies,
+            "--group-id",
+            &self.group,
+        ];
+        args.extend_from_slice(&EXACTLY_ONCE);
+        args.extend_from_slice(more);
+        self.cluster.worker_with_env(name, &args, env)
+    }
+
+    fn publish(&self, partition: i32, key: &str, payload: &[u8]) {
+        let producer = self.cluster.producer();
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(
+                self.cluster
+                    .publish_to(&producer, &self.requests, partition, key, payload),
+            );
+    }
+
+    /// Waits for the group to commit `position`, failing at once if `worker` exits meanwhile.
+    fn wait_committed(&self, partition: i32, position: i64, worker: &mut ChildGuard) {
+        let reader = self.cluster.reader(&self.group);
+        wait_for(
+            Duration::from_secs(240),
+            &format!("partition {partition} committed to {position}"),
+            || {
+                if let Some(status) = worker.wait_exit(Duration::ZERO) {
+                    panic!("{} exited ({status}):\n{}", worker.name, worker.log());
+                }
+                self.cluster
+                    .committed_in(&reader, &self.requests, partition)
+                    .filter(|&c| c >= position)
+            },
+        );
+    }
+
+    /// Every record of `topic` a reader with `isolation` reaches: read until its position
+    /// passes the end of every partition (control records included), or, for a
+    /// `read_committed` reader held back by an open transaction, until `patience` passes.
+    fn read(&self, topic: &str, isolation: &str, patience: Duration) -> Vec<Vec<u8>> {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.cluster.bootstrap)
+            .set("group.id", unique("eos-reader"))
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", isolation)
+            .create()
+            .expect("consumer");
+        let highs = self.cluster.high_watermarks(&c, topic);
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..highs.len() as i32 {
+            tpl.add_partition_offset(topic, p, Offset::Beginning).expect("tpl");
+        }
+        c.assign(&tpl).expect("assign");
+        let deadline = Instant::now() + patience;
+        let mut out = Vec::new();
+        loop {
+            if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+                out.push(m.payload().unwrap_or_default().to_vec());
+            }
+            let done = c
+                .position()
+                .expect("position")
+                .elements()
+                .iter()
+                .all(|e| match e.offset() {
+                    Offset::Offset(o) => o >= highs[e.partition() as usize],
+                    _ => highs[e.partition() as usize] == 0,
+                });
+            if done || Instant::now() > deadline {
+                return out;
+            }
+        }
+    }
+
+    /// The final responses by request id, as a reader with `isolation` sees them.
+    fn responses(&self, isolation: &str, patience: Duration) -> HashMap<String, Vec<Response>> {
+        let mut out: HashMap<String, Vec<Response>> = HashMap::new();
+        for v in self.read(&self.replies, isolation, patience) {
+            match serde_json::from_slice::<Reply>(&v).expect("a reply") {
+                Reply::Response(r) => out.entry(r.id.clone()).or_default().push(r),
+                Reply::Error(e) => panic!("{} answered with an error: {:?}", e.id, e.error),
+                Reply::Chunk(_) => {}
+            }
+        }
+        out
+    }
+}
+
+#[test]
+fn answers_dead_letters_and_offsets_commit_together() {
+    if BrokerChoice::is_mock() {
+        eprintln!("skipped: the mock cluster does not store transactional offsets");
+        return;
+    }
+    let t = Topics::new(2);
+    let mut w = t.worker("worker-eos", &["--max-in-flight", "4"], &[]);
+    // Long first, short after, on each partition: they finish out of order, and commit in order.
+    let prompts = [
+        ("Write a long story about a dragon who learns to bake bread.", 48),
+        ("Name a colour.", 4),
+        ("Say hello.", 6),
+    ];
+    let mut valid = Vec::new();
+    for p in 0..2 {
+        for (content, max_tokens) in prompts {
+            let r = chat(&unique("eos"), content, max_tokens);
+            t.publish(p, &r.id, &serde_json::to_vec(&r).expect("json"));
+            valid.push(r);
+        }
+        t.publish(p, "hostile", b"{not json");
+    }
+    for p in 0..2 {
+        t.wait_committed(p, 4, &mut w);
+    }
+    let answers = t.responses("read_committed", Duration::from_secs(60));
+    for r in &valid {
+        let got = answers.get(&r.id).map_or(0, Vec::len);
+        assert_eq!(got, 1, "{} answered {got} times:\n{}", r.id, w.log());
+        assert_eq!(
+            answers[&r.id][0].text,
+            reference(r),
+            "{} differs from the reference",
+            r.id
+        );
+    }
+    let dead = t.read(&t.dlq, "read_committed", Duration::from_secs(60));
+    assert_eq!(dead.len(), 2, "one dead letter per hostile message");
+    // Nothing aborted along the way: a reader of uncommitted records sees the same.
+    let all = t.responses("read_uncommitted", Duration::from_secs(60));
+    assert_eq!(all.values().map(Vec::len).sum::<usize>(), valid.len());
+    assert!(
+        w.wait_exit(Duration::ZERO).is_none(),
+        "the worker is still serving:\n{}",
+        w.log()
+    );
+}
+
+#[test]
+fn a_frozen_workers_answer_is_fenced_after_its_partition_moves() {
+    if BrokerChoice::is_mock() {
+        eprintln!("skipped: the mock cluster does not store transactional offsets");
+        return;
+    }
+    let t = Topics::new(1);
+    let freeze = t.cluster.dir.path().join(unique("freeze"));
+    std::fs::write(&freeze, b"").expect("freeze file");
+    let freeze_env = freeze.display().to_string();
+    // The zombie's transaction must outlive its freeze (else the broker aborts it first, which
+    // proves less): a long transaction timeout, a short session.
+    let timing = ["--session-timeout", "6s", "--transaction-timeout", "120s"];
+    let zombie = t.worker(
+        "worker-zombie",
+        &timing,
+        &[("FERRY_FAULT_FREEZE_BEFORE_COMMIT_FILE", &freeze_env)],
+    );
+    wait_for(
+        Duration::from_secs(120),
+        "a partition assigned to the first worker",
+        || zombie.log().contains("partitions assigned").then_some(()),
+    );
+    let r = chat(&unique("zombie"), "Name three fruits.", 24);
+    t.publish(0, &r.id, &serde_json::to_vec(&r).expect("json"));
+    wait_for(
+        Duration::from_secs(180),
+        "the first worker frozen before its commit",
+        || {
+            zombie
+                .log()
+                .contains("fault injection: freezing before the commit")
+                .then_some(())
+        },
+    );
+    let mut survivor = t.worker("worker-survivor", &timing, &[]);
+    t.wait_committed(0, 1, &mut survivor);
+    // Both answers are in the log: the zombie's in its open transaction, the survivor's
+    // committed behind it.
+    let seen = t.responses("read_uncommitted", Duration::from_secs(60));
+    assert_eq!(
+        seen.get(&r.id).map_or(0, Vec::len),
+        2,
+        "the zombie published in its transaction and the survivor answered:\n{}",
+        survivor.log()
+    );
+    zombie.signal("CONT");
+    wait_for(Duration::from_secs(120), "the zombie's transaction aborted", || {
+        zombie.log().contains("transaction aborted").then_some(())
+    });
+    let committed = t.responses("read_committed", Duration::from_secs(120));
+    let answers = committed.get(&r.id).cloned().unwrap_or_default();
+    assert_eq!(
+        answers.len(),
+        1,
+        "a read_committed reader sees one answer:\n{}\n{}",
+        zombie.log(),
+        survivor.log()
+    );
+    for l in zombie
+        .log()
+        .lines()
+        .filter(|l| l.contains("transaction") || l.contains("revoked"))
+    {
+        eprintln!("zombie: {l}");
+    }
+    assert_eq!(answers[0].worker, "worker-survivor");
+    assert_eq!(answers[0].text, reference(&r));
+}
+
+#[test]
+fn the_mock_cluster_is_refused() {
+    let t = Cluster::start_mock(&["eos-mock-req", "eos-mock-rep", "eos-mock-req.dlq"], 1);
+    let mut w = t.worker(
+        "worker-mock",
+        &[
+            "--topic",
+            "eos-mock-req",
+            "--reply-topic",
+            "eos-mock-rep",
+            "--delivery",
+            "exactly-once",
+        ],
+    );
+    let status = w.wait_exit(Duration::from_secs(120)).expect("the worker exits");
+    assert!(!status.success());
+    assert!(
+        w.log().contains("mock cluster does not store transactional offsets"),
+        "{}",
+        w.log()
+    );
+}

@@ -48,7 +48,8 @@ demo: model build
 # and resumed, the broker SIGKILLed and restarted on its data), every answer checked against the
 # uninterrupted reference. FERRY_CHAOS_BROKER=mock runs it on the mock (no broker crash there). Writes target/chaos/report.json and
 # chart.svg (logs in target/chaos/logs); fails if any request is lost or answered wrongly.
-# FERRY_CHAOS_* variables change the defaults (`ferry-loadtest chaos --help`).
+# FERRY_CHAOS_* variables change the defaults (`ferry-loadtest chaos --help`);
+# FERRY_CHAOS_DELIVERY=exactly-once runs the workers with transactions (duplicates then 0).
 chaos: model build
 	$(CARGO_TARGET_DIR)/release/ferry-loadtest chaos
 

@@ -97,6 +97,11 @@ pub struct ChaosArgs {
     /// nothing to restart with).
     #[arg(long, env = "FERRY_CHAOS_BROKER", value_enum, default_value = "kafka")]
     pub broker: BrokerKind,
+    /// The workers' `--delivery`: `at-least-once` (the worker's default), or `exactly-once`
+    /// (transactions; real Kafka only). The report's `duplicates` are what a `read_committed`
+    /// reader saw under it.
+    #[arg(long, env = "FERRY_CHAOS_DELIVERY", default_value = "at-least-once", value_parser = ["at-least-once", "exactly-once"])]
+    pub delivery: String,
     /// Attach to this cluster instead of starting a broker (the broker's faults are skipped).
     #[arg(long, env = "FERRY_CHAOS_BOOTSTRAP_SERVERS")]
     pub bootstrap_servers: Option<String>,
@@ -225,6 +230,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<ExitCode> {
         defaults: WORKER_DEFAULTS
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
+            .chain([("--delivery".to_string(), args.delivery.clone())])
             .collect(),
         extra: args.worker_args.clone(),
     };
@@ -528,6 +534,8 @@ mod tests {
         assert_eq!(a.fault_kinds, [Kind::Evict, Kind::Crash]);
         assert_eq!(a.rate, Some(0.5));
         assert_eq!(a.worker_args, ["--resume", "tokens"]);
+        assert_eq!(parse(&[])?.delivery, "at-least-once");
+        assert!(parse(&["--delivery", "twice"]).is_err());
         assert_eq!(scaler_spec(&a).max_replicas, 5);
         assert_eq!(
             scaler_spec(&parse(&[])?).max_replicas,

@@ -101,6 +101,8 @@ impl Tracker {
             .set("group.id", format!("ferry-loadtest-{}", uuid::Uuid::new_v4().simple()))
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
+            // What a caller sees: records of aborted transactions never, committed ones once.
+            .set("isolation.level", "read_committed")
             // Time to first token and recovery are measured from arrival times: without this,
             // librdkafka's default 500 ms fetch wait would batch chunks to within half a second.
             .set("fetch.wait.max.ms", "20")

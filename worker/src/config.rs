@@ -86,8 +86,10 @@ pub struct KafkaConfig {
     pub delivery: Delivery,
     /// With `--delivery exactly-once`: how long the broker lets a worker's transaction stay open
     /// before it aborts it (`transaction.timeout.ms`). A worker that dies inside one holds back
-    /// the partitions it wrote (for read_committed readers) and the request's offset until then.
-    #[arg(long, env = "FERRY_TRANSACTION_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    /// the partitions it wrote (for read_committed readers) and the request's offset until then;
+    /// one shorter than a broker restart makes the broker abort transactions in flight, which
+    /// fences their workers (they exit, and their requests are redelivered).
+    #[arg(long, env = "FERRY_TRANSACTION_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub transaction_timeout: Duration,
     /// Requests generated at once by this worker. When that many are running, the worker pauses
     /// its partitions (and keeps polling, so it stays in the group) until a slot frees.

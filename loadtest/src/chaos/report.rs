@@ -62,6 +62,8 @@ pub struct Config {
     /// The broker the run used: `Apache Kafka 4.4.0 (ferry broker --kafka)`, the mock, or the
     /// cluster it attached to.
     pub broker: String,
+    /// The workers' `--delivery` (`at-least-once` or `exactly-once`).
+    pub delivery: String,
 }
 
 impl ChaosReport {
@@ -109,6 +111,7 @@ impl ChaosReport {
                         rdkafka::util::get_rdkafka_version().1
                     ),
                 },
+                delivery: args.delivery.clone(),
             },
             wall_s: wall.as_secs_f64(),
             load,

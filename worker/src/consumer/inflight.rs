@@ -423,6 +423,25 @@ mod tests {
         ("t".to_string(), p)
     }
 
+    /// Exactly-once turns: only the lowest running offset may commit, and a revoked partition's
+    /// requests have none.
+    #[test]
+    fn turns_go_in_offset_order_and_end_with_a_revocation() {
+        let f = InFlight::new(Duration::from_millis(50));
+        let epoch = f.start(&tp(0), 10, Arc::new(JobControl::default()));
+        f.start(&tp(0), 11, Arc::new(JobControl::default()));
+        assert_eq!(f.turn(&tp(0), 11, epoch), Turn::Wait, "10 still runs");
+        assert_eq!(f.turn(&tp(0), 10, epoch), Turn::Ready);
+        assert_eq!(f.finish(&tp(0), 10, epoch, None).map(|(p, _)| p), Some(11));
+        assert_eq!(f.turn(&tp(0), 11, epoch), Turn::Ready);
+        assert_eq!(f.while_same_epoch(&tp(0), epoch, || 7), Some(7));
+        f.settle(&tp(0), 10);
+        f.settle(&tp(0), 11);
+        f.revoke_blocking(&[tp(0)]);
+        assert_eq!(f.turn(&tp(0), 11, epoch), Turn::Gone);
+        assert_eq!(f.while_same_epoch(&tp(0), epoch, || 7), None, "not under the old epoch");
+    }
+
     #[test]
     fn out_of_order_finishes_commit_in_order_and_release_prefixes() {
         let f = InFlight::new(Duration::from_millis(50));

@@ -32,9 +32,10 @@
 //! worker's; once the partition has moved, the group coordinator refuses the offsets, the
 //! transaction is aborted, and no reader sees the zombie's answer.
 //!
-//! Retries: an abortable failure (the broker restarted, a refused offset commit) aborts the
-//! transaction and replays its records in a new one, until `--publish-timeout`; a fatal one (the
-//! producer fenced by a newer worker of the same name) stops the worker.
+//! Retries: a failure (the broker away or restarted, a record or an offset commit refused)
+//! aborts the transaction and publishes its records again in a new one, until
+//! `--publish-timeout`; a fatal one (the producer fenced by a newer worker of the same name, or
+//! by the broker after the transaction outlived `--transaction-timeout`) stops the worker.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -100,6 +101,10 @@ struct ScopeState {
     records: Vec<Kept>,
     /// How many of the first `records` an abort took out of the open transaction.
     unsent: usize,
+    /// A transaction is begun on the producer (and not yet committed or aborted).
+    in_transaction: bool,
+    /// The open transaction cannot commit (a record in it failed): start it again first.
+    broken: bool,
 }
 
 /// A record as sent, owned.
@@ -250,13 +255,16 @@ impl Transactions {
             .begin_transaction()
             .map_err(|e| txn_error("cannot begin a transaction", &e))?;
         st.open = Some(guard);
+        st.in_transaction = true;
         Ok(true)
     }
 
     /// Publishes a final record in the scope's transaction and waits for the broker's
-    /// acknowledgement. A refused record leaves the transaction unusable: it is aborted and
-    /// opened again with the scope's other records, and the refusal returned, so the request
-    /// goes on as it would outside a transaction (a dead letter, in the same new transaction).
+    /// acknowledgement. A refused record is returned as such, so the request goes on as it
+    /// would outside a transaction (a dead letter, next); the transaction it spoiled is started
+    /// again without it by the commit. Any other failure (the broker away) also leaves the
+    /// transaction to be started again: the record is kept, and the commit publishes it again,
+    /// or stops the worker once `--publish-timeout` has passed.
     pub async fn send<K: ToBytes + ?Sized>(
         &self,
         scope: &Scope,
@@ -269,29 +277,37 @@ impl Transactions {
             st.records.push(kept);
             return Err(PublishError::Suspended);
         }
+        if st.broken {
+            st.records.push(kept);
+            return Ok(());
+        }
         match self.producer.send(rec, self.call_timeout).await {
             Ok(_) => {
                 st.records.push(kept);
                 Ok(())
             }
             Err((e, _)) => {
-                let err = classify(topic, e);
-                if matches!(err, PublishError::Refused(_)) {
-                    self.restart(&mut st).await?;
+                st.broken = true;
+                match classify(topic, e) {
+                    refused @ PublishError::Refused(_) => Err(refused),
+                    other => {
+                        warn!(error = %other, "publishing in the transaction failed; the commit starts it again");
+                        st.records.push(kept);
+                        Ok(())
+                    }
                 }
-                Err(err)
             }
         }
     }
 
-    /// Aborts the open transaction and opens a new one. Its records are published again in it
-    /// by the commit, after the offsets: an offset commit the group refuses costs no copies.
-    async fn restart(&self, st: &mut ScopeState) -> Result<(), WorkerError> {
-        self.abort_open(st)?;
-        self.producer
-            .begin_transaction()
-            .map_err(|e| txn_error("cannot begin a transaction", &e))?;
+    /// Aborts the transaction and opens a new one. Its records are published again in it by
+    /// the commit, after the offsets: an offset commit the group refuses costs no copies.
+    fn restart(&self, st: &mut ScopeState) -> Result<(), KafkaError> {
+        self.abort_once(st)?;
+        self.producer.begin_transaction()?;
+        st.in_transaction = true;
         st.unsent = st.records.len();
+        st.broken = false;
         Ok(())
     }
 
@@ -307,37 +323,51 @@ impl Transactions {
         Ok(())
     }
 
-    fn abort_open(&self, st: &ScopeState) -> Result<(), WorkerError> {
-        if st.open.is_none() {
-            return Ok(());
+    fn abort_once(&self, st: &mut ScopeState) -> Result<(), KafkaError> {
+        if st.in_transaction {
+            blocking(|| self.producer.abort_transaction(self.call_timeout))?;
+            st.in_transaction = false;
         }
-        let producer = &self.producer;
-        let timeout = self.call_timeout;
-        for _ in 0..3 {
-            match blocking(|| producer.abort_transaction(timeout)) {
-                Ok(()) => return Ok(()),
+        Ok(())
+    }
+
+    /// Aborts the open transaction, if any, retrying within `--publish-timeout`, and lets the
+    /// producer go.
+    async fn abort_open(&self, st: &mut ScopeState) -> Result<(), WorkerError> {
+        let deadline = Instant::now() + self.retry_for;
+        let had = st.in_transaction;
+        loop {
+            match self.abort_once(st) {
+                Ok(()) => {
+                    st.open = None;
+                    if had && !st.records.is_empty() {
+                        info!(
+                            records = st.records.len(),
+                            "transaction aborted: none of its records is visible"
+                        );
+                    }
+                    return Ok(());
+                }
                 Err(e) => match next(&e) {
                     Next::Stop(stop) => return Err(stop),
-                    _ => warn!(error = %e, "aborting the transaction failed; trying again"),
+                    _ if Instant::now() >= deadline => return Err(txn_error("cannot abort a transaction", &e)),
+                    _ => {
+                        warn!(error = %e, "aborting the transaction failed; trying again");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
                 },
             }
         }
-        Err(WorkerError::Transaction("cannot abort a transaction".into()))
     }
 
     /// Aborts the scope's transaction if it is still open (the request failed or suspended
     /// after publishing): nothing of it becomes visible.
     pub async fn abort(&self, scope: &Scope) -> Result<(), WorkerError> {
         let mut st = scope.state.lock().await;
-        let result = self.abort_open(&st);
-        st.open = None;
-        if result.is_ok() && !st.records.is_empty() {
-            info!(
-                records = st.records.len(),
-                "transaction aborted: none of its records is visible"
-            );
+        if st.open.is_none() {
+            return Ok(());
         }
-        result
+        self.abort_open(&mut st).await
     }
 
     /// Commits the scope's records with the request's offset, waiting for its turn when it
@@ -360,6 +390,12 @@ impl Transactions {
         let mut failures = 0u32;
         loop {
             let failed = 'step: {
+                if st.broken {
+                    if let Err(e) = self.restart(&mut st) {
+                        break 'step e;
+                    }
+                    offsets_sent = false;
+                }
                 if !offsets_sent {
                     // Read with the epoch, under the in-flight lock (see the module doc).
                     let Some(metadata) = scope
@@ -367,8 +403,7 @@ impl Transactions {
                         .while_same_epoch(&scope.tp, scope.epoch, || consumer.group_metadata())
                     else {
                         warn!("the partition was revoked before the commit: aborting the transaction");
-                        self.abort_open(&st)?;
-                        st.open = None;
+                        self.abort_open(&mut st).await?;
                         return Ok(Settled::Suspended);
                     };
                     let metadata = metadata.ok_or_else(|| WorkerError::Transaction("no group metadata".into()))?;
@@ -390,14 +425,18 @@ impl Transactions {
                 }
                 match blocking(|| self.producer.commit_transaction(self.call_timeout)) {
                     Ok(()) => {
+                        st.in_transaction = false;
                         st.open = None;
                         return Ok(Settled::Committed);
                     }
                     Err(e) => e,
                 }
             };
+            if let Next::Stop(stop) = next(&failed) {
+                return Err(stop);
+            }
             if Instant::now() >= deadline {
-                let _ = self.abort_open(&st);
+                let _ = self.abort_once(&mut st);
                 st.open = None;
                 return Err(txn_error(
                     &format!("no transaction committed within --publish-timeout {:?}", self.retry_for),
@@ -408,25 +447,18 @@ impl Transactions {
                 // A revocation or a drain waits for this request: it gives up rather than retry,
                 // its answer left to the partition's next owner.
                 warn!(error = %failed, "transaction failed while the request is told to suspend: aborting it");
-                self.abort_open(&st)?;
-                st.open = None;
+                self.abort_open(&mut st).await?;
                 return Ok(Settled::Suspended);
             }
             failures += 1;
             let backoff = Duration::from_millis(100 << failures.min(4));
-            match next(&failed) {
-                Next::Stop(stop) => return Err(stop),
-                Next::Retry => {
-                    warn!(error = %failed, "transaction step failed; retrying it");
-                    tokio::time::sleep(backoff).await;
-                }
-                Next::Abort => {
-                    warn!(error = %failed, "transaction failed; aborting it, to publish again in a new one");
-                    self.restart(&mut st).await?;
-                    offsets_sent = false;
-                    tokio::time::sleep(backoff).await;
-                }
+            if matches!(next(&failed), Next::Retry) {
+                warn!(error = %failed, "transaction step failed; retrying it");
+            } else {
+                warn!(error = %failed, "transaction failed; starting it again");
+                st.broken = true;
             }
+            tokio::time::sleep(backoff).await;
         }
     }
 }

@@ -50,8 +50,13 @@ fn a_poison_request_is_dead_lettered_after_its_attempts_and_the_rest_is_served()
         "--max-in-flight",
         "2",
     ];
-    let start =
-        |name: &str| -> ChildGuard { cluster.worker_with_env(name, &args, &[("FERRY_FAULT_CRASH_ON", &poison)]) };
+    // Each answer waits a moment before it is published: a suspect that ran in that window
+    // would crash the worker under an answered request and spend an attempt of it.
+    let env = [
+        ("FERRY_FAULT_CRASH_ON", poison.as_str()),
+        ("FERRY_FAULT_SLOW_PUBLISH_MS", "400"),
+    ];
+    let start = |name: &str| -> ChildGuard { cluster.worker_with_env(name, &args, &env) };
     let mut fleet: Vec<ChildGuard> = vec![start("worker-0"), start("worker-1")];
     let mut next = 2;
 

@@ -26,6 +26,10 @@
 //! Several tasks commit (request tasks, the deferred-commit retry, the revocation callback);
 //! [`commits`] makes a partition's commits one at a time and never lets its position move back.
 //!
+//! Under `--delivery exactly-once` ([`transaction`]) none of that commits: each request's
+//! records and its offset go in one Kafka transaction, committed once every lower offset of its
+//! partition has been, so a reader with `read_committed` sees each answer once.
+//!
 //! # Rebalances and shutdown
 //!
 //! Partitions are assigned `cooperative-sticky` by default, so a rebalance moves only those that

@@ -138,12 +138,14 @@ impl Inner {
                 self.inflight.clone(),
             ))
         });
+        // The generation's slot, held until the request is settled (see `answer`).
+        let mut held = None;
         let result = transaction::within(scope.clone(), async {
             let trace = trace.unwrap_or_else(|e| {
                 debug!(error = %e, "ignoring an invalid traceparent header");
                 None
             });
-            let served = self.serve(&msg, trace.as_ref(), control).await;
+            let served = self.serve(&msg, trace.as_ref(), control, &mut held).await;
             match (served, &scope, &self.publisher.transactions) {
                 (Ok(Served::Answered { prefix, .. }), Some(scope), Some(txns)) => {
                     self.settle_in_transaction(txns, scope, &tp, msg.offset(), epoch, prefix)
@@ -159,6 +161,7 @@ impl Inner {
         })
         .instrument(span)
         .await;
+        drop(held);
         // Whatever is still open in this request's transaction (it failed, or suspended after
         // publishing) is aborted: none of it becomes visible.
         let result = match (&scope, &self.publisher.transactions) {
@@ -355,11 +358,12 @@ impl Inner {
         }
     }
 
-    async fn serve(
-        &self,
+    async fn serve<'s>(
+        &'s self,
         msg: &OwnedMessage,
         trace: Option<&Propagation>,
         control: Arc<JobControl>,
+        held: &mut Option<Slot<'s>>,
     ) -> Result<Served, WorkerError> {
         let started = Instant::now();
         let queued = queued_for(msg);
@@ -394,7 +398,7 @@ impl Inner {
             }
             let prefix = request_prefix(msg.topic(), &request.id, &reply_topic, msg.payload().unwrap_or_default());
             let answered = self
-                .answer(msg, trace, &request, prepared, &reply_topic, &prefix, control, started, queued)
+                .answer(msg, trace, &request, prepared, &reply_topic, &prefix, control, started, queued, held)
                 .await;
             match answered {
                 Ok(served) => Ok(served),
@@ -416,9 +420,15 @@ impl Inner {
 
     /// Serves a valid request whose reply topic may be written: a stored answer, or the
     /// attempts to generate one. A refused record comes back as [`PublishError::Refused`].
+    ///
+    /// The slot of a finished generation is left in `held`, for the caller to drop once the
+    /// request is settled: a suspect waiting for it cannot crash the worker between this
+    /// request's answer and its commit, which would spend an attempt of a request that did
+    /// nothing wrong. Under exactly-once delivery a request that must wait for lower offsets
+    /// to commit (which may need the slot) closes its attempt as not counted and lets it go.
     #[allow(clippy::too_many_arguments)]
-    async fn answer(
-        &self,
+    async fn answer<'s>(
+        &'s self,
         msg: &OwnedMessage,
         trace: Option<&Propagation>,
         request: &Request,
@@ -428,6 +438,7 @@ impl Inner {
         control: Arc<JobControl>,
         started: Instant,
         queued: Duration,
+        held: &mut Option<Slot<'s>>,
     ) -> Result<Served, PublishError> {
         // Owned, for the settled outcomes that keep it.
         let prefix = prefix.to_string();
@@ -458,6 +469,8 @@ impl Inner {
         let mut local = AttemptLog::default();
         let mut first_round = true;
         loop {
+            // The previous round's slot, if any: a retry may have to run alone.
+            *held = None;
             let before = self.attempts(&prefix, &local).await;
             if first_round && !before.attempts.is_empty() {
                 // The ledger outlives workers: an entry before this delivery's first attempt
@@ -513,9 +526,10 @@ impl Inner {
             };
             // The slot comes before the attempt is recorded: an attempt that waits behind a
             // suspect that crashes the worker must not be counted as died.
-            let Some(_slot) = self.slot(suspect(&before), &control).await else {
+            let Some(slot) = self.slot(suspect(&before), &control).await else {
                 return Ok(Served::Suspended);
             };
+            *held = Some(slot);
             let log = self.begin_attempt(&prefix, &mut local).await;
             let attempt = log.attempts.last().map_or(1, |a| a.attempt);
             #[cfg(feature = "fault-injection")]
@@ -534,16 +548,23 @@ impl Inner {
                 .await?;
             #[cfg(feature = "fault-injection")]
             let generated = fault_injection::maybe_fail(&request.id, generated);
-            // The generation is over: its memory and its slot go to the next request before this
-            // one publishes (which, under exactly-once delivery, may wait for lower offsets that
-            // need them).
-            drop(_slot);
+            // The generation is over: its memory goes to the next request before this one
+            // publishes (which, under exactly-once delivery, may wait for lower offsets that
+            // need it).
             drop(_kv);
             match generated {
                 Generated::Finished {
                     completion,
                     resumed_from,
                 } => {
+                    if transaction::current().is_some_and(|s| s.must_wait()) {
+                        let note = "answered; waiting for lower offsets to commit".to_string();
+                        self.end_attempt(&prefix, attempt, EntryOutcome::Suspended, Some(note), &mut local)
+                            .await;
+                        *held = None;
+                    }
+                    #[cfg(feature = "fault-injection")]
+                    fault_injection::slow_publish().await;
                     let mut reply = reply::response(request, &completion, &cx(attempt));
                     if let Reply::Response(r) = &mut reply {
                         r.resumed_from_token = resumed_from;
@@ -1029,6 +1050,17 @@ mod fault_injection {
                 Generated::Failed("fault injection: the engine failed".into())
             }
             other => other,
+        }
+    }
+
+    /// `FERRY_FAULT_SLOW_PUBLISH_MS=<ms>`: a finished generation waits that long before its
+    /// answer is published, widening the window between the two.
+    pub async fn slow_publish() {
+        if let Some(ms) = std::env::var("FERRY_FAULT_SLOW_PUBLISH_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
         }
     }
 }

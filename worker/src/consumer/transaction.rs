@@ -205,6 +205,11 @@ impl Scope {
         }
     }
 
+    /// Whether a lower offset of the partition is still to commit first.
+    pub fn must_wait(&self) -> bool {
+        self.inflight.turn(&self.tp, self.offset, self.epoch) == Turn::Wait
+    }
+
     /// Waits until every lower offset of the partition is committed. `false` when the request
     /// is told to suspend first, or its partition is revoked.
     async fn wait_for_turn(&self) -> bool {

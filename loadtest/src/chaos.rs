@@ -21,7 +21,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::autoscale::{OffsetResetPolicy, ScalerSpec, Target};
-use crate::faults::{schedule, Action, DefaultSpec, Scenario, Step};
+use crate::faults::{self, schedule, Action, DefaultSpec, Scenario, Step};
 use crate::fleet::{default_bin_dir, BrokerKind, Fleet, WorkerSpec};
 use crate::load::{self, Limit, LoadSpec, Mode};
 use crate::metrics::{Progress, Report};
@@ -65,7 +65,8 @@ pub struct ChaosArgs {
     /// `--max-attempts` times is rightly given up). Unset: as many as the load lasts.
     #[arg(long, env = "FERRY_CHAOS_MAX_FAULTS")]
     pub max_faults: Option<usize>,
-    /// Only these kinds of faults (comma-separated) from the scenario.
+    /// Only these kinds of faults (comma-separated) from the scenario; the faults kept take the
+    /// scenario's first slots, one every `--fault-every` after the warm-up.
     #[arg(
         long,
         env = "FERRY_CHAOS_FAULT_KINDS",
@@ -201,19 +202,19 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<ExitCode> {
     let out = &args.out;
     prepare_out(out)?;
     let prompts = prompts(&args)?;
-    let steps: Vec<Step> = schedule(
-        args.scenario,
-        &DefaultSpec {
-            warmup: args.warmup,
-            every: args.fault_every,
-            horizon: HORIZON,
-            seed: args.seed,
-        },
-    )
-    .into_iter()
-    .filter(|s| args.fault_kinds.contains(&Kind::of(s.action)))
-    .take(args.max_faults.unwrap_or(usize::MAX))
-    .collect();
+    let steps: Vec<Step> = faults::keep(
+        &schedule(
+            args.scenario,
+            &DefaultSpec {
+                warmup: args.warmup,
+                every: args.fault_every,
+                horizon: HORIZON,
+                seed: args.seed,
+            },
+        ),
+        |a| args.fault_kinds.contains(&Kind::of(a)),
+        args.max_faults.unwrap_or(usize::MAX),
+    );
 
     // Topics and a group of the run's own, so that nothing of an earlier run is read again.
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();

@@ -188,6 +188,26 @@ fn default_schedule(spec: &DefaultSpec) -> Vec<Step> {
         .collect()
 }
 
+/// The steps of `steps` whose action `keep` accepts, at most `max` of them, moved up into the
+/// slots of the steps before them: the `i`-th step kept takes the times of the `i`-th step of the
+/// whole schedule. So `--fault-kinds evict,crash` still means a fault every `--fault-every` after
+/// the warm-up, not gaps where the other kinds would have been (a short run would otherwise end
+/// before its second fault, however many it asked for).
+pub fn keep(steps: &[Step], keep: impl Fn(Action) -> bool, max: usize) -> Vec<Step> {
+    steps
+        .iter()
+        .filter(|s| keep(s.action))
+        .zip(steps)
+        .take(max)
+        .map(|(kept, slot)| Step {
+            action: kept.action,
+            not_before: slot.not_before,
+            until: slot.until,
+            ..*kept
+        })
+        .collect()
+}
+
 /// The workers `action` hits, picked with `rng` among `running` (workers alive, not frozen and
 /// not already stopping), those in `busy` first (workers seen answering lately, so likely to hold
 /// work the fault interrupts). At least one of `running` is always left alone; an action that
@@ -315,6 +335,28 @@ mod tests {
         assert!(!step.is_expired(Duration::from_secs(1_000)));
         let timed = schedule(Scenario::Default, &spec(1))[0];
         assert!(!timed.is_expired(Duration::from_secs(17)) && timed.is_expired(Duration::from_secs(18)));
+    }
+
+    #[test]
+    fn kept_kinds_move_up_into_the_first_slots() {
+        for seed in 0..50 {
+            let all = schedule(Scenario::Default, &spec(seed));
+            let plain = |a: Action| matches!(a, Action::Evict | Action::Crash);
+            let kept = keep(&all, plain, 4);
+            assert_eq!(kept.len(), 4);
+            for (i, s) in kept.iter().enumerate() {
+                assert!(plain(s.action));
+                assert_eq!(s.not_before, all[i].not_before, "seed {seed}: step {i} in slot {i}");
+                assert_eq!(s.until, all[i].until);
+            }
+            let order: Vec<Action> = all.iter().map(|s| s.action).filter(|&a| plain(a)).take(4).collect();
+            assert_eq!(kept.iter().map(|s| s.action).collect::<Vec<_>>(), order, "order kept");
+            assert_eq!(keep(&all, |_| true, usize::MAX), all, "keeping all changes nothing");
+        }
+        let drill = schedule(Scenario::Drill, &spec(1));
+        let drained = keep(&drill, |a| matches!(a, Action::NodeDrain(_)), usize::MAX);
+        assert_eq!(drained.len(), 1);
+        assert!(drained[0].after_recovery && drained[0].until.is_none());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, ValueEnum};
 
-use crate::model::{LoadOptions, ModelSource, WeightFormat};
+use crate::model::{Kernels, LoadOptions, ModelSource, WeightFormat};
 use crate::snapshot::{ResumeMode, SnapshotPolicy};
 pub use security::{librdkafka_features, KafkaSecurity, SaslMechanism, Secret, SecurityProtocol};
 
@@ -435,6 +435,13 @@ pub struct ModelConfig {
     /// one downloads, the others wait and then find the file.
     #[arg(long, env = "FERRY_FETCH_MODEL_ONLY")]
     pub fetch_model_only: bool,
+    /// Which code runs the matrix products of Q8_0 weights on the CPU: `auto` (Ferry's kernels
+    /// on the fastest instruction set the CPU has), a path of Ferry's kernels by name
+    /// (`avx512vnni`, `avxvnni`, `avx2`, `portable`; the worker refuses to start if the CPU lacks
+    /// it), or `candle` (candle's own). Snapshots name the kernels: one is resumed only on the
+    /// kernels that wrote it, and otherwise replayed from its tokens.
+    #[arg(long, env = "FERRY_KERNELS", default_value = "auto")]
+    pub kernels: Kernels,
 }
 
 impl ModelConfig {
@@ -446,6 +453,7 @@ impl ModelConfig {
             weights: self.weights,
             name: self.model_name.clone(),
             max_context: self.max_context,
+            kernels: self.kernels,
         }
     }
 }

@@ -31,3 +31,6 @@ pub mod ops;
 pub mod reply;
 pub mod reply_topics;
 pub mod snapshot;
+
+/// Ferry's quantised matrix products, re-exported so that tests and benches can name a path.
+pub use ferry_kernels as kernels;

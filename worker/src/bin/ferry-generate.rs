@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::Parser;
 use ferry_schemas::Request;
 use ferry_worker::engine::Engine;
-use ferry_worker::model::{LoadOptions, Model, ModelSource, WeightFormat};
+use ferry_worker::model::{Kernels, LoadOptions, Model, ModelSource, WeightFormat};
 
 #[derive(Debug, Parser)]
 #[command(name = "ferry-generate", version, about)]
@@ -21,6 +21,9 @@ struct Args {
     /// Weight format, as for the worker (it must match for answers to be identical).
     #[arg(long, env = "FERRY_WEIGHTS", value_enum, default_value = "q8-0")]
     weights: WeightFormat,
+    /// Which code runs the Q8_0 matrix products, as for the worker (it must match too).
+    #[arg(long, env = "FERRY_KERNELS", default_value = "auto")]
+    kernels: Kernels,
     /// Compute threads.
     #[arg(long, env = "FERRY_THREADS")]
     threads: Option<usize>,
@@ -31,7 +34,10 @@ fn main() -> anyhow::Result<()> {
     if let Some(t) = args.threads {
         std::env::set_var("RAYON_NUM_THREADS", t.to_string());
     }
-    let opts = LoadOptions::new(args.model, args.weights);
+    let opts = LoadOptions {
+        kernels: args.kernels,
+        ..LoadOptions::new(args.model, args.weights)
+    };
     let engine = Engine::new(Arc::new(Model::load(&opts, &candle_core::Device::Cpu)?));
     let stdout = std::io::stdout();
     let mut out = stdout.lock();

@@ -97,6 +97,52 @@ pub enum WeightFormat {
     Q8_0,
 }
 
+/// Which code runs the matrix products of Q8_0 weights on the CPU (`--kernels`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Kernels {
+    /// Ferry's kernels on the fastest path this CPU runs.
+    #[default]
+    Auto,
+    /// candle's `QMatMul`: its tiled kernels with AVX-512 VNNI, and a whole pass over the
+    /// weights for each row of a product on AVX2. For comparison and as a way out.
+    Candle,
+    /// Ferry's kernels on this path; loading fails if the CPU cannot run it.
+    Ferry(ferry_kernels::Path),
+}
+
+impl std::str::FromStr for Kernels {
+    type Err = String;
+
+    /// `auto`, `candle`, or a path of Ferry's kernels (`avx512vnni`, `avxvnni`, `avx2`,
+    /// `portable`). Whether the CPU runs the path is checked at load.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" | "" => Ok(Kernels::Auto),
+            "candle" => Ok(Kernels::Candle),
+            name => ferry_kernels::Path::ALL
+                .into_iter()
+                .find(|p| p.name() == name)
+                .map(Kernels::Ferry)
+                .ok_or_else(|| {
+                    format!("unknown kernels {name:?}: auto, candle, avx512vnni, avxvnni, avx2 or portable")
+                }),
+        }
+    }
+}
+
+impl Kernels {
+    /// The path of Ferry's kernels this choice runs on this CPU, or `None` for candle's.
+    fn resolve(self) -> Result<Option<ferry_kernels::Path>, ModelError> {
+        match self {
+            Kernels::Auto => Ok(Some(ferry_kernels::Path::detect())),
+            Kernels::Candle => Ok(None),
+            Kernels::Ferry(path) => ferry_kernels::Path::from_name(path.name())
+                .map(Some)
+                .map_err(|e| ModelError::Unsupported(e.to_string())),
+        }
+    }
+}
+
 struct RmsNorm {
     weight: Tensor,
     eps: f32,
@@ -108,69 +154,79 @@ impl RmsNorm {
     }
 }
 
-/// A matrix weight, and the width its inputs are zero-padded to.
+/// A matrix weight, and the kernels that multiply by it.
 ///
-/// candle's tiled Q8_0 kernels (AVX-512 VNNI or AVX-VNNI) are about twice as fast as its generic
-/// Q8_0 dot product, and they are the Q8_0 path whose cost per row falls as rows are batched; but
-/// they take a matrix only when its inner dimension is a multiple of 256. On CPUs that have them,
-/// Q8_0 matrices are stored with zero columns up to the next multiple of 256 (SmolLM2's 576
-/// becomes 768) and their inputs padded with zeros to match: the zeros add nothing to any dot
-/// product, and the faster kernel more than pays for the third more weight bytes.
-struct Linear {
-    w: QMatMul,
-    /// Inner dimension of `w`: the input width, or more when padded.
-    k: usize,
+/// On the CPU, Q8_0 weights go to Ferry's own kernels (`ferry_kernels`): tiles of activation rows
+/// against blocks of weights, so the rows of a prompt or of a batch share each weight load
+/// (candle's AVX2 Q8_0 product reads the whole matrix again for every row), on the fastest
+/// instruction set the CPU has. Their products are bit-identical whatever the batch, the tile
+/// or the path. Other formats (the reference test's native Q4_1) and devices use candle's
+/// `QMatMul`.
+enum Linear {
+    Candle(QMatMul),
+    Ferry {
+        w: ferry_kernels::Weights,
+        path: ferry_kernels::Path,
+    },
 }
 
 impl Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.w.forward(&pad_to(x, self.k)?)
-    }
-
-    /// `x` through each of `ws` (projections of one input, such as q, k and v): in one fused
-    /// call, with one quantisation of `x`, when candle has a kernel for it.
-    fn forward_shared<const N: usize>(ws: [&Linear; N], x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
-        let k = ws[0].k;
-        let qs: Option<Vec<&QTensor>> = ws
-            .iter()
-            .map(|w| match &w.w {
-                QMatMul::QTensor(t) if w.k == k => Some(t.as_ref()),
-                _ => None,
-            })
-            .collect();
-        if let Some(qs) = qs {
-            if let Some(out) = QTensor::gemv_fused_shared_lhs(&qs, &pad_to(x, k)?)? {
-                return Ok(out);
+        match self {
+            Linear::Candle(w) => w.forward(x),
+            Linear::Ferry { w, path } => {
+                let a = quantize_rows(x, w.cols())?;
+                ferry_product(x, w, *path, &a)
             }
         }
-        ws.iter().map(|w| w.forward(x)).collect()
+    }
+
+    /// `x` through each of `ws` (projections of one input, such as q, k and v), quantising `x`
+    /// once for all of them when the kernels allow it.
+    fn forward_shared<const N: usize>(ws: [&Linear; N], x: &Tensor) -> candle_core::Result<Vec<Tensor>> {
+        let ferry: Option<Vec<_>> = ws
+            .iter()
+            .map(|l| match l {
+                Linear::Ferry { w, path } => Some((w, *path)),
+                Linear::Candle(_) => None,
+            })
+            .collect();
+        match ferry {
+            Some(ferry) if ferry.iter().all(|(w, _)| w.cols() == ferry[0].0.cols()) => {
+                let a = quantize_rows(x, ferry[0].0.cols())?;
+                ferry
+                    .into_iter()
+                    .map(|(w, path)| ferry_product(x, w, path, &a))
+                    .collect()
+            }
+            _ => ws.iter().map(|w| w.forward(x)).collect(),
+        }
     }
 }
 
-/// `x` with zeros appended to its last dimension up to `k`.
-fn pad_to(x: &Tensor, k: usize) -> candle_core::Result<Tensor> {
-    let width = x.dim(D::Minus1)?;
-    if k > width {
-        x.pad_with_zeros(D::Minus1, 0, k - width)
-    } else {
-        Ok(x.clone())
+/// The rows of `x` (its last dimension `k`) quantised for Ferry's kernels.
+fn quantize_rows(x: &Tensor, k: usize) -> candle_core::Result<ferry_kernels::Activations> {
+    if x.dim(D::Minus1)? != k {
+        candle_core::bail!("input width {} against a matrix of {k} columns", x.dim(D::Minus1)?);
     }
+    let values = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    ferry_kernels::Activations::quantize(&values, k).map_err(candle_core::Error::wrap)
 }
 
-/// Whether candle's tiled Q8_0 kernels run on `device` (see [`Linear`]). candle picks them by the
-/// same CPU features (unless `MISTRALRS_FORCE_AVX2` is set, which makes padding a waste).
-fn tiled_q8_0_kernels(device: &Device) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        device.is_cpu()
-            && ((is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vnni"))
-                || (is_x86_feature_detected!("avxvnni") && is_x86_feature_detected!("avx2")))
+/// `x` (quantised as `a`) times the transpose of `w`, shaped as `x` with its last dimension
+/// the matrix's rows.
+fn ferry_product(
+    x: &Tensor,
+    w: &ferry_kernels::Weights,
+    path: ferry_kernels::Path,
+    a: &ferry_kernels::Activations,
+) -> candle_core::Result<Tensor> {
+    let out = ferry_kernels::matmul(path, w, a).map_err(candle_core::Error::wrap)?;
+    let mut dims = x.dims().to_vec();
+    if let Some(last) = dims.last_mut() {
+        *last = w.rows();
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = device;
-        false
-    }
+    Tensor::from_vec(out, dims, x.device())
 }
 
 /// The token embedding table.
@@ -255,8 +311,8 @@ pub struct LlamaWeights {
     cos: Tensor,
     sin: Tensor,
     device: Device,
-    /// Whether Q8_0 matrices are padded for candle's tiled kernels (see [`Linear`]).
-    padded_q8_0: bool,
+    /// The path of Ferry's kernels, when they run the matrix products (see [`Linear`]).
+    kernels: Option<ferry_kernels::Path>,
 }
 
 impl std::fmt::Debug for LlamaWeights {
@@ -379,17 +435,24 @@ impl SequenceCache {
 }
 
 impl LlamaWeights {
-    /// Loads the weights from a GGUF file, converting matrix weights to `format`.
+    /// Loads the weights from a GGUF file, converting matrix weights to `format`, their products
+    /// on `kernels` (Q8_0 on the CPU; candle's otherwise).
     pub fn from_gguf<R: std::io::Read + std::io::Seek>(
         ct: &gguf_file::Content,
         reader: &mut R,
         format: WeightFormat,
+        kernels: Kernels,
         device: &Device,
     ) -> Result<Self, ModelError> {
         let config = LlamaConfig::from_gguf(ct)?;
-        // Native weights stay exactly as stored (the reference test relies on it).
-        let pad = format == WeightFormat::Q8_0 && tiled_q8_0_kernels(device);
-        let matrix = |reader: &mut R, name: &str| linear(ct.tensor(reader, name, device)?, format, pad, device);
+        // Native weights stay exactly as stored, on candle's kernels (the reference test relies
+        // on it).
+        let kernels = if format == WeightFormat::Q8_0 && device.is_cpu() {
+            kernels.resolve()?
+        } else {
+            None
+        };
+        let matrix = |reader: &mut R, name: &str| linear(ct.tensor(reader, name, device)?, format, kernels, device);
         let eps = config.rms_norm_eps as f32;
         let norm = |reader: &mut R, name: &str| -> Result<RmsNorm, ModelError> {
             Ok(RmsNorm {
@@ -420,7 +483,7 @@ impl LlamaWeights {
         let output = if ct.tensor_infos.contains_key("output.weight") {
             matrix(reader, "output.weight")?
         } else {
-            linear(embd_q, format, pad, device)?
+            linear(embd_q, format, kernels, device)?
         };
         let (cos, sin) = rope_tables(config.head_dim, config.rope_freq_base, config.context_length, device)?;
         Ok(Self {
@@ -432,7 +495,7 @@ impl LlamaWeights {
             cos,
             sin,
             device: device.clone(),
-            padded_q8_0: pad,
+            kernels,
         })
     }
 
@@ -441,15 +504,23 @@ impl LlamaWeights {
     }
 
     /// Names the kernels the forward pass runs on, where they are not implied by the device and
-    /// weight format: the padded Q8_0 layout and candle's tiled kernels round differently from
-    /// the plain ones, so a snapshot taken on one must not be continued on the other (its
-    /// continuation would not be what either alone produces). Empty for the plain kernels.
+    /// weight format: Ferry's kernels and candle's round differently, so a snapshot taken on one
+    /// must not be continued on the other (its continuation would not be what either alone
+    /// produces). Ferry's paths give the same bits, but each is named all the same: a resume
+    /// must never rest on more than the tests prove. Empty for candle's kernels.
     pub fn kernels(&self) -> &'static str {
-        if self.padded_q8_0 {
-            "q8_0-tiled-768"
-        } else {
-            ""
+        match self.kernels {
+            Some(ferry_kernels::Path::Avx512Vnni) => "ferry-q8-avx512vnni",
+            Some(ferry_kernels::Path::AvxVnni) => "ferry-q8-avxvnni",
+            Some(ferry_kernels::Path::Avx2) => "ferry-q8-avx2",
+            Some(ferry_kernels::Path::Portable) => "ferry-q8-portable",
+            None => "",
         }
+    }
+
+    /// The path of Ferry's kernels, when they run the matrix products.
+    pub fn kernel_path(&self) -> Option<ferry_kernels::Path> {
+        self.kernels
     }
 
     /// Runs `tokens` through the model at the positions after those already in `cache`, appends
@@ -599,28 +670,32 @@ struct Part {
     sin: Tensor,
 }
 
-/// One matrix weight, re-quantised as `format` asks, and padded for the tiled Q8_0 kernels when
-/// `pad` (see [`Linear`]).
-fn linear(t: QTensor, format: WeightFormat, pad: bool, device: &Device) -> Result<Linear, ModelError> {
+/// One matrix weight, re-quantised as `format` asks, for Ferry's kernels on `kernels` when it is
+/// Q8_0 and they run (see [`Linear`]).
+fn linear(
+    t: QTensor,
+    format: WeightFormat,
+    kernels: Option<ferry_kernels::Path>,
+    device: &Device,
+) -> Result<Linear, ModelError> {
     let dtype = match (format, t.dtype()) {
         (WeightFormat::Q8_0, GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1) => GgmlDType::Q8_0,
         (_, dtype) => dtype,
     };
-    let (_, k) = t.shape().dims2()?;
-    let padded = if pad && dtype == GgmlDType::Q8_0 {
-        k.next_multiple_of(256)
-    } else {
-        k
-    };
-    let t = if dtype != t.dtype() || padded != k {
-        QTensor::quantize(&pad_to(&t.dequantize(device)?, padded)?, dtype)?
+    let t = if dtype != t.dtype() {
+        QTensor::quantize(&t.dequantize(device)?, dtype)?
     } else {
         t
     };
-    Ok(Linear {
-        w: QMatMul::from_qtensor(t)?,
-        k: padded,
-    })
+    let (n, k) = t.shape().dims2()?;
+    match kernels {
+        Some(path) if dtype == GgmlDType::Q8_0 && k % ferry_kernels::BLOCK == 0 => {
+            let w = ferry_kernels::Weights::from_q8_0(&t.data()?, n, k)
+                .map_err(|e| ModelError::Unsupported(format!("a Q8_0 matrix: {e}")))?;
+            Ok(Linear::Ferry { w, path })
+        }
+        _ => Ok(Linear::Candle(QMatMul::from_qtensor(t)?)),
+    }
 }
 
 /// Grouped-query attention of `q` `(1, n_head, n, head_dim)` over `k` and `v`
@@ -763,34 +838,44 @@ mod tests {
     }
 
     #[test]
-    fn padded_matrix_gives_the_unpadded_product() -> Result<(), ModelError> {
+    fn ferry_kernels_give_candles_product() -> Result<(), ModelError> {
         let dev = &Device::Cpu;
         let ramp = |n: usize, step: f64| {
             Tensor::arange(0u32, n as u32, dev)?
                 .to_dtype(DType::F32)?
                 .affine(step, 0.)
         };
-        let w = ramp(32 * 576, 0.37)?.sin()?.reshape((32, 576))?;
-        let x = ramp(2 * 576, 0.11)?.cos()?.reshape((1, 2, 576))?;
-        let plain = linear(QTensor::quantize(&w, GgmlDType::Q8_0)?, WeightFormat::Q8_0, false, dev)?;
-        let padded = linear(QTensor::quantize(&w, GgmlDType::Q8_0)?, WeightFormat::Q8_0, true, dev)?;
-        assert_eq!((plain.k, padded.k), (576, 768));
-        let diff = (plain.forward(&x)? - padded.forward(&x)?)?
-            .abs()?
-            .max_all()?
-            .to_scalar::<f32>()?;
-        // The tiled kernel quantises inputs in blocks of 256 rather than 32, so the two differ by
-        // rounding: a small fraction of the sum of the products' magnitudes. A column out of
-        // place would be off by a sizeable part of it.
+        let w = ramp(40 * 576, 0.37)?.sin()?.reshape((40, 576))?;
+        let x = ramp(3 * 576, 0.11)?.cos()?.reshape((1, 3, 576))?;
+        let q = || QTensor::quantize(&w, GgmlDType::Q8_0);
+        let candle = linear(q()?, WeightFormat::Q8_0, None, dev)?;
+        assert!(matches!(candle, Linear::Candle(_)));
         let magnitude = x
             .abs()?
             .broadcast_matmul(&w.abs()?.t()?)?
             .max_all()?
             .to_scalar::<f32>()?;
-        assert!(
-            diff <= 1e-3 * magnitude,
-            "max difference {diff}, products sum to {magnitude}"
-        );
+        let want = candle.forward(&x)?;
+        for path in ferry_kernels::Path::ALL.into_iter().filter(|p| p.available()) {
+            let ferry = linear(q()?, WeightFormat::Q8_0, Some(path), dev)?;
+            assert!(matches!(ferry, Linear::Ferry { .. }));
+            let got = ferry.forward(&x)?;
+            assert_eq!(got.dims(), [1, 3, 40]);
+            // candle quantises the inputs with f16 scales and Ferry with f32 ones, so the two
+            // differ by rounding: a small fraction of the sum of the products' magnitudes. A
+            // column out of place would be off by a sizeable part of it.
+            let diff = (&got - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(
+                diff <= 1e-3 * magnitude,
+                "{}: max difference {diff}, products sum to {magnitude}",
+                path.name()
+            );
+            // The fused call gives the same bits as one call per matrix.
+            let fused = Linear::forward_shared([&ferry, &ferry], &x)?;
+            let a: Vec<f32> = fused[1].flatten_all()?.to_vec1()?;
+            let b: Vec<f32> = got.flatten_all()?.to_vec1()?;
+            assert_eq!(a, b);
+        }
         Ok(())
     }
 

@@ -21,7 +21,7 @@ use candle_core::Device;
 use sha2::{Digest, Sha256};
 
 pub use chat::ChatTemplate;
-pub use llama::{BatchInput, LayerValues, LlamaConfig, LlamaWeights, SequenceCache, WeightFormat};
+pub use llama::{BatchInput, Kernels, LayerValues, LlamaConfig, LlamaWeights, SequenceCache, WeightFormat};
 pub use tokenizer::{IncrementalDecoder, Tokenizer};
 
 /// Everything that can go wrong loading or running the model.
@@ -200,6 +200,8 @@ pub struct LoadOptions {
     pub name: Option<String>,
     /// Caps the context window below the model's own (to bound KV-cache memory).
     pub max_context: Option<usize>,
+    /// Which code runs the Q8_0 matrix products on the CPU.
+    pub kernels: Kernels,
 }
 
 impl LoadOptions {
@@ -212,6 +214,7 @@ impl LoadOptions {
             weights,
             name: None,
             max_context: None,
+            kernels: Kernels::Auto,
         }
     }
 }
@@ -306,7 +309,7 @@ impl Model {
             Some(v) => Some(ChatTemplate::new(v.to_string()?)?),
             None => None,
         };
-        let weights = LlamaWeights::from_gguf(&ct, &mut file, opts.weights, device)?;
+        let weights = LlamaWeights::from_gguf(&ct, &mut file, opts.weights, opts.kernels, device)?;
         let context_length = match opts.max_context {
             Some(cap) => cap.min(weights.config.context_length),
             None => weights.config.context_length,

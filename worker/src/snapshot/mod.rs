@@ -78,8 +78,8 @@ impl Snapshots {
         device: &Device,
     ) -> Self {
         let device_name = if device.is_cpu() { "cpu" } else { "cuda" };
-        // A CPU with candle's tiled Q8_0 kernels computes differently from one without: a
-        // snapshot from one kind is not continued on the other, which recomputes from the start.
+        // Ferry's kernels and candle's round differently: a snapshot taken on one is not
+        // continued on the other, which recomputes from the start.
         let device_name = match model.weights.kernels() {
             "" => device_name.to_string(),
             kernels => format!("{device_name}+{kernels}"),

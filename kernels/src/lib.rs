@@ -1,0 +1,352 @@
+//! Ferry's quantised matrix products on the CPU.
+//!
+//! A product multiplies `m` activation rows by the `n` rows of a Q8_0 weight matrix (each row
+//! `k` values, in blocks of 32 that share one scale). The activations are quantised once per
+//! product, to the same 8-bit blocks; then each output is the sum over blocks of
+//! `scale_x * scale_w * (integer dot product of the block)`.
+//!
+//! The work is done in *tiles*: a few activation rows against a few weight rows, so that every
+//! block of weights loaded from memory serves all the rows of the tile. Decoding one sequence
+//! is bound by the weights' memory traffic; a batch of sequences, or the rows of a prompt,
+//! share that traffic, so each extra row costs only its arithmetic. (candle's Q8_0 product on
+//! AVX2 reads the whole matrix again for each row, which is what this crate replaces.)
+//!
+//! # Kernel paths and exactness
+//!
+//! The path is picked at run time from the CPU's features ([`Path::detect`]), or named
+//! ([`Path::from_name`]; the worker's `--kernels`): AVX-512 VNNI, AVX-VNNI, AVX2 with FMA, or portable Rust.
+//! Every path computes every output with the same operations in the same order: the integer
+//! dot product of a block in eight lanes of four bytes each (exact), each lane accumulated in
+//! f32 with one fused multiply-add per block, then the eight lanes summed in a fixed tree. So
+//! an output does not depend on the tile it was computed in, on how many rows share the
+//! product, on the thread count, nor on the path: the same request alone or in a batch gives
+//! the same bits, and the tests check all of it.
+//!
+//! The limit: weights are taken as Q8_0 (the worker re-quantises 4- and 5-bit GGUF weights to
+//! it at load), and a weight of -128 is clamped to -127 at load, as the sign trick the x86
+//! kernels use needs (no quantiser this crate meets writes -128).
+//!
+//! This crate knows nothing of candle's tensors: it takes and returns plain slices.
+
+use std::fmt;
+
+mod portable;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+/// Values per quantisation block.
+pub const BLOCK: usize = 32;
+
+/// Bytes of a Q8_0 block as GGUF and candle store it: an f16 scale (little endian), then 32
+/// signed bytes.
+pub const Q8_0_BLOCK_BYTES: usize = 2 + BLOCK;
+
+/// The instruction set a product runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// AVX-512 VNNI on 256-bit registers (`vpdpbusd` with AVX-512 VL).
+    Avx512Vnni,
+    /// AVX-VNNI: the same instruction, VEX-encoded (Alder Lake and later, Zen 5).
+    AvxVnni,
+    /// AVX2 and FMA: `vpmaddubsw` then `vpmaddwd` for the integer dot products.
+    Avx2,
+    /// Plain Rust, for every other CPU.
+    Portable,
+}
+
+/// Why a product cannot be set up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Error {
+    /// The inner dimension is not a whole number of blocks.
+    NotBlocks { k: usize },
+    /// The data does not hold `n` rows of `k` values.
+    Size { expected: usize, got: usize },
+    /// An unknown path, or one this CPU cannot run.
+    Path(String),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::NotBlocks { k } => write!(f, "inner dimension {k} is not a multiple of {BLOCK}"),
+            Error::Size { expected, got } => write!(f, "expected {expected} values or bytes, got {got}"),
+            Error::Path(why) => write!(f, "kernels: {why}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl Path {
+    /// Every path, fastest first.
+    pub const ALL: [Path; 4] = [Path::Avx512Vnni, Path::AvxVnni, Path::Avx2, Path::Portable];
+
+    /// The fastest path this CPU runs.
+    pub fn detect() -> Path {
+        Self::ALL.into_iter().find(|p| p.available()).unwrap_or(Path::Portable)
+    }
+
+    /// The path called `name` (`avx512vnni`, `avxvnni`, `avx2`, `portable`), if this CPU runs
+    /// it. An unknown name, or a path this CPU cannot run, is an error rather than a silent
+    /// fallback: a benchmark that asked for a path must get it.
+    pub fn from_name(name: &str) -> Result<Path, Error> {
+        let path = Self::ALL
+            .into_iter()
+            .find(|p| p.name() == name)
+            .ok_or_else(|| Error::Path(format!("unknown kernel path {name:?}")))?;
+        if path.available() {
+            Ok(path)
+        } else {
+            Err(Error::Path(format!("this CPU cannot run {name}")))
+        }
+    }
+
+    /// Its name, as `--kernels` (`FERRY_KERNELS`), logs and reports spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Path::Avx512Vnni => "avx512vnni",
+            Path::AvxVnni => "avxvnni",
+            Path::Avx2 => "avx2",
+            Path::Portable => "portable",
+        }
+    }
+
+    /// Whether this CPU runs it.
+    pub fn available(self) -> bool {
+        match self {
+            Path::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            #[cfg(target_arch = "x86_64")]
+            Path::AvxVnni => Path::Avx2.available() && is_x86_feature_detected!("avxvnni"),
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx512Vnni => {
+                Path::Avx2.available()
+                    && is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512vnni")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+}
+
+/// A Q8_0 weight matrix of `n` rows by `k` columns, laid out for the kernels: the quantised
+/// values row-major, and each block's scale as f32.
+pub struct Weights {
+    n: usize,
+    k: usize,
+    quants: Vec<i8>,
+    scales: Vec<f32>,
+}
+
+impl fmt::Debug for Weights {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Weights")
+            .field("n", &self.n)
+            .field("k", &self.k)
+            .finish()
+    }
+}
+
+impl Weights {
+    /// From Q8_0 blocks as GGUF and candle store them (see [`Q8_0_BLOCK_BYTES`]), `n` rows of
+    /// `k` values.
+    pub fn from_q8_0(blocks: &[u8], n: usize, k: usize) -> Result<Self, Error> {
+        if k % BLOCK != 0 {
+            return Err(Error::NotBlocks { k });
+        }
+        let expected = n * k / BLOCK * Q8_0_BLOCK_BYTES;
+        if blocks.len() != expected {
+            return Err(Error::Size {
+                expected,
+                got: blocks.len(),
+            });
+        }
+        let mut quants = Vec::with_capacity(n * k);
+        let mut scales = Vec::with_capacity(n * k / BLOCK);
+        for block in blocks.chunks_exact(Q8_0_BLOCK_BYTES) {
+            scales.push(f16_to_f32(u16::from_le_bytes([block[0], block[1]])));
+            quants.extend(block[2..].iter().map(|&q| (q as i8).max(-127)));
+        }
+        Ok(Self { n, k, quants, scales })
+    }
+
+    /// Rows (outputs of a product).
+    pub fn rows(&self) -> usize {
+        self.n
+    }
+
+    /// Columns (the inner dimension).
+    pub fn cols(&self) -> usize {
+        self.k
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.quants.len() + self.scales.len() * 4
+    }
+
+    /// Row `j`, block `b`: its 32 values and its scale.
+    #[inline(always)]
+    fn block(&self, j: usize, b: usize) -> (&[i8], f32) {
+        let start = j * self.k + b * BLOCK;
+        (
+            &self.quants[start..start + BLOCK],
+            self.scales[j * (self.k / BLOCK) + b],
+        )
+    }
+}
+
+/// `m` activation rows of `k` values, quantised to 8-bit blocks once per product: the values,
+/// their absolute values (the x86 kernels' unsigned operand), and each block's scale.
+pub struct Activations {
+    m: usize,
+    k: usize,
+    quants: Vec<i8>,
+    abs: Vec<u8>,
+    scales: Vec<f32>,
+}
+
+impl Activations {
+    /// Quantises `x`, rows of `k` values: each block of 32 gets the scale `max |x| / 127` and
+    /// values `round(x / scale)` (0 for a block of zeros).
+    pub fn quantize(x: &[f32], k: usize) -> Result<Self, Error> {
+        if k == 0 || k % BLOCK != 0 {
+            return Err(Error::NotBlocks { k });
+        }
+        if x.len() % k != 0 {
+            return Err(Error::Size {
+                expected: x.len().next_multiple_of(k),
+                got: x.len(),
+            });
+        }
+        let mut quants = Vec::with_capacity(x.len());
+        let mut scales = Vec::with_capacity(x.len() / BLOCK);
+        for block in x.chunks_exact(BLOCK) {
+            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+            scales.push(d);
+            // NaN (from a broken input) becomes 0, as `as` saturates; never out of range.
+            quants.extend(block.iter().map(|v| (v * id).round().clamp(-127.0, 127.0) as i8));
+        }
+        let abs = quants.iter().map(|q| q.unsigned_abs()).collect();
+        Ok(Self {
+            m: x.len() / k,
+            k,
+            quants,
+            abs,
+            scales,
+        })
+    }
+
+    /// Rows.
+    pub fn rows(&self) -> usize {
+        self.m
+    }
+
+    #[inline(always)]
+    fn block(&self, i: usize, b: usize) -> (&[i8], &[u8], f32) {
+        let start = i * self.k + b * BLOCK;
+        (
+            &self.quants[start..start + BLOCK],
+            &self.abs[start..start + BLOCK],
+            self.scales[i * (self.k / BLOCK) + b],
+        )
+    }
+}
+
+/// `a` times the transpose of `w`: `(m, n)` row-major, `out[i * n + j]` the product of
+/// activation row `i` and weight row `j`. Columns are split across the current rayon pool.
+pub fn matmul(path: Path, w: &Weights, a: &Activations) -> Result<Vec<f32>, Error> {
+    if a.k != w.k {
+        return Err(Error::Size {
+            expected: w.k,
+            got: a.k,
+        });
+    }
+    let (m, n) = (a.m, w.n);
+    let mut out = vec![0f32; m * n];
+    let threads = rayon::current_num_threads().max(1);
+    // A few chunks per thread, each a multiple of 16 columns so every tile shape divides it.
+    let chunk = n.div_ceil(threads * 4).next_multiple_of(16).max(16);
+    let out_ptr = SharedOut(out.as_mut_ptr());
+    let run = |c0: usize| {
+        let c1 = (c0 + chunk).min(n);
+        // SAFETY: each call writes only columns c0..c1 of each row of `out`, and the column
+        // ranges of the calls are disjoint; `out` outlives them all.
+        unsafe { columns(path, w, a, c0, c1, out_ptr.get(), n) };
+    };
+    if threads == 1 || n <= chunk {
+        (0..n).step_by(chunk).for_each(run);
+    } else {
+        use rayon::prelude::*;
+        (0..n).into_par_iter().step_by(chunk).for_each(run);
+    }
+    Ok(out)
+}
+
+/// The output's pointer, sent to the threads that write disjoint parts of it.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+
+// SAFETY: the threads write disjoint elements (see `matmul`).
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Activation rows at a time held in the cache while a block of columns goes past them.
+const ROW_BLOCK: usize = 64;
+
+/// Columns `c0..c1` of every output row, `ldo` the output's row length.
+///
+/// # Safety
+/// `out` must hold `a.m * ldo` elements, and nothing else may touch columns `c0..c1` meanwhile.
+unsafe fn columns(path: Path, w: &Weights, a: &Activations, c0: usize, c1: usize, out: *mut f32, ldo: usize) {
+    for r0 in (0..a.m).step_by(ROW_BLOCK) {
+        let r1 = (r0 + ROW_BLOCK).min(a.m);
+        match path {
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx512Vnni | Path::AvxVnni | Path::Avx2 => x86::columns(path, w, a, r0..r1, c0..c1, out, ldo),
+            _ => portable::columns(w, a, r0..r1, c0..c1, out, ldo),
+        }
+    }
+}
+
+/// The last step of every path: the eight lanes of an accumulator summed in a fixed tree
+/// (lane `l` with `l + 4`, then with `l + 2`, then the two left), as the x86 kernels do it.
+#[inline(always)]
+fn sum_lanes(acc: [f32; 8]) -> f32 {
+    let s4 = [acc[0] + acc[4], acc[1] + acc[5], acc[2] + acc[6], acc[3] + acc[7]];
+    let s2 = [s4[0] + s4[2], s4[1] + s4[3]];
+    s2[0] + s2[1]
+}
+
+/// IEEE half to single precision (exact: every f16 is an f32).
+fn f16_to_f32(h: u16) -> f32 {
+    let sign = u32::from(h >> 15) << 31;
+    let exp = u32::from((h >> 10) & 0x1f);
+    let frac = u32::from(h & 0x3ff);
+    let bits = match (exp, frac) {
+        (0, 0) => sign,
+        (0, _) => {
+            // Subnormal: normalise it.
+            let shift = frac.leading_zeros() - 21;
+            let frac = (frac << shift) & 0x3ff;
+            sign | ((113 - shift) << 23) | (frac << 13)
+        }
+        (0x1f, _) => sign | 0x7f80_0000 | (frac << 13),
+        _ => sign | ((exp + 112) << 23) | (frac << 13),
+    };
+    f32::from_bits(bits)
+}
+
+#[cfg(test)]
+mod tests;

@@ -132,8 +132,18 @@ impl Path {
     }
 }
 
-/// A Q8_0 weight matrix of `n` rows by `k` columns, laid out for the kernels: the quantised
-/// values row-major, and each block's scale as f32.
+/// Weight rows stored together, block by block (see [`Weights`]): the kernels' tiles take this
+/// many weight rows at a time.
+pub const GROUP: usize = 4;
+
+/// A Q8_0 weight matrix of `n` rows by `k` columns, laid out for the kernels.
+///
+/// Rows go in groups of [`GROUP`], and a group's blocks are interleaved: block 0 of its four
+/// rows, then block 1 of the four, and so on; scales (as f32) likewise, in an array of their
+/// own. A tile of four weight rows then reads its weights as one sequential stream, which the
+/// hardware prefetcher follows: row by row, decoding one sequence streamed the weights at about
+/// half the speed (four short strided streams per tile). A last group of fewer than four rows
+/// is filled with zero rows, whose outputs are never written.
 pub struct Weights {
     n: usize,
     k: usize,
@@ -164,13 +174,24 @@ impl Weights {
                 got: blocks.len(),
             });
         }
-        let mut quants = Vec::with_capacity(n * k);
-        let mut scales = Vec::with_capacity(n * k / BLOCK);
-        for block in blocks.chunks_exact(Q8_0_BLOCK_BYTES) {
-            scales.push(f16_to_f32(u16::from_le_bytes([block[0], block[1]])));
-            quants.extend(block[2..].iter().map(|&q| (q as i8).max(-127)));
+        let per_row = k / BLOCK;
+        let padded = n.next_multiple_of(GROUP);
+        let mut quants = vec![0i8; padded * k];
+        let mut scales = vec![0f32; padded * per_row];
+        for (idx, block) in blocks.chunks_exact(Q8_0_BLOCK_BYTES).enumerate() {
+            let at = Self::index(idx / per_row, idx % per_row, per_row);
+            scales[at] = f16_to_f32(u16::from_le_bytes([block[0], block[1]]));
+            for (q, &b) in quants[at * BLOCK..(at + 1) * BLOCK].iter_mut().zip(&block[2..]) {
+                *q = (b as i8).max(-127);
+            }
         }
         Ok(Self { n, k, quants, scales })
+    }
+
+    /// Where row `j`'s block `b` is stored, counted in blocks (see [`Weights`]).
+    #[inline(always)]
+    fn index(j: usize, b: usize, per_row: usize) -> usize {
+        (j / GROUP * per_row + b) * GROUP + j % GROUP
     }
 
     /// Rows (outputs of a product).
@@ -191,11 +212,8 @@ impl Weights {
     /// Row `j`, block `b`: its 32 values and its scale.
     #[inline(always)]
     fn block(&self, j: usize, b: usize) -> (&[i8], f32) {
-        let start = j * self.k + b * BLOCK;
-        (
-            &self.quants[start..start + BLOCK],
-            self.scales[j * (self.k / BLOCK) + b],
-        )
+        let at = Self::index(j, b, self.k / BLOCK);
+        (&self.quants[at * BLOCK..(at + 1) * BLOCK], self.scales[at])
     }
 }
 

@@ -11,7 +11,7 @@
 use std::arch::x86_64::*;
 use std::ops::Range;
 
-use super::{Activations, Path, Weights, BLOCK};
+use super::{Activations, Path, Weights, BLOCK, GROUP};
 
 /// Rows `rows` by columns `cols` of the output, on `path` (an x86 one).
 ///
@@ -49,44 +49,49 @@ unsafe fn sum_lanes(v: __m256) -> f32 {
     }
 }
 
-/// One path's kernels: `$features` enabled, `$dot(ax, sw)` the block's eight i32 lanes.
+/// One path's kernels: `$features` enabled, `$dot(ax, sw)` the block's eight i32 lanes, tiles of
+/// `$mr` activation rows by a group of four weight rows (see [`Weights`]).
 macro_rules! path_kernels {
-    ($module:ident, $features:literal, $mr:literal, $nr:literal, |$ax:ident, $sw:ident| $dot:expr) => {
+    ($module:ident, $features:literal, $mr:literal, |$ax:ident, $sw:ident| $dot:expr) => {
         mod $module {
             use super::*;
 
-            /// `MR` activation rows from `i0` by `NR` weight rows from `j0`.
+            /// `MR` activation rows from `i0` by the group of weight rows from `j0` (a multiple
+            /// of `GROUP`); outputs of rows at or past `j_end` are not written.
             #[target_feature(enable = $features)]
             #[inline]
-            unsafe fn tile<const MR: usize, const NR: usize>(
+            unsafe fn tile<const MR: usize>(
                 w: &Weights,
                 a: &Activations,
                 i0: usize,
                 j0: usize,
+                j_end: usize,
                 out: *mut f32,
                 ldo: usize,
             ) {
                 let blocks = w.k / BLOCK;
-                let mut acc = [[_mm256_setzero_ps(); NR]; MR];
+                let mut acc = [[_mm256_setzero_ps(); GROUP]; MR];
                 // SAFETY: every pointer below is to a block inside `w` or `a` (rows i0..i0+MR
-                // of `a`, j0..j0+NR of `w`, blocks 0..blocks), and the outputs are the caller's.
+                // of `a`; the group of `j0`, stored whole, of `w`; blocks 0..blocks), and the
+                // outputs are the caller's.
                 unsafe {
-                    let wq = w.quants.as_ptr();
+                    let first = j0 / GROUP * blocks * GROUP;
+                    let wq = w.quants.as_ptr().add(first * BLOCK);
+                    let ws = w.scales.as_ptr().add(first);
                     let (xq, xa) = (a.quants.as_ptr(), a.abs.as_ptr());
                     for b in 0..blocks {
-                        let mut wv = [_mm256_setzero_si256(); NR];
-                        let mut dw = [0f32; NR];
-                        for r in 0..NR {
-                            let j = j0 + r;
-                            wv[r] = _mm256_loadu_si256(wq.add(j * w.k + b * BLOCK).cast());
-                            dw[r] = *w.scales.get_unchecked(j * blocks + b);
+                        let mut wv = [_mm256_setzero_si256(); GROUP];
+                        let mut dw = [0f32; GROUP];
+                        for r in 0..GROUP {
+                            wv[r] = _mm256_loadu_si256(wq.add((b * GROUP + r) * BLOCK).cast());
+                            dw[r] = *ws.add(b * GROUP + r);
                         }
                         for i in 0..MR {
                             let row = (i0 + i) * a.k + b * BLOCK;
                             let x = _mm256_loadu_si256(xq.add(row).cast());
                             let $ax = _mm256_loadu_si256(xa.add(row).cast());
                             let dx = *a.scales.get_unchecked((i0 + i) * blocks + b);
-                            for r in 0..NR {
+                            for r in 0..GROUP {
                                 let $sw = _mm256_sign_epi8(wv[r], x);
                                 let p = _mm256_cvtepi32_ps($dot);
                                 acc[i][r] = _mm256_fmadd_ps(_mm256_set1_ps(dx * dw[r]), p, acc[i][r]);
@@ -94,14 +99,17 @@ macro_rules! path_kernels {
                         }
                     }
                     for i in 0..MR {
-                        for r in 0..NR {
-                            *out.add((i0 + i) * ldo + j0 + r) = sum_lanes(acc[i][r]);
+                        for r in 0..GROUP {
+                            if j0 + r < j_end {
+                                *out.add((i0 + i) * ldo + j0 + r) = sum_lanes(acc[i][r]);
+                            }
                         }
                     }
                 }
             }
 
-            /// `MR` rows from `i0` by columns `cols`, in tiles of `NR` then one.
+            /// `MR` rows from `i0` by columns `cols` (starting at a multiple of `GROUP`), a
+            /// group at a time.
             #[target_feature(enable = $features)]
             #[inline]
             unsafe fn strip<const MR: usize>(
@@ -112,16 +120,10 @@ macro_rules! path_kernels {
                 out: *mut f32,
                 ldo: usize,
             ) {
-                let mut j = cols.start;
                 // SAFETY: the caller's contract, tile by tile.
                 unsafe {
-                    while j + $nr <= cols.end {
-                        tile::<MR, $nr>(w, a, i0, j, out, ldo);
-                        j += $nr;
-                    }
-                    while j < cols.end {
-                        tile::<MR, 1>(w, a, i0, j, out, ldo);
-                        j += 1;
+                    for j in cols.clone().step_by(GROUP) {
+                        tile::<MR>(w, a, i0, j, cols.end, out, ldo);
                     }
                 }
             }
@@ -137,6 +139,7 @@ macro_rules! path_kernels {
                 out: *mut f32,
                 ldo: usize,
             ) {
+                debug_assert!(cols.start % GROUP == 0);
                 let mut c = cols.start;
                 while c < cols.end {
                     let strip_cols = c..(c + 16).min(cols.end);
@@ -147,20 +150,12 @@ macro_rules! path_kernels {
                             strip::<$mr>(w, a, i, strip_cols.clone(), out, ldo);
                             i += $mr;
                         }
-                        match rows.end - i {
-                            0 => {}
-                            1 => strip::<1>(w, a, i, strip_cols.clone(), out, ldo),
-                            2 => strip::<2>(w, a, i, strip_cols.clone(), out, ldo),
-                            _ => {
-                                // Fewer than $mr but more than two left: pairs, then one.
-                                while i + 2 <= rows.end {
-                                    strip::<2>(w, a, i, strip_cols.clone(), out, ldo);
-                                    i += 2;
-                                }
-                                if i < rows.end {
-                                    strip::<1>(w, a, i, strip_cols.clone(), out, ldo);
-                                }
-                            }
+                        while i + 2 <= rows.end {
+                            strip::<2>(w, a, i, strip_cols.clone(), out, ldo);
+                            i += 2;
+                        }
+                        if i < rows.end {
+                            strip::<1>(w, a, i, strip_cols.clone(), out, ldo);
                         }
                     }
                     c = strip_cols.end;
@@ -170,17 +165,17 @@ macro_rules! path_kernels {
     };
 }
 
-// AVX2 has 16 registers: 4 rows by 2 columns keeps its 8 accumulators, 2 weight blocks, the
-// activation block and its absolute value, and the constant 1s in registers.
-path_kernels!(avx2, "avx2,fma", 4, 2, |ax, sw| _mm256_madd_epi16(
+// AVX2 has 16 registers: 2 rows by a group of 4 keeps its 8 accumulators, the group's 4 weight
+// blocks, the activation block and its absolute value in registers.
+path_kernels!(avx2, "avx2,fma", 2, |ax, sw| _mm256_madd_epi16(
     _mm256_maddubs_epi16(ax, sw),
     _mm256_set1_epi16(1)
 ));
 // AVX-512 VL gives 32 256-bit registers: 4 by 4.
-path_kernels!(avx512vnni, "avx2,fma,avx512f,avx512vl,avx512vnni", 4, 4, |ax, sw| {
+path_kernels!(avx512vnni, "avx2,fma,avx512f,avx512vl,avx512vnni", 4, |ax, sw| {
     _mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sw)
 });
-path_kernels!(avxvnni, "avx2,fma,avxvnni", 4, 2, |ax, sw| _mm256_dpbusd_avx_epi32(
+path_kernels!(avxvnni, "avx2,fma,avxvnni", 2, |ax, sw| _mm256_dpbusd_avx_epi32(
     _mm256_setzero_si256(),
     ax,
     sw

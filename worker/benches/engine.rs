@@ -32,7 +32,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn measure(path: &Path, weights: WeightFormat) -> anyhow::Result<Measure> {
     let start = Instant::now();
-    let opts = LoadOptions::new(ModelSource::Path(path.to_path_buf()), weights);
+    let opts = LoadOptions {
+        kernels: report::kernels()?,
+        ..LoadOptions::new(ModelSource::Path(path.to_path_buf()), weights)
+    };
     let model = Model::load(&opts, &candle_core::Device::Cpu)?;
     let load_s = start.elapsed().as_secs_f64();
     let template = model

@@ -10,7 +10,13 @@
 //!    through the engine thread (`EngineHandle`), as a request does.
 //! 2. Aggregate decode tokens/s with 1, 4, 8 and 16 sequences in flight through
 //!    `EngineHandle::spawn(engine, n)`, each with its own prompt, and `batch8_vs_batch1_ratio`.
-//! 3. Peak resident memory (VmHWM) of a process that loads the model as the worker does and runs
+//! 3. Prefill of a long prompt (`PREFILL_TOKENS`), Ferry against llama.cpp, alternating, as
+//!    `prefill_vs_llama_cpp_ratio`: the prompt goes through the engine in its chunks, llama.cpp
+//!    takes it in one batch of 512.
+//! 4. Parts 1 and 2 again with 2 compute threads (when the bench runs with one and the machine
+//!    has two cores): the bench re-executes itself with `FERRY_BENCH_THREADS_CHILD` set and
+//!    `RAYON_NUM_THREADS=2`, and reports the child's figures under `two_threads`.
+//! 5. Peak resident memory (VmHWM) of a process that loads the model as the worker does and runs
 //!    8 sequences of 1024 tokens each (long prompts, then decode) through the engine thread, all 8
 //!    in flight at once (the report says whether they were): the bench re-executes itself with
 //!    `FERRY_BENCH_RSS_CHILD` set, so the figure is not inflated by the parts above.
@@ -20,6 +26,9 @@
 //! prefills done) to the moment the first job finishes (all still in flight), so prefill and
 //! stragglers do not dilute it. For one sequence that is the time of N forward passes of one
 //! token, sampling included, which is how the llama.cpp script measures it too.
+//!
+//! The report names the kernel path that ran and the CPU's features (`machine`, and `kernels`
+//! from the model itself); `FERRY_KERNELS` picks the path as for the worker.
 //!
 //! `make bench` runs it and writes `throughput.json` into `FERRY_BENCH_OUT` (default
 //! `target/bench`). Threads follow `RAYON_NUM_THREADS` (all cores when unset), and llama.cpp
@@ -65,6 +74,9 @@ const RSS_POSITIONS: usize = 1024;
 /// (the engine prefills one sequence at a time, in chunks), so all 8 caches are full at once.
 const RSS_DECODE_TOKENS: usize = 128;
 const RSS_CHILD_ENV: &str = "FERRY_BENCH_RSS_CHILD";
+const THREADS_CHILD_ENV: &str = "FERRY_BENCH_THREADS_CHILD";
+/// Tokens of the prompt whose prefill is compared.
+const PREFILL_TOKENS: usize = 512;
 const FILLER: &str = "The lighthouse keeper climbed the spiral stairs each evening, trimmed the wick, \
 polished the great lens and wrote the weather, the ships and the sea birds in a leather log. ";
 
@@ -89,7 +101,10 @@ fn repo_root() -> PathBuf {
 }
 
 fn load_model(path: &Path) -> anyhow::Result<Arc<Model>> {
-    let opts = LoadOptions::new(ModelSource::Path(path.to_path_buf()), WeightFormat::Q8_0);
+    let opts = LoadOptions {
+        kernels: report::kernels()?,
+        ..LoadOptions::new(ModelSource::Path(path.to_path_buf()), WeightFormat::Q8_0)
+    };
     Ok(Arc::new(Model::load(&opts, &candle_core::Device::Cpu)?))
 }
 
@@ -237,7 +252,13 @@ fn llama_cpp_python() -> anyhow::Result<PathBuf> {
 }
 
 /// One llama.cpp run of `prompt` through the comparison script.
-fn llama_cpp_run(python: &Path, model: &Path, threads: usize, prompt: &[u32]) -> anyhow::Result<Value> {
+fn llama_cpp_run(
+    python: &Path,
+    model: &Path,
+    threads: usize,
+    prompt: &[u32],
+    decode_tokens: usize,
+) -> anyhow::Result<Value> {
     let script = repo_root().join("scripts/llama_cpp_bench.py");
     let mut child = Command::new(python)
         .arg(&script)
@@ -250,7 +271,7 @@ fn llama_cpp_run(python: &Path, model: &Path, threads: usize, prompt: &[u32]) ->
         .stderr(Stdio::piped())
         .spawn()
         .with_context(|| format!("cannot run {}", python.display()))?;
-    let request = json!({ "prompt": prompt, "decode_tokens": DECODE_TOKENS, "repeats": 1 });
+    let request = json!({ "prompt": prompt, "decode_tokens": decode_tokens, "repeats": 1 });
     child
         .stdin
         .take()
@@ -293,7 +314,7 @@ fn single_sequence(
         ferry_prefill.push(prompt.len() as f64 / trace.completion.prefill.as_secs_f64());
         ferry_tokens = trace.completion.tokens;
         if let (Ok(python), None) = (&llama, &llama_error) {
-            match llama_cpp_run(python, path, threads, &prompt) {
+            match llama_cpp_run(python, path, threads, &prompt, DECODE_TOKENS) {
                 Ok(v) => llama_runs.push(v),
                 Err(e) => llama_error = Some(format!("{e:#}")),
             }
@@ -339,6 +360,78 @@ fn single_sequence(
         );
     }
     Ok(report)
+}
+
+/// Part 3: prefill of a long prompt, Ferry and llama.cpp alternating.
+fn prefill(rt: &tokio::runtime::Runtime, model: &Arc<Model>, path: &Path, threads: usize) -> anyhow::Result<Value> {
+    let filler = model.tokenizer.encode(&FILLER.repeat(PREFILL_TOKENS / 20))?;
+    ensure!(filler.len() >= PREFILL_TOKENS, "filler too short");
+    let prompt = filler[..PREFILL_TOKENS].to_vec();
+    let handle = EngineHandle::spawn(Engine::new(model.clone()), 1)?;
+    rt.block_on(run_all(&handle, vec![greedy(prompt[..64].to_vec(), 1)]))?;
+    let llama = llama_cpp_python();
+    let mut llama_error = llama.as_ref().err().map(|e| format!("{e:#}"));
+    let (mut ferry, mut llama_runs) = (Vec::new(), Vec::new());
+    for _ in 0..REPEATS {
+        let trace = rt
+            .block_on(run_all(&handle, vec![greedy(prompt.clone(), 1)]))?
+            .remove(0);
+        ferry.push(prompt.len() as f64 / trace.completion.prefill.as_secs_f64());
+        if let (Ok(python), None) = (&llama, &llama_error) {
+            match llama_cpp_run(python, path, threads, &prompt, 1) {
+                Ok(v) => llama_runs.extend(v["prefill_tokens_per_s"].as_f64()),
+                Err(e) => llama_error = Some(format!("{e:#}")),
+            }
+        }
+    }
+    let ratio =
+        (llama_error.is_none() && !llama_runs.is_empty()).then(|| median(ferry.clone()) / median(llama_runs.clone()));
+    Ok(json!({
+        "prompt_tokens": prompt.len(),
+        "ferry_prefill_tokens_per_s": median(ferry.clone()),
+        "ferry_prefill_tokens_per_s_runs": ferry,
+        "llama_cpp_prefill_tokens_per_s": (!llama_runs.is_empty()).then(|| median(llama_runs.clone())),
+        "llama_cpp_prefill_tokens_per_s_runs": llama_runs,
+        "llama_cpp_error": llama_error,
+        "prefill_vs_llama_cpp_ratio": ratio,
+    }))
+}
+
+/// Parts 1 to 3 with this process's threads: the figures the report compares.
+fn speed(rt: &tokio::runtime::Runtime, model: &Arc<Model>, path: &Path, threads: usize) -> anyhow::Result<Value> {
+    let single = single_sequence(rt, model, path, threads)?;
+    let prefill = prefill(rt, model, path, threads)?;
+    let aggregate = aggregates(rt, model)?;
+    let rate = |n: usize| {
+        aggregate
+            .iter()
+            .find(|a| a["in_flight"] == n)
+            .and_then(|a| a["decode_tokens_per_s"].as_f64())
+    };
+    let batch_ratio = rate(8).zip(rate(1)).map(|(b8, b1)| b8 / b1);
+    Ok(json!({
+        "threads": threads,
+        "vs_llama_cpp_ratio": single["vs_llama_cpp_ratio"],
+        "prefill_vs_llama_cpp_ratio": prefill["prefill_vs_llama_cpp_ratio"],
+        "batch8_vs_batch1_ratio": batch_ratio,
+        "single_sequence": single,
+        "prefill": prefill,
+        "aggregate": aggregate,
+    }))
+}
+
+/// Part 4, from the parent: parts 1 to 3 again in a child with 2 threads.
+fn two_threads() -> anyhow::Result<Value> {
+    let out = Command::new(std::env::current_exe()?)
+        .env(THREADS_CHILD_ENV, "1")
+        .env("RAYON_NUM_THREADS", "2")
+        .stderr(Stdio::inherit())
+        .output()?;
+    ensure!(out.status.success(), "the 2-thread child failed ({})", out.status);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    Ok(serde_json::from_str(
+        stdout.lines().last().context("the 2-thread child printed nothing")?,
+    )?)
 }
 
 /// Part 2: aggregate decode with several sequences in flight.
@@ -442,26 +535,36 @@ fn main() -> anyhow::Result<()> {
     let threads = candle_core::utils::get_num_threads();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let model = load_model(&path)?;
-    let single = single_sequence(&rt, &model, &path, threads)?;
-    let aggregate = aggregates(&rt, &model)?;
+    let kernels = model
+        .weights
+        .kernel_path()
+        .map_or("candle", ferry_worker::kernels::Path::name);
+    if std::env::var_os(THREADS_CHILD_ENV).is_some() {
+        println!("{}", speed(&rt, &model, &path, threads)?);
+        return Ok(());
+    }
+    let speed = speed(&rt, &model, &path, threads)?;
     drop(model);
-    let memory = peak_memory().unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
-    let rate = |n: usize| {
-        aggregate
-            .iter()
-            .find(|a| a["in_flight"] == n)
-            .and_then(|a| a["decode_tokens_per_s"].as_f64())
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let two = if threads == 1 && cpus >= 2 {
+        two_threads().unwrap_or_else(|e| json!({ "error": format!("{e:#}") }))
+    } else {
+        Value::Null
     };
-    let batch_ratio = rate(8).zip(rate(1)).map(|(b8, b1)| b8 / b1);
+    let memory = peak_memory().unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
     let report = json!({
         "model": path.file_name().map(|f| f.to_string_lossy().into_owned()),
+        "kernels": kernels,
         "threads": threads,
-        "cpus": std::thread::available_parallelism().map(|n| n.get()).ok(),
-        "vs_llama_cpp_ratio": single["vs_llama_cpp_ratio"],
-        "batch8_vs_batch1_ratio": batch_ratio,
-        "targets": { "vs_llama_cpp_ratio": 1.0, "batch8_vs_batch1_ratio": 3.0 },
-        "single_sequence": single,
-        "aggregate": aggregate,
+        "cpus": cpus,
+        "vs_llama_cpp_ratio": speed["vs_llama_cpp_ratio"],
+        "prefill_vs_llama_cpp_ratio": speed["prefill_vs_llama_cpp_ratio"],
+        "batch8_vs_batch1_ratio": speed["batch8_vs_batch1_ratio"],
+        "targets": { "vs_llama_cpp_ratio": 1.0, "prefill_vs_llama_cpp_ratio": 1.0, "batch8_vs_batch1_ratio": 3.0 },
+        "single_sequence": speed["single_sequence"],
+        "prefill": speed["prefill"],
+        "aggregate": speed["aggregate"],
+        "two_threads": two,
         "memory": memory,
         "wall_s": started.elapsed().as_secs_f64(),
     });
@@ -474,7 +577,12 @@ fn main() -> anyhow::Result<()> {
 fn print_table(r: &Value) {
     let f = |v: &Value| v.as_f64().map_or("n/a".to_string(), |x| format!("{x:.2}"));
     let s = &r["single_sequence"];
-    println!("threads: {}", r["threads"]);
+    println!(
+        "kernels: {}, threads: {}, cpu: {}",
+        r["kernels"],
+        r["threads"],
+        report::machine()["cpu"]
+    );
     println!("single sequence, {} decode tokens:", s["decode_tokens"]);
     println!(
         "  Ferry (Q8_0)      decode {:>8} tok/s   prefill {:>8} tok/s",
@@ -490,6 +598,17 @@ fn print_table(r: &Value) {
         ),
     }
     println!("  vs_llama_cpp_ratio {} (target 1.0)", f(&r["vs_llama_cpp_ratio"]));
+    let p = &r["prefill"];
+    println!(
+        "prefill of {} tokens: Ferry {} tok/s, llama.cpp {} tok/s",
+        p["prompt_tokens"],
+        f(&p["ferry_prefill_tokens_per_s"]),
+        f(&p["llama_cpp_prefill_tokens_per_s"])
+    );
+    println!(
+        "  prefill_vs_llama_cpp_ratio {} (target 1.0)",
+        f(&r["prefill_vs_llama_cpp_ratio"])
+    );
     println!("aggregate decode:");
     for a in r["aggregate"].as_array().into_iter().flatten() {
         println!(
@@ -504,6 +623,16 @@ fn print_table(r: &Value) {
         "  batch8_vs_batch1_ratio {} (target 3.0)",
         f(&r["batch8_vs_batch1_ratio"])
     );
+    let t = &r["two_threads"];
+    if !t.is_null() {
+        println!(
+            "2 threads: vs_llama_cpp_ratio {}, prefill_vs_llama_cpp_ratio {}, batch8_vs_batch1_ratio {}{}",
+            f(&t["vs_llama_cpp_ratio"]),
+            f(&t["prefill_vs_llama_cpp_ratio"]),
+            f(&t["batch8_vs_batch1_ratio"]),
+            t["error"].as_str().map(|e| format!(" ({e})")).unwrap_or_default()
+        );
+    }
     let m = &r["memory"];
     println!(
         "peak RSS, {} sequences of {} tokens: {} MiB (after load {} MiB, KV cache {} MiB)",

@@ -1,15 +1,62 @@
 //! Where a bench's JSON report goes: `FERRY_BENCH_OUT` (`make bench` sets it), or the
-//! workspace's `target/bench`. Included with `#[path]` by each bench.
+//! workspace's `target/bench`. Included with `#[path]` by each bench. Every report names the
+//! machine: the CPU, the instruction sets the kernels care about, and the kernels that ran.
 
 use std::path::PathBuf;
 
-/// Writes `report` as pretty JSON to `<out>/<name>.json` and returns the file's path.
+/// The kernels the bench's models run on: `FERRY_KERNELS`, as the worker reads it.
+#[allow(dead_code)] // Not every bench loads a model itself.
+pub fn kernels() -> anyhow::Result<ferry_worker::model::Kernels> {
+    ferry_worker::model::Kernels::from_env().map_err(anyhow::Error::msg)
+}
+
+/// The CPU's model name and the instruction sets that pick a kernel path.
+pub fn machine() -> serde_json::Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        cpuinfo
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+    };
+    let flags = field("flags").unwrap_or_default();
+    let wanted = [
+        "avx",
+        "avx2",
+        "fma",
+        "f16c",
+        "avx512f",
+        "avx512bw",
+        "avx512vl",
+        "avx512_vnni",
+        "avx_vnni",
+        "amx_int8",
+    ];
+    let features: Vec<&str> = wanted
+        .into_iter()
+        .filter(|f| flags.split_whitespace().any(|g| g == *f))
+        .collect();
+    serde_json::json!({
+        "cpu": field("model name"),
+        "cpu_features": features,
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).ok(),
+        "kernels": kernels().map(|k| k.name()).unwrap_or("invalid FERRY_KERNELS"),
+    })
+}
+
+/// Writes `report` as pretty JSON to `<out>/<name>.json`, with the machine beside it (see
+/// [`machine`]), and returns the file's path.
 pub fn save(name: &str, report: &serde_json::Value) -> anyhow::Result<PathBuf> {
+    let mut report = report.clone();
+    if let Some(fields) = report.as_object_mut() {
+        fields.insert("machine".into(), machine());
+    }
     let out = std::env::var_os("FERRY_BENCH_OUT")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bench"));
     std::fs::create_dir_all(&out)?;
     let file = out.join(format!("{name}.json"));
-    std::fs::write(&file, serde_json::to_string_pretty(report)? + "\n")?;
+    std::fs::write(&file, serde_json::to_string_pretty(&report)? + "\n")?;
     Ok(file)
 }

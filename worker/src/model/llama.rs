@@ -131,6 +131,22 @@ impl std::str::FromStr for Kernels {
 }
 
 impl Kernels {
+    /// The choice `FERRY_KERNELS` names, as the worker's `--kernels` reads it (`auto` when unset):
+    /// for tests and benches, which load the model themselves.
+    pub fn from_env() -> Result<Kernels, String> {
+        std::env::var("FERRY_KERNELS").map_or(Ok(Kernels::Auto), |s| s.parse())
+    }
+
+    /// What runs the products under this choice on this CPU: `candle`, or the path of Ferry's
+    /// kernels (`auto` resolved), as reports name it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernels::Auto => ferry_kernels::Path::detect().name(),
+            Kernels::Candle => "candle",
+            Kernels::Ferry(path) => path.name(),
+        }
+    }
+
     /// The path of Ferry's kernels this choice runs on this CPU, or `None` for candle's.
     fn resolve(self) -> Result<Option<ferry_kernels::Path>, ModelError> {
         match self {

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
-use ferry_worker::model::{LoadOptions, Model, ModelSource, WeightFormat};
+use ferry_worker::model::{Kernels, LoadOptions, Model, ModelSource, WeightFormat};
 
 /// The GGUF the tests run: `$FERRY_TEST_MODEL`, or the file `make model` fetches.
 pub fn model_path() -> PathBuf {
@@ -18,8 +18,13 @@ pub fn model_path() -> PathBuf {
     path
 }
 
+/// The model with `weights`, on the kernels `FERRY_KERNELS` names (as the workers the tests start
+/// read it), so that `FERRY_KERNELS=avx2 make test` runs every test on one path.
 pub fn load(weights: WeightFormat) -> Model {
-    let opts = LoadOptions::new(ModelSource::Path(model_path()), weights);
+    let opts = LoadOptions {
+        kernels: Kernels::from_env().expect("FERRY_KERNELS names kernels"),
+        ..LoadOptions::new(ModelSource::Path(model_path()), weights)
+    };
     Model::load(&opts, &candle_core::Device::Cpu).expect("test model loads")
 }
 

@@ -16,15 +16,15 @@
 //! The path is picked at run time from the CPU's features ([`Path::detect`]), or named
 //! ([`Path::from_name`]; the worker's `--kernels`): AVX-512 VNNI, AVX-VNNI, AVX2 with FMA, or portable Rust.
 //! Every path computes every output with the same operations in the same order: the integer
-//! dot product of a block in eight lanes of four bytes each (exact), each lane accumulated in
-//! f32 with one fused multiply-add per block, then the eight lanes summed in a fixed tree. So
-//! an output does not depend on the tile it was computed in, on how many rows share the
-//! product, on the thread count, nor on the path: the same request alone or in a batch gives
-//! the same bits, and the tests check all of it.
+//! dot product of each block (exact, in 32 bits), then, block after block, one fused
+//! multiply-add of it by the product of the two scales into an f32 accumulator that starts at
+//! zero. So an output does not depend on the tile it was computed in, on how many rows share the
+//! product, on the thread count, nor on the path: the same request alone or in a batch gives the
+//! same bits, and the tests check all of it.
 //!
 //! The limit: weights are taken as Q8_0 (the worker re-quantises 4- and 5-bit GGUF weights to
-//! it at load), and a weight of -128 is clamped to -127 at load, as the sign trick the x86
-//! kernels use needs (no quantiser this crate meets writes -128).
+//! it at load), and a weight of -128 is clamped to -127 at load, as the sign trick of the AVX2
+//! kernel needs (no quantiser this crate meets writes -128).
 //!
 //! This crate knows nothing of candle's tensors: it takes and returns plain slices.
 
@@ -132,23 +132,32 @@ impl Path {
     }
 }
 
-/// Weight rows stored together, block by block (see [`Weights`]): the kernels' tiles take this
-/// many weight rows at a time.
-pub const GROUP: usize = 4;
+/// Weight rows stored together (see [`Weights`]): the kernels' tiles take this many weight rows
+/// at a time, one per lane of a 256-bit register of f32 or i32.
+pub const GROUP: usize = 8;
+
+/// Bytes of one weight row side by side with those of the other rows of its group (see
+/// [`Weights`]): the four bytes one 32-bit lane multiplies and adds.
+const STEP: usize = 4;
 
 /// A Q8_0 weight matrix of `n` rows by `k` columns, laid out for the kernels.
 ///
-/// Rows go in groups of [`GROUP`], and a group's blocks are interleaved: block 0 of its four
-/// rows, then block 1 of the four, and so on; scales (as f32) likewise, in an array of their
-/// own. A tile of four weight rows then reads its weights as one sequential stream, which the
-/// hardware prefetcher follows: row by row, decoding one sequence streamed the weights at about
-/// half the speed (four short strided streams per tile). A last group of fewer than four rows
-/// is filled with zero rows, whose outputs are never written.
+/// Rows go in groups of [`GROUP`] (eight), stored block by block. Within a group's block, the
+/// first four values of each of the eight rows come first (32 bytes: row 0's four, row 1's
+/// four, ...), then the next four of each, and so on: each 32-byte load holds four values of
+/// each of eight rows, so one multiply-add instruction against four activation values
+/// (broadcast) advances eight dot products at once, and a tile reads its weights as one
+/// sequential stream that the hardware prefetcher follows. Scales (as f32) are stored in the
+/// same order, eight to a group's block, and so is each row's block sum times -128 (the VNNI
+/// kernels' correction, see `x86`). A last group of fewer than eight rows is filled with zero
+/// rows, whose outputs are never written.
 pub struct Weights {
     n: usize,
     k: usize,
     quants: Vec<i8>,
     scales: Vec<f32>,
+    /// `-128 * sum(block)` for each row and block.
+    corrections: Vec<i32>,
 }
 
 impl fmt::Debug for Weights {
@@ -178,20 +187,38 @@ impl Weights {
         let padded = n.next_multiple_of(GROUP);
         let mut quants = vec![0i8; padded * k];
         let mut scales = vec![0f32; padded * per_row];
+        let mut corrections = vec![0i32; padded * per_row];
         for (idx, block) in blocks.chunks_exact(Q8_0_BLOCK_BYTES).enumerate() {
-            let at = Self::index(idx / per_row, idx % per_row, per_row);
+            let (j, b) = (idx / per_row, idx % per_row);
+            let at = Self::index(j, b, per_row);
             scales[at] = f16_to_f32(u16::from_le_bytes([block[0], block[1]]));
-            for (q, &b) in quants[at * BLOCK..(at + 1) * BLOCK].iter_mut().zip(&block[2..]) {
-                *q = (b as i8).max(-127);
+            let mut sum = 0i32;
+            for (t, &byte) in block[2..].iter().enumerate() {
+                let q = (byte as i8).max(-127);
+                quants[Self::position(j, b, t, per_row)] = q;
+                sum += i32::from(q);
             }
+            corrections[at] = -128 * sum;
         }
-        Ok(Self { n, k, quants, scales })
+        Ok(Self {
+            n,
+            k,
+            quants,
+            scales,
+            corrections,
+        })
     }
 
-    /// Where row `j`'s block `b` is stored, counted in blocks (see [`Weights`]).
+    /// Where row `j`'s block `b` is counted among the blocks (its scale's index).
     #[inline(always)]
     fn index(j: usize, b: usize, per_row: usize) -> usize {
         (j / GROUP * per_row + b) * GROUP + j % GROUP
+    }
+
+    /// Where value `t` of row `j`'s block `b` is stored (see [`Weights`]).
+    #[inline(always)]
+    fn position(j: usize, b: usize, t: usize, per_row: usize) -> usize {
+        (j / GROUP * per_row + b) * GROUP * BLOCK + t / STEP * GROUP * STEP + j % GROUP * STEP + t % STEP
     }
 
     /// Rows (outputs of a product).
@@ -206,24 +233,27 @@ impl Weights {
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.quants.len() + self.scales.len() * 4
+        self.quants.len() + self.scales.len() * 4 + self.corrections.len() * 4
     }
 
     /// Row `j`, block `b`: its 32 values and its scale.
     #[inline(always)]
-    fn block(&self, j: usize, b: usize) -> (&[i8], f32) {
-        let at = Self::index(j, b, self.k / BLOCK);
-        (&self.quants[at * BLOCK..(at + 1) * BLOCK], self.scales[at])
+    fn block(&self, j: usize, b: usize) -> ([i8; BLOCK], f32) {
+        let per_row = self.k / BLOCK;
+        let values = std::array::from_fn(|t| self.quants[Self::position(j, b, t, per_row)]);
+        (values, self.scales[Self::index(j, b, per_row)])
     }
 }
 
 /// `m` activation rows of `k` values, quantised to 8-bit blocks once per product: the values,
-/// their absolute values (the x86 kernels' unsigned operand), and each block's scale.
+/// their absolute values (the AVX2 kernel's unsigned operand), the values plus 128 (the VNNI
+/// kernels' unsigned operand), and each block's scale.
 pub struct Activations {
     m: usize,
     k: usize,
     quants: Vec<i8>,
     abs: Vec<u8>,
+    shifted: Vec<u8>,
     scales: Vec<f32>,
 }
 
@@ -251,11 +281,13 @@ impl Activations {
             quants.extend(block.iter().map(|v| (v * id).round().clamp(-127.0, 127.0) as i8));
         }
         let abs = quants.iter().map(|q| q.unsigned_abs()).collect();
+        let shifted = quants.iter().map(|&q| (i16::from(q) + 128) as u8).collect();
         Ok(Self {
             m: x.len() / k,
             k,
             quants,
             abs,
+            shifted,
             scales,
         })
     }
@@ -266,11 +298,10 @@ impl Activations {
     }
 
     #[inline(always)]
-    fn block(&self, i: usize, b: usize) -> (&[i8], &[u8], f32) {
+    fn block(&self, i: usize, b: usize) -> (&[i8], f32) {
         let start = i * self.k + b * BLOCK;
         (
             &self.quants[start..start + BLOCK],
-            &self.abs[start..start + BLOCK],
             self.scales[i * (self.k / BLOCK) + b],
         )
     }
@@ -288,7 +319,7 @@ pub fn matmul(path: Path, w: &Weights, a: &Activations) -> Result<Vec<f32>, Erro
     let (m, n) = (a.m, w.n);
     let mut out = vec![0f32; m * n];
     let threads = rayon::current_num_threads().max(1);
-    // A few chunks per thread, each a multiple of 16 columns so every tile shape divides it.
+    // A few chunks per thread, each a multiple of 16 columns so that groups never straddle two.
     let chunk = n.div_ceil(threads * 4).next_multiple_of(16).max(16);
     let out_ptr = SharedOut(out.as_mut_ptr());
     let run = |c0: usize| {
@@ -336,15 +367,6 @@ unsafe fn columns(path: Path, w: &Weights, a: &Activations, c0: usize, c1: usize
             _ => portable::columns(w, a, r0..r1, c0..c1, out, ldo),
         }
     }
-}
-
-/// The last step of every path: the eight lanes of an accumulator summed in a fixed tree
-/// (lane `l` with `l + 4`, then with `l + 2`, then the two left), as the x86 kernels do it.
-#[inline(always)]
-fn sum_lanes(acc: [f32; 8]) -> f32 {
-    let s4 = [acc[0] + acc[4], acc[1] + acc[5], acc[2] + acc[6], acc[3] + acc[7]];
-    let s2 = [s4[0] + s4[2], s4[1] + s4[3]];
-    s2[0] + s2[1]
 }
 
 /// IEEE half to single precision (exact: every f16 is an f32).

@@ -1,10 +1,10 @@
 //! The portable path: plain Rust, one output at a time, with the x86 kernels' arithmetic
-//! exactly (see the crate doc): eight lanes of four byte products each, one fused
-//! multiply-add per lane and block, the lanes summed by [`sum_lanes`].
+//! exactly (see the crate doc): each block's exact integer dot product, then one fused
+//! multiply-add per block.
 
 use std::ops::Range;
 
-use super::{sum_lanes, Activations, Weights, BLOCK};
+use super::{Activations, Weights, BLOCK};
 
 /// Rows `rows` by columns `cols` of the output.
 ///
@@ -21,18 +21,15 @@ pub(crate) unsafe fn columns(
     let blocks = w.k / BLOCK;
     for j in cols {
         for i in rows.clone() {
-            let mut acc = [0f32; 8];
+            let mut acc = 0f32;
             for b in 0..blocks {
                 let (wq, dw) = w.block(j, b);
-                let (xq, _, dx) = a.block(i, b);
-                let d = dx * dw;
-                for (l, lane) in acc.iter_mut().enumerate() {
-                    let p: i32 = (4 * l..4 * l + 4).map(|t| i32::from(xq[t]) * i32::from(wq[t])).sum();
-                    *lane = d.mul_add(p as f32, *lane);
-                }
+                let (xq, dx) = a.block(i, b);
+                let dot: i32 = wq.iter().zip(xq).map(|(&p, &q)| i32::from(p) * i32::from(q)).sum();
+                acc = (dx * dw).mul_add(dot as f32, acc);
             }
             // SAFETY: in bounds (i < a.m, j < ldo) and this output is ours (the caller's contract).
-            unsafe { *out.add(i * ldo + j) = sum_lanes(acc) };
+            unsafe { *out.add(i * ldo + j) = acc };
         }
     }
 }

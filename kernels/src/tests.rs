@@ -45,7 +45,7 @@ fn exact(w: &Weights, a: &Activations) -> Vec<f64> {
             let mut s = 0f64;
             for b in 0..blocks {
                 let (wq, dw) = w.block(j, b);
-                let (xq, _, dx) = a.block(i, b);
+                let (xq, dx) = a.block(i, b);
                 let dot: i32 = wq.iter().zip(xq).map(|(&p, &q)| i32::from(p) * i32::from(q)).sum();
                 s += f64::from(dx) * f64::from(dw) * f64::from(dot);
             }

@@ -56,9 +56,10 @@ chaos: model build
 # Engine speed, single sequence: prefill and decode tokens/s for the file's Q4_1 weights and for
 # Q8_0 re-quantised at load (target/bench/engine.json). Snapshot costs: decode overhead, bytes per
 # token, restore against re-prefill, recovery after SIGTERM and SIGKILL (target/bench/snapshot.json).
-# Throughput: single-sequence decode against llama.cpp on the same file, prompt and threads; aggregate
-# decode with 1, 4, 8 and 16 sequences in flight; peak RSS with 8 sequences of 1024 tokens
-# (target/bench/throughput.json). Start-up: process start to /readyz 200 of the release worker with the
+# Throughput: single-sequence decode and the prefill of 512 tokens against llama.cpp on the same file,
+# prompt and threads; aggregate decode with 1, 4, 8 and 16 sequences in flight; the same with 2
+# threads; peak RSS with 8 sequences of 1024 tokens (target/bench/throughput.json). Every report
+# names the CPU, its features and the kernel path (FERRY_KERNELS=avx2 make bench forces one). Start-up: process start to /readyz 200 of the release worker with the
 # model, median of several runs, and the model load's share of it (target/bench/startup.json).
 # Recovery: signal to the survivor's first new token after SIGTERM and SIGKILL, on real Kafka and on
 # the mock side by side, and fleet throughput through Kafka over in-process (target/bench/recovery.json).

@@ -39,7 +39,7 @@
 //! greedy outputs can part after a while; the prompt is a counting task that neither stops early,
 //! and llama.cpp ignores end of sequence, so both do the same work per token. The llama.cpp build
 //! names its instruction sets (AVX2/FMA, plus AVX-512 VNNI where the CPU has it; see the set-up
-//! script), and candle picks its kernels at run time, AVX-512 VNNI included. If llama.cpp cannot be
+//! script), and Ferry picks its kernel path at run time, AVX-512 VNNI included. If llama.cpp cannot be
 //! installed, the report records why (`llama_cpp_error`) and the ratio is null.
 
 #[path = "support/report.rs"]
@@ -420,18 +420,25 @@ fn speed(rt: &tokio::runtime::Runtime, model: &Arc<Model>, path: &Path, threads:
     }))
 }
 
-/// Part 4, from the parent: parts 1 to 3 again in a child with 2 threads.
-fn two_threads() -> anyhow::Result<Value> {
+/// Runs this bench again as a child with `env` set, and reads the JSON of its last line.
+fn child(what: &str, env: &[(&str, &str)]) -> anyhow::Result<Value> {
     let out = Command::new(std::env::current_exe()?)
-        .env(THREADS_CHILD_ENV, "1")
-        .env("RAYON_NUM_THREADS", "2")
+        .envs(env.iter().copied())
         .stderr(Stdio::inherit())
         .output()?;
-    ensure!(out.status.success(), "the 2-thread child failed ({})", out.status);
+    ensure!(out.status.success(), "the {what} child failed ({})", out.status);
     let stdout = String::from_utf8_lossy(&out.stdout);
     Ok(serde_json::from_str(
-        stdout.lines().last().context("the 2-thread child printed nothing")?,
+        stdout
+            .lines()
+            .last()
+            .with_context(|| format!("the {what} child printed nothing"))?,
     )?)
+}
+
+/// Part 4, from the parent: parts 1 to 3 again in a child with 2 threads.
+fn two_threads() -> anyhow::Result<Value> {
+    child("2-thread", &[(THREADS_CHILD_ENV, "1"), ("RAYON_NUM_THREADS", "2")])
 }
 
 /// Part 2: aggregate decode with several sequences in flight.
@@ -453,7 +460,7 @@ fn aggregates(rt: &tokio::runtime::Runtime, model: &Arc<Model>) -> anyhow::Resul
     Ok(out)
 }
 
-/// Part 3, in the child process: 8 long sequences, then this process's peak resident memory.
+/// Part 5, in the child process: 8 long sequences, then this process's peak resident memory.
 fn rss_child(path: &Path) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let model = load_model(path)?;
@@ -511,17 +518,9 @@ fn proc_status_kib(field: &str) -> anyhow::Result<u64> {
         .parse()?)
 }
 
-/// Part 3, from the parent: runs the child and reads its figures.
+/// Part 5, from the parent: runs the memory child and reads its figures.
 fn peak_memory() -> anyhow::Result<Value> {
-    let out = Command::new(std::env::current_exe()?)
-        .env(RSS_CHILD_ENV, "1")
-        .stderr(Stdio::inherit())
-        .output()?;
-    ensure!(out.status.success(), "the memory child failed ({})", out.status);
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    Ok(serde_json::from_str(
-        stdout.lines().last().context("the memory child printed nothing")?,
-    )?)
+    child("memory", &[(RSS_CHILD_ENV, "1")])
 }
 
 fn main() -> anyhow::Result<()> {

@@ -245,6 +245,10 @@ impl Weights {
     }
 }
 
+/// 1.5 * 2^23: added to an f32 of magnitude at most 2^22 and subtracted again, it leaves the
+/// value rounded to an integer, ties to even (IEEE's default rounding of the sum).
+const ROUNDER: f32 = 12_582_912.0;
+
 /// `m` activation rows of `k` values, quantised to 8-bit blocks once per product: the values,
 /// their absolute values (the AVX2 kernel's unsigned operand), the values plus 128 (the VNNI
 /// kernels' unsigned operand), and each block's scale.
@@ -259,9 +263,11 @@ pub struct Activations {
 
 impl Activations {
     /// Quantises `x`, rows of `k` values: each block of 32 gets the scale `max |x| / 127` and
-    /// values `x / scale` rounded half to even (0 for a block of zeros). Half to even is one
-    /// instruction (`roundps`) and vectorises; half away from zero, `f32::round`, is a call per
-    /// value, which took a tenth of a batched decode.
+    /// values `x / scale` rounded half to even (0 for a block of zeros). The rounding adds and
+    /// subtracts 1.5 * 2^23, which rounds to the nearest integer, ties to even, in every value
+    /// of at most 2^22 (these are clamped to 127 first); it vectorises with the baseline SSE2,
+    /// where `f32::round` and `round_ties_even` are a call per value (a tenth of a batched
+    /// decode).
     pub fn quantize(x: &[f32], k: usize) -> Result<Self, Error> {
         if k == 0 || k % BLOCK != 0 {
             return Err(Error::NotBlocks { k });
@@ -285,7 +291,7 @@ impl Activations {
             let (q, a, s) = (&mut quants[at.clone()], &mut abs[at.clone()], &mut shifted[at]);
             for t in 0..BLOCK {
                 // NaN (from a broken input) becomes 0, as `as` saturates; never out of range.
-                let v = (block[t] * id).round_ties_even().clamp(-127.0, 127.0) as i8;
+                let v = (((block[t] * id).clamp(-127.0, 127.0) + ROUNDER) - ROUNDER) as i8;
                 q[t] = v;
                 a[t] = v.unsigned_abs();
                 s[t] = (v as u8) ^ 0x80;

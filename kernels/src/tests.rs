@@ -179,6 +179,34 @@ fn bad_shapes_and_odd_values_are_handled() {
 }
 
 #[test]
+fn activations_round_half_to_even() {
+    // Scale 127 / 127 = 1: the values are their own quotients.
+    let mut x = vec![0f32; BLOCK];
+    let cases = [
+        (127.0, 127),
+        (0.5, 0),
+        (1.5, 2),
+        (2.5, 2),
+        (-0.5, 0),
+        (-1.5, -2),
+        (-2.5, -2),
+        (3.49, 3),
+        (-3.51, -4),
+    ];
+    for (t, (v, _)) in cases.iter().enumerate() {
+        x[t] = *v;
+    }
+    let a = Activations::quantize(&x, BLOCK).expect("activations");
+    let (q, d) = a.block(0, 0);
+    assert_eq!(d, 1.0);
+    for (t, (v, want)) in cases.iter().enumerate() {
+        assert_eq!(i32::from(q[t]), *want, "{v}");
+        assert_eq!(a.abs[t], q[t].unsigned_abs());
+        assert_eq!(i32::from(a.shifted[t]), i32::from(q[t]) + 128);
+    }
+}
+
+#[test]
 fn half_floats_convert_exactly() {
     for (h, f) in [
         (0x0000u16, 0.0f32),

@@ -173,7 +173,7 @@ impl Weights {
     /// From Q8_0 blocks as GGUF and candle store them (see [`Q8_0_BLOCK_BYTES`]), `n` rows of
     /// `k` values.
     pub fn from_q8_0(blocks: &[u8], n: usize, k: usize) -> Result<Self, Error> {
-        if k % BLOCK != 0 {
+        if !k.is_multiple_of(BLOCK) {
             return Err(Error::NotBlocks { k });
         }
         let expected = n * k / BLOCK * Q8_0_BLOCK_BYTES;
@@ -269,10 +269,10 @@ impl Activations {
     /// where `f32::round` and `round_ties_even` are a call per value (a tenth of a batched
     /// decode).
     pub fn quantize(x: &[f32], k: usize) -> Result<Self, Error> {
-        if k == 0 || k % BLOCK != 0 {
+        if k == 0 || !k.is_multiple_of(BLOCK) {
             return Err(Error::NotBlocks { k });
         }
-        if x.len() % k != 0 {
+        if !x.len().is_multiple_of(k) {
             return Err(Error::Size {
                 expected: x.len().next_multiple_of(k),
                 got: x.len(),

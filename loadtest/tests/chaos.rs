@@ -46,13 +46,13 @@ fn a_small_chaos_run_loses_nothing_and_measures_its_faults() {
         ])
         // One eviction, then one crash, each once both workers have settled. The faults kept
         // take the schedule's first slots (the first at 6 s, whether eviction or crash by the
-        // seed, the other in the slot from 14 to 22 s); the load lasts past 22 s on any machine
-        // seen so far (32 requests of up to 96 tokens took 22 s with AVX-512 VNNI, 40 s without),
-        // and the evicted or crashed worker's replacement is old enough by 14 s to be a victim
-        // (the harness always spares one worker, and never hits a new one).
+        // seed, the other in the slot from 12 to 18 s, as soon as the first victim's
+        // replacement, started at 7 s, has run the harness's 5 s: it always spares one worker
+        // and never hits a new one). The load lasts well past that on every machine seen so far
+        // (32 requests of up to 96 tokens took 21 s with AVX-512 VNNI, 40 s without).
         // Four faults at most (two evictions, two crashes), however slow the machine: no
         // request can be crashed --max-attempts (3) times, so every answer must be right.
-        .args(["--fault-kinds", "evict,crash", "--warmup", "6s", "--fault-every", "8s"])
+        .args(["--fault-kinds", "evict,crash", "--warmup", "6s", "--fault-every", "6s"])
         .args(["--max-faults", "4"])
         .args(["--restart-delay", "1s"])
         .args(["--answer-timeout", "120s", "--seed", "7"])

@@ -586,7 +586,7 @@ impl LlamaWeights {
         }
         let all: Vec<u32> = inputs.iter().flat_map(|i| i.tokens.iter().copied()).collect();
         let total = all.len();
-        // Each input's offset among the stacked rows, and its own masks and rotary tables.
+        // Each input's offset among the stacked rows, and its own mask.
         let mut parts = Vec::with_capacity(inputs.len());
         let mut offset = 0;
         for input in inputs.iter() {
@@ -596,15 +596,22 @@ impl LlamaWeights {
             } else {
                 Some(causal_mask(n, index_pos, &self.device)?)
             };
-            parts.push(Part {
-                offset,
-                len: n,
-                mask,
-                cos: self.cos.narrow(0, index_pos, n)?,
-                sin: self.sin.narrow(0, index_pos, n)?,
-            });
+            parts.push(Part { offset, len: n, mask });
             offset += n;
         }
+        // Every row's rotary tables, `(rows, 1, head_dim / 2)`: each row is rotated as a batch
+        // element of one position of its own, all rows of all inputs in one operation per layer
+        // for the queries and one for the keys. Per element the arithmetic is the same as with
+        // one table per input (candle's `rope_i` computes each pair alike either way), so the
+        // bits are too.
+        let positions: Vec<u32> = inputs
+            .iter()
+            .flat_map(|i| (i.cache.len..i.cache.len + i.tokens.len()).map(|p| p as u32))
+            .collect();
+        let positions = Tensor::new(positions.as_slice(), &self.device)?;
+        let cos = self.cos.index_select(&positions, 0)?.unsqueeze(1)?;
+        let sin = self.sin.index_select(&positions, 0)?.unsqueeze(1)?;
+        let c = &self.config;
         let input = Tensor::new(all.as_slice(), &self.device)?.unsqueeze(0)?;
         let mut x = self.tok_embeddings.forward(&all, &input)?;
         for (l, layer) in self.layers.iter().enumerate() {
@@ -613,10 +620,14 @@ impl LlamaWeights {
             let [q, k, v]: [Tensor; 3] = Linear::forward_shared([&layer.wq, &layer.wk, &layer.wv], &h)?
                 .try_into()
                 .map_err(|_| ModelError::Unsupported("q, k and v projections".into()))?;
+            // `(rows, heads, 1, head_dim)`: the same memory as `(1, rows, heads * head_dim)`.
+            let q = candle_nn::rotary_emb::rope_i(&q.reshape((total, c.n_head, 1, c.head_dim))?, &cos, &sin)?;
+            let k = candle_nn::rotary_emb::rope_i(&k.reshape((total, c.n_kv_head, 1, c.head_dim))?, &cos, &sin)?;
             let mut ys = Vec::with_capacity(inputs.len());
             for (part, input) in parts.iter().zip(inputs.iter_mut()) {
-                let rows = |t: &Tensor| t.narrow(1, part.offset, part.len);
-                ys.push(self.attention(part, &rows(&q)?, &rows(&k)?, &rows(&v)?, &mut input.cache.layers[l])?);
+                let (q, k) = (q.narrow(0, part.offset, part.len)?, k.narrow(0, part.offset, part.len)?);
+                let v = v.narrow(1, part.offset, part.len)?;
+                ys.push(self.attention(part, &q, &k, &v, &mut input.cache.layers[l])?);
             }
             let y = if ys.len() == 1 {
                 ys.remove(0)
@@ -643,8 +654,9 @@ impl LlamaWeights {
         (0..parts.len()).map(|i| Ok(logits.i(i)?)).collect()
     }
 
-    /// Self-attention of one input's rows `(1, n, heads * head_dim)` over its cache, which gets
-    /// their keys and values appended. Returns `(1, n, hidden)`.
+    /// Self-attention of one input's rows over its cache, which gets their keys and values
+    /// appended: `q` and `k` rotated, `(n, heads, 1, head_dim)`, `v` `(1, n, heads * head_dim)`.
+    /// Returns `(1, n, hidden)`.
     fn attention(
         &self,
         part: &Part,
@@ -655,14 +667,8 @@ impl LlamaWeights {
     ) -> Result<Tensor, ModelError> {
         let c = &self.config;
         let n = part.len;
-        let q = q.reshape((1, n, c.n_head, c.head_dim))?.transpose(1, 2)?;
-        let k = k.reshape((1, n, c.n_kv_head, c.head_dim))?.transpose(1, 2)?;
-        let v = v
-            .reshape((1, n, c.n_kv_head, c.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let q = candle_nn::rotary_emb::rope_i(&q.contiguous()?, &part.cos, &part.sin)?;
-        let k = candle_nn::rotary_emb::rope_i(&k.contiguous()?, &part.cos, &part.sin)?;
+        let heads = |t: &Tensor, h: usize| t.reshape((1, n, h, c.head_dim))?.transpose(1, 2)?.contiguous();
+        let (q, k, v) = (heads(q, c.n_head)?, heads(k, c.n_kv_head)?, heads(v, c.n_kv_head)?);
         let (k, v) = kv.append(&k, &v)?;
         let n_rep = c.n_head / c.n_kv_head;
         let y = grouped_attention(&q, &k, &v, n_rep, part.mask.as_ref())?;
@@ -682,8 +688,6 @@ struct Part {
     offset: usize,
     len: usize,
     mask: Option<Tensor>,
-    cos: Tensor,
-    sin: Tensor,
 }
 
 /// One matrix weight, re-quantised as `format` asks, for Ferry's kernels on `kernels` when it is

@@ -348,14 +348,12 @@ fn rejects_prompts_longer_than_the_context() {
 /// Generation stops when the context window is full, with its own finish reason.
 #[test]
 fn stops_at_the_context_length() {
-    let opts = ferry_worker::model::LoadOptions {
+    let opts = LoadOptions {
         max_context: Some(48),
-        ..ferry_worker::model::LoadOptions::new(
-            ferry_worker::model::ModelSource::Path(model_path()),
-            WeightFormat::Q8_0,
-        )
+        kernels: Kernels::from_env().expect("FERRY_KERNELS names kernels"),
+        ..LoadOptions::new(ModelSource::Path(model_path()), WeightFormat::Q8_0)
     };
-    let model = std::sync::Arc::new(ferry_worker::model::Model::load(&opts, &Device::Cpu).expect("loads"));
+    let model = std::sync::Arc::new(Model::load(&opts, &Device::Cpu).expect("loads"));
     let engine = Engine::new(model);
     let mut req = chat_request("ctx", "Count from 1 to 100.", 200);
     req.messages = None;

@@ -86,18 +86,27 @@ impl Path {
         Self::ALL.into_iter().find(|p| p.available()).unwrap_or(Path::Portable)
     }
 
-    /// The path called `name` (`avx512vnni`, `avxvnni`, `avx2`, `portable`), if this CPU runs
-    /// it. An unknown name, or a path this CPU cannot run, is an error rather than a silent
-    /// fallback: a benchmark that asked for a path must get it.
+    /// The path called `name` (`avx512vnni`, `avxvnni`, `avx2`, `portable`), whether or not
+    /// this CPU runs it.
+    pub fn named(name: &str) -> Option<Path> {
+        Self::ALL.into_iter().find(|p| p.name() == name)
+    }
+
+    /// The path called `name`, if this CPU runs it. An unknown name, or a path this CPU cannot
+    /// run, is an error rather than a silent fallback: a benchmark that asked for a path must
+    /// get it.
     pub fn from_name(name: &str) -> Result<Path, Error> {
-        let path = Self::ALL
-            .into_iter()
-            .find(|p| p.name() == name)
-            .ok_or_else(|| Error::Path(format!("unknown kernel path {name:?}")))?;
-        if path.available() {
-            Ok(path)
+        Self::named(name)
+            .ok_or_else(|| Error::Path(format!("unknown kernel path {name:?}")))?
+            .usable()
+    }
+
+    /// This path, if this CPU runs it.
+    pub fn usable(self) -> Result<Path, Error> {
+        if self.available() {
+            Ok(self)
         } else {
-            Err(Error::Path(format!("this CPU cannot run {name}")))
+            Err(Error::Path(format!("this CPU cannot run {}", self.name())))
         }
     }
 
@@ -231,11 +240,6 @@ impl Weights {
         self.k
     }
 
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.quants.len() + self.scales.len() * 4 + self.corrections.len() * 4
-    }
-
     /// Row `j`, block `b`: its 32 values and its scale.
     #[inline(always)]
     fn block(&self, j: usize, b: usize) -> ([i8; BLOCK], f32) {
@@ -305,11 +309,6 @@ impl Activations {
             shifted,
             scales,
         })
-    }
-
-    /// Rows.
-    pub fn rows(&self) -> usize {
-        self.m
     }
 
     #[inline(always)]
@@ -386,21 +385,7 @@ unsafe fn columns(path: Path, w: &Weights, a: &Activations, c0: usize, c1: usize
 
 /// IEEE half to single precision (exact: every f16 is an f32).
 fn f16_to_f32(h: u16) -> f32 {
-    let sign = u32::from(h >> 15) << 31;
-    let exp = u32::from((h >> 10) & 0x1f);
-    let frac = u32::from(h & 0x3ff);
-    let bits = match (exp, frac) {
-        (0, 0) => sign,
-        (0, _) => {
-            // Subnormal: normalise it.
-            let shift = frac.leading_zeros() - 21;
-            let frac = (frac << shift) & 0x3ff;
-            sign | ((113 - shift) << 23) | (frac << 13)
-        }
-        (0x1f, _) => sign | 0x7f80_0000 | (frac << 13),
-        _ => sign | ((exp + 112) << 23) | (frac << 13),
-    };
-    f32::from_bits(bits)
+    half::f16::from_bits(h).to_f32()
 }
 
 #[cfg(test)]

@@ -119,13 +119,9 @@ impl std::str::FromStr for Kernels {
         match s {
             "auto" | "" => Ok(Kernels::Auto),
             "candle" => Ok(Kernels::Candle),
-            name => ferry_kernels::Path::ALL
-                .into_iter()
-                .find(|p| p.name() == name)
-                .map(Kernels::Ferry)
-                .ok_or_else(|| {
-                    format!("unknown kernels {name:?}: auto, candle, avx512vnni, avxvnni, avx2 or portable")
-                }),
+            name => ferry_kernels::Path::named(name).map(Kernels::Ferry).ok_or_else(|| {
+                format!("unknown kernels {name:?}: auto, candle, avx512vnni, avxvnni, avx2 or portable")
+            }),
         }
     }
 }
@@ -152,7 +148,8 @@ impl Kernels {
         match self {
             Kernels::Auto => Ok(Some(ferry_kernels::Path::detect())),
             Kernels::Candle => Ok(None),
-            Kernels::Ferry(path) => ferry_kernels::Path::from_name(path.name())
+            Kernels::Ferry(path) => path
+                .usable()
                 .map(Some)
                 .map_err(|e| ModelError::Unsupported(e.to_string())),
         }

@@ -13,9 +13,10 @@
 //! 3. Prefill of a long prompt (`PREFILL_TOKENS`), Ferry against llama.cpp, alternating, as
 //!    `prefill_vs_llama_cpp_ratio`: the prompt goes through the engine in its chunks, llama.cpp
 //!    takes it in one batch of 512.
-//! 4. Parts 1 and 2 again with 2 compute threads (when the bench runs with one and the machine
+//! 4. Parts 1 to 3 again with 2 compute threads (when the bench runs with one and the machine
 //!    has two cores): the bench re-executes itself with `FERRY_BENCH_THREADS_CHILD` set and
-//!    `RAYON_NUM_THREADS=2`, and reports the child's figures under `two_threads`.
+//!    `RAYON_NUM_THREADS=2` (and the llama.cpp interpreter found once, in
+//!    `FERRY_LLAMA_CPP_PYTHON`), and reports the child's figures under `two_threads`.
 //! 5. Peak resident memory (VmHWM) of a process that loads the model as the worker does and runs
 //!    8 sequences of 1024 tokens each (long prompts, then decode) through the engine thread, all 8
 //!    in flight at once (the report says whether they were): the bench re-executes itself with
@@ -287,21 +288,24 @@ fn llama_cpp_run(
     Ok(serde_json::from_slice(&out.stdout)?)
 }
 
+/// The Python that imports llama.cpp, found once per run (see [`llama_cpp_python`]), or why not.
+type LlamaCpp = Result<PathBuf, String>;
+
 /// Part 1: Ferry and llama.cpp on one sequence, alternating.
 fn single_sequence(
     rt: &tokio::runtime::Runtime,
     model: &Arc<Model>,
     path: &Path,
     threads: usize,
+    llama: &LlamaCpp,
 ) -> anyhow::Result<Value> {
     let prompt = model.tokenizer.encode(&count_prompt(1))?;
     let handle = EngineHandle::spawn(Engine::new(model.clone()), 1)?;
     // One forward pass after the first token's is timed per token; one more ends the job.
     let job = || greedy(prompt.clone(), DECODE_TOKENS + 2);
     rt.block_on(run_all(&handle, vec![greedy(prompt.clone(), 8)]))?;
-    let llama = llama_cpp_python();
     let (mut ferry_decode, mut ferry_prefill, mut llama_runs) = (Vec::new(), Vec::new(), Vec::new());
-    let mut llama_error = llama.as_ref().err().map(|e| format!("{e:#}"));
+    let mut llama_error = llama.as_ref().err().cloned();
     let mut ferry_tokens = Vec::new();
     for _ in 0..REPEATS {
         let trace = rt.block_on(run_all(&handle, vec![job()]))?.remove(0);
@@ -313,7 +317,7 @@ fn single_sequence(
         ferry_decode.push(rate);
         ferry_prefill.push(prompt.len() as f64 / trace.completion.prefill.as_secs_f64());
         ferry_tokens = trace.completion.tokens;
-        if let (Ok(python), None) = (&llama, &llama_error) {
+        if let (Ok(python), None) = (llama, &llama_error) {
             match llama_cpp_run(python, path, threads, &prompt, DECODE_TOKENS) {
                 Ok(v) => llama_runs.push(v),
                 Err(e) => llama_error = Some(format!("{e:#}")),
@@ -363,21 +367,26 @@ fn single_sequence(
 }
 
 /// Part 3: prefill of a long prompt, Ferry and llama.cpp alternating.
-fn prefill(rt: &tokio::runtime::Runtime, model: &Arc<Model>, path: &Path, threads: usize) -> anyhow::Result<Value> {
+fn prefill(
+    rt: &tokio::runtime::Runtime,
+    model: &Arc<Model>,
+    path: &Path,
+    threads: usize,
+    llama: &LlamaCpp,
+) -> anyhow::Result<Value> {
     let filler = model.tokenizer.encode(&FILLER.repeat(PREFILL_TOKENS / 20))?;
     ensure!(filler.len() >= PREFILL_TOKENS, "filler too short");
     let prompt = filler[..PREFILL_TOKENS].to_vec();
     let handle = EngineHandle::spawn(Engine::new(model.clone()), 1)?;
     rt.block_on(run_all(&handle, vec![greedy(prompt[..64].to_vec(), 1)]))?;
-    let llama = llama_cpp_python();
-    let mut llama_error = llama.as_ref().err().map(|e| format!("{e:#}"));
+    let mut llama_error = llama.as_ref().err().cloned();
     let (mut ferry, mut llama_runs) = (Vec::new(), Vec::new());
     for _ in 0..REPEATS {
         let trace = rt
             .block_on(run_all(&handle, vec![greedy(prompt.clone(), 1)]))?
             .remove(0);
         ferry.push(prompt.len() as f64 / trace.completion.prefill.as_secs_f64());
-        if let (Ok(python), None) = (&llama, &llama_error) {
+        if let (Ok(python), None) = (llama, &llama_error) {
             match llama_cpp_run(python, path, threads, &prompt, 1) {
                 Ok(v) => llama_runs.extend(v["prefill_tokens_per_s"].as_f64()),
                 Err(e) => llama_error = Some(format!("{e:#}")),
@@ -398,9 +407,15 @@ fn prefill(rt: &tokio::runtime::Runtime, model: &Arc<Model>, path: &Path, thread
 }
 
 /// Parts 1 to 3 with this process's threads: the figures the report compares.
-fn speed(rt: &tokio::runtime::Runtime, model: &Arc<Model>, path: &Path, threads: usize) -> anyhow::Result<Value> {
-    let single = single_sequence(rt, model, path, threads)?;
-    let prefill = prefill(rt, model, path, threads)?;
+fn speed(
+    rt: &tokio::runtime::Runtime,
+    model: &Arc<Model>,
+    path: &Path,
+    threads: usize,
+    llama: &LlamaCpp,
+) -> anyhow::Result<Value> {
+    let single = single_sequence(rt, model, path, threads, llama)?;
+    let prefill = prefill(rt, model, path, threads, llama)?;
     let aggregate = aggregates(rt, model)?;
     let rate = |n: usize| {
         aggregate
@@ -436,9 +451,21 @@ fn child(what: &str, env: &[(&str, &str)]) -> anyhow::Result<Value> {
     )?)
 }
 
-/// Part 4, from the parent: parts 1 to 3 again in a child with 2 threads.
-fn two_threads() -> anyhow::Result<Value> {
-    child("2-thread", &[(THREADS_CHILD_ENV, "1"), ("RAYON_NUM_THREADS", "2")])
+/// Part 4, from the parent: parts 1 to 3 again in a child with 2 threads, on the same llama.cpp
+/// (an empty path when it could not be had: the child does not try again).
+fn two_threads(llama: &LlamaCpp) -> anyhow::Result<Value> {
+    let python = llama
+        .as_ref()
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    child(
+        "2-thread",
+        &[
+            (THREADS_CHILD_ENV, "1"),
+            ("RAYON_NUM_THREADS", "2"),
+            ("FERRY_LLAMA_CPP_PYTHON", &python),
+        ],
+    )
 }
 
 /// Part 2: aggregate decode with several sequences in flight.
@@ -538,15 +565,16 @@ fn main() -> anyhow::Result<()> {
         .weights
         .kernel_path()
         .map_or("candle", ferry_worker::kernels::Path::name);
+    let llama: LlamaCpp = llama_cpp_python().map_err(|e| format!("{e:#}"));
     if std::env::var_os(THREADS_CHILD_ENV).is_some() {
-        println!("{}", speed(&rt, &model, &path, threads)?);
+        println!("{}", speed(&rt, &model, &path, threads, &llama)?);
         return Ok(());
     }
-    let speed = speed(&rt, &model, &path, threads)?;
+    let speed = speed(&rt, &model, &path, threads, &llama)?;
     drop(model);
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let two = if threads == 1 && cpus >= 2 {
-        two_threads().unwrap_or_else(|e| json!({ "error": format!("{e:#}") }))
+        two_threads(&llama).unwrap_or_else(|e| json!({ "error": format!("{e:#}") }))
     } else {
         Value::Null
     };

@@ -31,8 +31,11 @@ const SCHEMA_FILES: [&str; 6] = [
     "dead_letter.schema.json",
 ];
 
+/// This crate's folder: `cargo test` names it at run time, so a test binary built in another
+/// clone that shares the build cache (CI's, under `~/.cache/ferry-target`) reads this clone's
+/// files; the folder it was compiled in otherwise.
 fn crate_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("CARGO_MANIFEST_DIR").map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
 }
 
 fn read_json(path: &Path) -> Value {

@@ -30,9 +30,12 @@
 
 use std::fmt;
 
+mod attention;
 mod portable;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+
+pub use attention::{attention, Cached, Heads};
 
 /// Values per quantisation block.
 pub const BLOCK: usize = 32;
@@ -63,6 +66,8 @@ pub enum Error {
     Size { expected: usize, got: usize },
     /// An unknown path, or one this CPU cannot run.
     Path(String),
+    /// Attention's inputs do not fit together.
+    Shape(String),
 }
 
 impl fmt::Display for Error {
@@ -71,6 +76,7 @@ impl fmt::Display for Error {
             Error::NotBlocks { k } => write!(f, "inner dimension {k} is not a multiple of {BLOCK}"),
             Error::Size { expected, got } => write!(f, "expected {expected} values or bytes, got {got}"),
             Error::Path(why) => write!(f, "kernels: {why}"),
+            Error::Shape(why) => write!(f, "attention: {why}"),
         }
     }
 }
@@ -282,15 +288,50 @@ impl Activations {
                 got: x.len(),
             });
         }
-        let mut quants = vec![0i8; x.len()];
-        let mut abs = vec![0u8; x.len()];
-        let mut shifted = vec![0u8; x.len()];
-        let mut scales = Vec::with_capacity(x.len() / BLOCK);
+        let mut a = Self {
+            m: x.len() / k,
+            k,
+            quants: vec![0i8; x.len()],
+            abs: vec![0u8; x.len()],
+            shifted: vec![0u8; x.len()],
+            scales: vec![0f32; x.len() / BLOCK],
+        };
+        // The same operations, each exactly rounded by IEEE, on wider registers where the CPU
+        // has them: the same values.
+        #[cfg(target_arch = "x86_64")]
+        if Path::Avx2.available() {
+            // SAFETY: the CPU has AVX2 and FMA.
+            unsafe { a.fill_avx2(x) };
+            return Ok(a);
+        }
+        a.fill(x);
+        Ok(a)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn fill_avx2(&mut self, x: &[f32]) {
+        self.fill(x)
+    }
+
+    /// Quantises `x` into `self`'s buffers, which have its size (see [`Activations::quantize`]).
+    #[inline(always)]
+    fn fill(&mut self, x: &[f32]) {
+        let Self {
+            quants,
+            abs,
+            shifted,
+            scales,
+            ..
+        } = self;
         for (b, block) in x.chunks_exact(BLOCK).enumerate() {
-            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let mut amax = 0f32;
+            for v in block {
+                amax = amax.max(v.abs());
+            }
             let d = amax / 127.0;
             let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-            scales.push(d);
+            scales[b] = d;
             let at = b * BLOCK..(b + 1) * BLOCK;
             let (q, a, s) = (&mut quants[at.clone()], &mut abs[at.clone()], &mut shifted[at]);
             for t in 0..BLOCK {
@@ -301,14 +342,6 @@ impl Activations {
                 s[t] = (v as u8) ^ 0x80;
             }
         }
-        Ok(Self {
-            m: x.len() / k,
-            k,
-            quants,
-            abs,
-            shifted,
-            scales,
-        })
     }
 
     #[inline(always)]

@@ -520,13 +520,15 @@ impl LlamaWeights {
     /// weight format: Ferry's kernels and candle's round differently, so a snapshot taken on one
     /// must not be continued on the other (its continuation would not be what either alone
     /// produces). Ferry's paths give the same bits, but each is named all the same: a resume
-    /// must never rest on more than the tests prove. Empty for candle's kernels.
+    /// must never rest on more than the tests prove. `attn`: attention runs on Ferry's code too
+    /// (`ferry_kernels::attention`), whose sums and exponential differ from candle's. Empty for
+    /// candle's kernels.
     pub fn kernels(&self) -> &'static str {
         match self.kernels {
-            Some(ferry_kernels::Path::Avx512Vnni) => "ferry-q8-avx512vnni",
-            Some(ferry_kernels::Path::AvxVnni) => "ferry-q8-avxvnni",
-            Some(ferry_kernels::Path::Avx2) => "ferry-q8-avx2",
-            Some(ferry_kernels::Path::Portable) => "ferry-q8-portable",
+            Some(ferry_kernels::Path::Avx512Vnni) => "ferry-q8-attn-avx512vnni",
+            Some(ferry_kernels::Path::AvxVnni) => "ferry-q8-attn-avxvnni",
+            Some(ferry_kernels::Path::Avx2) => "ferry-q8-attn-avx2",
+            Some(ferry_kernels::Path::Portable) => "ferry-q8-attn-portable",
             None => "",
         }
     }
@@ -551,11 +553,13 @@ impl LlamaWeights {
     /// cache and returns, for each input in order, the logits of its last token, `(vocab,)` in f32.
     ///
     /// The rows of all inputs are stacked into one `(1, total, hidden)` activation, so every
-    /// weight matrix is multiplied once per pass for the whole batch; rotary embeddings, the
-    /// cache append and attention run per input, over its own cache, with a causal mask within
-    /// its tokens. Every operation on the stacked rows (RMS norm, candle's quantized matmul,
-    /// SiLU) computes each output row from its own input row alone, so an input's logits and
-    /// cache are bit-identical whatever else shares its batch (`tests/batch.rs` checks it).
+    /// weight matrix is multiplied once per pass for the whole batch, and so are the rotary
+    /// embeddings; the cache append and attention run per input, over its own cache, each query
+    /// seeing the positions up to its own (on Ferry's kernels, `ferry_kernels::attention`, into
+    /// one output for the batch; on candle's, with a causal mask within its tokens). Every
+    /// operation on the stacked rows (RMS norm, the matrix products, SiLU) computes each output
+    /// row from its own input row alone, so an input's logits and cache are bit-identical
+    /// whatever else shares its batch (`tests/batch.rs` checks it).
     ///
     /// Every input is checked (not empty, fits the context) before any compute, so a bad input
     /// leaves every cache untouched. An error during the pass can leave caches partly appended.
@@ -588,7 +592,8 @@ impl LlamaWeights {
         let mut offset = 0;
         for input in inputs.iter() {
             let (n, index_pos) = (input.tokens.len(), input.cache.len);
-            let mask = if n == 1 {
+            // Ferry's attention limits each query to its own positions without a mask.
+            let mask = if n == 1 || self.kernels.is_some() {
                 None
             } else {
                 Some(causal_mask(n, index_pos, &self.device)?)
@@ -620,16 +625,21 @@ impl LlamaWeights {
             // `(rows, heads, 1, head_dim)`: the same memory as `(1, rows, heads * head_dim)`.
             let q = candle_nn::rotary_emb::rope_i(&q.reshape((total, c.n_head, 1, c.head_dim))?, &cos, &sin)?;
             let k = candle_nn::rotary_emb::rope_i(&k.reshape((total, c.n_kv_head, 1, c.head_dim))?, &cos, &sin)?;
-            let mut ys = Vec::with_capacity(inputs.len());
-            for (part, input) in parts.iter().zip(inputs.iter_mut()) {
-                let (q, k) = (q.narrow(0, part.offset, part.len)?, k.narrow(0, part.offset, part.len)?);
-                let v = v.narrow(1, part.offset, part.len)?;
-                ys.push(self.attention(part, &q, &k, &v, &mut input.cache.layers[l])?);
-            }
-            let y = if ys.len() == 1 {
-                ys.remove(0)
-            } else {
-                Tensor::cat(&ys, 1)?
+            let y = match self.kernels {
+                Some(path) => self.ferry_attention(path, &parts, &q, &k, &v, inputs, l)?,
+                None => {
+                    let mut ys = Vec::with_capacity(inputs.len());
+                    for (part, input) in parts.iter().zip(inputs.iter_mut()) {
+                        let (q, k) = (q.narrow(0, part.offset, part.len)?, k.narrow(0, part.offset, part.len)?);
+                        let v = v.narrow(1, part.offset, part.len)?;
+                        ys.push(self.attention(part, &q, &k, &v, &mut input.cache.layers[l])?);
+                    }
+                    if ys.len() == 1 {
+                        ys.remove(0)
+                    } else {
+                        Tensor::cat(&ys, 1)?
+                    }
+                }
             };
             let x1 = (layer.wo.forward(&y)? + residual)?;
             let h = layer.ffn_norm.forward(&x1)?;
@@ -670,6 +680,83 @@ impl LlamaWeights {
         let n_rep = c.n_head / c.n_kv_head;
         let y = grouped_attention(&q, &k, &v, n_rep, part.mask.as_ref())?;
         Ok(y.transpose(1, 2)?.reshape((1, n, c.embedding_length))?)
+    }
+
+    /// Layer `l`'s self-attention for every input, on Ferry's attention (`ferry_kernels::attention`):
+    /// each input's keys and values are appended to its cache, then its queries read the cache
+    /// where it lies, and every output is written into one `(1, total, hidden)` activation. `q` and
+    /// `k` rotated, `(total, heads, 1, head_dim)`, `v` `(1, total, kv heads * head_dim)`.
+    #[allow(clippy::too_many_arguments)]
+    fn ferry_attention(
+        &self,
+        path: ferry_kernels::Path,
+        parts: &[Part],
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        inputs: &mut [BatchInput<'_>],
+        l: usize,
+    ) -> Result<Tensor, ModelError> {
+        let c = &self.config;
+        let heads = ferry_kernels::Heads {
+            query: c.n_head,
+            kv: c.n_kv_head,
+            dim: c.head_dim,
+        };
+        let total = q.dim(0)?;
+        let queries = q.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let mut out = vec![0f32; queries.len()];
+        let row = c.n_head * c.head_dim;
+        for (part, input) in parts.iter().zip(inputs.iter_mut()) {
+            let (at, n) = (part.offset, part.len);
+            let by_head = |t: Tensor| {
+                t.reshape((1, n, c.n_kv_head, c.head_dim))?
+                    .transpose(1, 2)?
+                    .contiguous()
+            };
+            let kv = &mut input.cache.layers[l];
+            kv.append(&by_head(k.narrow(0, at, n)?)?, &by_head(v.narrow(1, at, n)?)?)?;
+            let len = kv.current_seq_len();
+            let (keys, values) = match (kv.k_cache().all_data(), kv.v_cache().all_data()) {
+                (Some(keys), Some(values)) => (keys, values),
+                _ => return Err(ModelError::Unsupported("a cache with nothing appended".into())),
+            };
+            let (keys, key_layout) = keys.storage_and_layout();
+            let (values, value_layout) = values.storage_and_layout();
+            let (keys, stride) = cpu_f32(&keys, key_layout)?;
+            let (values, value_stride) = cpu_f32(&values, value_layout)?;
+            if stride != value_stride {
+                return Err(ModelError::Unsupported("keys and values cached apart".into()));
+            }
+            let cached = ferry_kernels::Cached {
+                keys,
+                values,
+                stride,
+                len,
+            };
+            let span = at * row..(at + n) * row;
+            ferry_kernels::attention(path, heads, &queries[span.clone()], cached, &mut out[span])
+                .map_err(|e| ModelError::Unsupported(e.to_string()))?;
+        }
+        Ok(Tensor::from_vec(out, (1, total, c.embedding_length), &self.device)?)
+    }
+}
+
+/// A cache buffer's values, `(1, kv heads, capacity, head_dim)` and contiguous as candle's
+/// `KvCache` allocates it on the CPU, from its first element, with the distance between heads.
+fn cpu_f32<'a>(
+    storage: &'a candle_core::Storage,
+    layout: &candle_core::Layout,
+) -> Result<(&'a [f32], usize), ModelError> {
+    match (storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)), Some((start, end)))
+            if layout.dims().len() == 4 =>
+        {
+            Ok((&data[start..end], layout.stride()[1]))
+        }
+        _ => Err(ModelError::Unsupported(
+            "Ferry's attention needs a contiguous f32 cache on the CPU".into(),
+        )),
     }
 }
 

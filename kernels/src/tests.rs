@@ -238,3 +238,27 @@ fn the_path_can_be_named() {
     }
     assert!(Path::from_name("avx1024").is_err_and(|e| e.to_string().contains("unknown")));
 }
+
+#[test]
+fn activations_quantise_alike_on_every_instruction_set() {
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let mut x = random_rows(&mut rng, 7, 96);
+    for (i, odd) in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0, 1e-40, 3e38]
+        .into_iter()
+        .enumerate()
+    {
+        x[i * 37] = odd;
+    }
+    // Halves exactly between two steps, to exercise the rounding.
+    x[300..332]
+        .iter_mut()
+        .enumerate()
+        .for_each(|(t, v)| *v = t as f32 + 0.5 - 16.0);
+    let a = Activations::quantize(&x, 96).expect("activations");
+    let mut plain = Activations::quantize(&vec![0f32; x.len()], 96).expect("activations");
+    plain.fill(&x);
+    assert_eq!(a.quants, plain.quants);
+    assert_eq!(a.abs, plain.abs);
+    assert_eq!(a.shifted, plain.shifted);
+    assert_eq!(bits(&a.scales), bits(&plain.scales));
+}

@@ -9,7 +9,8 @@
 //!    speed cancels. Ferry's side goes
 //!    through the engine thread (`EngineHandle`), as a request does.
 //! 2. Aggregate decode tokens/s with 1, 4, 8 and 16 sequences in flight through
-//!    `EngineHandle::spawn(engine, n)`, each with its own prompt, and `batch8_vs_batch1_ratio`.
+//!    `EngineHandle::spawn(engine, n)`, each with its own prompt, and `batch8_vs_batch1_ratio`:
+//!    1 and 8 in flight run alternately, three times each, and the ratio is of their medians.
 //! 3. Prefill of a long prompt (`PREFILL_TOKENS`), Ferry against llama.cpp, alternating, as
 //!    `prefill_vs_llama_cpp_ratio`: the prompt goes through the engine in its chunks, llama.cpp
 //!    takes it in one batch of 512.
@@ -65,6 +66,8 @@ use tokio::sync::mpsc;
 const DECODE_TOKENS: usize = 128;
 const REPEATS: usize = 3;
 const IN_FLIGHT: [usize; 4] = [1, 4, 8, 16];
+/// The jobs in flight that `batch8_vs_batch1_ratio` compares: measured alternately.
+const RATIO_IN_FLIGHT: [usize; 2] = [1, 8];
 /// Tokens each sequence generates in the aggregate runs.
 const AGGREGATE_MAX_TOKENS: usize = 128;
 const RSS_SEQUENCES: usize = 8;
@@ -470,8 +473,7 @@ fn two_threads(llama: &LlamaCpp) -> anyhow::Result<Value> {
 
 /// Part 2: aggregate decode with several sequences in flight.
 fn aggregates(rt: &tokio::runtime::Runtime, model: &Arc<Model>) -> anyhow::Result<Vec<Value>> {
-    let mut out = Vec::new();
-    for n in IN_FLIGHT {
+    let once = |n: usize| -> anyhow::Result<Value> {
         let jobs = (0..n)
             .map(|i| {
                 Ok(greedy(
@@ -482,7 +484,36 @@ fn aggregates(rt: &tokio::runtime::Runtime, model: &Arc<Model>) -> anyhow::Resul
             .collect::<anyhow::Result<Vec<_>>>()?;
         let handle = EngineHandle::spawn(Engine::new(model.clone()), n)?;
         let traces = rt.block_on(run_all(&handle, jobs))?;
-        out.push(aggregate(n, &traces)?);
+        aggregate(n, &traces)
+    };
+    // The two the ratio compares run alternately, `REPEATS` times each, and report their
+    // medians, so that drift in machine speed cancels as in parts 1 and 3.
+    let mut runs: Vec<Vec<Value>> = vec![Vec::new(); IN_FLIGHT.len()];
+    for _ in 0..REPEATS {
+        for (i, &n) in IN_FLIGHT.iter().enumerate() {
+            if RATIO_IN_FLIGHT.contains(&n) {
+                runs[i].push(once(n)?);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for (i, &n) in IN_FLIGHT.iter().enumerate() {
+        if runs[i].is_empty() {
+            out.push(once(n)?);
+            continue;
+        }
+        let rates: Vec<f64> = runs[i]
+            .iter()
+            .filter_map(|r| r["decode_tokens_per_s"].as_f64())
+            .collect();
+        let mid = median(rates.clone());
+        let mut report = runs[i]
+            .iter()
+            .find(|r| r["decode_tokens_per_s"].as_f64() == Some(mid))
+            .cloned()
+            .context("no run")?;
+        report["decode_tokens_per_s_runs"] = json!(rates);
+        out.push(report);
     }
     Ok(out)
 }

@@ -34,3 +34,80 @@ pub mod snapshot;
 
 /// Ferry's quantised matrix products, re-exported so that tests and benches can name a path.
 pub use ferry_kernels as kernels;
+
+/// Checks of the layout that the compiler does not make (see `ARCHITECTURE.md`).
+#[cfg(test)]
+mod tidy {
+    use std::path::{Path, PathBuf};
+
+    /// Every `.rs` file under `dir`.
+    fn sources(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir).expect("a source folder") {
+            let path = entry.expect("an entry").path();
+            if path.is_dir() {
+                out.extend(sources(&path));
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+        out
+    }
+
+    /// The path that starts `text`: words and `::`, and `{...}` groups (which may span lines).
+    fn path_at(text: &str) -> &str {
+        let mut depth = 0usize;
+        for (i, c) in text.char_indices() {
+            let ends = match c {
+                '{' => {
+                    depth += 1;
+                    false
+                }
+                '}' if depth > 0 => {
+                    depth -= 1;
+                    false
+                }
+                c if c.is_alphanumeric() || c == '_' || c == ':' => false,
+                ',' | ' ' | '\n' | '\t' | '*' => depth == 0,
+                _ => true,
+            };
+            if ends {
+                return &text[..i];
+            }
+        }
+        text
+    }
+
+    /// The model and the engine know nothing of persistence, Kafka, settings or operations: the
+    /// engine offers state through its own `Checkpoint` hook, which `snapshot/` implements.
+    #[test]
+    fn model_and_engine_import_nothing_from_the_layers_above() {
+        // Read at run time, so a binary built in another clone reads this clone's files.
+        let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("run by cargo")).join("src");
+        let forbidden = ["snapshot", "consumer", "config", "ops", "intake", "reply", "offsets"];
+        let mut found = Vec::new();
+        for layer in ["model", "engine"] {
+            let files = sources(&root.join(layer));
+            assert!(!files.is_empty(), "no sources under {layer}/");
+            for file in files {
+                let text = std::fs::read_to_string(&file).expect("readable");
+                // Each path from `crate::`, `use` groups included (across lines), names a
+                // module above if any of its words is one.
+                for (at, _) in text.match_indices("crate::") {
+                    let words: Vec<&str> = path_at(&text[at..])
+                        .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+                        .collect();
+                    if let Some(module) = forbidden.iter().find(|m| words.contains(m)) {
+                        let line = text[..at].lines().count();
+                        found.push(format!("{}:{line}: crate::{module}", file.display()));
+                    }
+                }
+            }
+        }
+        assert!(
+            found.is_empty(),
+            "model/ or engine/ imports a layer above it:\n{}",
+            found.join("\n")
+        );
+    }
+}

@@ -32,22 +32,6 @@ pub use ferry_schemas::headers::{HANDOFF_ERROR, HANDOFF_MODEL, HANDOFF_REASON, H
 /// The longest error text carried in [`HANDOFF_ERROR`]; Kafka headers are not for essays.
 const MAX_ERROR_LEN: usize = 512;
 
-/// Whether an engine error means the accelerator ran out of memory: candle's CUDA backend
-/// reports the driver's `CUDA_ERROR_OUT_OF_MEMORY` (as `DriverError(CUDA_ERROR_OUT_OF_MEMORY,
-/// "out of memory")`), cuBLAS its `CUBLAS_STATUS_ALLOC_FAILED`, the runtime API
-/// `cudaErrorMemoryAllocation`. On the CPU an allocation that fails aborts the process instead
-/// (Rust's allocator does not return an error), which the attempts ledger counts as a death.
-pub fn is_out_of_memory(error: &str) -> bool {
-    const MARKERS: [&str; 4] = [
-        "CUDA_ERROR_OUT_OF_MEMORY",
-        "CUBLAS_STATUS_ALLOC_FAILED",
-        "cudaErrorMemoryAllocation",
-        "out of memory",
-    ];
-    let lower = error.to_ascii_lowercase();
-    MARKERS.iter().any(|m| lower.contains(&m.to_ascii_lowercase()))
-}
-
 /// The fallback reason of a trip.
 pub fn reason_of_trip(trip: &Trip) -> FallbackReason {
     match trip {
@@ -136,26 +120,6 @@ mod tests {
                 (x.key.to_string(), v.unwrap_or_default())
             })
             .collect()
-    }
-
-    #[test]
-    fn out_of_memory_errors_are_recognised() {
-        for e in [
-            "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")",
-            "the batched forward pass failed: DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")",
-            "cublas error: CUBLAS_STATUS_ALLOC_FAILED",
-            "cudaErrorMemoryAllocation",
-            "CUDA out of memory. Tried to allocate 2.00 GiB",
-        ] {
-            assert!(is_out_of_memory(e), "{e}");
-        }
-        for e in [
-            "the context window of 2048 tokens is full",
-            "DriverError(CUDA_ERROR_ILLEGAL_ADDRESS, \"an illegal memory access was encountered\")",
-            "fault injection: the engine failed",
-        ] {
-            assert!(!is_out_of_memory(e), "{e}");
-        }
     }
 
     #[test]

@@ -17,8 +17,11 @@ use super::inflight::InFlight;
 use super::publish::{PublishError, Publisher, Refused, RefusedKind};
 use super::transaction::{self, Scope, Settled, Transactions};
 use super::{WorkerConsumer, WorkerError};
-use crate::engine::{Completion, Engine, EngineHandle, Finish, Job, JobControl, Outcome, Prepared, StreamChunk};
+use crate::engine::{
+    Checkpoint, Completion, Engine, EngineHandle, Finish, Job, JobControl, Outcome, Prepared, StreamChunk,
+};
 use crate::intake::{self, Invalid};
+use crate::model::ModelError;
 use crate::offsets::TopicPartition;
 use crate::ops::metrics::Answered;
 use crate::ops::trace::{new_span_id, Propagation};
@@ -26,7 +29,7 @@ use crate::ops::{FallbackReason, Ops, RequestOutcome};
 use crate::reply::{self, WorkContext};
 use crate::reply_topics::ReplyTopicPolicy;
 use crate::snapshot::format::request_prefix;
-use crate::snapshot::ledger::{AttemptEntry, AttemptLog, EntryOutcome};
+use crate::snapshot::ledger::{AttemptEntry, AttemptError, AttemptLog, EntryOutcome};
 use crate::snapshot::Snapshots;
 
 /// Everything a request task uses, shared by all of them.
@@ -97,7 +100,7 @@ enum Generated {
         resumed_from: Option<u32>,
     },
     Suspended,
-    Failed(String),
+    Failed(ModelError),
 }
 
 impl Inner {
@@ -318,7 +321,7 @@ impl Inner {
         error!(error = %refused, code = code.as_str(), "the answer was refused: dead-lettering the request");
         let attempt = self.open_attempts.lock().ok().and_then(|mut m| m.remove(prefix));
         if let (Some(s), Some(attempt)) = (&self.snapshots, attempt) {
-            s.end_attempt(prefix, attempt, EntryOutcome::Failed, Some(refused.to_string()))
+            s.end_attempt(prefix, attempt, EntryOutcome::Failed, Some(refused.to_string().into()))
                 .await;
         }
         let invalid = rejected(request, code, refused.to_string());
@@ -345,10 +348,9 @@ impl Inner {
             return;
         }
         let note = format!("stopped on purpose: {why}");
-        let all = futures::future::join_all(
-            open.iter()
-                .map(|(prefix, attempt)| s.end_attempt(prefix, *attempt, EntryOutcome::Suspended, Some(note.clone()))),
-        );
+        let all = futures::future::join_all(open.iter().map(|(prefix, attempt)| {
+            s.end_attempt(prefix, *attempt, EntryOutcome::Suspended, Some(note.clone().into()))
+        }));
         match tokio::time::timeout(within, all).await {
             Ok(_) => info!(attempts = open.len(), "closed the attempts in flight as suspended"),
             Err(_) => warn!(
@@ -492,7 +494,7 @@ impl Inner {
                 }
             }
             first_round = false;
-            if before.counted() >= self.max_attempts {
+            if before.budget_spent(self.max_attempts) {
                 let used = before.counted();
                 let message = format!(
                     "the request failed, or its worker died, {used} times (--max-attempts {})",
@@ -559,7 +561,7 @@ impl Inner {
                 } => {
                     if transaction::current().is_some_and(|s| s.must_wait()) {
                         let note = "answered; waiting for lower offsets to commit".to_string();
-                        self.end_attempt(&prefix, attempt, EntryOutcome::Suspended, Some(note), &mut local)
+                        self.end_attempt(&prefix, attempt, EntryOutcome::Suspended, Some(note.into()), &mut local)
                             .await;
                         *held = None;
                     }
@@ -603,10 +605,12 @@ impl Inner {
                     return Ok(Served::Suspended);
                 }
                 Generated::Failed(e) => {
+                    let out_of_memory = matches!(e, ModelError::OutOfMemory(_));
+                    let e = e.to_string();
                     error!(error = %e, attempt, "generation failed");
                     self.ops.metrics.generation_failed();
                     self.ops.health.generation_failed(&request.id, &e);
-                    let reason = if fallback::is_out_of_memory(&e) {
+                    let reason = if out_of_memory {
                         Some(FallbackReason::OutOfMemory)
                     } else {
                         self.ops.health.tripped().as_ref().map(fallback::reason_of_trip)
@@ -616,7 +620,11 @@ impl Inner {
                             return Ok(served);
                         }
                     }
-                    self.end_attempt(&prefix, attempt, EntryOutcome::Failed, Some(e), &mut local)
+                    let error = AttemptError {
+                        message: e,
+                        out_of_memory,
+                    };
+                    self.end_attempt(&prefix, attempt, EntryOutcome::Failed, Some(error), &mut local)
                         .await;
                     // The next round counts it, and dead-letters the request once the
                     // budget is used up. An attempt that ran out of memory is retried
@@ -686,7 +694,7 @@ impl Inner {
         warn!(fallback_topic = %topic, reason = reason.as_str(), attempt, "handed off to the fallback topic");
         self.ops.metrics.handed_off(reason);
         let note = format!("{error} (handed off to {topic})");
-        self.end_attempt(prefix, attempt, EntryOutcome::HandedOff, Some(note), local)
+        self.end_attempt(prefix, attempt, EntryOutcome::HandedOff, Some(note.into()), local)
             .await;
         Ok(Some(Served::Answered {
             prefix: Some(prefix.to_string()),
@@ -780,14 +788,11 @@ impl Inner {
                 Err(e) => debug!(error = %e, "cannot record the attempt in the snapshot store; counting it here only"),
             }
         }
-        let attempt = local.attempts.last().map_or(1, |a| a.attempt + 1);
-        local.attempts.push(AttemptEntry {
-            attempt,
-            worker: self.publisher.worker_id.clone(),
-            started_at_ms: (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64,
-            outcome: None,
-            error: None,
-        });
+        // The same numbering as the store's log (one above the highest).
+        local.begin(
+            &self.publisher.worker_id,
+            (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64,
+        );
         local.clone()
     }
 
@@ -796,12 +801,13 @@ impl Inner {
         prefix: &str,
         attempt: u32,
         outcome: EntryOutcome,
-        error: Option<String>,
+        error: Option<AttemptError>,
         local: &mut AttemptLog,
     ) {
         if let Some(e) = local.attempts.iter_mut().find(|e| e.attempt == attempt) {
             e.outcome = Some(outcome);
-            e.error.clone_from(&error);
+            e.error = error.as_ref().map(|e| e.message.clone());
+            e.out_of_memory = error.as_ref().is_some_and(|e| e.out_of_memory);
         }
         if let Ok(mut open) = self.open_attempts.lock() {
             if open.get(prefix) == Some(&attempt) {
@@ -855,7 +861,7 @@ impl Inner {
         let job = Job {
             prepared,
             resume: found.map(|f| f.resume),
-            snapshots: sink,
+            snapshots: sink.map(|s| Box::new(s) as Box<dyn Checkpoint>),
             control,
             deadline,
             chunks,
@@ -896,7 +902,7 @@ impl Inner {
                 if let Some(w) = writer {
                     w.stop().await;
                 }
-                Generated::Failed(e.to_string())
+                Generated::Failed(e)
             }
         })
     }
@@ -920,8 +926,7 @@ fn suspect(log: &AttemptLog) -> Option<&'static str> {
         return Some("an earlier attempt died with its worker");
     }
     let last = log.attempts.last()?;
-    let oom =
-        last.outcome == Some(EntryOutcome::Failed) && last.error.as_deref().is_some_and(fallback::is_out_of_memory);
+    let oom = last.outcome == Some(EntryOutcome::Failed) && last.out_of_memory;
     oom.then_some("the last attempt ran out of accelerator memory")
 }
 
@@ -1032,7 +1037,7 @@ fn rejected(req: &Request, code: ErrorCode, message: String) -> Invalid {
 /// generations as failed with the CUDA driver's out-of-memory error, as candle words it.
 #[cfg(feature = "fault-injection")]
 mod fault_injection {
-    use super::Generated;
+    use super::{Generated, ModelError};
 
     pub fn maybe_crash(request_id: &str) {
         if std::env::var("FERRY_FAULT_CRASH_ON").is_ok_and(|id| id == request_id) {
@@ -1044,10 +1049,12 @@ mod fault_injection {
     pub fn maybe_fail(request_id: &str, generated: Generated) -> Generated {
         match generated {
             Generated::Finished { .. } if std::env::var("FERRY_FAULT_OOM_ON").is_ok_and(|id| id == request_id) => {
-                Generated::Failed("fault injection: DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into())
+                Generated::Failed(ModelError::OutOfMemory(
+                    "fault injection: DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into(),
+                ))
             }
             Generated::Finished { .. } if std::env::var_os("FERRY_FAULT_FAIL_GENERATION").is_some() => {
-                Generated::Failed("fault injection: the engine failed".into())
+                Generated::Failed(ModelError::Backend("fault injection: the engine failed".into()))
             }
             other => other,
         }

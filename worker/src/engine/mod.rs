@@ -37,7 +37,6 @@ use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::model::{Model, ModelError};
-use crate::snapshot::writer::SnapshotSink;
 pub use sampler::SamplingParams;
 pub use sequence::{Completion, Finish, GenerationParams, Sequence, PREFILL_CHUNK};
 pub use stream::{Release, StreamChunk};
@@ -216,12 +215,29 @@ pub enum Outcome {
     },
 }
 
+/// Where a running sequence's state goes as it is generated: the engine offers it at token
+/// boundaries and knows nothing of what is done with it. The snapshot writer
+/// (`snapshot::writer::SnapshotSink`) keeps it in a durable store; a job with none is simply
+/// not checkpointed.
+///
+/// Both calls run on the engine thread between forward passes, so they must be quick: copy what
+/// is needed out of the sequence and hand the rest of the work to another thread.
+pub trait Checkpoint: Send + std::fmt::Debug {
+    /// Called after every emitted token: takes the state if the implementor's policy says one
+    /// is due (every so many tokens, or so much time).
+    fn maybe_offer(&mut self, seq: &Sequence) -> Result<(), ModelError>;
+    /// Called when the job is told to suspend: takes the state now, as the last one before the
+    /// job stops.
+    fn offer(&mut self, seq: &Sequence) -> Result<(), ModelError>;
+}
+
 /// One generation for the engine thread.
 #[derive(Debug)]
 pub struct Job {
     pub prepared: Prepared,
     pub resume: Option<ResumeFrom>,
-    pub snapshots: Option<SnapshotSink>,
+    /// Where the sequence's state is offered as it goes (see [`Checkpoint`]).
+    pub snapshots: Option<Box<dyn Checkpoint>>,
     pub control: Arc<JobControl>,
     /// When the answer is no longer wanted in full: once it has passed, the generation ends with
     /// [`FinishReason::Deadline`] and the text so far. Checked every round, so it can be overrun
@@ -237,7 +253,7 @@ pub struct Job {
 #[derive(Debug)]
 struct Active {
     seq: Sequence,
-    snapshots: Option<SnapshotSink>,
+    snapshots: Option<Box<dyn Checkpoint>>,
     control: Arc<JobControl>,
     deadline: Option<Instant>,
     chunks: Option<mpsc::UnboundedSender<StreamChunk>>,
@@ -383,8 +399,7 @@ impl Engine {
             }
             Err(e) => {
                 for i in fed {
-                    progress[i] =
-                        Progress::Failed(ModelError::Unsupported(format!("the batched forward pass failed: {e}")));
+                    progress[i] = Progress::Failed(e.of_batch());
                 }
             }
         }

@@ -132,7 +132,7 @@ impl Sequence {
         cache: Option<SequenceCache>,
     ) -> Result<Self, ModelError> {
         if tokens.is_empty() {
-            return Err(ModelError::Unsupported(
+            return Err(ModelError::Internal(
                 "resuming needs at least one generated token".into(),
             ));
         }
@@ -140,7 +140,7 @@ impl Sequence {
         if let Some(cache) = cache {
             let expected = seq.prompt.len() + tokens.len() - 1;
             if cache.len() != expected {
-                return Err(ModelError::Unsupported(format!(
+                return Err(ModelError::Internal(format!(
                     "snapshot cache holds {} positions, expected {expected}",
                     cache.len()
                 )));
@@ -275,7 +275,7 @@ impl Sequence {
             return Ok(None);
         }
         let Some(logits) = self.next_logits.take() else {
-            return Err(ModelError::Unsupported("emit before the logits are computed".into()));
+            return Err(ModelError::Internal("emit before the logits are computed".into()));
         };
         let number = self.generated.len();
         let token = sample(&logits, &self.params.sampling, number as u64);
@@ -408,7 +408,7 @@ impl Sequence {
     pub fn into_completion(self) -> Result<Completion, ModelError> {
         let finish = self
             .finish
-            .ok_or_else(|| ModelError::Unsupported("sequence has not finished".into()))?;
+            .ok_or_else(|| ModelError::Internal("sequence has not finished".into()))?;
         Ok(Completion {
             text: self.text,
             finish,

@@ -148,10 +148,7 @@ impl Kernels {
         match self {
             Kernels::Auto => Ok(Some(ferry_kernels::Path::detect())),
             Kernels::Candle => Ok(None),
-            Kernels::Ferry(path) => path
-                .usable()
-                .map(Some)
-                .map_err(|e| ModelError::Unsupported(e.to_string())),
+            Kernels::Ferry(path) => path.usable().map(Some).map_err(|e| ModelError::Kernels(e.to_string())),
         }
     }
 }
@@ -287,9 +284,9 @@ impl Embeddings {
                 let mut out = Vec::with_capacity(tokens.len() * dim);
                 for &token in tokens {
                     let start = token as usize * row_bytes;
-                    let row = blocks.get(start..start + row_bytes).ok_or_else(|| {
-                        ModelError::Unsupported(format!("token {token} is outside the embedding table"))
-                    })?;
+                    let row = blocks
+                        .get(start..start + row_bytes)
+                        .ok_or_else(|| ModelError::Internal(format!("token {token} is outside the embedding table")))?;
                     for block in row.chunks_exact(Q8_0_BLOCK_BYTES) {
                         let d = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
                         out.extend(block[2..].iter().map(|&q| f32::from(q as i8) * d));
@@ -373,7 +370,7 @@ impl SequenceCache {
     /// (`(to - from, n_kv_head, head_dim)` flattened), as snapshot pieces hold them.
     pub fn range_values(&self, from: usize, to: usize) -> Result<LayerValues, ModelError> {
         if from >= to || to > self.len {
-            return Err(ModelError::Unsupported(format!(
+            return Err(ModelError::Internal(format!(
                 "cache range [{from}, {to}) of {}",
                 self.len
             )));
@@ -423,7 +420,7 @@ impl SequenceCache {
         for layer in &self.layers {
             match (layer.k()?, layer.v()?) {
                 (Some(k), Some(v)) => out.push((k, v)),
-                _ => return Err(ModelError::Unsupported("an empty cache has no tensors".into())),
+                _ => return Err(ModelError::Internal("an empty cache has no tensors".into())),
             }
         }
         Ok(out)
@@ -432,7 +429,7 @@ impl SequenceCache {
     /// Rebuilds a cache from the tensors [`SequenceCache::layer_tensors`] gave.
     pub fn from_layer_tensors(config: &LlamaConfig, tensors: &[(Tensor, Tensor)]) -> Result<Self, ModelError> {
         if tensors.len() != config.n_layer {
-            return Err(ModelError::Unsupported(format!(
+            return Err(ModelError::Internal(format!(
                 "cache has {} layers, model has {}",
                 tensors.len(),
                 config.n_layer
@@ -545,7 +542,7 @@ impl LlamaWeights {
         let mut logits = self.forward_batch(&mut [BatchInput { tokens, cache }])?;
         logits
             .pop()
-            .ok_or_else(|| ModelError::Unsupported("a batch of one gave no logits".into()))
+            .ok_or_else(|| ModelError::Internal("a batch of one gave no logits".into()))
     }
 
     /// Runs several sequences' tokens through the model in one pass: for each input, its tokens
@@ -577,7 +574,7 @@ impl LlamaWeights {
         }
         for input in inputs.iter() {
             if input.tokens.is_empty() {
-                return Err(ModelError::Unsupported("forward pass over no tokens".into()));
+                return Err(ModelError::Internal("forward pass over no tokens".into()));
             }
             if input.cache.len + input.tokens.len() > self.config.context_length {
                 return Err(ModelError::ContextFull {
@@ -621,7 +618,7 @@ impl LlamaWeights {
             let h = layer.attn_norm.forward(&x)?;
             let [q, k, v]: [Tensor; 3] = Linear::forward_shared([&layer.wq, &layer.wk, &layer.wv], &h)?
                 .try_into()
-                .map_err(|_| ModelError::Unsupported("q, k and v projections".into()))?;
+                .map_err(|_| ModelError::Internal("q, k and v projections".into()))?;
             // `(rows, heads, 1, head_dim)`: the same memory as `(1, rows, heads * head_dim)`.
             let q = candle_nn::rotary_emb::rope_i(&q.reshape((total, c.n_head, 1, c.head_dim))?, &cos, &sin)?;
             let k = candle_nn::rotary_emb::rope_i(&k.reshape((total, c.n_kv_head, 1, c.head_dim))?, &cos, &sin)?;
@@ -645,7 +642,7 @@ impl LlamaWeights {
             let h = layer.ffn_norm.forward(&x1)?;
             let [gate, up]: [Tensor; 2] = Linear::forward_shared([&layer.w_gate, &layer.w_up], &h)?
                 .try_into()
-                .map_err(|_| ModelError::Unsupported("gate and up projections".into()))?;
+                .map_err(|_| ModelError::Internal("gate and up projections".into()))?;
             let gate = candle_nn::ops::silu(&gate)?;
             x = (layer.w_down.forward(&(gate * up)?)? + &x1)?;
         }
@@ -719,14 +716,14 @@ impl LlamaWeights {
             let len = kv.current_seq_len();
             let (keys, values) = match (kv.k_cache().all_data(), kv.v_cache().all_data()) {
                 (Some(keys), Some(values)) => (keys, values),
-                _ => return Err(ModelError::Unsupported("a cache with nothing appended".into())),
+                _ => return Err(ModelError::Internal("a cache with nothing appended".into())),
             };
             let (keys, key_layout) = keys.storage_and_layout();
             let (values, value_layout) = values.storage_and_layout();
             let (keys, stride) = cpu_f32(&keys, key_layout)?;
             let (values, value_stride) = cpu_f32(&values, value_layout)?;
             if stride != value_stride {
-                return Err(ModelError::Unsupported("keys and values cached apart".into()));
+                return Err(ModelError::Internal("keys and values cached apart".into()));
             }
             let cached = ferry_kernels::Cached {
                 keys,
@@ -736,7 +733,7 @@ impl LlamaWeights {
             };
             let span = at * row..(at + n) * row;
             ferry_kernels::attention(path, heads, &queries[span.clone()], cached, &mut out[span])
-                .map_err(|e| ModelError::Unsupported(e.to_string()))?;
+                .map_err(|e| ModelError::Internal(e.to_string()))?;
         }
         Ok(Tensor::from_vec(out, (1, total, c.embedding_length), &self.device)?)
     }
@@ -754,7 +751,7 @@ fn cpu_f32<'a>(
         {
             Ok((&data[start..end], layout.stride()[1]))
         }
-        _ => Err(ModelError::Unsupported(
+        _ => Err(ModelError::Internal(
             "Ferry's attention needs a contiguous f32 cache on the CPU".into(),
         )),
     }
@@ -981,6 +978,20 @@ mod tests {
             assert_eq!(a, b);
         }
         Ok(())
+    }
+
+    #[test]
+    fn a_kernel_path_this_cpu_cannot_run_is_a_kernels_error() {
+        for path in ferry_kernels::Path::ALL {
+            match Kernels::Ferry(path).resolve() {
+                Ok(resolved) => assert!(path.available() && resolved == Some(path), "{path:?}"),
+                Err(e) => {
+                    assert!(!path.available(), "{path:?}: {e}");
+                    assert!(matches!(e, ModelError::Kernels(_)), "{path:?}: {e:?}");
+                    assert!(e.to_string().contains("this CPU cannot run"), "{e}");
+                }
+            }
+        }
     }
 
     #[test]

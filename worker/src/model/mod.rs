@@ -52,6 +52,9 @@ pub enum ModelError {
     /// The file describes a model this engine does not run. The worker cannot start.
     #[error("unsupported model: {0}")]
     Unsupported(String),
+    /// The kernels asked for (`--kernels`) cannot run on this CPU. The worker cannot start.
+    #[error("{0}")]
+    Kernels(String),
     /// The tokenizer could not be built, or failed on an input.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
@@ -62,9 +65,65 @@ pub enum ModelError {
     /// A forward pass would run past the context window.
     #[error("the context window of {context_length} tokens is full")]
     ContextFull { context_length: usize },
-    /// A tensor operation failed.
-    #[error(transparent)]
-    Candle(#[from] candle_core::Error),
+    /// The accelerator ran out of memory in a tensor operation: the worker's failure, not the
+    /// request's (it is handed to the fallback topic, or retried alone). Classified once, where
+    /// candle's errors become this type (see [`ModelError::from`]).
+    #[error("{0}")]
+    OutOfMemory(String),
+    /// A tensor operation failed otherwise.
+    #[error("{0}")]
+    Backend(String),
+    /// A broken invariant of the engine: an input its caller should not have passed, or a bug.
+    /// The request fails; the worker goes on.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<candle_core::Error> for ModelError {
+    /// candle's errors, classified: out of memory (see [`is_out_of_memory`]) or another backend
+    /// failure. The only place where error text is read for its meaning.
+    fn from(e: candle_core::Error) -> Self {
+        let text = e.to_string();
+        if is_out_of_memory(&text) {
+            ModelError::OutOfMemory(text)
+        } else {
+            ModelError::Backend(text)
+        }
+    }
+}
+
+impl ModelError {
+    /// This failure as it reaches each job of a batched forward pass that it failed (the error
+    /// is not `Clone`, and every job gets one): its kind kept, its text saying so.
+    pub fn of_batch(&self) -> ModelError {
+        let text = format!("the batched forward pass failed: {self}");
+        match self {
+            ModelError::OutOfMemory(_) => ModelError::OutOfMemory(text),
+            ModelError::ContextFull { context_length } => ModelError::ContextFull {
+                context_length: *context_length,
+            },
+            ModelError::Internal(_) => ModelError::Internal(text),
+            _ => ModelError::Backend(text),
+        }
+    }
+}
+
+/// Whether a backend error's text means the accelerator ran out of memory: candle's CUDA
+/// backend reports the driver's `CUDA_ERROR_OUT_OF_MEMORY` (as `DriverError(CUDA_ERROR_OUT_OF_MEMORY,
+/// "out of memory")`), cuBLAS its `CUBLAS_STATUS_ALLOC_FAILED`, the runtime API
+/// `cudaErrorMemoryAllocation`. candle's errors carry the CUDA error only as text, so this is
+/// read once, where they become [`ModelError`]. On the CPU an allocation that fails aborts the
+/// process instead (Rust's allocator does not return an error), which the attempts ledger
+/// counts as a death.
+fn is_out_of_memory(error: &str) -> bool {
+    const MARKERS: [&str; 4] = [
+        "CUDA_ERROR_OUT_OF_MEMORY",
+        "CUBLAS_STATUS_ALLOC_FAILED",
+        "cudaErrorMemoryAllocation",
+        "out of memory",
+    ];
+    let lower = error.to_ascii_lowercase();
+    MARKERS.iter().any(|m| lower.contains(&m.to_ascii_lowercase()))
 }
 
 /// Where the GGUF file comes from.
@@ -397,5 +456,30 @@ mod tests {
         opts.sha256 = Some("0".repeat(64));
         let e = fetch(&opts).expect_err("mismatch").to_string();
         assert!(e.contains(sha) && e.contains(&"0".repeat(64)), "{e}");
+    }
+
+    #[test]
+    fn out_of_memory_errors_are_recognised() {
+        for e in [
+            "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")",
+            "the batched forward pass failed: DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")",
+            "cublas error: CUBLAS_STATUS_ALLOC_FAILED",
+            "cudaErrorMemoryAllocation",
+            "CUDA out of memory. Tried to allocate 2.00 GiB",
+        ] {
+            assert!(is_out_of_memory(e), "{e}");
+            let classified = ModelError::from(candle_core::Error::Msg(e.to_string()));
+            assert!(matches!(classified, ModelError::OutOfMemory(_)), "{e}");
+            assert!(matches!(classified.of_batch(), ModelError::OutOfMemory(_)), "{e}");
+        }
+        for e in [
+            "the context window of 2048 tokens is full",
+            "DriverError(CUDA_ERROR_ILLEGAL_ADDRESS, \"an illegal memory access was encountered\")",
+            "fault injection: the engine failed",
+        ] {
+            assert!(!is_out_of_memory(e), "{e}");
+            let classified = ModelError::from(candle_core::Error::Msg(e.to_string()));
+            assert!(matches!(classified, ModelError::Backend(_)), "{e}");
+        }
     }
 }

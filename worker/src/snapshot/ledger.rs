@@ -11,7 +11,8 @@
 //!   worker crashed or lost its node. Counting those entries is what stops a request that kills
 //!   every worker it lands on (a poison pill) from taking the whole group down one worker at a
 //!   time: once the budget is spent it is dead-lettered instead of run (see
-//!   [`AttemptLog::over_budget`]).
+//!   [`AttemptLog::budget_spent`]). The rules (what counts, how attempts are numbered) live on
+//!   [`AttemptLog`], whether the log is the store's or the worker's own when there is no store.
 //! - `{prefix}done` ([`DONE`]): the final reply's bytes, exactly as published. A request can
 //!   finish while an earlier offset of its partition is still running, so its own offset cannot be
 //!   committed yet; if the partition is then redelivered, the stored answer is published again
@@ -59,6 +60,36 @@ pub struct AttemptEntry {
     pub outcome: Option<EntryOutcome>,
     /// Why it failed, for the dead-letter record.
     pub error: Option<String>,
+    /// It failed because the accelerator ran out of memory ([`ModelError::OutOfMemory`]), so the
+    /// next attempt runs alone. Absent from the stored JSON when false (readers that predate it
+    /// ignore it).
+    ///
+    /// [`ModelError::OutOfMemory`]: crate::model::ModelError::OutOfMemory
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub out_of_memory: bool,
+}
+
+/// Why an attempt ended badly, as its entry keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptError {
+    pub message: String,
+    /// See [`AttemptEntry::out_of_memory`].
+    pub out_of_memory: bool,
+}
+
+impl From<String> for AttemptError {
+    fn from(message: String) -> Self {
+        Self {
+            message,
+            out_of_memory: false,
+        }
+    }
+}
+
+impl From<&str> for AttemptError {
+    fn from(message: &str) -> Self {
+        message.to_string().into()
+    }
 }
 
 /// How an attempt ended, when its worker lived to say.
@@ -117,6 +148,13 @@ impl AttemptLog {
         self.counted() > max_attempts
     }
 
+    /// Whether the attempts so far have spent the budget, so the next start must be
+    /// dead-lettered instead of run: [`AttemptLog::over_budget`] asked before the start is
+    /// recorded (the start would be counted).
+    pub fn budget_spent(&self, max_attempts: u32) -> bool {
+        self.counted() >= max_attempts
+    }
+
     /// The most recent attempt: after [`Snapshots::begin_attempt`](super::Snapshots::begin_attempt),
     /// the one just begun.
     pub fn latest(&self) -> Option<&AttemptEntry> {
@@ -138,16 +176,18 @@ impl AttemptLog {
             started_at_ms,
             outcome: None,
             error: None,
+            out_of_memory: false,
         });
         attempt
     }
 
     /// Records how `attempt` ended. Returns false if the log has no such attempt.
-    pub fn end(&mut self, attempt: u32, outcome: EntryOutcome, error: Option<String>) -> bool {
+    pub fn end(&mut self, attempt: u32, outcome: EntryOutcome, error: Option<AttemptError>) -> bool {
         match self.attempts.iter_mut().rev().find(|e| e.attempt == attempt) {
             Some(entry) => {
                 entry.outcome = Some(outcome);
-                entry.error = error;
+                entry.out_of_memory = error.as_ref().is_some_and(|e| e.out_of_memory);
+                entry.error = error.map(|e| e.message);
                 true
             }
             None => false,
@@ -257,7 +297,7 @@ impl Ledger {
 
     /// Records how `attempt` ended. A missing log is left missing: the request's prefix was
     /// deleted once its answer was committed, and must not be brought back.
-    pub async fn end_attempt(&self, prefix: &str, attempt: u32, outcome: EntryOutcome, error: Option<String>) {
+    pub async fn end_attempt(&self, prefix: &str, attempt: u32, outcome: EntryOutcome, error: Option<AttemptError>) {
         let key = format!("{prefix}{ATTEMPTS}");
         let bytes = match self.store.get(&key).await {
             Ok(Some(bytes)) => bytes,
@@ -333,6 +373,7 @@ mod tests {
             started_at_ms: 1_700_000_000_000 + i64::from(attempt),
             outcome,
             error: None,
+            out_of_memory: false,
         }
     }
 

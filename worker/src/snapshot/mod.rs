@@ -262,7 +262,13 @@ impl Snapshots {
 
     /// Records how `attempt` of the request under `prefix` ended. Failures are logged, not
     /// returned: an attempt whose end is not recorded counts as died, which only spends budget.
-    pub async fn end_attempt(&self, prefix: &str, attempt: u32, outcome: EntryOutcome, error: Option<String>) {
+    pub async fn end_attempt(
+        &self,
+        prefix: &str,
+        attempt: u32,
+        outcome: EntryOutcome,
+        error: Option<ledger::AttemptError>,
+    ) {
         self.ledger().end_attempt(prefix, attempt, outcome, error).await
     }
 

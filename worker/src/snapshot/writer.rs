@@ -1,6 +1,7 @@
 //! Taking snapshots off the decode path.
 //!
-//! The engine thread calls [`SnapshotSink::offer`] at snapshot points: it copies out only the
+//! The engine thread calls [`SnapshotSink::offer`] at snapshot points (through its `Checkpoint`
+//! hook, which the sink implements): it copies out only the
 //! KV positions added since the last offer (cost proportional to the new tokens) and leaves them
 //! in a one-element slot. The writer task, on the async runtime, takes whatever is in the slot,
 //! stores it as a piece, then writes the manifest that names it. Decoding never waits for the
@@ -27,7 +28,7 @@ use tracing::debug;
 
 use super::format::{KvShape, Manifest, Piece, PieceRef, FORMAT_VERSION};
 use super::store::{SnapshotStore, StoreFaults};
-use crate::engine::Sequence;
+use crate::engine::{Checkpoint, Sequence};
 use crate::model::ModelError;
 
 /// What a snapshot holds, and so how a resume rebuilds the cache.
@@ -192,6 +193,16 @@ pub struct SnapshotSink {
     last_at: Instant,
 }
 
+impl Checkpoint for SnapshotSink {
+    fn maybe_offer(&mut self, seq: &Sequence) -> Result<(), ModelError> {
+        SnapshotSink::maybe_offer(self, seq)
+    }
+
+    fn offer(&mut self, seq: &Sequence) -> Result<(), ModelError> {
+        SnapshotSink::offer(self, seq)
+    }
+}
+
 impl SnapshotSink {
     /// Offers a snapshot if the policy says one is due.
     pub fn maybe_offer(&mut self, seq: &Sequence) -> Result<(), ModelError> {
@@ -214,7 +225,7 @@ impl SnapshotSink {
             .shared
             .slot
             .lock()
-            .map_err(|_| ModelError::Unsupported("snapshot slot poisoned".into()))?;
+            .map_err(|_| ModelError::Internal("snapshot slot poisoned".into()))?;
         let from = if slot.full_next { 0 } else { slot.next_from };
         let kv = if self.shared.with_kv && end > from {
             Some(Piece {

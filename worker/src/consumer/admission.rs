@@ -30,8 +30,8 @@ use tracing::{info, warn};
 
 use crate::config::KvBudgetSetting;
 use crate::engine::JobControl;
-use crate::model::llama::CACHE_CHUNK;
 use crate::model::LlamaConfig;
+use crate::model::CACHE_CHUNK;
 use crate::ops::Ops;
 use crate::snapshot::format::KvShape;
 

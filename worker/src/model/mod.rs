@@ -5,9 +5,12 @@
 //! under a lock that processes sharing the cache take turns on, then checking its sha256 when
 //! one is pinned), which is all `ferry-worker --fetch-model-only` does; [`Model::load`] fetches
 //! it the same way and builds the three parts. Everything here is immutable once loaded and shared by
-//! every sequence; per-sequence state (the KV cache) lives in [`llama::SequenceCache`].
+//! every sequence; per-sequence state (the KV cache) lives in [`cache::SequenceCache`].
 
+mod attention;
+pub mod cache;
 pub mod chat;
+mod linear;
 pub mod llama;
 pub mod tokenizer;
 
@@ -20,8 +23,10 @@ use candle_core::quantized::gguf_file;
 use candle_core::Device;
 use sha2::{Digest, Sha256};
 
+pub use cache::{LayerValues, SequenceCache, CACHE_CHUNK};
 pub use chat::ChatTemplate;
-pub use llama::{BatchInput, Kernels, LayerValues, LlamaConfig, LlamaWeights, SequenceCache, WeightFormat};
+pub use linear::{Kernels, WeightFormat};
+pub use llama::{BatchInput, LlamaConfig, LlamaWeights};
 pub use tokenizer::{IncrementalDecoder, Tokenizer};
 
 /// Everything that can go wrong loading or running the model.

@@ -128,11 +128,11 @@ async fn run(config: Config) -> anyhow::Result<Option<String>> {
             s.spawn_sweeper(config.snapshot.snapshot_ttl, Duration::from_secs(300));
             ops.metrics.attach_snapshot_stats(s.stats.clone());
             info!(store = %ferry_worker::snapshot::store::redact(url), every_tokens = config.snapshot.snapshot_every_tokens, mode = ?config.snapshot.resume, "snapshots on");
-            Some(s)
+            s
         }
         None => {
             info!("no --snapshot-store: interrupted requests will start over");
-            None
+            Snapshots::none(model.weights.config.clone())
         }
     };
     let engine = Engine::new(Arc::new(model));

@@ -146,7 +146,8 @@ const POLL_EVERY: Duration = Duration::from_millis(200);
 #[derive(Debug, Clone)]
 pub struct WorkerOptions {
     pub worker_id: String,
-    pub snapshots: Option<Snapshots>,
+    /// The durable store's service, or [`Snapshots::none`] without `--snapshot-store`.
+    pub snapshots: Snapshots,
     pub drain_timeout: Duration,
     /// Where metrics and health go.
     pub ops: Arc<Ops>,
@@ -307,7 +308,7 @@ impl Worker {
         consumer.subscribe(&cfg.topic_names()).map_err(WorkerError::Setup)?;
         let engine_thread = EngineHandle::spawn(engine.clone(), cfg.max_in_flight)
             .map_err(|e| WorkerError::Setup(KafkaError::ClientCreation(format!("engine thread: {e}"))))?;
-        if opts.snapshots.is_none() && cfg.max_attempts > 0 {
+        if !opts.snapshots.keeps() && cfg.max_attempts > 0 {
             info!("no snapshot store: attempts are counted within this worker only, not across crashes");
         }
         if let Some(topic) = &cfg.fallback_topic {

@@ -50,7 +50,8 @@ pub struct Inner {
     pub dead_letter_topic: Option<String>,
     /// Where requests this worker cannot serve for a reason of its own go (`--fallback-topic`).
     pub fallback_topic: Option<String>,
-    pub snapshots: Option<Snapshots>,
+    /// The durable store's service, or [`Snapshots::none`] without one.
+    pub snapshots: Snapshots,
     pub inflight: Arc<InFlight>,
     pub max_attempts: u32,
     /// Generations hold it shared; a suspect (a request an earlier attempt of which died with
@@ -243,9 +244,10 @@ impl Inner {
     }
 
     async fn keep_done(&self, prefix: Option<&str>, reply: Option<&[u8]>) {
-        if let (Some(s), Some(prefix), Some(reply)) = (&self.snapshots, prefix, reply) {
-            match s.put_done(prefix, reply).await {
-                Ok(()) => info!("answered, not yet committable: done marker kept until the commit passes it"),
+        if let (Some(prefix), Some(reply)) = (prefix, reply) {
+            match self.snapshots.put_done(prefix, reply).await {
+                Ok(true) => info!("answered, not yet committable: done marker kept until the commit passes it"),
+                Ok(false) => {}
                 // The store logs its failures, at most once per interval.
                 Err(e) => debug!(error = %e, "cannot keep a done marker; a redelivery would compute the answer again"),
             }
@@ -254,10 +256,8 @@ impl Inner {
 
     /// Deletes the store entries of committed requests.
     pub async fn delete_all(&self, prefixes: Vec<String>) {
-        if let Some(s) = &self.snapshots {
-            for p in prefixes {
-                s.delete(&p).await;
-            }
+        for p in prefixes {
+            self.snapshots.delete(&p).await;
         }
     }
 
@@ -320,8 +320,9 @@ impl Inner {
         };
         error!(error = %refused, code = code.as_str(), "the answer was refused: dead-lettering the request");
         let attempt = self.open_attempts.lock().ok().and_then(|mut m| m.remove(prefix));
-        if let (Some(s), Some(attempt)) = (&self.snapshots, attempt) {
-            s.end_attempt(prefix, attempt, EntryOutcome::Failed, Some(refused.to_string().into()))
+        if let Some(attempt) = attempt {
+            self.snapshots
+                .end_attempt(prefix, attempt, EntryOutcome::Failed, Some(refused.to_string().into()))
                 .await;
         }
         let invalid = rejected(request, code, refused.to_string());
@@ -343,7 +344,7 @@ impl Inner {
             Ok(mut m) => m.drain().collect(),
             Err(_) => return,
         };
-        let Some(s) = &self.snapshots else { return };
+        let s = &self.snapshots;
         if open.is_empty() {
             return;
         }
@@ -577,11 +578,10 @@ impl Inner {
                     self.ops
                         .metrics
                         .answered(&answered(&completion, queued, resumed_from.is_some()));
-                    if let Some(s) = &self.snapshots {
-                        let decode_s = completion.decode.as_secs_f64();
-                        if decode_s > 0.0 && !completion.tokens.is_empty() {
-                            s.stats.record_decode_speed(completion.tokens.len() as f64 / decode_s);
-                        }
+                    let decode_s = completion.decode.as_secs_f64();
+                    if decode_s > 0.0 && !completion.tokens.is_empty() {
+                        let speed = completion.tokens.len() as f64 / decode_s;
+                        self.snapshots.stats.record_decode_speed(speed);
                     }
                     return Ok(Served::Answered {
                         prefix: Some(prefix),
@@ -735,10 +735,7 @@ impl Inner {
         reply_topic: &str,
         prefix: &str,
     ) -> Result<Option<Served>, PublishError> {
-        let Some(s) = &self.snapshots else {
-            return Ok(None);
-        };
-        let Some(body) = s.get_done(prefix).await else {
+        let Some(body) = self.snapshots.get_done(prefix).await else {
             return Ok(None);
         };
         let reply: Reply = match serde_json::from_slice(&body) {
@@ -760,40 +757,22 @@ impl Inner {
         }))
     }
 
-    /// The attempts recorded so far: from the snapshot store, or `local` without one (or when
-    /// the store cannot be read, so a store outage never blocks serving).
+    /// The attempts recorded so far (see [`Snapshots::attempts_or`]).
     async fn attempts(&self, prefix: &str, local: &AttemptLog) -> AttemptLog {
-        if let Some(s) = &self.snapshots {
-            match s.attempts(prefix).await {
-                Ok(log) => return log,
-                // The store logs its failures, at most once per interval.
-                Err(e) => debug!(error = %e, "cannot read the attempt log; counting attempts here only"),
-            }
-        }
-        local.clone()
+        self.snapshots.attempts_or(prefix, local).await
     }
 
-    /// Records the start of an attempt: durably in the snapshot store, or in `local` without
-    /// one (or when the store cannot be reached, so a store outage never blocks serving).
+    /// Records the start of an attempt (see [`Snapshots::begin_attempt_or`]); one the store
+    /// recorded is open until it ends, so a drain can close it.
     async fn begin_attempt(&self, prefix: &str, local: &mut AttemptLog) -> AttemptLog {
-        if let Some(s) = &self.snapshots {
-            match s.begin_attempt(prefix, &self.publisher.worker_id).await {
-                Ok(log) => {
-                    if let (Some(latest), Ok(mut open)) = (log.latest(), self.open_attempts.lock()) {
-                        open.insert(prefix.to_string(), latest.attempt);
-                    }
-                    return log;
-                }
-                // The store logs its failures, at most once per interval.
-                Err(e) => debug!(error = %e, "cannot record the attempt in the snapshot store; counting it here only"),
-            }
+        let (log, durable) = self
+            .snapshots
+            .begin_attempt_or(prefix, &self.publisher.worker_id, local)
+            .await;
+        if let (true, Some(latest), Ok(mut open)) = (durable, log.latest(), self.open_attempts.lock()) {
+            open.insert(prefix.to_string(), latest.attempt);
         }
-        // The same numbering as the store's log (one above the highest).
-        local.begin(
-            &self.publisher.worker_id,
-            (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64,
-        );
-        local.clone()
+        log
     }
 
     async fn end_attempt(
@@ -814,9 +793,7 @@ impl Inner {
                 open.remove(prefix);
             }
         }
-        if let Some(s) = &self.snapshots {
-            s.end_attempt(prefix, attempt, outcome, error).await;
-        }
+        self.snapshots.end_attempt(prefix, attempt, outcome, error).await;
     }
 
     /// One generation attempt: resume from a snapshot when one verifies, snapshot as it goes,
@@ -834,19 +811,14 @@ impl Inner {
         reply_topic: &str,
     ) -> Result<Generated, WorkerError> {
         let prompt_tokens = prepared.prompt.len();
-        let found = match &self.snapshots {
-            Some(s) => s.find(prefix, &prepared).await,
-            None => None,
-        };
+        let found = self.snapshots.find(prefix, &prepared).await;
         let resumed_from = found.as_ref().map(|f| f.manifest.tokens.len() as u32);
-        let writer = self.snapshots.as_ref().and_then(|s| {
-            s.writer(
-                prefix,
-                &prepared,
-                &self.publisher.worker_id,
-                found.as_ref().map(|f| &f.manifest),
-            )
-        });
+        let writer = self.snapshots.writer(
+            prefix,
+            &prepared,
+            &self.publisher.worker_id,
+            found.as_ref().map(|f| &f.manifest),
+        );
         let (writer, sink) = match writer {
             Some((w, s)) => (Some(w), Some(s)),
             None => (None, None),

@@ -351,7 +351,7 @@ impl Ledger {
     }
 }
 
-fn now_ms() -> i64 {
+pub(super) fn now_ms() -> i64 {
     i64::try_from(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
 }
 
@@ -775,5 +775,41 @@ mod tests {
     async fn discarding_a_bad_snapshot_keeps_the_ledger_on_disk() {
         let (_dir, store) = file().await;
         discard_keeps_the_ledger(store).await;
+    }
+
+    #[tokio::test]
+    async fn without_a_store_attempts_are_counted_in_the_requests_own_log_by_the_same_rules() {
+        let none = Snapshots::none(snapshots(Arc::new(store::NoStore)).config.clone());
+        assert!(!none.keeps());
+        let mut local = AttemptLog::default();
+        for expected in 1..=3u32 {
+            assert_eq!(none.attempts_or(PREFIX, &local).await, local, "the request's own log");
+            let (log, durable) = none.begin_attempt_or(PREFIX, "w-1", &mut local).await;
+            assert!(!durable, "nothing is kept");
+            assert_eq!(log.latest().map(|e| e.attempt), Some(expected));
+            assert_eq!(log, local);
+            // Ending it is the caller's to record in its own log; the service keeps nothing.
+            none.end_attempt(PREFIX, expected, EntryOutcome::Failed, Some("boom".into()))
+                .await;
+            assert!(local.end(expected, EntryOutcome::Failed, Some("boom".into())));
+        }
+        assert!(local.budget_spent(3) && !local.budget_spent(4));
+        assert!(!none.put_done(PREFIX, b"{}").await.expect("no store, no error"));
+        assert!(none.get_done(PREFIX).await.is_none());
+        let prepared = Prepared {
+            prompt: vec![1, 2, 3],
+            params: GenerationParams {
+                sampling: SamplingParams::GREEDY,
+                max_tokens: 8,
+                stop: Vec::new(),
+            },
+        };
+        assert!(none.find(PREFIX, &prepared).await.is_none());
+        assert!(none.writer(PREFIX, &prepared, "w-1", None).is_none());
+        // The numbering is the store's: one above the highest, whatever the order.
+        let mut gaps = log_of(&[Some(EntryOutcome::Suspended), Some(EntryOutcome::Failed)]);
+        gaps.attempts[0].attempt = 7;
+        let (log, _) = none.begin_attempt_or(PREFIX, "w-2", &mut gaps).await;
+        assert_eq!(log.latest().map(|e| e.attempt), Some(8));
     }
 }

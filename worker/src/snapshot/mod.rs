@@ -60,6 +60,9 @@ pub struct Snapshots {
     model_fingerprint: String,
     config: LlamaConfig,
     device: Device,
+    /// False for [`Snapshots::none`]: nothing is kept, and the attempts are counted in the
+    /// request's own log.
+    keeps: bool,
 }
 
 /// A snapshot found for a request, and how to continue from it.
@@ -94,6 +97,7 @@ impl Snapshots {
             model_fingerprint: format::model_fingerprint(&model.sha256, weights, &device_name),
             config: model.weights.config.clone(),
             device: device.clone(),
+            keeps: true,
         }
     }
 
@@ -116,7 +120,37 @@ impl Snapshots {
             model_fingerprint: format::model_fingerprint("test", "f32", "cpu"),
             config,
             device: Device::Cpu,
+            keeps: true,
         }
+    }
+
+    /// The service of a worker without `--snapshot-store`, which keeps nothing: its store is
+    /// [`store::NoStore`] and its policy takes no snapshots, so no snapshot is written or found
+    /// and no done marker kept, and [`Snapshots::begin_attempt_or`] counts attempts in the
+    /// request's own log. Its statistics stay at zero.
+    pub fn none(config: LlamaConfig) -> Self {
+        let store: Arc<dyn store::SnapshotStore> = Arc::new(store::NoStore);
+        Self {
+            store: store.clone(),
+            backend: store,
+            store_timeout: DEFAULT_STORE_TIMEOUT,
+            stats: Arc::new(SnapshotStats::default()),
+            policy: SnapshotPolicy {
+                every_tokens: 0,
+                every: None,
+                mode: ResumeMode::Auto,
+                max_pieces: 8,
+            },
+            model_fingerprint: String::new(),
+            config,
+            device: Device::Cpu,
+            keeps: false,
+        }
+    }
+
+    /// Whether anything is kept: false for [`Snapshots::none`].
+    pub fn keeps(&self) -> bool {
+        self.keeps
     }
 
     /// The same service with a deadline of `timeout` on every store call
@@ -145,6 +179,9 @@ impl Snapshots {
     /// starts from the beginning. So does one that cannot be read, whole, within [`FIND_CALLS`]
     /// store timeouts.
     pub async fn find(&self, prefix: &str, prepared: &Prepared) -> Option<Found> {
+        if !self.keeps {
+            return None;
+        }
         let request = format::request_fingerprint(&prepared.prompt, &prepared.params);
         let bound = self.store_timeout.saturating_mul(FIND_CALLS);
         let loaded = tokio::time::timeout(
@@ -212,7 +249,7 @@ impl Snapshots {
         worker: &str,
         found: Option<&Manifest>,
     ) -> Option<(SnapshotWriter, SnapshotSink)> {
-        if !self.policy.enabled() {
+        if !self.keeps || !self.policy.enabled() {
             return None;
         }
         let id = SnapshotIdentity {
@@ -260,6 +297,35 @@ impl Snapshots {
         self.ledger().begin_attempt(prefix, worker).await
     }
 
+    /// The attempts recorded so far: the store's log, or `local` (the request's own) when
+    /// nothing is kept or the store cannot be read, so that a store outage never blocks serving.
+    pub async fn attempts_or(&self, prefix: &str, local: &AttemptLog) -> AttemptLog {
+        if self.keeps {
+            match self.attempts(prefix).await {
+                Ok(log) => return log,
+                // The store logs its failures, at most once per interval.
+                Err(e) => debug!(error = %e, "cannot read the attempt log; counting attempts here only"),
+            }
+        }
+        local.clone()
+    }
+
+    /// Records that `worker` starts the request under `prefix` now: durably in the store, or in
+    /// `local` when nothing is kept or the store cannot be reached (a store outage never blocks
+    /// serving), numbered by the same rule ([`AttemptLog::begin`]). Returns the log including
+    /// the new attempt, and whether the store recorded it.
+    pub async fn begin_attempt_or(&self, prefix: &str, worker: &str, local: &mut AttemptLog) -> (AttemptLog, bool) {
+        if self.keeps {
+            match self.begin_attempt(prefix, worker).await {
+                Ok(log) => return (log, true),
+                // The store logs its failures, at most once per interval.
+                Err(e) => debug!(error = %e, "cannot record the attempt in the snapshot store; counting it here only"),
+            }
+        }
+        local.begin(worker, ledger::now_ms());
+        (local.clone(), false)
+    }
+
     /// Records how `attempt` of the request under `prefix` ended. Failures are logged, not
     /// returned: an attempt whose end is not recorded counts as died, which only spends budget.
     pub async fn end_attempt(
@@ -269,13 +335,19 @@ impl Snapshots {
         outcome: EntryOutcome,
         error: Option<ledger::AttemptError>,
     ) {
-        self.ledger().end_attempt(prefix, attempt, outcome, error).await
+        if self.keeps {
+            self.ledger().end_attempt(prefix, attempt, outcome, error).await
+        }
     }
 
     /// Keeps the final reply of the request under `prefix`, exactly as published, until its
     /// offset is committed and [`Snapshots::delete`] removes it with the rest of the prefix.
-    pub async fn put_done(&self, prefix: &str, reply: &[u8]) -> Result<(), store::StoreError> {
-        self.ledger().put_done(prefix, reply).await
+    /// Returns whether it was kept: false when nothing is kept ([`Snapshots::none`]).
+    pub async fn put_done(&self, prefix: &str, reply: &[u8]) -> Result<bool, store::StoreError> {
+        if !self.keeps {
+            return Ok(false);
+        }
+        self.ledger().put_done(prefix, reply).await.map(|()| true)
     }
 
     /// The stored final reply of the request under `prefix`, to publish again instead of
@@ -293,6 +365,9 @@ impl Snapshots {
     /// keyspace after every answer. Keys this cannot name (the pieces of a manifest that cannot be
     /// read, pieces an earlier compaction failed to delete) expire with the TTL.
     pub async fn delete(&self, prefix: &str) {
+        if !self.keeps {
+            return;
+        }
         let manifest = match self.store.get(&format!("{prefix}{}", format::MANIFEST)).await {
             Ok(bytes) => bytes.and_then(|b| Manifest::peek(&b).ok()),
             Err(e) => {

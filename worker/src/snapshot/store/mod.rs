@@ -77,6 +77,39 @@ pub trait SnapshotStore: Send + Sync + Debug {
     async fn sweep_expired(&self, prefix: &str, ttl: Duration) -> Result<usize, StoreError>;
 }
 
+/// The store of a worker started without `--snapshot-store`: it keeps nothing. Writes succeed
+/// and are forgotten, reads find nothing, so a worker without a store runs the same code as one
+/// with a store that is always empty ([`crate::snapshot::Snapshots::none`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoStore;
+
+#[async_trait]
+impl SnapshotStore for NoStore {
+    async fn put(&self, _key: &str, _value: Bytes) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn get(&self, _key: &str) -> Result<Option<Bytes>, StoreError> {
+        Ok(None)
+    }
+
+    async fn delete(&self, _key: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn delete_prefix(&self, _prefix: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    async fn list(&self, _prefix: &str) -> Result<Vec<String>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    async fn sweep_expired(&self, _prefix: &str, _ttl: Duration) -> Result<usize, StoreError> {
+        Ok(0)
+    }
+}
+
 /// Why a store operation failed. Every variant is handled the same way on the data path: a
 /// failed snapshot write is skipped and counted (the generation goes on, it just has an older
 /// snapshot to resume from), and a failed read means the request starts from the beginning.

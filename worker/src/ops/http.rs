@@ -1,15 +1,15 @@
-//! `/healthz`, `/readyz` and `/metrics` over HTTP/1.1.
+//! `/healthz`, `/readyz` and `/metrics` over HTTP/1.1, served by hyper.
 //!
-//! A minimal responder on tokio's listener rather than an HTTP framework: it reads one request
-//! head (bounded in size and time), answers `GET` or `HEAD` for the three paths, and closes the
-//! connection. Probes and Prometheus need nothing more. It runs on the worker's own runtime, so
-//! an answer from `/healthz` also says the runtime is alive.
+//! Each connection gets one answer and is closed (no keep-alive): probes and Prometheus need
+//! nothing more. The server runs on the worker's own runtime, so an answer from `/healthz` also
+//! says the runtime is alive.
 //!
 //! At most [`MAX_CONNECTIONS`] connections are served at once; the next ones wait, not yet
 //! accepted, in the listen backlog until one closes. Each connection has [`READ_TIMEOUT`] to send
-//! its head and [`WRITE_TIMEOUT`] to take the answer, so a client that sends or reads slowly
-//! (or not at all) holds its place for seconds, not for ever. Limit: a flood of such clients
-//! still delays the probes by those seconds; it cannot exhaust the worker's memory or file
+//! its head and [`WRITE_TIMEOUT`] more to take the answer, so a client that sends or reads slowly
+//! (or not at all) holds its place for seconds, not for ever. A head larger than [`MAX_HEAD`] is
+//! answered 431, a malformed one 400 (hyper's answers). Limit: a flood of slow clients still
+//! delays the probes by those seconds; it cannot exhaust the worker's memory or file
 //! descriptors.
 //!
 //! - `/healthz`: 200 while the process works; 503 once the consumer loop, having started, has
@@ -19,17 +19,23 @@
 //!   the reason in one line otherwise.
 //! - `/metrics`: the Prometheus text format.
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{CACHE_CONTROL, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
 use super::Ops;
 
-/// A request head larger than this is refused.
-const MAX_HEAD: usize = 8 * 1024;
+/// A request head larger than this is refused (hyper's smallest read buffer).
+pub const MAX_HEAD: usize = 8 * 1024;
 /// A client has this long to send its request head.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// A client has this long to take the answer.
@@ -58,32 +64,15 @@ impl Response {
         }
     }
 
-    fn reason(&self) -> &'static str {
-        match self.status {
-            200 => "OK",
-            400 => "Bad Request",
-            404 => "Not Found",
-            405 => "Method Not Allowed",
-            431 => "Request Header Fields Too Large",
-            503 => "Service Unavailable",
-            _ => "",
-        }
-    }
-
-    /// The bytes on the wire; `head_only` for a `HEAD` request.
-    pub fn encode(&self, head_only: bool) -> Vec<u8> {
-        let mut out = format!(
-            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
-            self.status,
-            self.reason(),
-            self.content_type,
-            self.body.len()
-        )
-        .into_bytes();
-        if !head_only {
-            out.extend_from_slice(self.body.as_bytes());
-        }
-        out
+    /// As hyper sends it. Under `HEAD` hyper sends the head alone, with the body's length.
+    fn into_http(self) -> hyper::Response<Full<Bytes>> {
+        let mut response = hyper::Response::new(Full::new(Bytes::from(self.body)));
+        *response.status_mut() =
+            hyper::StatusCode::from_u16(self.status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, hyper::header::HeaderValue::from_static(self.content_type));
+        headers.insert(CACHE_CONTROL, hyper::header::HeaderValue::from_static("no-store"));
+        response
     }
 }
 
@@ -151,46 +140,28 @@ pub async fn serve_with_limit(listener: TcpListener, ops: Arc<Ops>, limit: usize
     }
 }
 
-async fn handle(mut stream: TcpStream, ops: &Ops) -> std::io::Result<()> {
-    let head = match tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await {
-        Ok(head) => head?,
-        Err(_) => return Ok(()),
-    };
-    let (response, head_only) = match head {
-        Some(head) => {
-            let mut parts = head.lines().next().unwrap_or_default().split_whitespace();
-            match (parts.next(), parts.next(), parts.next()) {
-                (Some(method), Some(target), Some(version)) if version.starts_with("HTTP/1.") => {
-                    (respond(ops, method, target), method == "HEAD")
-                }
-                _ => (Response::text(400, "bad request line"), false),
-            }
+/// One connection: one request, its answer, then the connection is closed.
+async fn handle(stream: TcpStream, ops: &Arc<Ops>) -> Result<(), hyper::Error> {
+    let ops = ops.clone();
+    let service = service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+        let ops = ops.clone();
+        async move {
+            let target = request.uri().path_and_query().map_or("/", |p| p.as_str());
+            Ok::<_, Infallible>(respond(&ops, request.method().as_str(), target).into_http())
         }
-        None => (Response::text(431, "request head too large"), false),
-    };
-    let write = async {
-        stream.write_all(&response.encode(head_only)).await?;
-        stream.shutdown().await
-    };
-    match tokio::time::timeout(WRITE_TIMEOUT, write).await {
-        Ok(written) => written,
+    });
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(READ_TIMEOUT)
+        .max_buf_size(MAX_HEAD)
+        .title_case_headers(true)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), service);
+    // The head's deadline is hyper's; this one bounds the whole exchange, the answer's writing
+    // included.
+    match tokio::time::timeout(READ_TIMEOUT + WRITE_TIMEOUT, connection).await {
+        Ok(served) => served,
         Err(_) => Ok(()),
-    }
-}
-
-/// Reads up to the end of the request head. `None` when it exceeds [`MAX_HEAD`].
-async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<String>> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    loop {
-        let n = stream.read(&mut chunk).await?;
-        buf.extend_from_slice(&chunk[..n]);
-        if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.windows(2).any(|w| w == b"\n\n") || n == 0 {
-            return Ok(Some(String::from_utf8_lossy(&buf).into_owned()));
-        }
-        if buf.len() > MAX_HEAD {
-            return Ok(None);
-        }
     }
 }
 
@@ -198,6 +169,7 @@ async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<String>> {
 mod tests {
     use super::*;
     use std::io::{Read, Write};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn ops() -> Arc<Ops> {
         let (tx, _rx) = tokio::sync::watch::channel(0);
@@ -218,12 +190,7 @@ mod tests {
         assert!(m.body.contains("ferry_ready 1\n"));
         assert_eq!(respond(&ops, "POST", "/readyz").status, 405);
         assert_eq!(respond(&ops, "GET", "/").status, 404);
-        let head = String::from_utf8(respond(&ops, "HEAD", "/healthz").encode(true)).expect("utf-8");
-        assert!(
-            head.starts_with("HTTP/1.1 200 OK\r\n") && head.ends_with("\r\n\r\n"),
-            "{head}"
-        );
-        assert!(head.contains("Content-Length: 3\r\n"));
+        assert_eq!(respond(&ops, "HEAD", "/healthz").status, 200);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
@@ -231,16 +198,40 @@ mod tests {
         let listener = bind("127.0.0.1:0".parse().expect("addr")).await.expect("binds");
         let addr = listener.local_addr().expect("addr");
         let server = tokio::spawn(serve(listener, ops()));
-        let get = move |path: &str| {
+        let ask = move |method: &str, path: &str| {
             let mut s = std::net::TcpStream::connect(addr).expect("connects");
-            write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("writes");
+            write!(s, "{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("writes");
             let mut out = String::new();
             s.read_to_string(&mut out).expect("reads");
             out
         };
-        let (ok, not_ready) = tokio::task::spawn_blocking(move || (get("/healthz"), get("/readyz")))
-            .await
-            .expect("client");
+        let (ok, not_ready, head, big, bad) = tokio::task::spawn_blocking(move || {
+            let big = {
+                let mut s = std::net::TcpStream::connect(addr).expect("connects");
+                let filler = "x".repeat(MAX_HEAD + 1);
+                // The server may answer and close before taking it all.
+                let _ = write!(s, "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Filler: {filler}\r\n\r\n");
+                let mut out = String::new();
+                let _ = s.read_to_string(&mut out);
+                out
+            };
+            (
+                ask("GET", "/healthz"),
+                ask("GET", "/readyz"),
+                ask("HEAD", "/healthz"),
+                big,
+                ask("NOT A REQUEST", "LINE"),
+            )
+        })
+        .await
+        .expect("client");
+        assert!(
+            head.starts_with("HTTP/1.1 200 OK\r\n") && head.ends_with("\r\n\r\n"),
+            "{head}"
+        );
+        assert!(head.contains("Content-Length: 3\r\n"), "{head}");
+        assert!(big.starts_with("HTTP/1.1 431 "), "{big}");
+        assert!(bad.starts_with("HTTP/1.1 400 "), "{bad}");
         assert!(
             ok.starts_with("HTTP/1.1 200 OK\r\n") && ok.ends_with("\r\n\r\nok\n"),
             "{ok}"

@@ -219,7 +219,9 @@ mod tests {
                 ask("GET", "/healthz"),
                 ask("GET", "/readyz"),
                 ask("HEAD", "/healthz"),
-                refused(format!("GET /healthz HTTP/1.1\r\nHost: x\r\nX-Filler: {filler}\r\n\r\n")),
+                refused(format!(
+                    "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Filler: {filler}\r\n\r\n"
+                )),
                 refused("NOT A REQUEST LINE HTTP/1.1\r\nHost: x\r\n\r\n".to_string()),
             )
         })

@@ -383,14 +383,7 @@ async fn discard_keeps_the_ledger(store: Arc<dyn SnapshotStore>) {
         .put(&format!("{PREFIX}piece-000001-0abc1234"), Bytes::from_static(b"kv"))
         .await
         .expect("put");
-    let prepared = Prepared {
-        prompt: vec![1, 2, 3],
-        params: GenerationParams {
-            sampling: SamplingParams::GREEDY,
-            max_tokens: 8,
-            stop: Vec::new(),
-        },
-    };
+    let prepared = greedy_prepared();
     assert!(snaps.find(PREFIX, &prepared).await.is_none());
     assert_eq!(snaps.stats.discarded.load(std::sync::atomic::Ordering::Relaxed), 1);
     assert_eq!(
@@ -437,14 +430,7 @@ async fn without_a_store_attempts_are_counted_in_the_requests_own_log_by_the_sam
     assert!(local.budget_spent(3) && !local.budget_spent(4));
     assert!(!none.put_done(PREFIX, b"{}").await.expect("no store, no error"));
     assert!(none.get_done(PREFIX).await.is_none());
-    let prepared = Prepared {
-        prompt: vec![1, 2, 3],
-        params: GenerationParams {
-            sampling: SamplingParams::GREEDY,
-            max_tokens: 8,
-            stop: Vec::new(),
-        },
-    };
+    let prepared = greedy_prepared();
     assert!(none.find(PREFIX, &prepared).await.is_none());
     assert!(none.writer(PREFIX, &prepared, "w-1", None).is_none());
     // The numbering is the store's: one above the highest, whatever the order.
@@ -452,4 +438,16 @@ async fn without_a_store_attempts_are_counted_in_the_requests_own_log_by_the_sam
     gaps.attempts[0].attempt = 7;
     let (log, _) = none.begin_attempt_or(PREFIX, "w-2", &mut gaps).await;
     assert_eq!(log.latest().map(|e| e.attempt), Some(8));
+}
+
+/// A short greedy request, for the lookups that must find nothing.
+fn greedy_prepared() -> Prepared {
+    Prepared {
+        prompt: vec![1, 2, 3],
+        params: GenerationParams {
+            sampling: SamplingParams::GREEDY,
+            max_tokens: 8,
+            stop: Vec::new(),
+        },
+    }
 }

@@ -20,15 +20,17 @@
 
 pub mod format;
 pub mod ledger;
+pub mod policy;
 pub mod resume;
 pub mod store;
 pub mod writer;
 
+pub use policy::{ResumeMode, SnapshotPolicy, SnapshotStats};
 pub use resume::{load, Restored};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
-pub use writer::{ResumeMode, SnapshotPolicy, SnapshotStats, SnapshotWriter};
+pub use writer::SnapshotWriter;
 
 use bytes::Bytes;
 use candle_core::Device;

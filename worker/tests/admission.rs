@@ -6,6 +6,7 @@ mod support {
     pub mod http;
     pub mod kafka;
     pub mod model;
+    pub mod requests;
 }
 
 use std::time::Duration;
@@ -15,6 +16,7 @@ use ferry_worker::consumer::admission::{allocated_positions, bytes_per_position,
 use ferry_worker::engine::Engine;
 use support::http::{free_addr, get, wait_status};
 use support::kafka::{unique, wait_for, Cluster};
+use support::requests::chat;
 
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
@@ -22,15 +24,6 @@ fn block_on<F: std::future::Future>(f: F) -> F::Output {
         .build()
         .expect("runtime")
         .block_on(f)
-}
-
-fn chat(id: &str, content: &str, max_tokens: u32) -> Request {
-    serde_json::from_value(serde_json::json!({
-        "id": id,
-        "messages": [{"role": "user", "content": content}],
-        "max_tokens": max_tokens,
-    }))
-    .expect("request")
 }
 
 /// The value of an unlabelled sample in a Prometheus text page.

@@ -4,36 +4,17 @@
 
 mod support {
     pub mod model;
+    pub mod requests;
 }
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use ferry_schemas::Request;
-use ferry_worker::engine::{Completion, Engine, EngineHandle, Job, JobControl, Outcome, Prepared, PREFILL_CHUNK};
+use ferry_worker::engine::{Completion, Engine, EngineHandle, Outcome, Prepared, PREFILL_CHUNK};
 use ferry_worker::model::{BatchInput, SequenceCache};
 use support::model::shared;
+use support::requests::{chat, job};
 use tokio::sync::mpsc;
-
-fn chat(id: &str, content: &str, max_tokens: u32) -> Request {
-    serde_json::from_value(serde_json::json!({
-        "id": id,
-        "messages": [{"role": "user", "content": content}],
-        "max_tokens": max_tokens,
-    }))
-    .expect("request")
-}
-
-fn job(prepared: Prepared) -> Job {
-    Job {
-        prepared,
-        resume: None,
-        snapshots: None,
-        control: Arc::new(JobControl::default()),
-        deadline: None,
-        chunks: None,
-    }
-}
 
 fn finished(outcome: Outcome) -> Completion {
     match outcome {

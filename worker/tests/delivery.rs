@@ -9,6 +9,7 @@
 mod support {
     pub mod kafka;
     pub mod model;
+    pub mod requests;
 }
 
 use std::collections::{BTreeMap, HashMap};
@@ -19,21 +20,13 @@ use ferry_schemas::{FinishReason, Reply, Request, Response};
 use ferry_worker::engine::Engine;
 use ferry_worker::snapshot::format::{request_prefix, Manifest};
 use support::kafka::{unique, wait_for, ChildGuard, Cluster};
+use support::requests::chat;
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime")
-}
-
-fn chat(id: &str, content: &str, max_tokens: u32) -> Request {
-    serde_json::from_value(serde_json::json!({
-        "id": id,
-        "messages": [{"role": "user", "content": content}],
-        "max_tokens": max_tokens,
-    }))
-    .expect("a valid request")
 }
 
 /// The uninterrupted answers, computed in this process.

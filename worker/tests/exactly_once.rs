@@ -15,6 +15,7 @@
 mod support {
     pub mod kafka;
     pub mod model;
+    pub mod requests;
 }
 
 use std::collections::HashMap;
@@ -25,17 +26,9 @@ use ferry_worker::engine::Engine;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use support::kafka::{unique, wait_for, BrokerChoice, ChildGuard, Cluster};
+use support::requests::chat;
 
 const EXACTLY_ONCE: [&str; 2] = ["--delivery", "exactly-once"];
-
-fn chat(id: &str, content: &str, max_tokens: u32) -> Request {
-    serde_json::from_value(serde_json::json!({
-        "id": id,
-        "messages": [{"role": "user", "content": content}],
-        "max_tokens": max_tokens,
-    }))
-    .expect("a valid request")
-}
 
 fn reference(r: &Request) -> String {
     let engine = Engine::new(support::model::shared());

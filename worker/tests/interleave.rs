@@ -4,38 +4,18 @@
 
 mod support {
     pub mod model;
+    pub mod requests;
 }
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ferry_schemas::{FinishReason, Request};
-use ferry_worker::engine::{
-    Completion, Engine, EngineHandle, Job, JobControl, Outcome, Prepared, ResumeFrom, Sequence, StreamChunk,
-};
+use ferry_schemas::FinishReason;
+use ferry_worker::engine::{Completion, Engine, EngineHandle, Outcome, Prepared, ResumeFrom, Sequence, StreamChunk};
 use ferry_worker::model::ModelError;
 use support::model::shared;
+use support::requests::{chat, job};
 use tokio::sync::mpsc;
-
-fn chat(id: &str, content: &str, max_tokens: u32) -> Request {
-    serde_json::from_value(serde_json::json!({
-        "id": id,
-        "messages": [{"role": "user", "content": content}],
-        "max_tokens": max_tokens,
-    }))
-    .expect("request")
-}
-
-fn job(prepared: Prepared) -> Job {
-    Job {
-        prepared,
-        resume: None,
-        snapshots: None,
-        control: Arc::new(JobControl::default()),
-        deadline: None,
-        chunks: None,
-    }
-}
 
 fn finished(outcome: Result<Outcome, ModelError>) -> Completion {
     match outcome.expect("generates") {

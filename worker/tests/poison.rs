@@ -8,6 +8,7 @@
 mod support {
     pub mod kafka;
     pub mod model;
+    pub mod requests;
 }
 
 use std::collections::HashMap;
@@ -15,15 +16,7 @@ use std::time::{Duration, Instant};
 
 use ferry_schemas::{AttemptOutcome, DeadLetter, ErrorCode, Reply, Request};
 use support::kafka::{unique, ChildGuard, Cluster};
-
-fn chat(id: &str, content: &str, max_tokens: u32) -> Request {
-    serde_json::from_value(serde_json::json!({
-        "id": id,
-        "messages": [{"role": "user", "content": content}],
-        "max_tokens": max_tokens,
-    }))
-    .expect("a valid request")
-}
+use support::requests::chat;
 
 #[test]
 fn a_poison_request_is_dead_lettered_after_its_attempts_and_the_rest_is_served() {

@@ -107,22 +107,14 @@ impl Snapshots {
     /// tests that never load a model.
     #[cfg(test)]
     pub(crate) fn for_tests(store: Arc<dyn store::SnapshotStore>, config: LlamaConfig) -> Self {
-        let stats = Arc::new(SnapshotStats::default());
+        // The service that keeps nothing, given a store to keep things in.
+        let none = Self::none(config);
         Self {
-            store: bounded(store.clone(), DEFAULT_STORE_TIMEOUT, &stats),
+            store: bounded(store.clone(), DEFAULT_STORE_TIMEOUT, &none.stats),
             backend: store,
-            store_timeout: DEFAULT_STORE_TIMEOUT,
-            stats,
-            policy: SnapshotPolicy {
-                every_tokens: 0,
-                every: None,
-                mode: ResumeMode::Auto,
-                max_pieces: 8,
-            },
             model_fingerprint: format::model_fingerprint("test", "f32", "cpu"),
-            config,
-            device: Device::Cpu,
             keeps: true,
+            ..none
         }
     }
 

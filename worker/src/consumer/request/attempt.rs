@@ -255,8 +255,10 @@ impl Inner {
             .snapshots
             .begin_attempt_or(prefix, &self.publisher.worker_id, local)
             .await;
-        if let (true, Some(latest), Ok(mut open)) = (durable, log.latest(), self.open_attempts.lock()) {
-            open.insert(prefix.to_string(), latest.attempt);
+        if durable {
+            if let (Some(latest), Ok(mut open)) = (log.latest(), self.open_attempts.lock()) {
+                open.insert(prefix.to_string(), latest.attempt);
+            }
         }
         log
     }

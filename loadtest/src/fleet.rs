@@ -8,12 +8,12 @@
 //! dropped, so an error or a panic in the harness leaves nothing behind; [`Fleet::stop_all`] is
 //! the graceful way (SIGTERM, wait for the drains, then SIGKILL what is left).
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use ferry_testkit::{ChildGuard, WorkerArgs};
 
 /// A signal the harness sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,28 +53,24 @@ pub enum State {
 /// One process the fleet started.
 struct Proc {
     name: String,
-    child: Child,
+    process: ChildGuard,
     state: State,
     started: Instant,
-    log: PathBuf,
 }
 
 impl Proc {
     fn spawn(name: &str, cmd: &mut Command, log: PathBuf) -> anyhow::Result<Self> {
-        let out = File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
-        let child = cmd
-            .stdout(Stdio::from(out.try_clone()?))
-            .stderr(Stdio::from(out))
-            .stdin(Stdio::null())
-            .spawn()
-            .with_context(|| format!("cannot start {name} ({:?})", cmd.get_program()))?;
+        let process = ChildGuard::try_spawn(name, cmd, log).map_err(anyhow::Error::msg)?;
         Ok(Self {
             name: name.to_string(),
-            child,
+            process,
             state: State::Running,
             started: Instant::now(),
-            log,
         })
+    }
+
+    fn log(&self) -> PathBuf {
+        self.process.log_path().to_path_buf()
     }
 
     fn signal(&mut self, sig: Signal) -> anyhow::Result<()> {
@@ -82,14 +78,7 @@ impl Proc {
         if let State::Exited(_) = self.state {
             anyhow::bail!("{} has already exited", self.name);
         }
-        let ok = Command::new("kill")
-            .arg(format!("-{}", sig.name()))
-            .arg(self.child.id().to_string())
-            .stderr(Stdio::null())
-            .status()
-            .context("cannot run `kill`")?
-            .success();
-        anyhow::ensure!(ok, "kill -{} {} ({}) failed", sig.name(), self.child.id(), self.name);
+        self.process.try_signal(sig.name()).map_err(anyhow::Error::msg)?;
         self.state = match sig {
             Signal::Term | Signal::Kill => State::Stopping,
             Signal::Stop => State::Frozen,
@@ -102,7 +91,7 @@ impl Proc {
     /// Notes an exit without blocking.
     fn reap(&mut self) {
         if !matches!(self.state, State::Exited(_)) {
-            if let Ok(Some(status)) = self.child.try_wait() {
+            if let Some(status) = self.process.exited() {
                 self.state = State::Exited(status);
             }
         }
@@ -126,33 +115,23 @@ pub struct WorkerSpec {
 }
 
 impl WorkerSpec {
-    /// The arguments of a worker named `name`.
+    /// The arguments of a worker named `name`: the harness's flags, each dropped where `extra`
+    /// sets it too (clap refuses a flag given twice), then `extra` as it is.
     pub fn args(&self, name: &str, bootstrap: &str) -> Vec<String> {
-        let mut args: Vec<String> = [
-            ("--bootstrap-servers", bootstrap.to_string()),
-            ("--model", self.model.display().to_string()),
-            ("--weights", self.weights.clone()),
-            ("--topic", self.topic.clone()),
-            ("--reply-topic", self.reply_topic.clone()),
-            ("--group-id", self.group_id.clone()),
-            ("--worker-id", name.to_string()),
-            ("--snapshot-store", format!("file://{}", self.snapshot_dir.display())),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .chain(self.defaults.iter().cloned())
-        .filter(|(flag, _)| !self.overrides(flag))
-        .flat_map(|(k, v)| [k, v])
-        .collect();
-        args.extend(self.extra.iter().cloned());
-        args
-    }
-
-    /// Whether `--worker-arg` sets `flag` itself (clap refuses a flag given twice).
-    fn overrides(&self, flag: &str) -> bool {
-        self.extra
+        let args = WorkerArgs::new()
+            .set("--bootstrap-servers", bootstrap)
+            .set("--model", self.model.display().to_string())
+            .set("--weights", &self.weights)
+            .set("--topic", &self.topic)
+            .set("--reply-topic", &self.reply_topic)
+            .set("--group-id", &self.group_id)
+            .set("--worker-id", name)
+            .set("--snapshot-store", format!("file://{}", self.snapshot_dir.display()));
+        self.defaults
             .iter()
-            .any(|a| a == flag || a.starts_with(&format!("{flag}=")))
+            .fold(args, |args, (flag, value)| args.set(flag, value.clone()))
+            .extra(&self.extra)
+            .build()
     }
 }
 
@@ -243,12 +222,12 @@ impl Fleet {
             }
             broker.reap();
             if let State::Exited(status) = broker.state {
-                anyhow::bail!("ferry broker exited with {status}: see {}", broker.log.display());
+                anyhow::bail!("ferry broker exited with {status}: see {}", broker.log().display());
             }
             anyhow::ensure!(
                 Instant::now() < deadline,
                 "ferry broker wrote no bootstrap file within {wait:?}: see {}",
-                broker.log.display()
+                broker.log().display()
             );
             std::thread::sleep(Duration::from_millis(50));
         };
@@ -405,7 +384,7 @@ impl Fleet {
             if w.state == State::Running || w.state == State::Frozen {
                 w.reap();
                 if let State::Exited(status) = w.state {
-                    out.push((w.name.clone(), status, w.log.clone()));
+                    out.push((w.name.clone(), status, w.log()));
                 }
             }
         }
@@ -459,8 +438,8 @@ fn wait_or_kill(procs: &mut [Proc], grace: Duration) -> Vec<String> {
     }
     let mut killed = Vec::new();
     for p in procs.iter_mut().filter(|p| !matches!(p.state, State::Exited(_))) {
-        let _ = p.child.kill();
-        if let Ok(status) = p.child.wait() {
+        let _ = p.process.child_mut().kill();
+        if let Ok(status) = p.process.child_mut().wait() {
             p.state = State::Exited(status);
         }
         killed.push(p.name.clone());

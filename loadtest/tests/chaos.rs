@@ -7,29 +7,14 @@
 //! It needs the model (`make model`; `make test` sets `FERRY_TEST_MODEL`) and the workspace's
 //! binaries (`cargo build --workspace --bins`, which `make test` runs first).
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
 use serde_json::Value;
 
-fn model() -> PathBuf {
-    let path = std::env::var_os("FERRY_TEST_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            panic!("FERRY_TEST_MODEL is not set: run `make test`, or `make model` and set it to the GGUF file")
-        });
-    assert!(
-        path.is_file(),
-        "FERRY_TEST_MODEL={} does not exist: run `make model`",
-        path.display()
-    );
-    path
-}
-
 #[test]
 fn a_small_chaos_run_loses_nothing_and_measures_its_faults() {
-    let model = model();
+    let model = ferry_testkit::model::model_path();
     let out = tempfile::tempdir().expect("temporary directory");
     let started = Instant::now();
     let output = Command::new(env!("CARGO_BIN_EXE_ferry-loadtest"))

@@ -9,8 +9,6 @@
 //! `FERRY_TEST_BROKER=mock` each starts its own `ferry broker` (librdkafka's mock cluster).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,156 +17,36 @@ use ferry_loadtest::load::{self, drive, Limit, LoadSpec, Mode};
 use ferry_loadtest::metrics::Report;
 use ferry_loadtest::prompts::PromptSet;
 use ferry_loadtest::track::Tracker;
+use ferry_testkit::{unique, Cluster};
 use ferry_schemas::{
     Chunk, ErrorCode, ErrorDetail, ErrorReply, FinishReason, Reply, Request, Response, Timings, Usage,
 };
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
 const PARTITIONS: i32 = 3;
 
-#[path = "../../testing/shared_kafka.rs"]
-mod shared;
-
-fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+/// A broker with the test's topics, each of `PARTITIONS` partitions (see `ferry_testkit::Cluster`).
+fn start_cluster(topics: &[&str]) -> Cluster {
+    Cluster::start_with_partitions(topics, PARTITIONS)
 }
 
-/// `ferry broker`, built beside this test executable (`target/debug/deps/..`).
-fn ferry_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test executable has a path");
-    let debug = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("the test runs from target/<profile>/deps");
-    let bin = debug.join("ferry");
-    assert!(
-        bin.exists(),
-        "{} is not built: run `cargo build --workspace --bins` first",
-        bin.display()
-    );
-    bin
-}
-
-/// A broker with the test's topics; the broker process is killed when dropped.
-struct Cluster {
-    bootstrap: String,
-    broker: Option<Child>,
-    /// Holds the bootstrap file and the broker's log.
-    dir: tempfile::TempDir,
-}
-
-impl Cluster {
-    fn start(topics: &[&str]) -> Cluster {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let real = match shared::external() {
-            Some(bootstrap) => Some(bootstrap),
-            None if shared::mock_requested() => None,
-            None => Some(shared::bootstrap_servers(&ferry_bin()).unwrap_or_else(|e| panic!("{e}"))),
-        };
-        if let Some(bootstrap) = real {
-            // On a thread of its own: the tests call this from inside their Tokio runtime, where
-            // create_topics' own runtime could not block.
-            let names: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
-            let servers = bootstrap.clone();
-            std::thread::spawn(move || create_topics(&servers, &names.iter().map(String::as_str).collect::<Vec<_>>()))
-                .join()
-                .expect("topics created");
-            return Cluster {
-                bootstrap,
-                broker: None,
-                dir,
-            };
-        }
-        let file = dir.path().join("bootstrap");
-        let mut cmd = Command::new(ferry_bin());
-        cmd.arg("broker")
-            .arg("--partitions")
-            .arg(PARTITIONS.to_string())
-            .arg("--bootstrap-file")
-            .arg(&file)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("broker.log")).expect("log file"));
-        for t in topics {
-            cmd.arg("--topic").arg(t);
-        }
-        let broker = cmd.spawn().expect("ferry broker starts");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let bootstrap = loop {
-            match std::fs::read_to_string(&file) {
-                Ok(s) if !s.trim().is_empty() => break s.trim().to_string(),
-                _ => {}
-            }
-            assert!(Instant::now() < deadline, "ferry broker wrote no bootstrap file");
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        Cluster {
-            bootstrap,
-            broker: Some(broker),
-            dir,
-        }
-    }
-
-    fn producer(&self) -> BaseProducer {
-        ClientConfig::new()
-            .set("bootstrap.servers", &self.bootstrap)
-            .set("enable.idempotence", "true")
-            .create()
-            .expect("producer")
-    }
-
-    /// Publishes raw bytes keyed by `key` and waits until the broker has them.
-    fn publish(&self, producer: &BaseProducer, topic: &str, key: &str, payload: &[u8]) {
-        producer
-            .send(BaseRecord::to(topic).key(key).payload(payload))
-            .map_err(|(e, _)| e)
-            .expect("queued");
-        producer.flush(Duration::from_secs(10)).expect("delivered");
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        if let Some(broker) = &mut self.broker {
-            let _ = broker.kill();
-            let _ = broker.wait();
-            if std::thread::panicking() {
-                let log = std::fs::read_to_string(self.dir.path().join("broker.log")).unwrap_or_default();
-                eprintln!("----- log of ferry broker -----\n{log}");
-            }
-        }
-    }
-}
-
-fn create_topics(bootstrap: &str, topics: &[&str]) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
+fn producer(cluster: &Cluster) -> BaseProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", &cluster.bootstrap)
+        .set("enable.idempotence", "true")
         .create()
-        .expect("admin client");
-    let new: Vec<NewTopic> = topics
-        .iter()
-        .map(|t| NewTopic::new(t, PARTITIONS, TopicReplication::Fixed(-1)))
-        .collect();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    for result in rt
-        .block_on(admin.create_topics(&new, &AdminOptions::new()))
-        .expect("create topics")
-    {
-        if let Err((t, e)) = result {
-            assert_eq!(
-                e,
-                rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists,
-                "cannot create {t}"
-            );
-        }
-    }
+        .expect("producer")
+}
+
+/// Publishes raw bytes keyed by `key` and waits until the broker has them.
+fn publish(producer: &BaseProducer, topic: &str, key: &str, payload: &[u8]) {
+    producer
+        .send(BaseRecord::to(topic).key(key).payload(payload))
+        .map_err(|(e, _)| e)
+        .expect("queued");
+    producer.flush(Duration::from_secs(10)).expect("delivered");
 }
 
 /// What the fake worker does with a request.
@@ -277,7 +155,7 @@ impl FakeWorker {
                 .expect("partition");
         }
         consumer.assign(&tpl).expect("assign");
-        let producer = cluster.producer();
+        let producer = producer(&cluster);
         let (stop, max_pending) = (Arc::new(AtomicBool::new(false)), Arc::new(Mutex::new(0)));
         let thread = {
             let (stop, max_pending) = (stop.clone(), max_pending.clone());
@@ -351,14 +229,14 @@ async fn eventually(tracker: &Tracker, what: &str, done: impl Fn() -> bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tracker_records_every_reply_and_the_report_counts_them() {
     let (requests, replies_topic) = (unique("lt-requests"), unique("lt-replies"));
-    let cluster = Cluster::start(&[&requests, &replies_topic]);
+    let cluster = start_cluster(&[&requests, &replies_topic]);
     let prompts = PromptSet::default_set();
     let id = |n: usize| load::request_id("trk", n);
     // A reply already on the topic before the tracker starts must not be taken for an answer.
-    let producer = cluster.producer();
+    let producer = producer(&cluster);
     let stale = prompts.request(0, id(1), 0, false, &replies_topic);
     let stale_reply = serde_json::to_vec(&response(&stale, "stale")).expect("serialise");
-    cluster.publish(&producer, &replies_topic, &id(1), &stale_reply);
+    publish(&producer, &replies_topic, &id(1), &stale_reply);
 
     let t0 = Instant::now();
     let tracker = start_tracker(&cluster, &replies_topic, t0).await;
@@ -385,8 +263,8 @@ async fn tracker_records_every_reply_and_the_report_counts_them() {
     // Replies for someone else's request, and a message that is no reply at all.
     let foreign = prompts.request(0, "someone-else".into(), 0, false, &replies_topic);
     let foreign_reply = serde_json::to_vec(&response(&foreign, "not ours")).expect("serialise");
-    cluster.publish(&producer, &replies_topic, "someone-else", &foreign_reply);
-    cluster.publish(&producer, &replies_topic, "junk", b"not json");
+    publish(&producer, &replies_topic, "someone-else", &foreign_reply);
+    publish(&producer, &replies_topic, "junk", b"not json");
 
     assert!(
         tracker.wait_for(&id(5), Duration::from_secs(30)).await,
@@ -452,7 +330,7 @@ async fn tracker_records_every_reply_and_the_report_counts_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closed_loop_keeps_its_concurrency() {
     let (requests, replies_topic) = (unique("lt-requests"), unique("lt-replies"));
-    let cluster = Cluster::start(&[&requests, &replies_topic]);
+    let cluster = start_cluster(&[&requests, &replies_topic]);
     let prompts = PromptSet::default_set();
     let t0 = Instant::now();
     let tracker = start_tracker(&cluster, &replies_topic, t0).await;
@@ -496,7 +374,7 @@ async fn closed_loop_keeps_its_concurrency() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_loop_sends_on_schedule_and_streams() {
     let (requests, replies_topic) = (unique("lt-requests"), unique("lt-replies"));
-    let cluster = Cluster::start(&[&requests, &replies_topic]);
+    let cluster = start_cluster(&[&requests, &replies_topic]);
     let prompts = PromptSet::default_set();
     let t0 = Instant::now();
     let tracker = start_tracker(&cluster, &replies_topic, t0).await;

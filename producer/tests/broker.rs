@@ -8,7 +8,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use cluster::{ferry_command, BrokerProcess, PATIENCE};
+use cluster::{ferry_command, PATIENCE};
+use ferry_testkit::broker::BrokerProcess;
 use ferry::topics::{cluster_kind, create_topic, ClusterKind, MOCK_AUTO_CREATE_PARTITIONS};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
@@ -65,7 +66,7 @@ async fn first_stdout_line_is_the_bootstrap_servers_and_topics_exist() -> anyhow
 
 #[tokio::test]
 async fn topics_made_later_are_auto_created_with_the_mock_default() -> anyhow::Result<()> {
-    let broker = BrokerProcess::spawn(&[])?;
+    let broker = BrokerProcess::spawn(&[]);
     let servers = ferry::bootstrap::wait_for_file(&broker.bootstrap_file(), PATIENCE).await?;
     let topic = format!("ferry-test-later-{}", uuid::Uuid::new_v4());
     // The partition count asked for is ignored by the mock: see ferry::topics.
@@ -79,7 +80,7 @@ async fn topics_made_later_are_auto_created_with_the_mock_default() -> anyhow::R
 
 #[tokio::test]
 async fn sigterm_stops_the_broker_with_exit_0_and_removes_the_file() -> anyhow::Result<()> {
-    let mut broker = BrokerProcess::spawn(&[])?;
+    let mut broker = BrokerProcess::spawn(&[]);
     let file = broker.bootstrap_file();
     ferry::bootstrap::wait_for_file(&file, PATIENCE).await?;
 
@@ -165,7 +166,7 @@ async fn kafka_broker_serves_real_kafka_and_stops_on_sigterm() -> anyhow::Result
     use rdkafka::Message as _;
 
     let topic = format!("ferry-test-kafka-{}", uuid::Uuid::new_v4());
-    let mut broker = BrokerProcess::spawn(&["--kafka", "--topic", &topic, "--partitions", "3"])?;
+    let mut broker = BrokerProcess::spawn(&["--kafka", "--topic", &topic, "--partitions", "3"]);
     let started = Instant::now();
     let servers = ferry::bootstrap::wait_for_file(&broker.bootstrap_file(), KAFKA_PATIENCE).await?;
     eprintln!("ferry broker --kafka ready after {:.1?}", started.elapsed());
@@ -210,7 +211,7 @@ async fn kafka_broker_serves_real_kafka_and_stops_on_sigterm() -> anyhow::Result
 
 #[tokio::test]
 async fn kafka_jvm_does_not_outlive_a_killed_ferry_broker() -> anyhow::Result<()> {
-    let mut broker = BrokerProcess::spawn(&["--kafka", "--topic", "t"])?;
+    let mut broker = BrokerProcess::spawn(&["--kafka", "--topic", "t"]);
     ferry::bootstrap::wait_for_file(&broker.bootstrap_file(), KAFKA_PATIENCE).await?;
     let jvms = jvms_below(broker.pid())?;
     assert_eq!(jvms.len(), 1, "expected one JVM below ferry broker, found {jvms:?}");
@@ -272,7 +273,7 @@ async fn kafka_broker_on_a_kept_dir_survives_a_jvm_kill_with_its_data_and_addres
         "--partitions",
         "1",
     ];
-    let mut broker = BrokerProcess::spawn(&args)?;
+    let mut broker = BrokerProcess::spawn(&args);
     let servers = ferry::bootstrap::wait_for_file(&broker.bootstrap_file(), KAFKA_PATIENCE).await?;
     let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &servers).create()?;
     producer
@@ -295,7 +296,7 @@ async fn kafka_broker_on_a_kept_dir_survives_a_jvm_kill_with_its_data_and_addres
         "the kept data is gone"
     );
 
-    let mut again = BrokerProcess::spawn(&args)?;
+    let mut again = BrokerProcess::spawn(&args);
     let servers_again = ferry::bootstrap::wait_for_file(&again.bootstrap_file(), KAFKA_PATIENCE).await?;
     assert_eq!(servers_again, servers, "a restarted broker keeps its address");
     let messages = cluster::read_messages(&servers_again, &topic, 1).await?;

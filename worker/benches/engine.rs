@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use ferry_worker::engine::sampler::{sample, SamplingParams};
-use ferry_worker::model::{LoadOptions, Model, ModelSource, SequenceCache, WeightFormat};
+use ferry_worker::model::{SequenceCache, WeightFormat};
 
 /// The chat prompt both runs use (rendered by the model's template).
 const QUESTION: &str = "Explain in a few sentences why the sky is blue, and what changes at sunset.";
@@ -32,11 +32,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn measure(path: &Path, weights: WeightFormat) -> anyhow::Result<Measure> {
     let start = Instant::now();
-    let opts = LoadOptions {
-        kernels: report::kernels()?,
-        ..LoadOptions::new(ModelSource::Path(path.to_path_buf()), weights)
-    };
-    let model = Model::load(&opts, &candle_core::Device::Cpu)?;
+    let model = report::load_model(path, weights)?;
     let load_s = start.elapsed().as_secs_f64();
     let template = model
         .template

@@ -21,10 +21,6 @@
 
 #[path = "support/failover.rs"]
 mod failover;
-#[path = "../tests/support/kafka.rs"]
-mod kafka;
-#[path = "../tests/support/model.rs"]
-mod model;
 #[path = "support/report.rs"]
 mod report;
 
@@ -34,7 +30,9 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context};
 use ferry_schemas::Reply;
 use ferry_worker::engine::{Engine, Job, Outcome};
-use kafka::{unique, BrokerChoice, Cluster};
+use ferry_worker::model::WeightFormat;
+use ferry_testkit::model::model_path;
+use ferry_testkit::{unique, BrokerChoice, Cluster};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde_json::{json, Value};
@@ -103,7 +101,7 @@ fn summarize(rounds: &[Value]) -> Value {
 /// (`Engine::run`, the worker's engine-thread rounds with a batch of one), prefill included,
 /// without snapshots.
 fn in_process_tokens_per_s(requests: &[ferry_schemas::Request]) -> anyhow::Result<(f64, usize)> {
-    let engine = Engine::new(model::shared());
+    let engine = Engine::new(std::sync::Arc::new(report::load_model(&model_path(), WeightFormat::Q8_0)?));
     let started = Instant::now();
     let mut tokens = 0;
     for request in requests {
@@ -251,7 +249,7 @@ fn main() -> anyhow::Result<()> {
     };
     let report = json!({
         "cpu": cpu(),
-        "model": model::model_path().file_name().map(|f| f.to_string_lossy().into_owned()),
+        "model": model_path().file_name().map(|f| f.to_string_lossy().into_owned()),
         "weights": "q8_0",
         "broker": broker,
         "session_timeout_s": humantime::parse_duration(failover::SESSION_TIMEOUT)?.as_secs_f64(),

@@ -18,8 +18,6 @@
 //! Limits: the file store lives on the local disk, and a restore reads a snapshot just written
 //! (in the page cache): a survivor on another node reading a network volume pays more.
 
-#[path = "../tests/support/model.rs"]
-mod model;
 #[path = "support/report.rs"]
 mod report;
 
@@ -30,6 +28,7 @@ use anyhow::{ensure, Context};
 use candle_core::Device;
 use clap::Parser;
 use ferry_schemas::Request;
+use ferry_testkit::model::model_path;
 use ferry_worker::config::SnapshotConfig;
 use ferry_worker::engine::{Engine, GenerationParams, Prepared, SamplingParams, Sequence};
 use ferry_worker::model::{Model, WeightFormat};
@@ -100,7 +99,7 @@ struct Written {
 
 impl InProcess {
     fn new() -> anyhow::Result<Self> {
-        let model = Arc::new(model::load(WeightFormat::Q8_0));
+        let model = Arc::new(report::load_model(&model_path(), WeightFormat::Q8_0)?);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -349,7 +348,7 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let report = json!({
-        "model": model::model_path().file_name().map(|f| f.to_string_lossy().into_owned()),
+        "model": model_path().file_name().map(|f| f.to_string_lossy().into_owned()),
         "weights": "q8_0",
         "threads": threads,
         "snapshot_every_tokens": policy.every_tokens,

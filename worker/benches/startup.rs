@@ -24,12 +24,6 @@
 //! names. A worker joining a group that already has
 //! members waits for a rebalance instead.
 
-#[path = "../tests/support/http.rs"]
-mod http;
-#[path = "../tests/support/kafka.rs"]
-mod kafka;
-#[path = "../tests/support/model.rs"]
-mod model;
 #[path = "support/report.rs"]
 mod report;
 
@@ -37,7 +31,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use kafka::{bin, unique, ChildGuard, Cluster};
+use ferry_testkit::model::model_path;
+use ferry_testkit::{bin, http, unique, BrokerChoice, ChildGuard, Cluster};
 use serde_json::{json, Value};
 
 /// Worker starts measured; the median is reported.
@@ -119,7 +114,7 @@ fn one_start(cluster: &Cluster, topic: &str, replies: &str, sha: &str, run: usiz
 fn fetch_only(sha: &str, dir: &std::path::Path, run: usize) -> anyhow::Result<f64> {
     let mut cmd = Command::new(bin("ferry-worker"));
     cmd.args(["--fetch-model-only", "--http-addr", "off", "--model"])
-        .arg(model::model_path())
+        .arg(model_path())
         .args(["--model-sha256", sha]);
     let started = Instant::now();
     let mut p = ChildGuard::spawn("fetch", &mut cmd, dir.join(format!("fetch-{run}.log")));
@@ -135,7 +130,7 @@ fn fetch_only(sha: &str, dir: &std::path::Path, run: usize) -> anyhow::Result<f6
 
 fn main() -> anyhow::Result<()> {
     let started = Instant::now();
-    let path = model::model_path();
+    let path = model_path();
     let sha = ferry_worker::model::file_sha256(&path)?;
     let bytes = std::fs::metadata(&path)?.len();
     let (topic, replies) = (unique("bench-startup-req"), unique("bench-startup-rep"));
@@ -169,11 +164,7 @@ fn main() -> anyhow::Result<()> {
         "fetch_model_only_s_median": median(fetch.clone()),
         "per_run": runs,
         "fetch_model_only_s": fetch,
-        "broker": match kafka::BrokerChoice::from_env() {
-            kafka::BrokerChoice::External(_) => "FERRY_TEST_BOOTSTRAP_SERVERS",
-            kafka::BrokerChoice::Kafka => "ferry broker --kafka",
-            kafka::BrokerChoice::Mock => "ferry broker (mock)",
-        },
+        "broker": BrokerChoice::from_env().describe(),
         "bench_s": started.elapsed().as_secs_f64(),
         "notes": NOTES,
     });

@@ -58,7 +58,7 @@ use ferry_schemas::FinishReason;
 use ferry_worker::engine::{
     Completion, Engine, EngineHandle, GenerationParams, Job, Outcome, Prepared, SamplingParams,
 };
-use ferry_worker::model::{LoadOptions, Model, ModelSource, WeightFormat};
+use ferry_worker::model::{Model, WeightFormat};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
@@ -105,11 +105,7 @@ fn repo_root() -> PathBuf {
 }
 
 fn load_model(path: &Path) -> anyhow::Result<Arc<Model>> {
-    let opts = LoadOptions {
-        kernels: report::kernels()?,
-        ..LoadOptions::new(ModelSource::Path(path.to_path_buf()), WeightFormat::Q8_0)
-    };
-    Ok(Arc::new(Model::load(&opts, &candle_core::Device::Cpu)?))
+    Ok(Arc::new(report::load_model(path, WeightFormat::Q8_0)?))
 }
 
 fn greedy(prompt: Vec<u32>, max_tokens: usize) -> Prepared {

@@ -2,21 +2,16 @@
 //! requests beyond it wait for the budget instead of all generating at once, every one is still
 //! answered as it is alone, and one that could never fit is dead-lettered with the reason.
 
-mod support {
-    pub mod http;
-    pub mod kafka;
-    pub mod model;
-    pub mod requests;
-}
+mod support;
 
 use std::time::Duration;
 
 use ferry_schemas::{DeadLetter, ErrorCode, Reply, Request};
 use ferry_worker::consumer::admission::{allocated_positions, bytes_per_position, worst_case_tokens};
 use ferry_worker::engine::Engine;
-use support::http::{free_addr, get, wait_status};
-use support::kafka::{unique, wait_for, Cluster};
-use support::requests::chat;
+use ferry_testkit::http::{free_addr, get, wait_status};
+use ferry_testkit::{unique, wait_for, Cluster};
+use ferry_testkit::requests::chat;
 
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
@@ -35,7 +30,7 @@ fn sample(metrics: &str, name: &str) -> Option<f64> {
 
 #[test]
 fn requests_beyond_the_kv_budget_wait_and_are_all_answered() {
-    let model = support::model::shared();
+    let model = support::shared();
     let engine = Engine::new(model.clone());
     let requests: Vec<Request> = [
         "Write a haiku about autumn.",

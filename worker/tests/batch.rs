@@ -2,18 +2,15 @@
 //! alone or in a batch, the same request answers the same text alone and among eight, and a
 //! long prompt joining a running batch is prefilled in chunks while the others keep decoding.
 
-mod support {
-    pub mod model;
-    pub mod requests;
-}
+mod support;
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use ferry_worker::engine::{Completion, Engine, EngineHandle, Outcome, Prepared, PREFILL_CHUNK};
+use ferry_worker::engine::{Completion, Engine, EngineHandle, Job, Outcome, Prepared, PREFILL_CHUNK};
 use ferry_worker::model::{BatchInput, SequenceCache};
-use support::model::shared;
-use support::requests::{chat, job};
+use support::shared;
+use ferry_testkit::requests::chat;
 use tokio::sync::mpsc;
 
 fn finished(outcome: Outcome) -> Completion {
@@ -113,7 +110,7 @@ async fn the_same_request_alone_and_in_a_batch_of_eight() {
         .map(|p| engine.generate(p.clone()).expect("generates"))
         .collect();
     let handle = EngineHandle::spawn(engine, 8).expect("engine thread");
-    let runs = prepared.iter().map(|p| handle.run(job(p.clone())));
+    let runs = prepared.iter().map(|p| handle.run(Job::new(p.clone())));
     let together = futures::future::join_all(runs).await;
     for (i, (c, a)) in together.into_iter().zip(&alone).enumerate() {
         let c = finished(c.expect("engine thread runs").expect("generates"));
@@ -144,7 +141,7 @@ async fn a_long_prompt_does_not_stall_the_batch() {
     for (i, topic) in TOPICS.iter().enumerate().take(3) {
         let p = engine.prepare(&chat(&format!("s{i}"), topic, 60)).expect("prepares");
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let mut j = job(p);
+        let mut j = Job::new(p);
         j.chunks = Some(tx);
         let (handle, events) = (handle.clone(), events.clone());
         tasks.push(tokio::spawn(async move {
@@ -167,7 +164,7 @@ async fn a_long_prompt_does_not_stall_the_batch() {
         tokio::spawn(async move {
             finished(
                 handle
-                    .run(job(long))
+                    .run(Job::new(long))
                     .await
                     .expect("engine thread runs")
                     .expect("generates"),

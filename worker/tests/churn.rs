@@ -12,10 +12,7 @@
 //! the worker generating a request), so it checks the guarantee for this schedule, not for every
 //! interleaving; the model's speed and the group's rebalances vary the rest from run to run.
 
-mod support {
-    pub mod kafka;
-    pub mod model;
-}
+mod support;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -25,7 +22,7 @@ use ferry_schemas::{Reply, Request, Response};
 use ferry_worker::config::DRAIN_MARGIN;
 use ferry_worker::engine::Engine;
 use ferry_worker::snapshot::format::{request_prefix, Manifest};
-use support::kafka::{unique, wait_for, ChildGuard, Cluster};
+use ferry_testkit::{unique, wait_for, ChildGuard, Cluster};
 
 /// Requests published in the run.
 const REQUESTS: usize = 12;
@@ -177,7 +174,7 @@ fn a_churning_fleet_loses_no_request_and_never_answers_one_two_ways() {
     let batch: Vec<Request> = (0..REQUESTS).map(request).collect();
 
     // The uninterrupted answers, computed in this process with the worker's default weights.
-    let engine = Engine::new(support::model::shared());
+    let engine = Engine::new(support::shared());
     let expected: HashMap<String, (String, usize)> = batch
         .iter()
         .map(|r| {

@@ -6,11 +6,7 @@
 //! Every test runs worker processes against a Kafka-protocol broker in its own process (or the
 //! real cluster named by `FERRY_TEST_BOOTSTRAP_SERVERS`), with its own topics and group.
 
-mod support {
-    pub mod kafka;
-    pub mod model;
-    pub mod requests;
-}
+mod support;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -19,8 +15,8 @@ use std::time::Duration;
 use ferry_schemas::{FinishReason, Reply, Request, Response};
 use ferry_worker::engine::Engine;
 use ferry_worker::snapshot::format::{request_prefix, Manifest};
-use support::kafka::{unique, wait_for, ChildGuard, Cluster};
-use support::requests::chat;
+use ferry_testkit::{unique, wait_for, ChildGuard, Cluster};
+use ferry_testkit::requests::chat;
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -31,7 +27,7 @@ fn rt() -> tokio::runtime::Runtime {
 
 /// The uninterrupted answers, computed in this process.
 fn reference(requests: &[&Request]) -> HashMap<String, String> {
-    let engine = Engine::new(support::model::shared());
+    let engine = Engine::new(support::shared());
     requests
         .iter()
         .map(|r| {

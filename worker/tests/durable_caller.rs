@@ -3,10 +3,6 @@
 //! the remaining answers arrive while no caller runs, and a new caller with the same identity
 //! reports what is open, collects exactly what is left, and sends nothing again.
 
-mod support {
-    pub mod kafka;
-    pub mod model;
-}
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -17,7 +13,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use ferry_schemas::Reply;
-use support::kafka::{bin, unique, wait_for, Cluster};
+use ferry_testkit::{bin, unique, wait_for, Cluster};
 
 /// Requests in the fan-out. With two generated at a time, the caller is killed after two
 /// answers while at least four have not even started.

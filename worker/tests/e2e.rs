@@ -1,16 +1,13 @@
 //! End to end: a broker and a worker as separate processes, requests through Kafka.
 
-mod support {
-    pub mod kafka;
-    pub mod model;
-}
+mod support;
 
 use std::time::Duration;
 
 use ferry_schemas::{DeadLetter, ErrorCode, Reply, Request};
 use ferry_worker::engine::Engine;
 use rdkafka::consumer::Consumer;
-use support::kafka::{unique, wait_for, Cluster};
+use ferry_testkit::{unique, wait_for, Cluster};
 
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
@@ -46,7 +43,7 @@ fn answers_through_kafka_and_commits_only_after_the_reply() {
         "metadata": {"trace": "abc"}
     }))
     .expect("request");
-    let engine = Engine::new(support::model::shared());
+    let engine = Engine::new(support::shared());
     let expected = engine
         .generate(engine.prepare(&request).expect("prepares"))
         .expect("generates");

@@ -1,9 +1,7 @@
 //! The engine on the real model: our forward pass against candle's reference implementation,
 //! the tokenizer and chat template, and generation with its stop rules.
 
-mod support {
-    pub mod model;
-}
+mod support;
 
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
@@ -11,7 +9,8 @@ use candle_transformers::models::quantized_llama;
 use ferry_schemas::{ChatMessage, FinishReason, Request, Role};
 use ferry_worker::engine::{Engine, Sequence};
 use ferry_worker::model::{Kernels, LoadOptions, Model, ModelSource, SequenceCache, WeightFormat};
-use support::model::{load, model_path, shared};
+use ferry_testkit::model::model_path;
+use support::{load, shared};
 
 fn chat_request(id: &str, content: &str, max_tokens: u32) -> Request {
     let mut r: Request = serde_json::from_str(&format!(r#"{{"id":"{id}","prompt":"x"}}"#)).expect("parses");

@@ -12,11 +12,7 @@
 //!   `read_uncommitted` reader sees both: the zombie did publish).
 //! - On the mock, which does not store transactional offsets, the worker refuses to start.
 
-mod support {
-    pub mod kafka;
-    pub mod model;
-    pub mod requests;
-}
+mod support;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -25,13 +21,13 @@ use ferry_schemas::{Reply, Request, Response};
 use ferry_worker::engine::Engine;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-use support::kafka::{unique, wait_for, BrokerChoice, ChildGuard, Cluster};
-use support::requests::chat;
+use ferry_testkit::{unique, wait_for, BrokerChoice, ChildGuard, Cluster};
+use ferry_testkit::requests::chat;
 
 const EXACTLY_ONCE: [&str; 2] = ["--delivery", "exactly-once"];
 
 fn reference(r: &Request) -> String {
-    let engine = Engine::new(support::model::shared());
+    let engine = Engine::new(support::shared());
     engine
         .generate(engine.prepare(r).expect("prepares"))
         .expect("generates")

@@ -2,10 +2,7 @@
 //! (SIGTERM, then SIGKILL, at random tokens) and finished by others, and the answer is the
 //! uninterrupted one, byte for byte.
 
-mod support {
-    pub mod kafka;
-    pub mod model;
-}
+mod support;
 
 use std::time::{Duration, Instant};
 
@@ -13,7 +10,7 @@ use ferry_schemas::{Reply, Request};
 use ferry_worker::engine::Engine;
 use ferry_worker::snapshot::format::{request_prefix, Manifest};
 use rand::{Rng, SeedableRng};
-use support::kafka::{unique, wait_for, ChildGuard, Cluster};
+use ferry_testkit::{unique, wait_for, ChildGuard, Cluster};
 
 /// Generated tokens in the request's snapshot manifest, read straight from the file store.
 fn snapshot_tokens(dir: &std::path::Path, prefix: &str) -> usize {
@@ -56,7 +53,7 @@ fn generation_survives_evictions_and_crashes_token_for_token() {
         "seed": 99
     }))
     .expect("request");
-    let engine = Engine::new(support::model::shared());
+    let engine = Engine::new(support::shared());
     let reference = engine
         .generate(engine.prepare(&request).expect("prepares"))
         .expect("reference");

@@ -8,17 +8,12 @@
 //! injected by the test-only `fault-injection` feature (`FERRY_FAULT_OOM_ON=<request id>`: the
 //! request's generations fail with the CUDA driver's out-of-memory error, as candle reports it).
 
-mod support {
-    pub mod http;
-    pub mod kafka;
-    pub mod model;
-}
 
 use std::time::Duration;
 
 use ferry_schemas::{AttemptOutcome, DeadLetter, ErrorCode, Reply};
-use support::http::{free_addr, get, wait_status};
-use support::kafka::{unique, wait_for, ChildGuard, Cluster};
+use ferry_testkit::http::{free_addr, get, wait_status};
+use ferry_testkit::{unique, wait_for, ChildGuard, Cluster};
 
 const WAIT: Duration = Duration::from_secs(180);
 

@@ -9,10 +9,7 @@
 //! the engine gives in process); the worker never exits; every offset is committed; and a valid
 //! request sent after all of them is answered.
 
-mod support {
-    pub mod kafka;
-    pub mod model;
-}
+mod support;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -25,7 +22,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use support::kafka::{unique, wait_for, BrokerChoice, Cluster};
+use ferry_testkit::{unique, wait_for, BrokerChoice, Cluster};
 
 /// The worker's record budget in this test: small, so that an answer can exceed it.
 const MAX_RECORD_BYTES: usize = 16_384;
@@ -756,7 +753,7 @@ fn hostile_messages_are_dead_lettered_or_answered_and_the_worker_keeps_serving()
         }
     }
 
-    let engine = Engine::new(support::model::shared());
+    let engine = Engine::new(support::shared());
     let mut failures = Vec::new();
     for (i, c) in cases.iter().enumerate() {
         match &c.expect {

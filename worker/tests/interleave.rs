@@ -2,19 +2,16 @@
 //! exactly the answers they give alone, a deadline ends a generation with the text so far, and
 //! streamed chunks rebuild the final text, also when the generation was interrupted and resumed.
 
-mod support {
-    pub mod model;
-    pub mod requests;
-}
+mod support;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_schemas::FinishReason;
-use ferry_worker::engine::{Completion, Engine, EngineHandle, Outcome, Prepared, ResumeFrom, Sequence, StreamChunk};
+use ferry_worker::engine::{Completion, Engine, EngineHandle, Job, Outcome, Prepared, ResumeFrom, Sequence, StreamChunk};
 use ferry_worker::model::ModelError;
-use support::model::shared;
-use support::requests::{chat, job};
+use support::shared;
+use ferry_testkit::requests::chat;
 use tokio::sync::mpsc;
 
 fn finished(outcome: Result<Outcome, ModelError>) -> Completion {
@@ -92,7 +89,7 @@ async fn interleaved_jobs_answer_as_they_would_alone() {
         .map(|(i, p)| {
             let (handle, arrivals) = (handle.clone(), arrivals.clone());
             let (tx, mut rx) = mpsc::unbounded_channel();
-            let mut j = job(p.clone());
+            let mut j = Job::new(p.clone());
             j.chunks = Some(tx);
             tokio::spawn(async move {
                 let listen = async {
@@ -131,12 +128,12 @@ async fn a_failing_job_fails_alone() {
         .expect("prepares");
     let alone = engine.generate(prepared.clone()).expect("generates");
     let handle = EngineHandle::spawn(engine, 2).expect("engine thread");
-    let mut broken = job(prepared.clone());
+    let mut broken = Job::new(prepared.clone());
     broken.resume = Some(ResumeFrom {
         tokens: Vec::new(),
         cache: None,
     });
-    let (good, bad) = tokio::join!(handle.run(job(prepared)), handle.run(broken));
+    let (good, bad) = tokio::join!(handle.run(Job::new(prepared)), handle.run(broken));
     assert!(bad.expect("engine thread runs").is_err(), "a resume with no tokens ran");
     let good = finished(good.expect("engine thread runs"));
     assert_eq!((good.text, good.tokens), (alone.text, alone.tokens));
@@ -152,7 +149,7 @@ async fn a_deadline_already_passed_costs_nothing() {
         .prepare(&chat("late", "Write a haiku about autumn.", 12))
         .expect("prepares");
 
-    let mut late = job(prepared.clone());
+    let mut late = Job::new(prepared.clone());
     late.deadline = Some(Instant::now());
     let c = finished(handle.run(late).await.expect("engine thread runs"));
     assert_eq!(c.finish.reason, FinishReason::Deadline);
@@ -162,7 +159,7 @@ async fn a_deadline_already_passed_costs_nothing() {
 
     let before = engine.generate(prepared.clone()).expect("generates");
     assert_eq!(before.finish.reason, FinishReason::Length);
-    let mut late = job(prepared);
+    let mut late = Job::new(prepared);
     late.resume = Some(ResumeFrom {
         tokens: before.tokens.clone(),
         cache: None,
@@ -191,7 +188,7 @@ fn a_deadline_ends_a_long_generation_with_the_text_so_far() {
     engine.generate(short).expect("generates");
     let budget = started.elapsed() * 3;
 
-    let mut j = job(prepared.clone());
+    let mut j = Job::new(prepared.clone());
     j.deadline = Some(Instant::now() + budget);
     let c = finished(engine.run(j));
     assert_eq!(
@@ -215,7 +212,7 @@ fn streamed_chunks_rebuild_the_text_without_the_stop_string() {
     let engine = Engine::new(shared());
     let (prepared, expected, stop) = count_with_stop(&engine);
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let mut j = job(prepared);
+    let mut j = Job::new(prepared);
     j.chunks = Some(tx);
     let c = finished(engine.run(j));
     assert_eq!(c.finish.stop_sequence.as_deref(), Some(stop.as_str()));
@@ -276,7 +273,7 @@ fn resumed_streams_rebuild_the_uninterrupted_text() {
             let tokens = first.generated()[..k].to_vec();
             let text = if through_job {
                 let (tx, mut rx) = mpsc::unbounded_channel();
-                let mut j = job(prepared.clone());
+                let mut j = Job::new(prepared.clone());
                 j.resume = Some(ResumeFrom { tokens, cache: None });
                 j.chunks = Some(tx);
                 let c = finished(engine.run(j));

@@ -6,22 +6,17 @@
 //! Kafka-protocol broker (or the cluster named by `FERRY_TEST_BOOTSTRAP_SERVERS`), so that the
 //! only thing between it and ready is the model check.
 
-mod support {
-    pub mod http;
-    pub mod kafka;
-    pub mod model;
-}
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::http::{free_addr, get};
-use support::kafka::{bin, unique, ChildGuard, Cluster};
+use ferry_testkit::http::{free_addr, get};
+use ferry_testkit::{bin, unique, ChildGuard, Cluster};
 
 const WRONG: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 fn real_sha256() -> String {
-    ferry_worker::model::file_sha256(&support::model::model_path()).expect("hash the test model")
+    ferry_worker::model::file_sha256(&ferry_testkit::model::model_path()).expect("hash the test model")
 }
 
 #[test]
@@ -77,7 +72,7 @@ fn fetch_mode_verifies_a_local_model_and_exits() {
         let mut cmd = Command::new(bin("ferry-worker"));
         // No broker: fetching never touches Kafka.
         cmd.args(["--fetch-model-only", "--bootstrap-servers", "127.0.0.1:1", "--model"])
-            .arg(support::model::model_path())
+            .arg(ferry_testkit::model::model_path())
             .args(["--model-sha256", sha, "--http-addr", "off"]);
         let mut p = ChildGuard::spawn(name, &mut cmd, dir.path().join(format!("{name}.log")));
         let status = p.wait_exit(Duration::from_secs(60)).expect("fetch mode exits");
@@ -93,7 +88,7 @@ fn fetch_mode_verifies_a_local_model_and_exits() {
     // The environment variable the init container uses does the same as the flag.
     let mut cmd = Command::new(bin("ferry-worker"));
     cmd.env("FERRY_FETCH_MODEL_ONLY", "true")
-        .env("FERRY_MODEL", support::model::model_path())
+        .env("FERRY_MODEL", ferry_testkit::model::model_path())
         .env("FERRY_MODEL_SHA256", &sha)
         .env("FERRY_HTTP_ADDR", "off");
     let mut p = ChildGuard::spawn("fetch-env", &mut cmd, dir.path().join("fetch-env.log"));
@@ -215,7 +210,7 @@ fn fetches_into_one_cache_at_once_take_turns_and_download_once() {
     };
     let mut first = start("fetch-first");
     // The second starts once the first holds the lock and is downloading.
-    support::kafka::wait_for(Duration::from_secs(30), "the first download to start", || {
+    ferry_testkit::wait_for(Duration::from_secs(30), "the first download to start", || {
         (hub.downloads.load(std::sync::atomic::Ordering::SeqCst) > 0).then_some(())
     });
     let mut second = start("fetch-second");

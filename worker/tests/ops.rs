@@ -6,18 +6,13 @@
 //! Every test runs a worker process against a Kafka-protocol broker in its own process (or the
 //! cluster named by `FERRY_TEST_BOOTSTRAP_SERVERS`), with its own topics, group and HTTP port.
 
-mod support {
-    pub mod http;
-    pub mod kafka;
-    pub mod model;
-}
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use ferry_schemas::Reply;
-use support::http::{free_addr, get, wait_status};
-use support::kafka::{unique, wait_for, ChildGuard, Cluster};
+use ferry_testkit::http::{free_addr, get, wait_status};
+use ferry_testkit::{unique, wait_for, ChildGuard, Cluster};
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()

@@ -5,18 +5,13 @@
 //! The crash is real (the process aborts, as on a segfault or an OOM kill) and comes from fault
 //! injection compiled only into test builds (`--features fault-injection`).
 
-mod support {
-    pub mod kafka;
-    pub mod model;
-    pub mod requests;
-}
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use ferry_schemas::{AttemptOutcome, DeadLetter, ErrorCode, Reply, Request};
-use support::kafka::{unique, ChildGuard, Cluster};
-use support::requests::chat;
+use ferry_testkit::{unique, ChildGuard, Cluster};
+use ferry_testkit::requests::chat;
 
 #[test]
 fn a_poison_request_is_dead_lettered_after_its_attempts_and_the_rest_is_served() {

@@ -14,10 +14,7 @@
 //! consumer loop stalls past `--max-poll-interval` (within the broker's session timeout) carries
 //! on without leaving the group.
 
-mod support {
-    pub mod kafka;
-    pub mod model;
-}
+mod support;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -26,7 +23,7 @@ use std::time::Duration;
 use ferry_schemas::{Reply, Request, Response};
 use ferry_worker::engine::Engine;
 use ferry_worker::snapshot::format::{request_prefix, Manifest};
-use support::kafka::{unique, wait_for, ChildGuard, Cluster};
+use ferry_testkit::{unique, wait_for, ChildGuard, Cluster};
 
 /// Long enough that both requests are still generating when the fault comes.
 const MAX_TOKENS: u32 = 120;
@@ -153,7 +150,7 @@ const PROMPTS: [&str; 2] = [
 fn reference(prompt: &str) -> String {
     static REFERENCE: std::sync::OnceLock<HashMap<String, String>> = std::sync::OnceLock::new();
     let all = REFERENCE.get_or_init(|| {
-        let engine = Engine::new(support::model::shared());
+        let engine = Engine::new(support::shared());
         PROMPTS
             .iter()
             .map(|p| {
@@ -288,7 +285,7 @@ fn the_consumer_protocol_hands_over_an_evicted_workers_request() {
 /// on without leaving the group.
 #[test]
 fn the_consumer_protocol_survives_a_stall_past_max_poll_interval() {
-    if support::kafka::BrokerChoice::is_mock() {
+    if ferry_testkit::BrokerChoice::is_mock() {
         eprintln!("skipped: the mock cluster does not speak the consumer protocol");
         return;
     }

@@ -4,9 +4,7 @@
 //! both kinds of interruption: a drain (snapshot at the current token) and a crash (whatever
 //! periodic snapshot was durable).
 
-mod support {
-    pub mod model;
-}
+mod support;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -93,7 +91,7 @@ async fn resume(engine: &Engine, snaps: &Snapshots, prefix: &str, prepared: &Pre
 }
 
 async fn check_mode(mode: ResumeMode) {
-    let model = support::model::shared();
+    let model = support::shared();
     let engine = Engine::new(model.clone());
     let dir = tempfile::tempdir().expect("tempdir");
     let snaps = snapshots(&model, dir.path(), mode).await;
@@ -145,7 +143,7 @@ async fn resumes_token_exactly_from_tokens_only() {
 /// A snapshot that does not verify is discarded, and the request starts over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_or_foreign_snapshots_are_discarded() {
-    let model = support::model::shared();
+    let model = support::shared();
     let engine = Engine::new(model.clone());
     let dir = tempfile::tempdir().expect("tempdir");
     let snaps = snapshots(&model, dir.path(), ResumeMode::Cache).await;
@@ -230,7 +228,7 @@ impl store::SnapshotStore for SlowStore {
 /// into the newest state (counted), and the snapshot that lands still resumes token-exactly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_store_coalesces_instead_of_queueing() {
-    let model = support::model::shared();
+    let model = support::shared();
     let engine = Engine::new(model.clone());
     let dir = tempfile::tempdir().expect("tempdir");
     let url = format!("file://{}", dir.path().display());

@@ -4,9 +4,6 @@
 //! Every case runs once per backend, with a server and a random key prefix of its own, so cases
 //! never see each other's keys.
 
-mod support {
-    pub mod services;
-}
 
 use std::any::Any;
 use std::sync::Arc;
@@ -15,7 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ferry_worker::snapshot::store::{open, open_with_options, SnapshotStore, StoreError};
 use rand::{RngCore, SeedableRng};
-use support::services::{RedisServer, S3Server};
+use ferry_testkit::services::{RedisServer, S3Server};
 
 /// A TTL long enough that no key expires during a test that is not about expiry.
 const LONG_TTL: Duration = Duration::from_secs(3600);

@@ -8,12 +8,7 @@
 //! Nothing here asserts how long anything took; a bound is only how long the test waits before
 //! it gives up.
 
-mod support {
-    pub mod http;
-    pub mod kafka;
-    pub mod model;
-    pub mod services;
-}
+mod support;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -27,8 +22,8 @@ use ferry_schemas::{Reply, Request};
 use ferry_worker::engine::Engine;
 use ferry_worker::snapshot::format::request_prefix;
 use rdkafka::consumer::Consumer;
-use support::kafka::{unique, wait_for, ChildGuard, Cluster};
-use support::services::RedisServer;
+use ferry_testkit::{unique, wait_for, ChildGuard, Cluster};
+use ferry_testkit::services::RedisServer;
 
 /// How long the test waits for an answer before it fails: generous, for a loaded 2-core machine
 /// with every store call timing out on the way.
@@ -59,7 +54,7 @@ fn reference(id: &str, prompt: &str, max_tokens: u32) -> (Request, String) {
         "temperature": 0.0
     }))
     .expect("request");
-    let engine = Engine::new(support::model::shared());
+    let engine = Engine::new(support::shared());
     let text = engine
         .generate(engine.prepare(&request).expect("prepares"))
         .expect("reference")
@@ -365,7 +360,7 @@ fn redis_has(port: u16, key: &str) -> bool {
 
 /// Snapshot writes that failed so far, as the worker's `/metrics` counts them (all kinds).
 fn failed_puts(addr: SocketAddr) -> Option<f64> {
-    let (_, metrics) = support::http::get(addr, "/metrics")?;
+    let (_, metrics) = ferry_testkit::http::get(addr, "/metrics")?;
     Some(
         metrics
             .lines()
@@ -383,7 +378,7 @@ fn failed_puts(addr: SocketAddr) -> Option<f64> {
 fn a_store_that_never_answers_neither_stops_answers_nor_the_drain() {
     let s = Setup::start();
     let store = format!("redis://{}/", black_hole());
-    let http = support::http::free_addr().to_string();
+    let http = ferry_testkit::http::free_addr().to_string();
     let mut w = s.worker(
         "worker-hung-store",
         &store,

@@ -1,19 +1,17 @@
 //! The Kafka cluster an integration test runs against, and small Kafka tools for tests.
 //!
-//! With `FERRY_TEST_BOOTSTRAP_SERVERS` set, tests use that cluster and spawn nothing. By
-//! default they share one real Apache Kafka per test binary (`ferry broker --kafka`, started by
-//! the first test that asks, stopped when the test binary exits: it watches a pipe from this
-//! process, `--stop-on-stdin-eof`). With `FERRY_TEST_BROKER=mock`, each test spawns its own
-//! `ferry broker` (librdkafka's mock cluster) and kills it when the [`TestCluster`] is dropped.
-//! Every test makes its own random topics with [`TestCluster::topic`]; on a real cluster they
-//! are deleted on drop, on the mock they end with the broker process.
+//! The broker is `ferry_testkit::Cluster`'s: the cluster `FERRY_TEST_BOOTSTRAP_SERVERS` names,
+//! one real Apache Kafka shared by the test binary (the default), or with
+//! `FERRY_TEST_BROKER=mock` a `ferry broker` (librdkafka's mock cluster) of each test's own,
+//! killed when the [`TestCluster`] is dropped. Every test makes its own random topics with
+//! [`TestCluster::topic`] (three partitions, through the producer's own admin calls); on a
+//! shared or external cluster they are deleted on drop, on the mock they end with the broker
+//! process.
 
 #![allow(dead_code)] // Each test binary uses its own part of this module.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
-use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -21,9 +19,7 @@ use rdkafka::message::OwnedMessage;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use tokio::time::Instant;
 
-/// Generous bound for anything that should take milliseconds on the mock and seconds on a
-/// loaded real cluster; a test that hits it has found a bug, not a slow machine.
-pub const PATIENCE: Duration = Duration::from_secs(30);
+pub use ferry_testkit::PATIENCE;
 
 /// The `ferry` binary under test.
 pub fn ferry_bin() -> &'static str {
@@ -33,80 +29,16 @@ pub fn ferry_bin() -> &'static str {
 /// A `ferry` command that does not inherit the developer's `FERRY_*` settings (only this
 /// harness's own), so only the flags a test passes count.
 pub fn ferry_command() -> tokio::process::Command {
-    let mut command = tokio::process::Command::new(ferry_bin());
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("FERRY_") {
-            command.env_remove(name);
-        }
-    }
+    let mut command = tokio::process::Command::from(ferry_testkit::process::command(ferry_bin()));
     command.env("FERRY_LOG", "warn").kill_on_drop(true);
     command
 }
 
-/// A `ferry broker` child process, killed and reaped on drop.
-pub struct BrokerProcess {
-    /// The child; killed in `drop` so that a failing test leaves no broker behind.
-    child: Child,
-    /// Holds the bootstrap file; deleted after the child is gone.
-    dir: tempfile::TempDir,
-}
-
-impl BrokerProcess {
-    /// Spawns `ferry broker --bootstrap-file <tempdir>/bootstrap` plus `extra_args`.
-    pub fn spawn(extra_args: &[&str]) -> anyhow::Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let mut command = Command::new(ferry_bin());
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("FERRY_") {
-                command.env_remove(name);
-            }
-        }
-        let child = command
-            .arg("broker")
-            .arg("--bootstrap-file")
-            .arg(dir.path().join("bootstrap"))
-            .args(extra_args)
-            .env("FERRY_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .context("could not spawn ferry broker")?;
-        Ok(BrokerProcess { child, dir })
-    }
-
-    /// Where the broker writes its bootstrap servers.
-    pub fn bootstrap_file(&self) -> PathBuf {
-        self.dir.path().join("bootstrap")
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// The child itself, for tests of the broker's own life cycle.
-    pub fn child(&mut self) -> &mut Child {
-        &mut self.child
-    }
-}
-
-impl Drop for BrokerProcess {
-    fn drop(&mut self) {
-        // Already exited is fine; anything else is a leak worth a message but not a panic.
-        if let Err(e) = self.child.kill() {
-            if e.kind() != std::io::ErrorKind::InvalidInput {
-                eprintln!("could not kill ferry broker {}: {e}", self.child.id());
-            }
-        }
-        let _ = self.child.wait();
-    }
-}
-
 /// The cluster a test runs against, plus the topics it made.
 pub struct TestCluster {
-    bootstrap_servers: String,
-    /// `None` on an external cluster.
-    broker: Option<BrokerProcess>,
-    /// Topics to delete on drop (external cluster only).
+    /// The broker: the shared Kafka, an external cluster, or a mock of this test's own.
+    cluster: ferry_testkit::Cluster,
+    /// Topics to delete on drop (on a shared or external cluster).
     topics: Mutex<Vec<String>>,
 }
 
@@ -114,40 +46,27 @@ impl TestCluster {
     /// The external cluster named by `FERRY_TEST_BOOTSTRAP_SERVERS`, this binary's shared
     /// Kafka, or with `FERRY_TEST_BROKER=mock` a fresh mock `ferry broker`.
     pub async fn start() -> anyhow::Result<Self> {
-        let servers = match shared::external() {
-            Some(servers) => Some(servers),
-            None if shared::mock_requested() => None,
-            None => Some(tokio::task::spawn_blocking(shared_kafka).await??),
-        };
-        if let Some(servers) = servers {
-            return Ok(TestCluster {
-                bootstrap_servers: servers,
-                broker: None,
-                topics: Mutex::default(),
-            });
-        }
-        let broker = BrokerProcess::spawn(&[])?;
-        let servers = ferry::bootstrap::wait_for_file(&broker.bootstrap_file(), PATIENCE).await?;
+        // The shared Kafka may take minutes to start the first time: off the runtime's threads.
+        let cluster = tokio::task::spawn_blocking(|| ferry_testkit::Cluster::start(&[])).await?;
         Ok(TestCluster {
-            bootstrap_servers: servers,
-            broker: Some(broker),
+            cluster,
             topics: Mutex::default(),
         })
     }
 
     pub fn bootstrap_servers(&self) -> &str {
-        &self.bootstrap_servers
+        &self.cluster.bootstrap
     }
 
     /// The bootstrap file of the spawned broker; `None` on an external cluster.
     pub fn bootstrap_file(&self) -> Option<PathBuf> {
-        self.broker.as_ref().map(BrokerProcess::bootstrap_file)
+        self.cluster.bootstrap_file()
     }
 
     /// Creates a topic with a random name that starts with `label`, ready for use.
     pub async fn topic(&self, label: &str) -> anyhow::Result<String> {
         let name = format!("ferry-test-{label}-{}", uuid::Uuid::new_v4());
-        ferry::topics::create_topic(&self.bootstrap_servers, &name, 3, PATIENCE).await?;
+        ferry::topics::create_topic(&self.cluster.bootstrap, &name, 3, PATIENCE).await?;
         if let Ok(mut topics) = self.topics.lock() {
             topics.push(name.clone());
         }
@@ -158,12 +77,12 @@ impl TestCluster {
 impl Drop for TestCluster {
     fn drop(&mut self) {
         let topics = self.topics.get_mut().map(std::mem::take).unwrap_or_default();
-        if self.broker.is_some() || topics.is_empty() {
+        if self.cluster.bootstrap_file().is_some() || topics.is_empty() {
             return;
         }
         // A runtime of its own on a thread of its own: drop may run inside the test's runtime,
         // where blocking on another future would stall it.
-        let servers = self.bootstrap_servers.clone();
+        let servers = self.cluster.bootstrap.clone();
         let cleanup = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             runtime.block_on(async {
@@ -179,14 +98,6 @@ impl Drop for TestCluster {
             Err(_) => eprintln!("topic cleanup panicked"),
         }
     }
-}
-
-#[path = "../../../testing/shared_kafka.rs"]
-mod shared;
-
-/// The bootstrap servers of this test binary's real Kafka, started on first use.
-pub fn shared_kafka() -> anyhow::Result<String> {
-    shared::bootstrap_servers(Path::new(ferry_bin())).map_err(anyhow::Error::msg)
 }
 
 /// A consumer that reads `topic` from the beginning of every partition, without a group.

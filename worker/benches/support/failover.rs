@@ -1,7 +1,7 @@
 //! Recovery across processes with the real binaries, shared by the benches that measure it: a
 //! broker, workers of one group, a long request; the worker generating it gets SIGTERM (drain)
 //! or SIGKILL, and the rounds time the signal to the survivor's progress and count the tokens
-//! computed twice. Included with `#[path]`, beside `tests/support/kafka.rs` as `kafka`.
+//! computed twice. Included with `#[path]`.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
@@ -13,7 +13,7 @@ use serde_json::json;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::kafka::{unique, ChildGuard, Cluster};
+use ferry_testkit::{unique, ChildGuard, Cluster};
 
 /// The workers snapshot this often, so a SIGKILL recomputes at most this many tokens.
 pub const SNAPSHOT_EVERY_TOKENS: usize = 16;

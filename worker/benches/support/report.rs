@@ -4,10 +4,19 @@
 
 use std::path::PathBuf;
 
-/// The kernels the bench's models run on: `FERRY_KERNELS`, as the worker reads it.
+/// The model at `path` with `weights`, on the kernels `FERRY_KERNELS` names (as the worker reads
+/// it).
 #[allow(dead_code)] // Not every bench loads a model itself.
-pub fn kernels() -> anyhow::Result<ferry_worker::model::Kernels> {
-    ferry_worker::model::Kernels::from_env().map_err(anyhow::Error::msg)
+pub fn load_model(
+    path: &std::path::Path,
+    weights: ferry_worker::model::WeightFormat,
+) -> anyhow::Result<ferry_worker::model::Model> {
+    use ferry_worker::model::{Kernels, LoadOptions, Model, ModelSource};
+    let opts = LoadOptions {
+        kernels: Kernels::from_env().map_err(anyhow::Error::msg)?,
+        ..LoadOptions::new(ModelSource::Path(path.to_path_buf()), weights)
+    };
+    Ok(Model::load(&opts, &candle_core::Device::Cpu)?)
 }
 
 /// The CPU's model name and the instruction sets that pick a kernel path.
@@ -41,7 +50,7 @@ pub fn machine() -> serde_json::Value {
         "cpu": field("model name"),
         "cpu_features": features,
         "cpus": std::thread::available_parallelism().map(|n| n.get()).ok(),
-        "kernels": kernels().map(|k| k.name()).unwrap_or("invalid FERRY_KERNELS"),
+        "kernels": ferry_worker::model::Kernels::from_env().map(|k| k.name()).unwrap_or("invalid FERRY_KERNELS"),
     })
 }
 

@@ -250,6 +250,21 @@ pub struct Job {
     pub chunks: Option<mpsc::UnboundedSender<StreamChunk>>,
 }
 
+impl Job {
+    /// A job for `prepared` as the engine runs it plainly: not resuming, not checkpointed, no
+    /// deadline, no stream.
+    pub fn new(prepared: Prepared) -> Self {
+        Self {
+            prepared,
+            resume: None,
+            snapshots: None,
+            control: Arc::new(JobControl::default()),
+            deadline: None,
+            chunks: None,
+        }
+    }
+}
+
 /// A job admitted to the engine: its sequence, and what to feed and check along the way.
 #[derive(Debug)]
 struct Active {

@@ -9,8 +9,6 @@
 //!
 //! Servers are ready when `start` returns: it polls them until they answer, under a deadline.
 
-#![allow(dead_code)]
-
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -18,6 +16,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+use crate::wait_for;
 
 /// How long a server may take to start answering. moto imports a large Python package, which
 /// takes seconds on a loaded CI machine.
@@ -115,7 +115,7 @@ impl S3Server {
     }
 
     /// The settings a store needs to reach this server, as `object_store` configuration keys,
-    /// for [`ferry_worker::snapshot::store::open_with_options`]. Passing them explicitly keeps
+    /// for `ferry_worker::snapshot::store::open_with_options`. Passing them explicitly keeps
     /// parallel tests from racing on the process environment.
     pub fn options(&self) -> Vec<(&'static str, String)> {
         vec![
@@ -219,21 +219,6 @@ fn redis_answers_ping(port: u16) -> bool {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
     let mut reply = [0u8; 7];
     stream.write_all(b"PING\r\n").is_ok() && stream.read_exact(&mut reply).is_ok() && &reply == b"+PONG\r\n"
-}
-
-/// Polls `f` until it gives a value, failing the test after `timeout`.
-fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// The `redis-server` binary, installed with apt if it is missing.

@@ -1,9 +1,6 @@
 //! One real Apache Kafka per test binary, shared by its tests: `ferry broker --kafka` started by
 //! the first test that asks and stopped when the test binary exits, however it exits.
 //!
-//! Included with `#[path]` by the test support of each crate whose tests talk to a broker, so
-//! the three crates start their broker one way without a crate of test helpers. Std only.
-//!
 //! The broker runs with `--stop-on-stdin-eof` and a pipe from this process as its stdin. The
 //! pipe's write end lives in a static that is never dropped: the kernel closes it when this
 //! process exits (a test binary is not unwound at exit, and may be killed), and the broker then
@@ -11,7 +8,7 @@
 //! processes that tests spawn later do not hold it open.
 
 use std::path::Path;
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -77,14 +74,8 @@ fn start(ferry: &Path) -> Result<Shared, String> {
     let _ = std::fs::remove_file(&file);
     let log_path = dir.join("broker.log");
     let log = std::fs::File::create(&log_path).map_err(|e| format!("cannot create {}: {e}", log_path.display()))?;
-    let mut command = Command::new(ferry);
     // Only the flags below count, not the developer's FERRY_* settings.
-    for (name, _) in std::env::vars_os() {
-        if name.to_string_lossy().starts_with("FERRY_") {
-            command.env_remove(name);
-        }
-    }
-    let mut child = command
+    let mut child = crate::process::command(ferry)
         .args(["broker", "--kafka", "--stop-on-stdin-eof", "--partitions", "1"])
         .args(["--kafka-start-timeout", "300s", "--bootstrap-file"])
         .arg(&file)

@@ -1,12 +1,11 @@
 //! A worker's HTTP endpoints (`/healthz`, `/readyz`, `/metrics`), asked the way a kubelet or
 //! Prometheus asks them: plain HTTP/1.1 over TCP.
-#![allow(dead_code)] // Each test binary uses its own subset of these helpers.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use super::kafka::wait_for;
+use crate::wait_for;
 
 /// A port nothing listens on now (the worker binds it a moment later).
 pub fn free_addr() -> SocketAddr {

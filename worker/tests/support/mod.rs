@@ -1,22 +1,11 @@
-//! Finding and loading the test model.
+//! What the worker's tests share that needs the worker's own types: the test model, loaded in
+//! process. Everything else (brokers, worker processes, services, waits, requests) comes from
+//! `ferry-testkit`.
 
-use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
+use ferry_testkit::model::model_path;
 use ferry_worker::model::{Kernels, LoadOptions, Model, ModelSource, WeightFormat};
-
-/// The GGUF the tests run: `$FERRY_TEST_MODEL`, or the file `make model` fetches.
-pub fn model_path() -> PathBuf {
-    let path = std::env::var_os("FERRY_TEST_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf"));
-    assert!(
-        path.exists(),
-        "test model {} is missing: run `make model` (or set FERRY_TEST_MODEL)",
-        path.display()
-    );
-    path
-}
 
 /// The model with `weights`, on the kernels `FERRY_KERNELS` names (as the workers the tests start
 /// read it), so that `FERRY_KERNELS=avx2 make test` runs every test on one path.
@@ -29,7 +18,6 @@ pub fn load(weights: WeightFormat) -> Model {
 }
 
 /// The model as the worker loads it by default, loaded once per test binary.
-#[allow(dead_code)]
 pub fn shared() -> Arc<Model> {
     static MODEL: OnceLock<Arc<Model>> = OnceLock::new();
     MODEL.get_or_init(|| Arc::new(load(WeightFormat::Q8_0))).clone()

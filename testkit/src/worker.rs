@@ -1,0 +1,104 @@
+//! `ferry-worker` command lines, built one way for the tests, the benches and the load tester.
+
+use std::path::Path;
+
+/// A worker's arguments: flags the harness sets, each dropped when the caller's own arguments set
+/// it too (clap refuses a flag given twice), then the caller's arguments as they are.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerArgs {
+    defaults: Vec<(String, String)>,
+    extra: Vec<String>,
+}
+
+impl WorkerArgs {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets `flag` to `value`, unless the caller's arguments set it ([`WorkerArgs::extra`]).
+    /// Setting a flag again replaces its value.
+    pub fn set(mut self, flag: &str, value: impl Into<String>) -> Self {
+        let value = value.into();
+        match self.defaults.iter_mut().find(|(f, _)| f == flag) {
+            Some(slot) => slot.1 = value,
+            None => self.defaults.push((flag.to_string(), value)),
+        }
+        self
+    }
+
+    /// The worker's broker, model and name: what every worker is started with.
+    pub fn basics(self, bootstrap: &str, model: &Path, name: &str) -> Self {
+        self.set("--bootstrap-servers", bootstrap)
+            .set("--model", model.display().to_string())
+            .set("--worker-id", name)
+    }
+
+    /// The caller's own arguments, passed as they are after the harness's.
+    pub fn extra<S: AsRef<str>>(mut self, args: &[S]) -> Self {
+        self.extra.extend(args.iter().map(|a| a.as_ref().to_string()));
+        self
+    }
+
+    /// Whether the caller's arguments set `flag` (as `--flag value` or `--flag=value`).
+    pub fn overrides(&self, flag: &str) -> bool {
+        self.extra
+            .iter()
+            .any(|a| a == flag || a.strip_prefix(flag).is_some_and(|rest| rest.starts_with('=')))
+    }
+
+    /// The command line.
+    pub fn build(&self) -> Vec<String> {
+        let mut args: Vec<String> = self
+            .defaults
+            .iter()
+            .filter(|(flag, _)| !self.overrides(flag))
+            .flat_map(|(k, v)| [k.clone(), v.clone()])
+            .collect();
+        args.extend(self.extra.iter().cloned());
+        args
+    }
+}
+
+/// The topics and the consumer group that one test's workers share, each named afresh.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    pub requests: String,
+    pub replies: String,
+    /// `<requests>.dlq`, the worker's default dead-letter topic.
+    pub dlq: String,
+    pub group: String,
+}
+
+impl Pipeline {
+    pub fn new() -> Self {
+        let requests = crate::unique("req");
+        Self {
+            dlq: format!("{requests}.dlq"),
+            requests,
+            replies: crate::unique("rep"),
+            group: crate::unique("group"),
+        }
+    }
+
+    /// The request, reply and dead-letter topics, to create.
+    pub fn topics(&self) -> [&str; 3] {
+        [&self.requests, &self.replies, &self.dlq]
+    }
+
+    /// The worker flags that name these topics and this group.
+    pub fn args(&self) -> WorkerArgs {
+        WorkerArgs::new()
+            .set("--topic", &self.requests)
+            .set("--reply-topic", &self.replies)
+            .set("--group-id", &self.group)
+    }
+}
+
+impl Default for Pipeline {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -17,10 +17,10 @@ use ferry_loadtest::load::{self, drive, Limit, LoadSpec, Mode};
 use ferry_loadtest::metrics::Report;
 use ferry_loadtest::prompts::PromptSet;
 use ferry_loadtest::track::Tracker;
-use ferry_testkit::{unique, Cluster};
 use ferry_schemas::{
     Chunk, ErrorCode, ErrorDetail, ErrorReply, FinishReason, Reply, Request, Response, Timings, Usage,
 };
+use ferry_testkit::{unique, Cluster};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use cluster::{ferry_command, PATIENCE};
-use ferry_testkit::broker::BrokerProcess;
 use ferry::topics::{cluster_kind, create_topic, ClusterKind, MOCK_AUTO_CREATE_PARTITIONS};
+use ferry_testkit::broker::BrokerProcess;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
 use tokio::time::Instant;

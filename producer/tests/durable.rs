@@ -11,61 +11,34 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use cluster::{consumer_from_beginning, ferry_command, key_of, message_count, read_messages, TestCluster, PATIENCE};
+use cluster::{ferry_command, key_of, message_count, read_messages, Responder, TestCluster, PATIENCE};
 use ferry::client::KafkaConfig;
 use ferry::durable::journal::{self, Entry, EntryState};
 use ferry::durable::{DurableClient, DurableError, DurableOptions, Event, Outcome};
 use ferry_schemas::{Reply, Request};
 use futures::StreamExt as _;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, Message};
-use tokio::task::JoinHandle;
+use rdkafka::ClientConfig;
 
-/// A stand-in worker that answers every request on its topic on the request's `reply_to`:
-/// `echo: <prompt>`. A streamed request gets its text in chunks first, with a chunk sent twice
-/// and an older one after a newer one, as a resumed generation sends them. A prompt starting
-/// with `twice` is answered twice, the second time with other text. Aborted on drop.
-struct Responder(JoinHandle<anyhow::Result<()>>);
-
-impl Responder {
-    fn start(bootstrap_servers: &str, request_topic: &str) -> anyhow::Result<Self> {
-        let consumer = consumer_from_beginning(bootstrap_servers, request_topic)?;
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap_servers)
-            .create()?;
-        Ok(Responder(tokio::spawn(async move {
-            loop {
-                let message = consumer.recv().await?;
-                let request: Request = serde_json::from_slice(message.payload().unwrap_or_default())?;
-                let topic = request.reply_to.clone().context("requests here name reply_to")?;
-                let prompt = request.prompt.clone().unwrap_or_default();
-                let text = format!("echo: {prompt}");
-                let mut replies = Vec::new();
-                if request.stream {
-                    for (seq, piece) in [(0, "echo"), (1, ": "), (1, ": "), (3, &prompt[..]), (2, ": ")] {
-                        replies.push(serde_json::json!({"kind": "chunk", "version": 1, "id": request.id, "seq": seq, "text": piece}));
-                    }
-                }
-                replies.push(response(&request.id, &text));
-                if prompt.starts_with("twice") {
-                    replies.push(response(&request.id, "a second, different answer"));
-                }
-                for reply in replies {
-                    let payload = serde_json::to_vec(&reply)?;
-                    producer
-                        .send(FutureRecord::to(&topic).key(&request.id).payload(&payload), PATIENCE)
-                        .await
-                        .map_err(|(e, _)| e)?;
-                }
-            }
-        })))
+/// The stand-in worker's answers: `echo: <prompt>`. A streamed request gets its text in chunks
+/// first, with a chunk sent twice and an older one after a newer one, as a resumed generation
+/// sends them. A prompt starting with `twice` is answered twice, the second time with other
+/// text.
+fn echo(request: &Request) -> Vec<serde_json::Value> {
+    let prompt = request.prompt.clone().unwrap_or_default();
+    let text = format!("echo: {prompt}");
+    let mut replies = Vec::new();
+    if request.stream {
+        for (seq, piece) in [(0, "echo"), (1, ": "), (1, ": "), (3, &prompt[..]), (2, ": ")] {
+            replies
+                .push(serde_json::json!({"kind": "chunk", "version": 1, "id": request.id, "seq": seq, "text": piece}));
+        }
     }
-}
-
-impl Drop for Responder {
-    fn drop(&mut self) {
-        self.0.abort();
+    replies.push(response(&request.id, &text));
+    if prompt.starts_with("twice") {
+        replies.push(response(&request.id, "a second, different answer"));
     }
+    replies
 }
 
 fn response(id: &str, text: &str) -> serde_json::Value {
@@ -121,7 +94,7 @@ impl Setup {
     }
 
     fn responder(&self) -> anyhow::Result<Responder> {
-        Responder::start(self.cluster.bootstrap_servers(), &self.requests)
+        Responder::start(self.cluster.bootstrap_servers(), &self.requests, echo)
     }
 
     /// How many times each id was published to the request topic: every message it holds.

@@ -8,50 +8,13 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use cluster::{consumer_from_beginning, ferry_command, write_bootstrap_file, TestCluster, PATIENCE};
+use cluster::{ferry_command, write_bootstrap_file, Responder, TestCluster, PATIENCE};
 use ferry::client::{Client, ClientError, KafkaConfig};
 use ferry_schemas::{Reply, Request};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, Message};
-use tokio::task::JoinHandle;
 
-/// A stand-in worker: answers every request on its topic at once, keyed by the request id, on
-/// the request's `reply_to`. A prompt of `fail` gets an error reply; anything else gets
-/// `echo: <prompt>`. Aborted on drop.
-struct Responder(JoinHandle<anyhow::Result<()>>);
-
-impl Responder {
-    fn start(bootstrap_servers: &str, request_topic: &str) -> anyhow::Result<Self> {
-        let consumer = consumer_from_beginning(bootstrap_servers, request_topic)?;
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap_servers)
-            .create()?;
-        Ok(Responder(tokio::spawn(async move {
-            loop {
-                let message = consumer.recv().await?;
-                let request: Request = serde_json::from_slice(message.payload().unwrap_or_default())?;
-                let reply = reply_to(&request);
-                let topic = request
-                    .reply_to
-                    .as_deref()
-                    .context("requests in these tests name reply_to")?;
-                let payload = serde_json::to_vec(&reply)?;
-                producer
-                    .send(FutureRecord::to(topic).key(&request.id).payload(&payload), PATIENCE)
-                    .await
-                    .map_err(|(e, _)| e)?;
-            }
-        })))
-    }
-}
-
-impl Drop for Responder {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// Built as JSON rather than as structs so that the test states the wire format itself.
+/// The stand-in worker's answer: an error reply to a prompt of `fail`, `echo: <prompt>` to
+/// anything else. Built as JSON rather than as structs so that the test states the wire format
+/// itself.
 fn reply_to(request: &Request) -> serde_json::Value {
     let prompt = request.prompt.clone().unwrap_or_default();
     if prompt == "fail" {
@@ -82,7 +45,9 @@ async fn setup(with_responder: bool) -> anyhow::Result<Setup> {
     let requests = cluster.topic("requests").await?;
     let replies = cluster.topic("replies").await?;
     let responder = if with_responder {
-        Some(Responder::start(cluster.bootstrap_servers(), &requests)?)
+        Some(Responder::start(cluster.bootstrap_servers(), &requests, |r| {
+            vec![reply_to(r)]
+        })?)
     } else {
         None
     };

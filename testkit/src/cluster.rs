@@ -112,12 +112,19 @@ impl Cluster {
 
     /// [`Cluster::worker`], with extra environment variables (fault injection, for one).
     pub fn worker_with_env<S: AsRef<str>>(&self, name: &str, args: &[S], env: &[(&str, &str)]) -> ChildGuard {
-        let args = WorkerArgs::new()
-            .basics(&self.bootstrap, &crate::model::model_path(), name)
-            .set("--threads", "1")
-            .extra(args);
-        // The worker inherits the environment: `FERRY_KERNELS`, for one, runs every test on one
-        // path.
+        self.start_worker(name, WorkerArgs::new().extra(args), env)
+    }
+
+    /// Starts a worker named `name` with `args`, and with this cluster, the test model, its name
+    /// and one compute thread where `args` does not set them; its log goes to the test's
+    /// directory. The worker inherits the environment (`FERRY_KERNELS`, for one, runs every test
+    /// on one path) plus `env`.
+    pub fn start_worker(&self, name: &str, args: WorkerArgs, env: &[(&str, &str)]) -> ChildGuard {
+        let args = args
+            .or_set("--bootstrap-servers", &self.bootstrap)
+            .or_set("--model", crate::model::model_path().display().to_string())
+            .or_set("--worker-id", name)
+            .or_set("--threads", "1");
         let mut cmd = Command::new(bin("ferry-worker"));
         cmd.envs(env.iter().copied()).args(args.build());
         ChildGuard::spawn(name, &mut cmd, self.dir.path().join(format!("{name}.log")))
@@ -164,7 +171,11 @@ impl Cluster {
         key: &str,
         payload: &[u8],
     ) -> i64 {
-        send(producer, FutureRecord::to(topic).partition(partition).key(key).payload(payload)).await
+        send(
+            producer,
+            FutureRecord::to(topic).partition(partition).key(key).payload(payload),
+        )
+        .await
     }
 
     /// A consumer outside any group, for reading topics and asking about a group's offsets.

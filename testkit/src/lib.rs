@@ -25,7 +25,7 @@ pub mod cluster;
 pub mod http;
 pub mod model;
 pub mod process;
-mod read;
+pub mod read;
 pub mod requests;
 pub mod services;
 mod shared_kafka;
@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 pub use broker::BrokerChoice;
 pub use cluster::{Cluster, Record};
 pub use process::{bin, ChildGuard};
-pub use worker::{Pipeline, WorkerArgs};
+pub use worker::{Pipeline, Setup, WorkerArgs};
 
 /// A generous bound for what takes milliseconds on the mock and seconds on a loaded real
 /// cluster: a test that reaches it has found a bug, not a slow machine.
@@ -63,6 +63,15 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Runs `future` to completion on a runtime of its own, for tests that are not async.
+pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(future)
 }
 
 /// The first line of a file that contains `needle`, if any.

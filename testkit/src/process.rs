@@ -23,7 +23,9 @@ impl ChildGuard {
     /// [`ChildGuard::spawn`], with the reason as an error rather than a panic.
     pub fn try_spawn(name: &str, cmd: &mut Command, log: PathBuf) -> Result<Self, String> {
         let out = File::create(&log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
-        let err = out.try_clone().map_err(|e| format!("cannot share {}: {e}", log.display()))?;
+        let err = out
+            .try_clone()
+            .map_err(|e| format!("cannot share {}: {e}", log.display()))?;
         let child = cmd
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err))

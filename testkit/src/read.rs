@@ -1,7 +1,9 @@
 //! Reading back what is on a topic: every message up to the end it had when asked.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use ferry_schemas::{Reply, Response};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Headers;
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -42,6 +44,21 @@ impl Cluster {
             .collect()
     }
 
+    /// Every reply on `topic`, partition by partition in log order; panics on a message that is
+    /// not a reply.
+    pub fn replies(&self, topic: &str) -> Vec<Reply> {
+        self.read_records(topic, None)
+            .into_iter()
+            .map(|r| serde_json::from_slice(&r.value).unwrap_or_else(|e| panic!("not a reply ({e}): {}", r.key)))
+            .collect()
+    }
+
+    /// The final responses on `topic`, by request id (chunks are passed over); panics on an
+    /// error reply.
+    pub fn responses(&self, topic: &str) -> BTreeMap<String, Vec<Response>> {
+        responses(self.replies(topic))
+    }
+
     /// The high watermark (the offset the next message will get) of every partition of `topic`,
     /// indexed by partition.
     pub fn high_watermarks(&self, reader: &BaseConsumer, topic: &str) -> Vec<i64> {
@@ -54,7 +71,9 @@ impl Cluster {
             .find(|t| t.name() == topic)
             .map_or(0, |t| t.partitions().len());
         assert!(partitions > 0, "topic {topic} has no partitions");
-        (0..partitions as i32).map(|p| high_watermark(reader, topic, p)).collect()
+        (0..partitions as i32)
+            .map(|p| high_watermark(reader, topic, p))
+            .collect()
     }
 
     /// The messages of one partition of `topic` (or of all of them) up to the end each had when
@@ -63,7 +82,12 @@ impl Cluster {
         let c = self.reader(&unique("reader"));
         let highs: Vec<(i32, i64)> = match only {
             Some(p) => vec![(p, high_watermark(&c, topic, p))],
-            None => self.high_watermarks(&c, topic).into_iter().enumerate().map(|(p, h)| (p as i32, h)).collect(),
+            None => self
+                .high_watermarks(&c, topic)
+                .into_iter()
+                .enumerate()
+                .map(|(p, h)| (p as i32, h))
+                .collect(),
         };
         let mut tpl = TopicPartitionList::new();
         for (p, _) in &highs {
@@ -118,4 +142,18 @@ fn record(m: &impl Message) -> Record {
         value: m.payload().unwrap_or_default().to_vec(),
         headers,
     }
+}
+
+/// The final responses among `replies`, by request id (chunks are passed over); panics on an
+/// error reply.
+pub fn responses(replies: impl IntoIterator<Item = Reply>) -> BTreeMap<String, Vec<Response>> {
+    let mut out: BTreeMap<String, Vec<Response>> = BTreeMap::new();
+    for reply in replies {
+        match reply {
+            Reply::Response(r) => out.entry(r.id.clone()).or_default().push(r),
+            Reply::Error(e) => panic!("{} answered with an error: {:?}", e.id, e.error),
+            Reply::Chunk(_) => {}
+        }
+    }
+    out
 }

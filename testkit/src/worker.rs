@@ -1,6 +1,9 @@
 //! `ferry-worker` command lines, built one way for the tests, the benches and the load tester.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ferry_schemas::Request;
 
 /// A worker's arguments: flags the harness sets, each dropped when the caller's own arguments set
 /// it too (clap refuses a flag given twice), then the caller's arguments as they are.
@@ -24,6 +27,14 @@ impl WorkerArgs {
             None => self.defaults.push((flag.to_string(), value)),
         }
         self
+    }
+
+    /// Sets `flag` to `value` unless it is set already (here or by the caller's arguments).
+    pub fn or_set(self, flag: &str, value: impl Into<String>) -> Self {
+        if self.defaults.iter().any(|(f, _)| f == flag) || self.overrides(flag) {
+            return self;
+        }
+        self.set(flag, value)
     }
 
     /// The worker's broker, model and name: what every worker is started with.
@@ -91,6 +102,71 @@ impl Pipeline {
             .set("--topic", &self.requests)
             .set("--reply-topic", &self.replies)
             .set("--group-id", &self.group)
+    }
+}
+
+/// A cluster holding one [`Pipeline`]'s topics, and a `file://` snapshot store in the test's
+/// directory: the set-up most worker tests share.
+pub struct Setup {
+    pub cluster: crate::Cluster,
+    pub pipeline: Pipeline,
+    /// The snapshot store's URL.
+    pub store: String,
+    /// The snapshot store's directory.
+    pub store_dir: PathBuf,
+}
+
+impl Setup {
+    /// A fresh pipeline whose topics have `partitions` partitions each.
+    pub fn new(partitions: i32) -> Self {
+        let pipeline = Pipeline::new();
+        let cluster = crate::Cluster::start_with_partitions(&pipeline.topics(), partitions);
+        let store = cluster.snapshot_store();
+        let store_dir = cluster.dir.path().join("snapshots");
+        Self {
+            cluster,
+            pipeline,
+            store,
+            store_dir,
+        }
+    }
+
+    /// The flags that put a worker in this pipeline, with this store.
+    pub fn args(&self) -> WorkerArgs {
+        self.pipeline.args().set("--snapshot-store", &self.store)
+    }
+
+    /// Starts a worker named `name` with `args` on this set-up's cluster
+    /// ([`crate::Cluster::start_worker`]).
+    pub fn worker(&self, name: &str, args: WorkerArgs) -> crate::ChildGuard {
+        self.cluster.start_worker(name, args, &[])
+    }
+
+    /// Publishes `request` to `partition` of the request topic, keyed by its id, and returns its
+    /// offset. Blocks: for tests that do not run in a runtime.
+    pub fn publish(&self, partition: i32, request: &Request) -> i64 {
+        let producer = self.cluster.producer();
+        let payload = serde_json::to_vec(request).expect("json");
+        crate::block_on(
+            self.cluster
+                .publish_to(&producer, &self.pipeline.requests, partition, &request.id, &payload),
+        )
+    }
+
+    /// The group's committed offset for `partition` of the request topic, if it has one.
+    pub fn committed(&self, partition: i32) -> Option<i64> {
+        let reader = self.cluster.reader(&self.pipeline.group);
+        self.cluster.committed_in(&reader, &self.pipeline.requests, partition)
+    }
+
+    /// Waits until the group has committed `partition` of the request topic to `position` or
+    /// past it.
+    pub fn wait_committed(&self, partition: i32, position: i64, timeout: Duration) {
+        crate::wait_for(
+            timeout,
+            &format!("partition {partition} committed to {position}"),
+            || self.committed(partition).filter(|&c| c >= position),
+        );
     }
 }
 

@@ -29,10 +29,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
 use ferry_schemas::Reply;
+use ferry_testkit::model::model_path;
+use ferry_testkit::{unique, BrokerChoice, Setup};
 use ferry_worker::engine::{Engine, Job, Outcome};
 use ferry_worker::model::WeightFormat;
-use ferry_testkit::model::model_path;
-use ferry_testkit::{unique, BrokerChoice, Cluster};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde_json::{json, Value};
@@ -101,7 +101,10 @@ fn summarize(rounds: &[Value]) -> Value {
 /// (`Engine::run`, the worker's engine-thread rounds with a batch of one), prefill included,
 /// without snapshots.
 fn in_process_tokens_per_s(requests: &[ferry_schemas::Request]) -> anyhow::Result<(f64, usize)> {
-    let engine = Engine::new(std::sync::Arc::new(report::load_model(&model_path(), WeightFormat::Q8_0)?));
+    let engine = Engine::new(std::sync::Arc::new(report::load_model(
+        &model_path(),
+        WeightFormat::Q8_0,
+    )?));
     let started = Instant::now();
     let mut tokens = 0;
     for request in requests {
@@ -126,28 +129,13 @@ fn in_process_tokens_per_s(requests: &[ferry_schemas::Request]) -> anyhow::Resul
 /// (as the in-process run), a warm-up request answered first, then all of `requests` published
 /// at once; tokens/s from the first publish to the last answer.
 fn fleet_tokens_per_s(requests: &[ferry_schemas::Request], threads: usize) -> anyhow::Result<(f64, usize)> {
-    let (topic, replies, group) = (unique("tput-req"), unique("tput-rep"), unique("tput-group"));
-    let dlq = format!("{topic}.dlq");
-    let cluster = Cluster::start(&[&topic, &replies, &dlq]);
-    let store = cluster.dir.path().join("snapshots");
-    std::fs::create_dir_all(&store)?;
-    let threads = threads.to_string();
-    let store_url = format!("file://{}", store.display());
-    let args = [
-        "--topic",
-        &topic,
-        "--reply-topic",
-        &replies,
-        "--group-id",
-        &group,
-        "--threads",
-        &threads,
-        "--max-in-flight",
-        "1",
-        "--snapshot-store",
-        &store_url,
-    ];
-    let worker = cluster.worker("tput-worker", &args);
+    let s = Setup::new(1);
+    let (cluster, topic, replies) = (&s.cluster, &s.pipeline.requests, &s.pipeline.replies);
+    let args = s
+        .args()
+        .set("--threads", threads.to_string())
+        .set("--max-in-flight", "1");
+    let worker = s.worker("tput-worker", args);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let producer = cluster.producer();
     let reader: BaseConsumer = cluster.reader(&unique("tput-reader"));

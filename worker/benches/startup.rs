@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use ferry_testkit::model::model_path;
-use ferry_testkit::{bin, http, unique, BrokerChoice, ChildGuard, Cluster};
+use ferry_testkit::{bin, http, unique, BrokerChoice, ChildGuard, Cluster, Pipeline};
 use serde_json::{json, Value};
 
 /// Worker starts measured; the median is reported.
@@ -61,24 +61,19 @@ fn log_field(log: &str, message: &str, field: &str) -> Option<f64> {
 /// 200, and the phases from the worker's log.
 fn one_start(cluster: &Cluster, topic: &str, replies: &str, sha: &str, run: usize) -> anyhow::Result<Value> {
     let addr = http::free_addr();
-    let addr_arg = addr.to_string();
-    let group = unique("bench-startup");
-    let args = [
-        "--topic",
-        topic,
-        "--reply-topic",
-        replies,
-        "--group-id",
-        &group,
-        "--http-addr",
-        &addr_arg,
-        "--model-sha256",
-        sha,
-        "--log-format",
-        "json",
-    ];
+    let pipeline = Pipeline {
+        requests: topic.to_string(),
+        replies: replies.to_string(),
+        group: unique("bench-startup"),
+        dlq: format!("{topic}.dlq"),
+    };
+    let args = pipeline
+        .args()
+        .set("--http-addr", addr.to_string())
+        .set("--model-sha256", sha);
+    let args = args.set("--log-format", "json");
     let spawned = Instant::now();
-    let mut w = cluster.worker(&format!("worker-startup-{run}"), &args);
+    let mut w = cluster.start_worker(&format!("worker-startup-{run}"), args, &[]);
     let mut http_up = None;
     let ready = loop {
         match http::get(addr, "/readyz") {

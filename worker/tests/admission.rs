@@ -7,19 +7,11 @@ mod support;
 use std::time::Duration;
 
 use ferry_schemas::{DeadLetter, ErrorCode, Reply, Request};
+use ferry_testkit::http::{free_addr, get, wait_status};
+use ferry_testkit::requests::chat;
+use ferry_testkit::{block_on, wait_for, Setup};
 use ferry_worker::consumer::admission::{allocated_positions, bytes_per_position, worst_case_tokens};
 use ferry_worker::engine::Engine;
-use ferry_testkit::http::{free_addr, get, wait_status};
-use ferry_testkit::{unique, wait_for, Cluster};
-use ferry_testkit::requests::chat;
-
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(f)
-}
 
 /// The value of an unlabelled sample in a Prometheus text page.
 fn sample(metrics: &str, name: &str) -> Option<f64> {
@@ -68,9 +60,8 @@ fn requests_beyond_the_kv_budget_wait_and_are_all_answered() {
     let budget = (largest as u64 * 3 / 2) * per_position;
     let budget_arg = budget.to_string();
 
-    let (topic, replies, group) = (unique("req"), unique("rep"), unique("group"));
-    let dlq = format!("{topic}.dlq");
-    let cluster = Cluster::start(&[&topic, &replies, &dlq]);
+    let s = Setup::new(1);
+    let (cluster, topic, replies, dlq) = (&s.cluster, &s.pipeline.requests, &s.pipeline.replies, &s.pipeline.dlq);
     // Everything is in the topic before the worker starts, so it fetches all of it at once and
     // starts the four requests together (--max-in-flight 4).
     let producer = cluster.producer();
@@ -82,24 +73,12 @@ fn requests_beyond_the_kv_budget_wait_and_are_all_answered() {
     block_on(cluster.publish(&producer, &topic, &huge.id, &serde_json::to_vec(&huge).expect("json")));
 
     let addr = free_addr();
-    let addr_arg = addr.to_string();
-    let _worker = cluster.worker(
-        "worker-kv",
-        &[
-            "--topic",
-            &topic,
-            "--reply-topic",
-            &replies,
-            "--group-id",
-            &group,
-            "--max-in-flight",
-            "4",
-            "--kv-budget",
-            &budget_arg,
-            "--http-addr",
-            &addr_arg,
-        ],
-    );
+    let args = s
+        .pipeline
+        .args()
+        .set("--max-in-flight", "4")
+        .set("--kv-budget", budget_arg);
+    let _worker = s.worker("worker-kv", args.set("--http-addr", addr.to_string()));
     wait_status(addr, "/readyz", 200, Duration::from_secs(120));
 
     let answers = wait_for(Duration::from_secs(300), "four answers and one error", || {

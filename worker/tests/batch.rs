@@ -7,10 +7,10 @@ mod support;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use ferry_testkit::requests::chat;
 use ferry_worker::engine::{Completion, Engine, EngineHandle, Job, Outcome, Prepared, PREFILL_CHUNK};
 use ferry_worker::model::{BatchInput, SequenceCache};
 use support::shared;
-use ferry_testkit::requests::chat;
 use tokio::sync::mpsc;
 
 fn finished(outcome: Outcome) -> Completion {

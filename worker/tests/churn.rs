@@ -15,14 +15,14 @@
 mod support;
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ferry_schemas::{Reply, Request, Response};
+use ferry_testkit::{wait_for, ChildGuard, Cluster, Setup, WorkerArgs};
 use ferry_worker::config::DRAIN_MARGIN;
 use ferry_worker::engine::Engine;
 use ferry_worker::snapshot::format::{request_prefix, Manifest};
-use ferry_testkit::{unique, wait_for, ChildGuard, Cluster};
 
 /// Requests published in the run.
 const REQUESTS: usize = 12;
@@ -80,7 +80,7 @@ fn manifest(store: &Path, prefix: &str) -> Option<(String, usize)> {
 /// failing test, every worker's log is printed, the stopped ones' too.
 struct Fleet<'a> {
     cluster: &'a Cluster,
-    args: Vec<String>,
+    args: WorkerArgs,
     alive: Vec<ChildGuard>,
     /// Workers that have exited, kept for their logs.
     gone: Vec<ChildGuard>,
@@ -88,8 +88,7 @@ struct Fleet<'a> {
 
 impl Fleet<'_> {
     fn join(&mut self, name: &str) {
-        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        self.alive.push(self.cluster.worker(name, &args));
+        self.alive.push(self.cluster.start_worker(name, self.args.clone(), &[]));
         eprintln!("{name} joins");
     }
 
@@ -169,8 +168,6 @@ impl Fleet<'_> {
 #[test]
 fn a_churning_fleet_loses_no_request_and_never_answers_one_two_ways() {
     let started = Instant::now();
-    let (requests, replies, group) = (unique("req"), unique("rep"), unique("group"));
-    let dlq = format!("{requests}.dlq");
     let batch: Vec<Request> = (0..REQUESTS).map(request).collect();
 
     // The uninterrupted answers, computed in this process with the worker's default weights.
@@ -192,9 +189,10 @@ fn a_churning_fleet_loses_no_request_and_never_answers_one_two_ways() {
         .collect();
     eprintln!("{REQUESTS} reference answers in {:?}", started.elapsed());
 
-    let cluster = Cluster::start_with_partitions(&[&requests, &replies, &dlq], PARTITIONS);
-    let store: PathBuf = cluster.dir.path().join("snapshots");
-    std::fs::create_dir_all(&store).expect("store dir");
+    let setup = Setup::new(PARTITIONS);
+    let (cluster, store) = (&setup.cluster, &setup.store_dir);
+    let p = &setup.pipeline;
+    let (requests, replies, group, dlq) = (&p.requests, &p.replies, &p.group, &p.dlq);
     let prefixes: HashMap<String, String> = batch
         .iter()
         .map(|r| {
@@ -204,31 +202,17 @@ fn a_churning_fleet_loses_no_request_and_never_answers_one_two_ways() {
             )
         })
         .collect();
-    let store_url = format!("file://{}", store.display());
     let (every, drain) = (SNAPSHOT_EVERY.to_string(), format!("{}s", DRAIN_TIMEOUT.as_secs()));
-    let args = [
-        "--topic",
-        &requests,
-        "--reply-topic",
-        &replies,
-        "--group-id",
-        &group,
-        "--snapshot-store",
-        &store_url,
-        "--snapshot-every-tokens",
-        &every,
-        "--session-timeout",
-        "6s",
-        "--drain-timeout",
-        &drain,
-        // Several requests in flight per worker: revocations and drains suspend several at once,
-        // and answers finish out of order.
-        "--max-in-flight",
-        "3",
-    ];
+    let args = setup
+        .args()
+        .set("--snapshot-every-tokens", every)
+        .set("--session-timeout", "6s");
+    // Several requests in flight per worker: revocations and drains suspend several at once,
+    // and answers finish out of order.
+    let args = args.set("--drain-timeout", drain).set("--max-in-flight", "3");
     let mut fleet = Fleet {
-        cluster: &cluster,
-        args: args.iter().map(|s| s.to_string()).collect(),
+        cluster,
+        args,
         alive: Vec::new(),
         gone: Vec::new(),
     };

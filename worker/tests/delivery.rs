@@ -8,15 +8,15 @@
 
 mod support;
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::collections::HashMap;
+use std::path::Path;
 use std::time::Duration;
 
-use ferry_schemas::{FinishReason, Reply, Request, Response};
+use ferry_schemas::{FinishReason, Reply, Request};
+use ferry_testkit::requests::chat;
+use ferry_testkit::{unique, wait_for, ChildGuard, Cluster, Setup};
 use ferry_worker::engine::Engine;
 use ferry_worker::snapshot::format::{request_prefix, Manifest};
-use ferry_testkit::{unique, wait_for, ChildGuard, Cluster};
-use ferry_testkit::requests::chat;
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -47,105 +47,24 @@ fn snapshot_tokens(store: &Path, prefix: &str) -> usize {
         .map_or(0, |m| m.tokens.len())
 }
 
-/// Every reply on `topic`, in log order per partition.
-fn replies(cluster: &Cluster, topic: &str) -> Vec<Reply> {
-    cluster
-        .read_all_partitions(topic)
-        .into_iter()
-        .map(|(_, key, body, _)| serde_json::from_slice(&body).unwrap_or_else(|e| panic!("not a reply ({e}): {key}")))
-        .collect()
+/// A worker of the test: the flags every worker of it shares, then `extra`.
+fn worker(s: &Setup, name: &str, extra: &[&str]) -> ChildGuard {
+    let args = s
+        .args()
+        .set("--snapshot-every-tokens", "8")
+        .set("--session-timeout", "6s");
+    s.worker(name, args.extra(extra))
 }
 
-/// The final responses on `topic`, by request id.
-fn responses(cluster: &Cluster, topic: &str) -> BTreeMap<String, Vec<Response>> {
-    let mut out: BTreeMap<String, Vec<Response>> = BTreeMap::new();
-    for r in replies(cluster, topic) {
-        match r {
-            Reply::Response(r) => out.entry(r.id.clone()).or_default().push(r),
-            Reply::Error(e) => panic!("{} answered with an error: {:?}", e.id, e.error),
-            Reply::Chunk(_) => {}
-        }
-    }
-    out
-}
-
-struct Setup {
-    cluster: Cluster,
-    requests: String,
-    replies: String,
-    group: String,
-    store: PathBuf,
-}
-
-impl Setup {
-    fn new(partitions: i32) -> Self {
-        let (requests, replies, group) = (unique("req"), unique("rep"), unique("group"));
-        let dlq = format!("{requests}.dlq");
-        let cluster = Cluster::start_with_partitions(&[&requests, &replies, &dlq], partitions);
-        let store = cluster.dir.path().join("snapshots");
-        std::fs::create_dir_all(&store).expect("store dir");
-        Self {
-            cluster,
-            requests,
-            replies,
-            group,
-            store,
-        }
-    }
-
-    /// The flags every worker of the test shares, then `extra`.
-    fn worker(&self, name: &str, extra: &[&str]) -> ChildGuard {
-        let store = format!("file://{}", self.store.display());
-        let mut args = vec![
-            "--topic",
-            &self.requests,
-            "--reply-topic",
-            &self.replies,
-            "--group-id",
-            &self.group,
-            "--snapshot-store",
-            &store,
-            "--snapshot-every-tokens",
-            "8",
-            "--session-timeout",
-            "6s",
-        ];
-        args.extend_from_slice(extra);
-        self.cluster.worker(name, &args)
-    }
-
-    /// Where the worker keeps `r`'s snapshot and ledger: bound to the request topic, the id, the
-    /// reply topic and the bytes [`Setup::publish`] sends.
-    fn prefix(&self, r: &Request) -> String {
-        request_prefix(
-            &self.requests,
-            &r.id,
-            &self.replies,
-            &serde_json::to_vec(r).expect("json"),
-        )
-    }
-
-    fn publish(&self, partition: i32, r: &Request) -> i64 {
-        let producer = self.cluster.producer();
-        let payload = serde_json::to_vec(r).expect("json");
-        rt().block_on(
-            self.cluster
-                .publish_to(&producer, &self.requests, partition, &r.id, &payload),
-        )
-    }
-
-    fn committed(&self, partition: i32) -> Option<i64> {
-        let reader = self.cluster.reader(&self.group);
-        self.cluster.committed_in(&reader, &self.requests, partition)
-    }
-
-    fn wait_committed(&self, partition: i32, position: i64, timeout: Duration) {
-        wait_for(
-            timeout,
-            &format!("partition {partition} committed to {position}"),
-            || self.committed(partition).filter(|&c| c >= position),
-        );
-    }
+/// Where the worker keeps `r`'s snapshot and ledger: bound to the request topic, the id, the
+/// reply topic and the bytes [`Setup::publish`] sends.
+fn prefix(s: &Setup, r: &Request) -> String {
+    request_prefix(
+        &s.pipeline.requests,
+        &r.id,
+        &s.pipeline.replies,
+        &serde_json::to_vec(r).expect("json"),
+    )
 }
 
 /// Three requests in flight on one partition finish out of order: the short ones after the long
@@ -167,15 +86,15 @@ fn out_of_order_answers_commit_in_order_and_done_markers_survive_a_crash() {
         .collect();
     let expected = reference(&[&long, &short[0], &short[1]]);
 
-    let mut a = s.worker("worker-a", &["--max-in-flight", "3"]);
+    let mut a = worker(&s, "worker-a", &["--max-in-flight", "3"]);
     assert_eq!(s.publish(0, &long), 0);
     s.publish(0, &short[0]);
     s.publish(0, &short[1]);
     wait_for(Duration::from_secs(120), "both short answers", || {
-        let r = responses(&s.cluster, &s.replies);
+        let r = s.cluster.responses(&s.pipeline.replies);
         short.iter().all(|q| r.contains_key(&q.id)).then_some(())
     });
-    let answered = responses(&s.cluster, &s.replies);
+    let answered = s.cluster.responses(&s.pipeline.replies);
     assert!(
         !answered.contains_key(&long.id),
         "the long request finished before the short ones: nothing out of order to test"
@@ -186,17 +105,17 @@ fn out_of_order_answers_commit_in_order_and_done_markers_survive_a_crash() {
         s.committed(0)
     );
     for q in &short {
-        let done = s.store.join(s.prefix(q)).join("done");
+        let done = s.store_dir.join(prefix(&s, q)).join("done");
         assert!(done.exists(), "no done marker for {}", q.id);
     }
-    let long_prefix = s.prefix(&long);
+    let long_prefix = prefix(&s, &long);
     wait_for(Duration::from_secs(60), "a snapshot of the long request", || {
-        (snapshot_tokens(&s.store, &long_prefix) >= 8).then_some(())
+        (snapshot_tokens(&s.store_dir, &long_prefix) >= 8).then_some(())
     });
     a.signal("KILL");
     a.wait_exit(Duration::from_secs(10)).expect("worker-a dies");
 
-    let b = s.worker("worker-b", &["--max-in-flight", "3"]);
+    let b = worker(&s, "worker-b", &["--max-in-flight", "3"]);
     s.wait_committed(0, 3, Duration::from_secs(120));
     let log = b.log();
     assert_eq!(
@@ -204,7 +123,7 @@ fn out_of_order_answers_commit_in_order_and_done_markers_survive_a_crash() {
         2,
         "worker-b should re-publish both stored answers:\n{log}"
     );
-    let all = responses(&s.cluster, &s.replies);
+    let all = s.cluster.responses(&s.pipeline.replies);
     for (id, text) in &expected {
         let rs = &all[id];
         for r in rs {
@@ -229,7 +148,7 @@ fn out_of_order_answers_commit_in_order_and_done_markers_survive_a_crash() {
     wait_for(Duration::from_secs(10), "the store to be cleaned up", || {
         [&long, &short[0], &short[1]]
             .iter()
-            .all(|q| !s.store.join(s.prefix(q)).join("done").exists())
+            .all(|q| !s.store_dir.join(prefix(&s, q)).join("done").exists())
             .then_some(())
     });
     drop(a);
@@ -251,7 +170,8 @@ fn a_full_worker_pauses_and_outlives_max_poll_interval() {
     }))
     .expect("request");
     let next = chat(&unique("next"), "Say hello.", 4);
-    let w = s.worker(
+    let w = worker(
+        &s,
         "worker-a",
         &[
             "--max-in-flight",
@@ -265,7 +185,7 @@ fn a_full_worker_pauses_and_outlives_max_poll_interval() {
     s.publish(0, &long);
     s.publish(0, &next);
     s.wait_committed(0, 2, Duration::from_secs(180));
-    let all = responses(&s.cluster, &s.replies);
+    let all = s.cluster.responses(&s.pipeline.replies);
     let first = &all[&long.id][0];
     assert!(
         first.timings.total_ms > 6_000.0,
@@ -312,21 +232,21 @@ fn a_cooperative_rebalance_leaves_the_other_partitions_working() {
     // newcomer has loaded its model and joined.
     let batch: Vec<Request> = prompts.iter().map(|p| chat(&unique("coop"), p, 160)).collect();
     let expected = reference(&batch.iter().collect::<Vec<_>>());
-    let a = s.worker("worker-a", &["--max-in-flight", "4"]);
+    let a = worker(&s, "worker-a", &["--max-in-flight", "4"]);
     for (p, r) in batch.iter().enumerate() {
         s.publish(p as i32, r);
     }
     wait_for(Duration::from_secs(120), "all four generating", || {
         batch
             .iter()
-            .all(|r| snapshot_tokens(&s.store, &s.prefix(r)) >= 8)
+            .all(|r| snapshot_tokens(&s.store_dir, &prefix(&s, r)) >= 8)
             .then_some(())
     });
-    let b = s.worker("worker-b", &["--max-in-flight", "4"]);
+    let b = worker(&s, "worker-b", &["--max-in-flight", "4"]);
     for p in 0..4 {
         s.wait_committed(p, 1, Duration::from_secs(180));
     }
-    let all = responses(&s.cluster, &s.replies);
+    let all = s.cluster.responses(&s.pipeline.replies);
     let (mut kept, mut moved) = (0, 0);
     for r in &batch {
         let answers = &all[&r.id];
@@ -362,13 +282,13 @@ fn deadlines_stop_generation() {
         "Write a long story about a dragon who learns to bake bread.",
         1000,
     );
-    let _w = s.worker("worker-a", &[]);
+    let _w = worker(&s, "worker-a", &[]);
     s.publish(0, &late);
     s.wait_committed(0, 1, Duration::from_secs(60));
     racing.deadline = Some(time::OffsetDateTime::now_utc() + time::Duration::seconds(3));
     s.publish(0, &racing);
     s.wait_committed(0, 2, Duration::from_secs(60));
-    let all = responses(&s.cluster, &s.replies);
+    let all = s.cluster.responses(&s.pipeline.replies);
     let l = &all[&late.id][0];
     assert_eq!(
         (l.finish_reason, l.text.as_str(), l.usage.completion_tokens),
@@ -396,22 +316,22 @@ fn streamed_chunks_survive_a_crash_with_the_same_numbering() {
     r.stream = true;
     r.stop = vec!["bread.".into()];
     let expected = reference(&[&r]);
-    let mut a = s.worker("worker-a", &[]);
+    let mut a = worker(&s, "worker-a", &[]);
     s.publish(0, &r);
-    let prefix = s.prefix(&r);
+    let prefix = prefix(&s, &r);
     wait_for(Duration::from_secs(60), "a snapshot with 16 tokens", || {
-        (snapshot_tokens(&s.store, &prefix) >= 16).then_some(())
+        (snapshot_tokens(&s.store_dir, &prefix) >= 16).then_some(())
     });
     a.signal("KILL");
     a.wait_exit(Duration::from_secs(10)).expect("worker-a dies");
-    let _b = s.worker("worker-b", &[]);
+    let _b = worker(&s, "worker-b", &[]);
     s.wait_committed(0, 1, Duration::from_secs(120));
     let mut text = String::new();
     let mut highest: Option<u32> = None;
     let mut seen: HashMap<u32, String> = HashMap::new();
     let mut repeated = 0;
     let mut last = None;
-    for reply in replies(&s.cluster, &s.replies) {
+    for reply in s.cluster.replies(&s.pipeline.replies) {
         match reply {
             Reply::Chunk(c) => {
                 assert!(last.is_none(), "a chunk after the final response");
@@ -468,7 +388,7 @@ fn a_high_priority_lane_overtakes_a_backlog() {
         rt.block_on(cluster.publish(&producer, &normal, &r.id, &serde_json::to_vec(r).expect("json")));
     }
     wait_for(Duration::from_secs(60), "the backlog to start", || {
-        (!responses(&cluster, &replies).is_empty()).then_some(())
+        (!cluster.responses(&replies).is_empty()).then_some(())
     });
     let urgent: Vec<Request> = (0..2)
         .map(|i| chat(&format!("high-{i}"), "Name a fruit.", 12))
@@ -477,7 +397,7 @@ fn a_high_priority_lane_overtakes_a_backlog() {
         rt.block_on(cluster.publish(&producer, &high, &r.id, &serde_json::to_vec(r).expect("json")));
     }
     wait_for(Duration::from_secs(120), "every answer", || {
-        (responses(&cluster, &replies).len() == 10).then_some(())
+        (cluster.responses(&replies).len() == 10).then_some(())
     });
     let order: Vec<String> = replies_in_order(&cluster, &replies);
     let position = |id: &str| order.iter().position(|x| x == id).expect("answered");
@@ -492,7 +412,8 @@ fn a_high_priority_lane_overtakes_a_backlog() {
 
 /// Request ids of the responses on a one-partition reply topic, in the order they were answered.
 fn replies_in_order(cluster: &Cluster, topic: &str) -> Vec<String> {
-    replies(cluster, topic)
+    cluster
+        .replies(topic)
         .into_iter()
         .filter_map(|r| match r {
             Reply::Response(r) => Some(r.id),
@@ -507,15 +428,15 @@ fn replies_in_order(cluster: &Cluster, topic: &str) -> Vec<String> {
 fn static_membership_serves_and_takes_its_partition_back() {
     let s = Setup::new(1);
     let first = chat(&unique("static"), "Say hello.", 4);
-    let mut a = s.worker("worker-a", &["--group-instance-id", "pod-a"]);
+    let mut a = worker(&s, "worker-a", &["--group-instance-id", "pod-a"]);
     s.publish(0, &first);
     s.wait_committed(0, 1, Duration::from_secs(60));
     a.signal("KILL");
     a.wait_exit(Duration::from_secs(10)).expect("dies");
     let second = chat(&unique("static"), "Name a colour.", 4);
     s.publish(0, &second);
-    let _a2 = s.worker("worker-a", &["--group-instance-id", "pod-a"]);
+    let _a2 = worker(&s, "worker-a", &["--group-instance-id", "pod-a"]);
     s.wait_committed(0, 2, Duration::from_secs(90));
-    let all = responses(&s.cluster, &s.replies);
+    let all = s.cluster.responses(&s.pipeline.replies);
     assert!(all.contains_key(&first.id) && all.contains_key(&second.id));
 }

@@ -3,7 +3,6 @@
 //! the remaining answers arrive while no caller runs, and a new caller with the same identity
 //! reports what is open, collects exactly what is left, and sends nothing again.
 
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{BufRead, BufReader};

@@ -5,17 +5,9 @@ mod support;
 use std::time::Duration;
 
 use ferry_schemas::{DeadLetter, ErrorCode, Reply, Request};
+use ferry_testkit::{block_on, unique, wait_for, Cluster, Pipeline, Setup};
 use ferry_worker::engine::Engine;
 use rdkafka::consumer::Consumer;
-use ferry_testkit::{unique, wait_for, Cluster};
-
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
-        .block_on(f)
-}
 
 fn parse_reply(bytes: &[u8]) -> Reply {
     serde_json::from_slice(bytes)
@@ -26,13 +18,10 @@ fn parse_reply(bytes: &[u8]) -> Reply {
 /// committed offset passes it only once the reply is in the reply topic.
 #[test]
 fn answers_through_kafka_and_commits_only_after_the_reply() {
-    let (requests, replies, group) = (unique("req"), unique("rep"), unique("group"));
-    let dlq = format!("{requests}.dlq");
-    let cluster = Cluster::start(&[&requests, &replies, &dlq]);
-    let worker = cluster.worker(
-        "worker-e2e",
-        &["--topic", &requests, "--reply-topic", &replies, "--group-id", &group],
-    );
+    let s = Setup::new(1);
+    let (cluster, p) = (&s.cluster, &s.pipeline);
+    let (requests, replies, group) = (&p.requests, &p.replies, &p.group);
+    let worker = s.worker("worker-e2e", p.args());
 
     let request: Request = serde_json::from_value(serde_json::json!({
         "id": "e2e-1",
@@ -92,22 +81,10 @@ fn answers_through_kafka_and_commits_only_after_the_reply() {
 /// are committed; and a valid request sent after them all is answered.
 #[test]
 fn bad_messages_are_dead_lettered_and_the_worker_keeps_serving() {
-    let (requests, replies, group) = (unique("req"), unique("rep"), unique("group"));
-    let dlq = format!("{requests}.dlq");
-    let cluster = Cluster::start(&[&requests, &replies, &dlq]);
-    let _worker = cluster.worker(
-        "worker-dlq",
-        &[
-            "--topic",
-            &requests,
-            "--reply-topic",
-            &replies,
-            "--group-id",
-            &group,
-            "--max-context",
-            "128",
-        ],
-    );
+    let s = Setup::new(1);
+    let (cluster, p) = (&s.cluster, &s.pipeline);
+    let (requests, replies, group, dlq) = (&p.requests, &p.replies, &p.group, &p.dlq);
+    let _worker = s.worker("worker-dlq", p.args().set("--max-context", "128"));
 
     let long_prompt = "word ".repeat(300);
     let missing_topic = unique("no-such-topic");
@@ -216,12 +193,10 @@ fn bad_messages_are_dead_lettered_and_the_worker_keeps_serving() {
 /// create: a dead letter it could not write later would otherwise stop its partition.
 #[test]
 fn a_missing_dead_letter_topic_is_a_clear_error_at_start_up() {
-    let (requests, replies, group) = (unique("req"), unique("rep"), unique("group"));
-    let cluster = Cluster::start(&[&requests, &replies]);
-    let mut worker = cluster.worker(
-        "worker-no-dlq",
-        &["--topic", &requests, "--reply-topic", &replies, "--group-id", &group],
-    );
+    let p = Pipeline::new();
+    let cluster = Cluster::start(&[&p.requests, &p.replies]);
+    let mut worker = cluster.start_worker("worker-no-dlq", p.args(), &[]);
+    let requests = &p.requests;
     let status = worker
         .wait_exit(Duration::from_secs(120))
         .expect("the worker stops by itself");

@@ -7,9 +7,9 @@ use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama;
 use ferry_schemas::{ChatMessage, FinishReason, Request, Role};
+use ferry_testkit::model::model_path;
 use ferry_worker::engine::{Engine, Sequence};
 use ferry_worker::model::{Kernels, LoadOptions, Model, ModelSource, SequenceCache, WeightFormat};
-use ferry_testkit::model::model_path;
 use support::{load, shared};
 
 fn chat_request(id: &str, content: &str, max_tokens: u32) -> Request {

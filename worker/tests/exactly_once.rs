@@ -14,15 +14,16 @@
 
 mod support;
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use ferry_schemas::{Reply, Request, Response};
+use ferry_testkit::read::responses;
+use ferry_testkit::requests::chat;
+use ferry_testkit::{unique, wait_for, BrokerChoice, ChildGuard, Cluster, Pipeline};
 use ferry_worker::engine::Engine;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-use ferry_testkit::{unique, wait_for, BrokerChoice, ChildGuard, Cluster};
-use ferry_testkit::requests::chat;
 
 const EXACTLY_ONCE: [&str; 2] = ["--delivery", "exactly-once"];
 
@@ -36,55 +37,30 @@ fn reference(r: &Request) -> String {
 
 struct Topics {
     cluster: Cluster,
-    requests: String,
-    replies: String,
-    dlq: String,
-    group: String,
+    pipeline: Pipeline,
 }
 
 impl Topics {
     fn new(partitions: i32) -> Self {
-        let (requests, replies, group) = (unique("eos-req"), unique("eos-rep"), unique("eos-group"));
-        let dlq = format!("{requests}.dlq");
-        let cluster = Cluster::start_with_partitions(&[&requests, &replies, &dlq], partitions);
-        Self {
-            cluster,
-            requests,
-            replies,
-            dlq,
-            group,
-        }
+        let pipeline = Pipeline::new();
+        let cluster = Cluster::start_with_partitions(&pipeline.topics(), partitions);
+        Self { cluster, pipeline }
     }
 
     fn worker(&self, name: &str, more: &[&str], env: &[(&str, &str)]) -> ChildGuard {
-        let mut args = vec![
-            "--topic",
-            &self.requests,
-            "--reply-topic",
-            &self.replies,
-            "--group-id",
-            &self.group,
-        ];
-        args.extend_from_slice(&EXACTLY_ONCE);
-        args.extend_from_slice(more);
-        self.cluster.worker_with_env(name, &args, env)
+        let args = self.pipeline.args().extra(&EXACTLY_ONCE).extra(more);
+        self.cluster.start_worker(name, args, env)
     }
 
     fn publish(&self, partition: i32, key: &str, payload: &[u8]) {
         let producer = self.cluster.producer();
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime")
-            .block_on(
-                self.cluster
-                    .publish_to(&producer, &self.requests, partition, key, payload),
-            );
+        let requests = &self.pipeline.requests;
+        ferry_testkit::block_on(self.cluster.publish_to(&producer, requests, partition, key, payload));
     }
 
     /// Waits for the group to commit `position`, failing at once if `worker` exits meanwhile.
     fn wait_committed(&self, partition: i32, position: i64, worker: &mut ChildGuard) {
-        let reader = self.cluster.reader(&self.group);
+        let reader = self.cluster.reader(&self.pipeline.group);
         wait_for(
             Duration::from_secs(240),
             &format!("partition {partition} committed to {position}"),
@@ -93,7 +69,7 @@ impl Topics {
                     panic!("{} exited ({status}):\n{}", worker.name, worker.log());
                 }
                 self.cluster
-                    .committed_in(&reader, &self.requests, partition)
+                    .committed_in(&reader, &self.pipeline.requests, partition)
                     .filter(|&c| c >= position)
             },
         );
@@ -138,16 +114,13 @@ impl Topics {
     }
 
     /// The final responses by request id, as a reader with `isolation` sees them.
-    fn responses(&self, isolation: &str, patience: Duration) -> HashMap<String, Vec<Response>> {
-        let mut out: HashMap<String, Vec<Response>> = HashMap::new();
-        for v in self.read(&self.replies, isolation, patience) {
-            match serde_json::from_slice::<Reply>(&v).expect("a reply") {
-                Reply::Response(r) => out.entry(r.id.clone()).or_default().push(r),
-                Reply::Error(e) => panic!("{} answered with an error: {:?}", e.id, e.error),
-                Reply::Chunk(_) => {}
-            }
-        }
-        out
+    fn responses(&self, isolation: &str, patience: Duration) -> BTreeMap<String, Vec<Response>> {
+        let replies = self.read(&self.pipeline.replies, isolation, patience);
+        responses(
+            replies
+                .iter()
+                .map(|v| serde_json::from_slice::<Reply>(v).expect("a reply")),
+        )
     }
 }
 
@@ -188,7 +161,7 @@ fn answers_dead_letters_and_offsets_commit_together() {
             r.id
         );
     }
-    let dead = t.read(&t.dlq, "read_committed", Duration::from_secs(60));
+    let dead = t.read(&t.pipeline.dlq, "read_committed", Duration::from_secs(60));
     assert_eq!(dead.len(), 2, "one dead letter per hostile message");
     // Nothing aborted along the way: a reader of uncommitted records sees the same.
     let all = t.responses("read_uncommitted", Duration::from_secs(60));

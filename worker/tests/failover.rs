@@ -7,10 +7,10 @@ mod support;
 use std::time::{Duration, Instant};
 
 use ferry_schemas::{Reply, Request};
+use ferry_testkit::{unique, wait_for, ChildGuard, Cluster, Pipeline, Setup};
 use ferry_worker::engine::Engine;
 use ferry_worker::snapshot::format::{request_prefix, Manifest};
 use rand::{Rng, SeedableRng};
-use ferry_testkit::{unique, wait_for, ChildGuard, Cluster};
 
 /// Generated tokens in the request's snapshot manifest, read straight from the file store.
 fn snapshot_tokens(dir: &std::path::Path, prefix: &str) -> usize {
@@ -23,26 +23,13 @@ fn snapshot_tokens(dir: &std::path::Path, prefix: &str) -> usize {
 #[test]
 fn generation_survives_evictions_and_crashes_token_for_token() {
     let mut rng = rand::rngs::StdRng::from_os_rng();
-    let (requests, replies, group) = (unique("req"), unique("rep"), unique("group"));
-    let dlq = format!("{requests}.dlq");
-    let cluster = Cluster::start(&[&requests, &replies, &dlq]);
-    let store_dir = cluster.dir.path().join("snapshots");
-    std::fs::create_dir_all(&store_dir).expect("store dir");
-    let store_url = format!("file://{}", store_dir.display());
-    let args = [
-        "--topic",
-        &requests,
-        "--reply-topic",
-        &replies,
-        "--group-id",
-        &group,
-        "--snapshot-store",
-        &store_url,
-        "--snapshot-every-tokens",
-        "8",
-        "--session-timeout",
-        "6s",
-    ];
+    let s = Setup::new(1);
+    let (cluster, store_dir) = (&s.cluster, &s.store_dir);
+    let (requests, replies, group) = (&s.pipeline.requests, &s.pipeline.replies, &s.pipeline.group);
+    let args = s
+        .args()
+        .set("--snapshot-every-tokens", "8")
+        .set("--session-timeout", "6s");
 
     let request: Request = serde_json::from_value(serde_json::json!({
         "id": unique("failover"),
@@ -63,26 +50,20 @@ fn generation_survives_evictions_and_crashes_token_for_token() {
         "the reference must run long enough to interrupt four times"
     );
     let prefix = request_prefix(
-        &requests,
+        requests,
         &request.id,
-        &replies,
+        replies,
         &serde_json::to_vec(&request).expect("json"),
     );
 
-    let producer = cluster.producer();
-    let payload = serde_json::to_vec(&request).expect("json");
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("rt")
-        .block_on(cluster.publish(&producer, &requests, &request.id, &payload));
+    s.publish(0, &request);
 
     // Interrupt the generation four times at random tokens, alternating eviction (SIGTERM)
     // and crash (SIGKILL), each time in a new worker process that resumed it.
     let mut seen = 0;
     let mut crashed_at = 0;
     for (round, sig) in ["TERM", "KILL", "TERM", "KILL"].into_iter().enumerate() {
-        let mut w = cluster.worker(&format!("worker-{round}"), &args);
+        let mut w = s.worker(&format!("worker-{round}"), args.clone());
         let k = rng.random_range(seen + 9..seen + 36);
         wait_for(
             Duration::from_secs(120),
@@ -109,13 +90,13 @@ fn generation_survives_evictions_and_crashes_token_for_token() {
         eprintln!("round {round}: SIG{sig} after {k}+ tokens; the snapshot holds {seen}");
     }
 
-    let _c: ChildGuard = cluster.worker("worker-last", &args);
-    let group_reader = cluster.reader(&group);
+    let _c: ChildGuard = s.worker("worker-last", args);
+    let group_reader = cluster.reader(group);
     wait_for(Duration::from_secs(120), "the answer to be committed", || {
-        cluster.committed(&group_reader, &requests).filter(|&c| c > 0)
+        cluster.committed(&group_reader, requests).filter(|&c| c > 0)
     });
     let answers: Vec<Reply> = cluster
-        .read_all(&replies)
+        .read_all(replies)
         .iter()
         .map(|(_, v, _)| serde_json::from_slice(v).expect("a reply"))
         .collect();
@@ -143,42 +124,25 @@ fn generation_survives_evictions_and_crashes_token_for_token() {
 
 /// Starts a worker whose snapshot store is unreachable (every write fails), publishes a long
 /// request, and returns once the worker is generating it.
-fn worker_with_a_dead_store(name: &str, drain_timeout: &str) -> (Cluster, ChildGuard, String, String) {
-    let (requests, replies, group) = (unique("req"), unique("rep"), unique("group"));
-    let dlq = format!("{requests}.dlq");
-    let cluster = Cluster::start(&[&requests, &replies, &dlq]);
-    let args = [
-        "--topic",
-        &requests,
-        "--reply-topic",
-        &replies,
-        "--group-id",
-        &group,
-        "--snapshot-store",
-        "redis://127.0.0.1:1",
-        "--drain-timeout",
-        drain_timeout,
-    ];
-    let worker = cluster.worker(name, &args);
+fn worker_with_a_dead_store(name: &str, drain_timeout: &str) -> (Setup, ChildGuard) {
+    let s = Setup::new(1);
+    let args = s.pipeline.args().set("--snapshot-store", "redis://127.0.0.1:1");
+    let worker = s.worker(name, args.set("--drain-timeout", drain_timeout));
     let payload = br#"{"id":"long","prompt":"Once upon a time","max_tokens":4000}"#;
-    let producer = cluster.producer();
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("rt")
-        .block_on(cluster.publish(&producer, &requests, "long", payload));
+    let producer = s.cluster.producer();
+    ferry_testkit::block_on(s.cluster.publish(&producer, &s.pipeline.requests, "long", payload));
     // The first snapshot point (16 tokens) fails: the worker is well into the generation.
     wait_for(Duration::from_secs(60), "a failed snapshot write", || {
         worker.log().contains("write failed").then_some(())
     });
-    (cluster, worker, requests, group)
+    (s, worker)
 }
 
 /// When the snapshot cannot be made durable, the drain deadline still ends the process (and
 /// the request stays uncommitted, to be redelivered).
 #[test]
 fn the_drain_deadline_bounds_the_exit() {
-    let (cluster, mut w, requests, group) = worker_with_a_dead_store("worker-deadline", "2s");
+    let (s, mut w) = worker_with_a_dead_store("worker-deadline", "2s");
     let t = Instant::now();
     w.signal("TERM");
     let status = w
@@ -188,17 +152,13 @@ fn the_drain_deadline_bounds_the_exit() {
     // A figure, not an assertion: the log line below is what proves the deadline ended it.
     eprintln!("exited {:?} after the signal (drain deadline 2 s)", t.elapsed());
     assert!(w.log().contains("drain deadline passed"), "{}", w.log());
-    assert_eq!(
-        cluster.committed(&cluster.reader(&group), &requests),
-        None,
-        "nothing may be committed"
-    );
+    assert_eq!(s.committed(0), None, "nothing may be committed");
 }
 
 /// A second signal ends the drain at once.
 #[test]
 fn a_second_signal_ends_the_drain() {
-    let (cluster, mut w, requests, group) = worker_with_a_dead_store("worker-twice", "20s");
+    let (s, mut w) = worker_with_a_dead_store("worker-twice", "20s");
     let t = Instant::now();
     w.signal("TERM");
     wait_for(Duration::from_secs(10), "the drain to start", || {
@@ -212,11 +172,7 @@ fn a_second_signal_ends_the_drain() {
     assert!(status.success(), "{status}");
     eprintln!("exited {:?} after the first signal", t.elapsed());
     assert!(w.log().contains("second signal"), "{}", w.log());
-    assert_eq!(
-        cluster.committed(&cluster.reader(&group), &requests),
-        None,
-        "nothing may be committed"
-    );
+    assert_eq!(s.committed(0), None, "nothing may be committed");
 }
 
 /// A worker that stops for a reason of its own (here: the broker gone for longer than
@@ -225,30 +181,15 @@ fn a_second_signal_ends_the_drain() {
 /// keeps losing its broker does not dead-letter innocent requests as `attempts_exhausted`.
 #[test]
 fn a_controlled_exit_closes_the_attempts_in_flight_as_suspended() {
-    let (requests, replies, group) = (unique("req"), unique("rep"), unique("group"));
-    let dlq = format!("{requests}.dlq");
-    let Some(mut cluster) = Cluster::start_dedicated(&[&requests, &replies, &dlq], 1) else {
+    let p = Pipeline::new();
+    let Some(mut cluster) = Cluster::start_dedicated(&p.topics(), 1) else {
         eprintln!("skipped: this test kills the broker, which it can do only to one it started");
         return;
     };
+    let args = p.args().set("--snapshot-store", cluster.snapshot_store());
+    let args = args.set("--publish-timeout", "2s").set("--max-in-flight", "2");
     let store = cluster.dir.path().join("snapshots");
-    std::fs::create_dir_all(&store).expect("store dir");
-    let store_url = format!("file://{}", store.display());
-    let args = [
-        "--topic",
-        &requests,
-        "--reply-topic",
-        &replies,
-        "--group-id",
-        &group,
-        "--snapshot-store",
-        &store_url,
-        "--publish-timeout",
-        "2s",
-        "--max-in-flight",
-        "2",
-    ];
-    let mut w = cluster.worker("worker-controlled", &args);
+    let mut w = cluster.start_worker("worker-controlled", args, &[]);
     let producer = cluster.producer();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -256,7 +197,7 @@ fn a_controlled_exit_closes_the_attempts_in_flight_as_suspended() {
         .expect("rt");
     for (id, n) in [("short", 48), ("long", 2000)] {
         let payload = format!(r#"{{"id":"{id}","prompt":"Once upon a time","max_tokens":{n}}}"#);
-        rt.block_on(cluster.publish(&producer, &requests, id, payload.as_bytes()));
+        rt.block_on(cluster.publish(&producer, &p.requests, id, payload.as_bytes()));
     }
     wait_for(Duration::from_secs(120), "both requests generating", || {
         (w.log().matches("generating").count() >= 2).then_some(())

@@ -8,7 +8,6 @@
 //! injected by the test-only `fault-injection` feature (`FERRY_FAULT_OOM_ON=<request id>`: the
 //! request's generations fail with the CUDA driver's out-of-memory error, as candle reports it).
 
-
 use std::time::Duration;
 
 use ferry_schemas::{AttemptOutcome, DeadLetter, ErrorCode, Reply};

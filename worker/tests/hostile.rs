@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use ferry_schemas::{DeadLetter, ErrorCode, Reply, Request};
+use ferry_testkit::{unique, wait_for, BrokerChoice, Cluster, Pipeline};
 use ferry_worker::engine::Engine;
 use rdkafka::consumer::Consumer;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -22,7 +23,6 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use ferry_testkit::{unique, wait_for, BrokerChoice, Cluster};
 
 /// The worker's record budget in this test: small, so that an answer can exceed it.
 const MAX_RECORD_BYTES: usize = 16_384;
@@ -65,37 +65,19 @@ fn hex(b: &[u8]) -> String {
 
 #[test]
 fn hostile_messages_are_dead_lettered_or_answered_and_the_worker_keeps_serving() {
-    let (requests, replies, other_replies, group) = (unique("req"), unique("rep"), unique("rep"), unique("group"));
-    let dlq = format!("{requests}.dlq");
-    let denied = unique("denied");
-    let journal = unique("journal");
+    let p = Pipeline::new();
+    let (requests, replies, group, dlq) = (p.requests.clone(), p.replies.clone(), p.group.clone(), p.dlq.clone());
+    let (other_replies, denied, journal) = (unique("rep"), unique("denied"), unique("journal"));
     let cluster = Cluster::start(&[&requests, &replies, &other_replies, &dlq, &denied, &journal]);
-    let store = cluster.dir.path().join("snapshots");
-    std::fs::create_dir_all(&store).expect("store dir");
-    let store_url = format!("file://{}", store.display());
-    let budget = MAX_RECORD_BYTES.to_string();
-    let mut worker = cluster.worker(
+    let args = p.args().set("--max-context", "256").set("--max-in-flight", "2");
+    let args = args.set("--max-record-bytes", MAX_RECORD_BYTES.to_string());
+    let args = args
+        .set("--reply-topic-allow", "re:rep-[0-9a-f]{32}")
+        .set("--journal-topic", &journal);
+    let mut worker = cluster.start_worker(
         "worker-hostile",
-        &[
-            "--topic",
-            &requests,
-            "--reply-topic",
-            &replies,
-            "--group-id",
-            &group,
-            "--max-context",
-            "256",
-            "--max-in-flight",
-            "2",
-            "--max-record-bytes",
-            &budget,
-            "--reply-topic-allow",
-            "re:rep-[0-9a-f]{32}",
-            "--journal-topic",
-            &journal,
-            "--snapshot-store",
-            &store_url,
-        ],
+        args.set("--snapshot-store", cluster.snapshot_store()),
+        &[],
     );
 
     let mut cases: Vec<Case> = Vec::new();

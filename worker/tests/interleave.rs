@@ -8,10 +8,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_schemas::FinishReason;
-use ferry_worker::engine::{Completion, Engine, EngineHandle, Job, Outcome, Prepared, ResumeFrom, Sequence, StreamChunk};
+use ferry_testkit::requests::chat;
+use ferry_worker::engine::{
+    Completion, Engine, EngineHandle, Job, Outcome, Prepared, ResumeFrom, Sequence, StreamChunk,
+};
 use ferry_worker::model::ModelError;
 use support::shared;
-use ferry_testkit::requests::chat;
 use tokio::sync::mpsc;
 
 fn finished(outcome: Result<Outcome, ModelError>) -> Completion {

@@ -6,12 +6,11 @@
 //! Kafka-protocol broker (or the cluster named by `FERRY_TEST_BOOTSTRAP_SERVERS`), so that the
 //! only thing between it and ready is the model check.
 
-
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ferry_testkit::http::{free_addr, get};
-use ferry_testkit::{bin, unique, ChildGuard, Cluster};
+use ferry_testkit::{bin, ChildGuard, Setup};
 
 const WRONG: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -21,26 +20,10 @@ fn real_sha256() -> String {
 
 #[test]
 fn a_worker_with_the_wrong_sha256_never_turns_ready_and_says_why() {
-    let (requests, replies, group) = (unique("req"), unique("rep"), unique("group"));
-    let dlq = format!("{requests}.dlq");
-    let cluster = Cluster::start(&[&requests, &replies, &dlq]);
+    let s = Setup::new(1);
     let addr = free_addr();
-    let addr_arg = addr.to_string();
-    let mut w = cluster.worker(
-        "worker-wrong-sha",
-        &[
-            "--topic",
-            &requests,
-            "--reply-topic",
-            &replies,
-            "--group-id",
-            &group,
-            "--http-addr",
-            &addr_arg,
-            "--model-sha256",
-            WRONG,
-        ],
-    );
+    let args = s.pipeline.args().set("--http-addr", addr.to_string());
+    let mut w = s.worker("worker-wrong-sha", args.set("--model-sha256", WRONG));
     // Ask /readyz until the process is gone: it must never say 200.
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut answers = Vec::new();

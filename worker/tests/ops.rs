@@ -6,7 +6,6 @@
 //! Every test runs a worker process against a Kafka-protocol broker in its own process (or the
 //! cluster named by `FERRY_TEST_BOOTSTRAP_SERVERS`), with its own topics, group and HTTP port.
 
-
 use std::net::SocketAddr;
 use std::time::Duration;
 

@@ -5,46 +5,30 @@
 //! The crash is real (the process aborts, as on a segfault or an OOM kill) and comes from fault
 //! injection compiled only into test builds (`--features fault-injection`).
 
-
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use ferry_schemas::{AttemptOutcome, DeadLetter, ErrorCode, Reply, Request};
-use ferry_testkit::{unique, ChildGuard, Cluster};
 use ferry_testkit::requests::chat;
+use ferry_testkit::{unique, ChildGuard, Setup};
 
 #[test]
 fn a_poison_request_is_dead_lettered_after_its_attempts_and_the_rest_is_served() {
-    let (requests, replies, group) = (unique("req"), unique("rep"), unique("group"));
-    let dlq = format!("{requests}.dlq");
-    let cluster = Cluster::start_with_partitions(&[&requests, &replies, &dlq], 2);
-    let store = cluster.dir.path().join("snapshots");
-    std::fs::create_dir_all(&store).expect("store dir");
-    let store_url = format!("file://{}", store.display());
+    let s = Setup::new(2);
+    let (cluster, requests, replies, dlq) = (&s.cluster, &s.pipeline.requests, &s.pipeline.replies, &s.pipeline.dlq);
     let poison = unique("poison");
-    let args = [
-        "--topic",
-        &requests,
-        "--reply-topic",
-        &replies,
-        "--group-id",
-        &group,
-        "--snapshot-store",
-        &store_url,
-        "--session-timeout",
-        "6s",
-        "--max-attempts",
-        "2",
-        "--max-in-flight",
-        "2",
-    ];
+    let args = s
+        .args()
+        .set("--session-timeout", "6s")
+        .set("--max-attempts", "2")
+        .set("--max-in-flight", "2");
     // Each answer waits a moment before it is published: a suspect that ran in that window
     // would crash the worker under an answered request and spend an attempt of it.
     let env = [
         ("FERRY_FAULT_CRASH_ON", poison.as_str()),
         ("FERRY_FAULT_SLOW_PUBLISH_MS", "400"),
     ];
-    let start = |name: &str| -> ChildGuard { cluster.worker_with_env(name, &args, &env) };
+    let start = |name: &str| -> ChildGuard { cluster.start_worker(name, args.clone(), &env) };
     let mut fleet: Vec<ChildGuard> = vec![start("worker-0"), start("worker-1")];
     let mut next = 2;
 

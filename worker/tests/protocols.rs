@@ -16,41 +16,27 @@
 
 mod support;
 
-use std::collections::HashMap;
-use std::path::PathBuf;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use ferry_schemas::{Reply, Request, Response};
+use ferry_schemas::{Request, Response};
+use ferry_testkit::{unique, wait_for, ChildGuard, Setup};
 use ferry_worker::engine::Engine;
 use ferry_worker::snapshot::format::{request_prefix, Manifest};
-use ferry_testkit::{unique, wait_for, ChildGuard, Cluster};
 
 /// Long enough that both requests are still generating when the fault comes.
 const MAX_TOKENS: u32 = 120;
 
 struct Fleet {
-    cluster: Cluster,
-    requests: String,
-    replies: String,
-    group: String,
-    store: PathBuf,
+    setup: Setup,
     /// Flags of every worker of the test, after the shared ones.
     extra: Vec<String>,
 }
 
 impl Fleet {
     fn new(extra: &[&str]) -> Self {
-        let (requests, replies, group) = (unique("req"), unique("rep"), unique("group"));
-        let dlq = format!("{requests}.dlq");
-        let cluster = Cluster::start_with_partitions(&[&requests, &replies, &dlq], 2);
-        let store = cluster.dir.path().join("snapshots");
-        std::fs::create_dir_all(&store).expect("store dir");
         Self {
-            cluster,
-            requests,
-            replies,
-            group,
-            store,
+            setup: Setup::new(2),
             extra: extra.iter().map(|s| s.to_string()).collect(),
         }
     }
@@ -61,74 +47,30 @@ impl Fleet {
 
     /// [`Fleet::worker`] with extra environment variables (fault injection).
     fn worker_with_env(&self, name: &str, more: &[&str], env: &[(&str, &str)]) -> ChildGuard {
-        let store = format!("file://{}", self.store.display());
-        let mut args = vec![
-            "--topic",
-            &self.requests,
-            "--reply-topic",
-            &self.replies,
-            "--group-id",
-            &self.group,
-            "--snapshot-store",
-            &store,
-            "--snapshot-every-tokens",
-            "8",
-            "--max-in-flight",
-            "1",
-        ];
-        args.extend(self.extra.iter().map(String::as_str));
-        args.extend_from_slice(more);
-        self.cluster.worker_with_env(name, &args, env)
-    }
-
-    fn publish(&self, partition: i32, r: &Request) {
-        let producer = self.cluster.producer();
-        let payload = serde_json::to_vec(r).expect("json");
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime")
-            .block_on(
-                self.cluster
-                    .publish_to(&producer, &self.requests, partition, &r.id, &payload),
-            );
+        let args = self
+            .setup
+            .args()
+            .set("--snapshot-every-tokens", "8")
+            .set("--max-in-flight", "1");
+        self.setup
+            .cluster
+            .start_worker(name, args.extra(&self.extra).extra(more), env)
     }
 
     /// The request's snapshot manifest: its generated tokens and the worker that wrote it.
     fn manifest(&self, r: &Request) -> Option<(usize, String)> {
-        let prefix = request_prefix(
-            &self.requests,
-            &r.id,
-            &self.replies,
-            &serde_json::to_vec(r).expect("json"),
-        );
-        let bytes = std::fs::read(self.store.join(prefix).join("manifest")).ok()?;
+        let p = &self.setup.pipeline;
+        let prefix = request_prefix(&p.requests, &r.id, &p.replies, &serde_json::to_vec(r).expect("json"));
+        let bytes = std::fs::read(self.setup.store_dir.join(prefix).join("manifest")).ok()?;
         Manifest::peek(&bytes).ok().map(|m| (m.tokens.len(), m.worker))
     }
 
     fn wait_committed(&self, partition: i32, position: i64) {
-        let reader = self.cluster.reader(&self.group);
-        wait_for(
-            Duration::from_secs(240),
-            &format!("partition {partition} committed to {position}"),
-            || {
-                self.cluster
-                    .committed_in(&reader, &self.requests, partition)
-                    .filter(|&c| c >= position)
-            },
-        );
+        self.setup.wait_committed(partition, position, Duration::from_secs(240));
     }
 
-    fn responses(&self) -> HashMap<String, Vec<Response>> {
-        let mut out: HashMap<String, Vec<Response>> = HashMap::new();
-        for (_, _, v, _) in self.cluster.read_all_partitions(&self.replies) {
-            match serde_json::from_slice::<Reply>(&v).expect("a reply") {
-                Reply::Response(r) => out.entry(r.id.clone()).or_default().push(r),
-                Reply::Error(e) => panic!("{} answered with an error: {:?}", e.id, e.error),
-                Reply::Chunk(_) => {}
-            }
-        }
-        out
+    fn responses(&self) -> BTreeMap<String, Vec<Response>> {
+        self.setup.cluster.responses(&self.setup.pipeline.replies)
     }
 }
 
@@ -195,7 +137,7 @@ fn evict_mid_generation(extra: &[&str], takeover: Takeover) {
             || {
                 w.log()
                     .lines()
-                    .any(|l| l.contains("partitions assigned") && l.contains(&fleet.requests))
+                    .any(|l| l.contains("partitions assigned") && l.contains(&fleet.setup.pipeline.requests))
                     .then_some(())
             },
         );
@@ -203,7 +145,7 @@ fn evict_mid_generation(extra: &[&str], takeover: Takeover) {
     }
     let requests: Vec<Request> = PROMPTS.iter().map(|p| chat(&unique("proto"), p)).collect();
     for (p, r) in requests.iter().enumerate() {
-        fleet.publish(p as i32, r);
+        fleet.setup.publish(p as i32, r);
     }
     // Both generating, one on each worker: the group has settled with a partition each.
     let holders = wait_for(Duration::from_secs(180), "both requests generating", || {
@@ -297,11 +239,11 @@ fn the_consumer_protocol_survives_a_stall_past_max_poll_interval() {
         "--revoke-timeout",
         "2s",
     ]);
-    let stall = fleet.cluster.dir.path().join("stall");
+    let stall = fleet.setup.cluster.dir.path().join("stall");
     let stall_env = stall.display().to_string();
     let mut w = fleet.worker_with_env("worker-a", &[], &[("FERRY_FAULT_STALL_POLL_FILE", &stall_env)]);
     let first = chat(&unique("stall"), "Say hello.");
-    fleet.publish(0, &first);
+    fleet.setup.publish(0, &first);
     fleet.wait_committed(0, 1);
     std::fs::write(&stall, b"").expect("stall file");
     wait_for(Duration::from_secs(30), "the consumer loop to stall", || {
@@ -313,7 +255,7 @@ fn the_consumer_protocol_survives_a_stall_past_max_poll_interval() {
     std::thread::sleep(Duration::from_secs(6));
     std::fs::remove_file(&stall).expect("stall file removed");
     let second = chat(&unique("stall"), "Name a colour.");
-    fleet.publish(0, &second);
+    fleet.setup.publish(0, &second);
     fleet.wait_committed(0, 2);
     assert!(
         w.wait_exit(Duration::ZERO).is_none(),

@@ -4,15 +4,14 @@
 //! Every case runs once per backend, with a server and a random key prefix of its own, so cases
 //! never see each other's keys.
 
-
 use std::any::Any;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use ferry_testkit::services::{RedisServer, S3Server};
 use ferry_worker::snapshot::store::{open, open_with_options, SnapshotStore, StoreError};
 use rand::{RngCore, SeedableRng};
-use ferry_testkit::services::{RedisServer, S3Server};
 
 /// A TTL long enough that no key expires during a test that is not about expiry.
 const LONG_TTL: Duration = Duration::from_secs(3600);

@@ -19,11 +19,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use ferry_schemas::{Reply, Request};
+use ferry_testkit::services::RedisServer;
+use ferry_testkit::{unique, wait_for, ChildGuard, Cluster, Pipeline};
 use ferry_worker::engine::Engine;
 use ferry_worker::snapshot::format::request_prefix;
 use rdkafka::consumer::Consumer;
-use ferry_testkit::{unique, wait_for, ChildGuard, Cluster};
-use ferry_testkit::services::RedisServer;
 
 /// How long the test waits for an answer before it fails: generous, for a loaded 2-core machine
 /// with every store call timing out on the way.
@@ -65,44 +65,22 @@ fn reference(id: &str, prompt: &str, max_tokens: u32) -> (Request, String) {
 /// A broker with the test's topics, and the worker arguments that use them.
 struct Setup {
     cluster: Cluster,
-    requests: String,
-    replies: String,
-    group: String,
+    pipeline: Pipeline,
 }
 
 impl Setup {
     fn start() -> Self {
-        let (requests, replies, group) = (unique("req"), unique("rep"), unique("group"));
-        let dlq = format!("{requests}.dlq");
-        let cluster = Cluster::start(&[&requests, &replies, &dlq]);
-        Self {
-            cluster,
-            requests,
-            replies,
-            group,
-        }
+        let pipeline = Pipeline::new();
+        let cluster = Cluster::start(&pipeline.topics());
+        Self { cluster, pipeline }
     }
 
     /// A worker whose snapshot store is `store`, snapshotting every 4 tokens, with no HTTP
     /// endpoints unless `extra` names an `--http-addr`.
     fn worker(&self, name: &str, store: &str, extra: &[&str]) -> ChildGuard {
-        let mut args = vec![
-            "--topic",
-            &self.requests,
-            "--reply-topic",
-            &self.replies,
-            "--group-id",
-            &self.group,
-            "--snapshot-store",
-            store,
-            "--snapshot-every-tokens",
-            "4",
-        ];
-        if !extra.contains(&"--http-addr") {
-            args.extend(["--http-addr", "off"]);
-        }
-        args.extend_from_slice(extra);
-        self.cluster.worker(name, &args)
+        let args = self.pipeline.args().set("--snapshot-store", store);
+        let args = args.set("--snapshot-every-tokens", "4").set("--http-addr", "off");
+        self.cluster.start_worker(name, args.extra(extra), &[])
     }
 
     fn publish(&self, requests: &[&Request]) {
@@ -110,7 +88,9 @@ impl Setup {
         rt().block_on(async {
             for r in requests {
                 let payload = serde_json::to_vec(r).expect("json");
-                self.cluster.publish(&producer, &self.requests, &r.id, &payload).await;
+                self.cluster
+                    .publish(&producer, &self.pipeline.requests, &r.id, &payload)
+                    .await;
             }
         });
     }
@@ -122,7 +102,7 @@ impl Setup {
         let deadline = Instant::now() + ANSWER_WAIT;
         loop {
             let (_, high) = reader
-                .fetch_watermarks(&self.replies, 0, Duration::from_secs(10))
+                .fetch_watermarks(&self.pipeline.replies, 0, Duration::from_secs(10))
                 .expect("watermarks");
             if high as usize >= n {
                 break;
@@ -136,7 +116,7 @@ impl Setup {
             thread::sleep(Duration::from_millis(500));
         }
         let mut texts: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for (_, value, _) in self.cluster.read_all(&self.replies) {
+        for (_, value, _) in self.cluster.read_all(&self.pipeline.replies) {
             match serde_json::from_slice::<Reply>(&value).expect("a reply") {
                 Reply::Response(r) => texts.entry(r.id).or_default().push(r.text),
                 other => panic!("not a response: {other:?}"),
@@ -417,7 +397,8 @@ fn a_store_that_never_answers_neither_stops_answers_nor_the_drain() {
     );
     assert!(log.contains("left the consumer group"), "{log}");
     assert_eq!(
-        s.cluster.committed(&s.cluster.reader(&s.group), &s.requests),
+        s.cluster
+            .committed(&s.cluster.reader(&s.pipeline.group), &s.pipeline.requests),
         Some(3),
         "the answered requests are committed, the suspended one is not"
     );
@@ -476,7 +457,10 @@ fn a_store_that_disappears_mid_generation_and_comes_back() {
     // bytes `Setup::publish` sends.
     let manifest = |r: &Request| {
         let payload = serde_json::to_vec(r).expect("json");
-        format!("{}manifest", request_prefix(&s.requests, &r.id, &s.replies, &payload))
+        format!(
+            "{}manifest",
+            request_prefix(&s.pipeline.requests, &r.id, &s.pipeline.replies, &payload)
+        )
     };
     wait_for(Duration::from_secs(120), "the first snapshot of the generation", || {
         redis_has(redis.port, &manifest(&cut.0)).then_some(())

@@ -161,3 +161,40 @@ pub fn write_bootstrap_file(dir: &Path, servers: &str) -> anyhow::Result<PathBuf
     ferry::bootstrap::write_atomically(&path, servers)?;
     Ok(path)
 }
+
+/// A stand-in worker: answers every request on `request_topic` with the replies `answer` gives
+/// for it, in order, on the request's `reply_to`, keyed by its id. Aborted on drop.
+pub struct Responder(tokio::task::JoinHandle<anyhow::Result<()>>);
+
+impl Responder {
+    pub fn start(
+        bootstrap_servers: &str,
+        request_topic: &str,
+        answer: impl Fn(&ferry_schemas::Request) -> Vec<serde_json::Value> + Send + 'static,
+    ) -> anyhow::Result<Self> {
+        let consumer = consumer_from_beginning(bootstrap_servers, request_topic)?;
+        let producer: rdkafka::producer::FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap_servers)
+            .create()?;
+        Ok(Responder(tokio::spawn(async move {
+            loop {
+                let message = consumer.recv().await?;
+                let request: ferry_schemas::Request = serde_json::from_slice(message.payload().unwrap_or_default())?;
+                let topic = request.reply_to.clone().context("requests here name reply_to")?;
+                for reply in answer(&request) {
+                    let payload = serde_json::to_vec(&reply)?;
+                    let record = rdkafka::producer::FutureRecord::to(&topic)
+                        .key(&request.id)
+                        .payload(&payload);
+                    producer.send(record, PATIENCE).await.map_err(|(e, _)| e)?;
+                }
+            }
+        })))
+    }
+}
+
+impl Drop for Responder {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

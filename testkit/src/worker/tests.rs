@@ -18,7 +18,9 @@ fn the_callers_flags_replace_the_harness_flags_in_either_spelling() {
 
 #[test]
 fn a_flag_that_only_starts_like_another_does_not_replace_it() {
-    let args = WorkerArgs::new().set("--snapshot-store", "file:///a").extra(&["--snapshot-store-timeout", "5s"]);
+    let args = WorkerArgs::new()
+        .set("--snapshot-store", "file:///a")
+        .extra(&["--snapshot-store-timeout", "5s"]);
     assert!(!args.overrides("--snapshot-store"));
     assert_eq!(args.build()[..2], ["--snapshot-store", "file:///a"]);
 }
@@ -30,6 +32,13 @@ fn a_pipeline_names_its_dead_letters_after_its_requests() {
     assert_ne!(p.group, Pipeline::new().group);
     assert_eq!(
         p.args().build(),
-        ["--topic", &p.requests, "--reply-topic", &p.replies, "--group-id", &p.group]
+        [
+            "--topic",
+            &p.requests,
+            "--reply-topic",
+            &p.replies,
+            "--group-id",
+            &p.group
+        ]
     );
 }

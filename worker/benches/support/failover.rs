@@ -13,7 +13,7 @@ use serde_json::json;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use ferry_testkit::{unique, ChildGuard, Cluster};
+use ferry_testkit::{unique, ChildGuard, Cluster, Pipeline, WorkerArgs};
 
 /// The workers snapshot this often, so a SIGKILL recomputes at most this many tokens.
 pub const SNAPSHOT_EVERY_TOKENS: usize = 16;
@@ -151,10 +151,8 @@ fn poll_until<T>(
 pub struct Rig {
     cluster: Cluster,
     store_dir: PathBuf,
-    requests: String,
-    replies: String,
-    group: String,
-    args: Vec<String>,
+    pipeline: Pipeline,
+    args: WorkerArgs,
     pub workers: Vec<ChildGuard>,
     rt: tokio::runtime::Runtime,
     producer: rdkafka::producer::FutureProducer,
@@ -170,46 +168,29 @@ impl Rig {
             "{} is missing: run `cargo build --release -p ferry -p ferry-worker` first",
             broker_bin.display()
         );
-        let (requests, replies, group) = (unique("bench-req"), unique("bench-rep"), unique("bench-group"));
-        let dlq = format!("{requests}.dlq");
-        let topics = [requests.as_str(), replies.as_str(), dlq.as_str()];
+        let pipeline = Pipeline::new();
         let cluster = if mock {
-            Cluster::start_mock(&topics, 1)
+            Cluster::start_mock(&pipeline.topics(), 1)
         } else {
-            Cluster::start(&topics)
+            Cluster::start(&pipeline.topics())
         };
+        let store = cluster.snapshot_store();
         let store_dir = cluster.dir.path().join("snapshots");
-        std::fs::create_dir_all(&store_dir)?;
-        let args = [
-            "--topic",
-            &requests,
-            "--reply-topic",
-            &replies,
-            "--group-id",
-            &group,
-            "--snapshot-store",
-            &format!("file://{}", store_dir.display()),
-            "--snapshot-every-tokens",
-            &SNAPSHOT_EVERY_TOKENS.to_string(),
-            "--session-timeout",
-            SESSION_TIMEOUT,
-            // librdkafka's group log, to see when the group has settled and when a
-            // survivor is handed the partition.
-            "--kafka-property",
-            "debug=cgrp",
-            "--log",
-            "info,librdkafka=debug",
-        ]
-        .map(String::from)
-        .to_vec();
+        let args = pipeline.args().set("--snapshot-store", store);
+        let args = args
+            .set("--snapshot-every-tokens", SNAPSHOT_EVERY_TOKENS.to_string())
+            .set("--session-timeout", SESSION_TIMEOUT);
+        // librdkafka's group log, to see when the group has settled and when a survivor is
+        // handed the partition.
+        let args = args
+            .set("--kafka-property", "debug=cgrp")
+            .set("--log", "info,librdkafka=debug");
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let producer = cluster.producer();
         let mut rig = Self {
             cluster,
             store_dir,
-            requests,
-            replies,
-            group,
+            pipeline,
             args,
             workers: Vec::new(),
             rt,
@@ -223,8 +204,8 @@ impl Rig {
     /// Starts a worker and waits until the group, with it, is settled: a request published
     /// before that could be reassigned mid-generation by the join.
     pub fn add_worker(&mut self, name: &str) -> anyhow::Result<()> {
-        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        self.workers.push(self.cluster.worker(name, &args));
+        self.workers
+            .push(self.cluster.start_worker(name, self.args.clone(), &[]));
         let workers = &self.workers;
         poll_until(
             Duration::from_secs(120),
@@ -261,10 +242,11 @@ impl Rig {
     pub fn publish(&self, label: &str) -> anyhow::Result<(String, i64, Watch)> {
         let id = unique(label);
         let payload = serde_json::to_vec(&count_request(&id, FAILOVER_MAX_TOKENS)?)?;
-        let offset = self
-            .rt
-            .block_on(self.cluster.publish(&self.producer, &self.requests, &id, &payload));
-        let prefix = request_prefix(&self.requests, &id, &self.replies, &payload);
+        let offset = self.rt.block_on(
+            self.cluster
+                .publish(&self.producer, &self.pipeline.requests, &id, &payload),
+        );
+        let prefix = request_prefix(&self.pipeline.requests, &id, &self.pipeline.replies, &payload);
         Ok((id, offset, Watch::new(self.store_dir.join(prefix).join("manifest"))))
     }
 
@@ -277,17 +259,21 @@ impl Rig {
 
     /// Waits until the request at `offset` is committed and returns its answer.
     pub fn answer(&self, id: &str, offset: i64) -> anyhow::Result<ferry_schemas::Response> {
-        let reader = self.cluster.reader(&self.group);
+        let reader = self.cluster.reader(&self.pipeline.group);
         poll_until(
             Duration::from_secs(180),
             Duration::from_millis(200),
             "the answer to be committed",
-            || self.cluster.committed(&reader, &self.requests).filter(|&c| c > offset),
+            || {
+                self.cluster
+                    .committed(&reader, &self.pipeline.requests)
+                    .filter(|&c| c > offset)
+            },
         )
         .with_context(|| self.log_tails())?;
         let answers: Vec<Reply> = self
             .cluster
-            .read_all(&self.replies)
+            .read_all(&self.pipeline.replies)
             .iter()
             .filter_map(|(_, v, _)| serde_json::from_slice(v).ok())
             .collect();

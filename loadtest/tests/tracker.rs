@@ -155,7 +155,7 @@ impl FakeWorker {
                 .expect("partition");
         }
         consumer.assign(&tpl).expect("assign");
-        let producer = producer(&cluster);
+        let producer = producer(cluster);
         let (stop, max_pending) = (Arc::new(AtomicBool::new(false)), Arc::new(Mutex::new(0)));
         let thread = {
             let (stop, max_pending) = (stop.clone(), max_pending.clone());

@@ -140,7 +140,7 @@ fn fleet_tokens_per_s(requests: &[ferry_schemas::Request], threads: usize) -> an
     let producer = cluster.producer();
     let reader: BaseConsumer = cluster.reader(&unique("tput-reader"));
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(&replies, 0, Offset::Beginning)?;
+    tpl.add_partition_offset(replies, 0, Offset::Beginning)?;
     reader.assign(&tpl)?;
     let wait_for = |ids: &HashSet<String>| -> anyhow::Result<usize> {
         let mut left = ids.clone();
@@ -165,11 +165,11 @@ fn fleet_tokens_per_s(requests: &[ferry_schemas::Request], threads: usize) -> an
         Ok(tokens)
     };
     let warm = failover::count_request(&unique("tput-warm"), 8)?;
-    rt.block_on(cluster.publish(&producer, &topic, &warm.id, &serde_json::to_vec(&warm)?));
+    rt.block_on(cluster.publish(&producer, topic, &warm.id, &serde_json::to_vec(&warm)?));
     wait_for(&HashSet::from([warm.id.clone()]))?;
     let started = Instant::now();
     for r in requests {
-        rt.block_on(cluster.publish(&producer, &topic, &r.id, &serde_json::to_vec(r)?));
+        rt.block_on(cluster.publish(&producer, topic, &r.id, &serde_json::to_vec(r)?));
     }
     let ids: HashSet<String> = requests.iter().map(|r| r.id.clone()).collect();
     let tokens = wait_for(&ids)?;

@@ -66,11 +66,11 @@ fn requests_beyond_the_kv_budget_wait_and_are_all_answered() {
     // starts the four requests together (--max-in-flight 4).
     let producer = cluster.producer();
     for r in &requests {
-        block_on(cluster.publish(&producer, &topic, &r.id, &serde_json::to_vec(r).expect("json")));
+        block_on(cluster.publish(&producer, topic, &r.id, &serde_json::to_vec(r).expect("json")));
     }
     // Could never fit: its max_tokens alone is several budgets.
     let huge = chat("kv-huge", "Tell me a very long story.", 4 * largest as u32);
-    block_on(cluster.publish(&producer, &topic, &huge.id, &serde_json::to_vec(&huge).expect("json")));
+    block_on(cluster.publish(&producer, topic, &huge.id, &serde_json::to_vec(&huge).expect("json")));
 
     let addr = free_addr();
     let args = s
@@ -83,7 +83,7 @@ fn requests_beyond_the_kv_budget_wait_and_are_all_answered() {
 
     let answers = wait_for(Duration::from_secs(300), "four answers and one error", || {
         let replies: Vec<Reply> = cluster
-            .read_all(&replies)
+            .read_all(replies)
             .iter()
             .map(|(_, v, _)| serde_json::from_slice(v).expect("a reply"))
             .collect();
@@ -114,7 +114,7 @@ fn requests_beyond_the_kv_budget_wait_and_are_all_answered() {
         refused.error.message
     );
     let dead: Vec<DeadLetter> = cluster
-        .read_all(&dlq)
+        .read_all(dlq)
         .iter()
         .map(|(_, v, _)| serde_json::from_slice(v).expect("a dead-letter record"))
         .collect();

@@ -197,7 +197,7 @@ fn a_churning_fleet_loses_no_request_and_never_answers_one_two_ways() {
         .iter()
         .map(|r| {
             (
-                request_prefix(&requests, &r.id, &replies, &serde_json::to_vec(r).expect("json")),
+                request_prefix(requests, &r.id, replies, &serde_json::to_vec(r).expect("json")),
                 r.id.clone(),
             )
         })
@@ -228,7 +228,7 @@ fn a_churning_fleet_loses_no_request_and_never_answers_one_two_ways() {
             let producer = cluster.producer();
             for r in &batch {
                 let payload = serde_json::to_vec(r).expect("json");
-                rt.block_on(cluster.publish(&producer, &requests, &r.id, &payload));
+                rt.block_on(cluster.publish(&producer, requests, &r.id, &payload));
                 std::thread::sleep(PACE);
             }
         });
@@ -236,14 +236,14 @@ fn a_churning_fleet_loses_no_request_and_never_answers_one_two_ways() {
         // A third worker joins once the first two are at work.
         wait_for(Duration::from_secs(90), "a first generation", || {
             fleet.check_alive();
-            fleet.busy(&store, &prefixes, 1)
+            fleet.busy(store, &prefixes, 1)
         });
         fleet.join("worker-c");
 
         // One worker is evicted mid-generation, and a replacement joins.
         let (victim, id, tokens) = wait_for(Duration::from_secs(90), "a generation to evict", || {
             fleet.check_alive();
-            fleet.busy(&store, &prefixes, SNAPSHOT_EVERY)
+            fleet.busy(store, &prefixes, SNAPSHOT_EVERY)
         });
         eprintln!("evicting {victim}, generating {id} ({tokens} tokens in its snapshot)");
         fleet.evict(&victim);
@@ -252,7 +252,7 @@ fn a_churning_fleet_loses_no_request_and_never_answers_one_two_ways() {
         // Another crashes mid-generation, and a replacement joins.
         let (victim, id, tokens) = wait_for(Duration::from_secs(90), "a generation to crash", || {
             fleet.check_alive();
-            fleet.busy(&store, &prefixes, SNAPSHOT_EVERY)
+            fleet.busy(store, &prefixes, SNAPSHOT_EVERY)
         });
         eprintln!("killing {victim}, generating {id} ({tokens} tokens in its snapshot)");
         fleet.kill(&victim);
@@ -263,14 +263,14 @@ fn a_churning_fleet_loses_no_request_and_never_answers_one_two_ways() {
 
     // Every request is answered and committed, on every partition. On a timeout the committed
     // offsets say which partitions were left behind.
-    let reader = cluster.reader(&group);
-    let highs = cluster.high_watermarks(&reader, &requests);
+    let reader = cluster.reader(group);
+    let highs = cluster.high_watermarks(&reader, requests);
     assert_eq!(highs.iter().sum::<i64>(), REQUESTS as i64, "published {highs:?}");
     let deadline = Instant::now() + Duration::from_secs(150);
     loop {
         fleet.check_alive();
         let committed: Vec<Option<i64>> = (0..highs.len() as i32)
-            .map(|p| cluster.committed_in(&reader, &requests, p))
+            .map(|p| cluster.committed_in(&reader, requests, p))
             .collect();
         if highs
             .iter()
@@ -289,10 +289,10 @@ fn a_churning_fleet_loses_no_request_and_never_answers_one_two_ways() {
     // read, and the last drains are checked too.
     fleet.stop_all();
 
-    let dead = cluster.read_all_partitions(&dlq);
+    let dead = cluster.read_all_partitions(dlq);
     assert!(dead.is_empty(), "requests were dead-lettered: {dead:?}");
     let mut answers: BTreeMap<String, Vec<Response>> = BTreeMap::new();
-    for (_, key, body, _) in cluster.read_all_partitions(&replies) {
+    for (_, key, body, _) in cluster.read_all_partitions(replies) {
         let reply: Reply = serde_json::from_slice(&body).unwrap_or_else(|e| panic!("not a reply ({e}): {key}"));
         match reply {
             Reply::Response(r) => answers.entry(r.id.clone()).or_default().push(r),

@@ -39,20 +39,20 @@ fn answers_through_kafka_and_commits_only_after_the_reply() {
 
     let producer = cluster.producer();
     let payload = serde_json::to_vec(&request).expect("json");
-    let offset = block_on(cluster.publish(&producer, &requests, &request.id, &payload));
+    let offset = block_on(cluster.publish(&producer, requests, &request.id, &payload));
 
     // Watch the group's committed offset. Each time it is read, the reply topic's end is read
     // right after: once the commit has passed the request, the reply must already be below that
     // end, or the worker committed before the reply existed.
-    let group_reader = cluster.reader(&group);
+    let group_reader = cluster.reader(group);
     let reply_end = wait_for(Duration::from_secs(180), "the commit past the request", || {
-        let committed = cluster.committed(&group_reader, &requests)?;
+        let committed = cluster.committed(&group_reader, requests)?;
         let (_, high) = group_reader
-            .fetch_watermarks(&replies, 0, Duration::from_secs(10))
+            .fetch_watermarks(replies, 0, Duration::from_secs(10))
             .ok()?;
         (committed > offset).then_some(high)
     });
-    let all = cluster.read_all(&replies);
+    let all = cluster.read_all(replies);
     let (_, body, reply_offset) = all
         .iter()
         .find(|(k, _, _)| k == &request.id)
@@ -121,18 +121,18 @@ fn bad_messages_are_dead_lettered_and_the_worker_keeps_serving() {
     let producer = cluster.producer();
     let mut offsets = Vec::new();
     for (key, payload, _) in &bad {
-        offsets.push(block_on(cluster.publish(&producer, &requests, key, payload)));
+        offsets.push(block_on(cluster.publish(&producer, requests, key, payload)));
     }
     let good = br#"{"id":"good","prompt":"The quick brown fox","max_tokens":8}"#;
-    let good_offset = block_on(cluster.publish(&producer, &requests, "good", good));
+    let good_offset = block_on(cluster.publish(&producer, requests, "good", good));
 
-    let group_reader = cluster.reader(&group);
+    let group_reader = cluster.reader(group);
     wait_for(Duration::from_secs(180), "every message to be committed", || {
-        cluster.committed(&group_reader, &requests).filter(|&c| c > good_offset)
+        cluster.committed(&group_reader, requests).filter(|&c| c > good_offset)
     });
 
     let mut dead: Vec<DeadLetter> = cluster
-        .read_all(&dlq)
+        .read_all(dlq)
         .iter()
         .map(|(_, v, _)| serde_json::from_slice(v).expect("a dead-letter record"))
         .collect();
@@ -156,7 +156,7 @@ fn bad_messages_are_dead_lettered_and_the_worker_keeps_serving() {
     }
 
     let replies: Vec<Reply> = cluster
-        .read_all(&replies)
+        .read_all(replies)
         .iter()
         .map(|(_, v, _)| parse_reply(v))
         .collect();

@@ -68,7 +68,7 @@ fn generation_survives_evictions_and_crashes_token_for_token() {
         wait_for(
             Duration::from_secs(120),
             "a snapshot past the interruption point",
-            || (snapshot_tokens(&store_dir, &prefix) >= k).then_some(()),
+            || (snapshot_tokens(store_dir, &prefix) >= k).then_some(()),
         );
         w.signal(sig);
         if sig == "TERM" {
@@ -76,7 +76,7 @@ fn generation_survives_evictions_and_crashes_token_for_token() {
                 .wait_exit(Duration::from_secs(20))
                 .expect("a drained worker exits within the drain timeout");
             assert!(status.success(), "drained worker exit status {status}");
-            let drained_at = snapshot_tokens(&store_dir, &prefix);
+            let drained_at = snapshot_tokens(store_dir, &prefix);
             assert!(
                 drained_at >= k,
                 "the drain snapshot holds {drained_at} tokens, fewer than the {k} seen before it"
@@ -84,7 +84,7 @@ fn generation_survives_evictions_and_crashes_token_for_token() {
             seen = drained_at;
         } else {
             w.wait_exit(Duration::from_secs(5)).expect("a killed worker is gone");
-            crashed_at = snapshot_tokens(&store_dir, &prefix);
+            crashed_at = snapshot_tokens(store_dir, &prefix);
             seen = crashed_at;
         }
         eprintln!("round {round}: SIG{sig} after {k}+ tokens; the snapshot holds {seen}");

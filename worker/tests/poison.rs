@@ -45,7 +45,7 @@ fn a_poison_request_is_dead_lettered_after_its_attempts_and_the_rest_is_served()
         if i == 2 {
             rt.block_on(cluster.publish_to(
                 &producer,
-                &requests,
+                requests,
                 0,
                 &bad.id,
                 &serde_json::to_vec(&bad).expect("json"),
@@ -53,7 +53,7 @@ fn a_poison_request_is_dead_lettered_after_its_attempts_and_the_rest_is_served()
         }
         rt.block_on(cluster.publish_to(
             &producer,
-            &requests,
+            requests,
             (i % 2) as i32,
             &r.id,
             &serde_json::to_vec(r).expect("json"),
@@ -79,9 +79,9 @@ fn a_poison_request_is_dead_lettered_after_its_attempts_and_the_rest_is_served()
                 next += 1;
             }
         }
-        let dead = cluster.read_all_partitions(&dlq);
+        let dead = cluster.read_all_partitions(dlq);
         let answered: HashMap<String, Reply> = cluster
-            .read_all_partitions(&replies)
+            .read_all_partitions(replies)
             .into_iter()
             .map(|(_, k, b, _)| (k, serde_json::from_slice::<Reply>(&b).expect("reply")))
             .collect();

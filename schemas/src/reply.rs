@@ -204,6 +204,21 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, in the order of the schema's enum.
+    pub const ALL: [ErrorCode; 11] = [
+        ErrorCode::InvalidJson,
+        ErrorCode::InvalidSchema,
+        ErrorCode::InvalidRequest,
+        ErrorCode::PromptTooLong,
+        ErrorCode::UnknownModel,
+        ErrorCode::TemplateError,
+        ErrorCode::EngineError,
+        ErrorCode::AttemptsExhausted,
+        ErrorCode::ReplyTopicForbidden,
+        ErrorCode::ReplyTopicUnwritable,
+        ErrorCode::ReplyTooLarge,
+    ];
+
     /// The code as it appears in JSON and in the `ferry-dlq-reason` header.
     pub fn as_str(self) -> &'static str {
         match self {

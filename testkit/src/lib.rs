@@ -11,6 +11,7 @@
 //! - [`process::ChildGuard`]: a child process with its log, killed when dropped.
 //! - [`services`]: real Redis and a real S3-compatible server, installed when missing.
 //! - [`http`]: a worker's probes and metrics, asked as a kubelet asks them.
+//! - [`otlp::Collector`]: an OTLP/HTTP trace receiver, for a worker's exported spans.
 //! - [`requests::chat`], [`model::model_path`], [`wait_for`], [`unique`].
 //!
 //! Nothing here imports the worker: the load tester uses this crate too, and it never imports the
@@ -24,6 +25,7 @@ pub mod broker;
 pub mod cluster;
 pub mod http;
 pub mod model;
+pub mod otlp;
 pub mod process;
 pub mod read;
 pub mod requests;

@@ -215,9 +215,17 @@ pub struct TelemetryConfig {
     /// `text` for people, `json` for log collectors (use it in Kubernetes).
     #[arg(long, env = "FERRY_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
-    /// Log filter, in `tracing` syntax (`info`, `ferry_worker=debug,rdkafka=warn`).
+    /// Log filter, in `tracing` syntax (`info`, `ferry_worker=debug,rdkafka=warn`). It also
+    /// picks the spans exported with `--otlp-endpoint`.
     #[arg(long, env = "FERRY_LOG", default_value = "info")]
     pub log: String,
+    /// Where OpenTelemetry traces go: a collector's OTLP/HTTP base URL (`http://collector:4318`;
+    /// spans are posted to `/v1/traces` below it, as protobuf). Unset, no spans are exported.
+    #[arg(long, env = "FERRY_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<url::Url>,
+    /// The `service.name` of the exported spans (`service.instance.id` is the worker id).
+    #[arg(long, env = "FERRY_OTLP_SERVICE_NAME", default_value = "ferry-worker")]
+    pub otlp_service_name: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -18,7 +18,34 @@ use tracing::{error, info};
 
 fn main() -> ExitCode {
     let config = Config::parse();
-    ops::logging::init(config.telemetry.log_format, &config.telemetry.log);
+    let telemetry = &config.telemetry;
+    let exporter = telemetry
+        .otlp_endpoint
+        .as_ref()
+        .map(|endpoint| ops::otel::Exporter::new(endpoint, &telemetry.otlp_service_name, &config.runtime.worker_id()));
+    let (exporter, exporter_error) = match exporter.transpose() {
+        Ok(e) => (e, None),
+        Err(e) => (None, Some(e)),
+    };
+    ops::logging::init(
+        telemetry.log_format,
+        &telemetry.log,
+        exporter.as_ref().map(|e| e.tracer()),
+    );
+    if let Some(e) = exporter_error {
+        error!("{e}");
+        return ExitCode::from(2);
+    }
+    let status = serve(config);
+    if let Some(exporter) = exporter {
+        exporter.shutdown();
+    }
+    status
+}
+
+/// Everything after logging starts: the exit status of a run, of a model fetch, or of a
+/// configuration refused.
+fn serve(config: Config) -> ExitCode {
     if let Err(e) = config.validate() {
         error!("{e}");
         return ExitCode::from(2);

@@ -1,5 +1,6 @@
 //! The operational surface of a worker process: `/healthz`, `/readyz` and `/metrics` over HTTP,
-//! JSON logs with the request's fields, `traceparent` from request to reply, and the health
+//! JSON logs with the request's fields, `traceparent` from request to reply, spans exported over
+//! OTLP, and the health
 //! trips (an unrecoverable accelerator, an open circuit breaker) that drain the worker and exit
 //! it non-zero.
 //!
@@ -11,7 +12,8 @@ use std::time::Duration;
 
 use ferry_schemas::Reply;
 use ferry_testkit::http::{free_addr, get, wait_status};
-use ferry_testkit::{unique, wait_for, ChildGuard, Cluster};
+use ferry_testkit::otlp::Collector;
+use ferry_testkit::{block_on, unique, wait_for, ChildGuard, Cluster, Setup};
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -243,4 +245,49 @@ fn repeated_engine_failures_open_the_circuit_breaker() {
         log.contains("circuit breaker open: 2 different requests failed in a row"),
         "{log}"
     );
+}
+
+/// With `--otlp-endpoint`, the worker exports the span of a request to the collector, in the
+/// caller's trace: its parent is the caller's span, the reply's `traceparent` names it, and the
+/// spans the worker opens inside it are its children.
+#[test]
+fn spans_are_exported_over_otlp_in_the_callers_trace() {
+    let collector = Collector::start();
+    let s = Setup::new(1);
+    let args = s.pipeline.args().set("--otlp-endpoint", collector.url());
+    let _w = s.worker("worker-otlp", args.set("--otlp-service-name", "ferry-test"));
+    let caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let payload = br#"{"id":"exported","prompt":"The capital of France is","max_tokens":4}"#;
+    let producer = s.cluster.producer();
+    let headers = [("traceparent", caller)];
+    block_on(
+        s.cluster
+            .publish_with_headers(&producer, &s.pipeline.requests, "exported", payload, &headers),
+    );
+    let reply = wait_for(Duration::from_secs(120), "the reply", || {
+        let replies = s.cluster.read_all_with_headers(&s.pipeline.replies);
+        replies.into_iter().find(|r| r.key == "exported")
+    });
+    let traceparent = reply
+        .headers
+        .iter()
+        .find(|(k, _)| k == "traceparent")
+        .expect("a traceparent");
+    let own = traceparent.1.split('-').nth(2).expect("a span id").to_string();
+    let span = wait_for(Duration::from_secs(60), "the request's span at the collector", || {
+        collector.spans().into_iter().find(|s| s.span_id == own)
+    });
+    assert_eq!(span.name, "message");
+    assert_eq!(span.trace_id, "0af7651916cd43dd8448eb211c80319c", "the caller's trace");
+    assert_eq!(span.parent_span_id, "b7ad6b7169203331", "the caller's span");
+    assert_eq!(span.service, "ferry-test");
+    let children = wait_for(Duration::from_secs(60), "the spans inside the request's", || {
+        let children: Vec<_> = collector
+            .spans()
+            .into_iter()
+            .filter(|c| c.parent_span_id == own)
+            .collect();
+        children.iter().any(|c| c.name == "request").then_some(children)
+    });
+    assert!(children.iter().all(|c| c.trace_id == span.trace_id), "{children:?}");
 }

@@ -37,6 +37,7 @@ use crate::intake::{parse, Invalid};
 use crate::model::ModelError;
 use crate::offsets::TopicPartition;
 use crate::ops::metrics::Answered;
+use crate::ops::otel;
 use crate::ops::trace::{new_span_id, Propagation};
 use crate::ops::{FallbackReason, Ops, RequestOutcome};
 use crate::reply::{self, WorkContext};
@@ -136,11 +137,17 @@ impl Inner {
             span_id = tracing::field::Empty,
             parent_span_id = tracing::field::Empty,
         );
-        let trace = Propagation::from_headers(
+        let mut trace = Propagation::from_headers(
             header(&msg, headers::TRACEPARENT),
             header(&msg, headers::TRACESTATE),
             new_span_id(),
         );
+        if let Ok(Some(t)) = &mut trace {
+            // With spans exported, the worker's span id is the exported span's.
+            if let Some(id) = otel::adopt(&span, Some(&t.parent), t.tracestate.as_deref()) {
+                t.own = t.parent.child(id);
+            }
+        }
         if let Ok(Some(t)) = &trace {
             span.record("trace_id", t.own.trace_id_hex());
             span.record("span_id", t.own.span_id_hex());

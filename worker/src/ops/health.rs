@@ -19,7 +19,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use super::exposition::Exposition;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::metrics::MetricType;
+
+use super::metrics::encode_value;
 
 /// The exit status after a trip: drained, unhealthy, to be restarted.
 pub const EXIT_UNHEALTHY: u8 = 3;
@@ -279,42 +283,53 @@ impl HealthState {
             }
         }
     }
+}
 
-    /// The health gauges for `/metrics`.
-    pub fn render(&self, e: &mut Exposition) {
-        let flag = |b: bool| if b { 1.0 } else { 0.0 };
-        e.gauge(
-            "ferry_ready",
-            "1 while /readyz answers 200.",
-            flag(self.readiness().is_ok()),
-        );
-        e.gauge(
-            "ferry_draining",
-            "1 once the worker drains (a signal or a trip).",
-            flag(self.draining.load(Ordering::Acquire)),
-        );
-        e.gauge(
-            "ferry_accelerator_degraded",
-            "1 while the accelerator's health source reports a degraded state.",
-            flag(lock(&self.degraded).is_some()),
-        );
-        let tripped = lock(&self.tripped).clone();
-        e.gauge(
-            "ferry_accelerator_unrecoverable",
-            "1 once the accelerator reported an unrecoverable error.",
-            flag(matches!(tripped, Some(Trip::Accelerator(_)))),
-        );
-        let breaker = lock(&self.breaker).clone();
-        e.gauge(
-            "ferry_circuit_breaker_open",
-            "1 once repeated engine failures opened the circuit breaker.",
-            flag(breaker.is_open()),
-        );
-        e.gauge(
-            "ferry_circuit_breaker_failure_streak",
-            "Different requests that failed in a row since the last successful generation.",
-            breaker.streak() as f64,
-        );
+/// The health gauges for `/metrics`, read from the state at every scrape.
+#[derive(Debug, Clone)]
+pub struct HealthGauges(pub Arc<HealthState>);
+
+impl Collector for HealthGauges {
+    fn encode(&self, mut e: DescriptorEncoder) -> std::fmt::Result {
+        let s = &self.0;
+        let tripped = lock(&s.tripped).clone();
+        let breaker = lock(&s.breaker).clone();
+        let gauges = [
+            (
+                "ferry_ready",
+                "1 while /readyz answers 200.",
+                i64::from(s.readiness().is_ok()),
+            ),
+            (
+                "ferry_draining",
+                "1 once the worker drains (a signal or a trip).",
+                i64::from(s.draining.load(Ordering::Acquire)),
+            ),
+            (
+                "ferry_accelerator_degraded",
+                "1 while the accelerator's health source reports a degraded state.",
+                i64::from(lock(&s.degraded).is_some()),
+            ),
+            (
+                "ferry_accelerator_unrecoverable",
+                "1 once the accelerator reported an unrecoverable error.",
+                i64::from(matches!(tripped, Some(Trip::Accelerator(_)))),
+            ),
+            (
+                "ferry_circuit_breaker_open",
+                "1 once repeated engine failures opened the circuit breaker.",
+                i64::from(breaker.is_open()),
+            ),
+            (
+                "ferry_circuit_breaker_failure_streak",
+                "Different requests that failed in a row since the last successful generation.",
+                i64::try_from(breaker.streak()).unwrap_or(i64::MAX),
+            ),
+        ];
+        for (name, help, v) in gauges {
+            encode_value(&mut e, name, help, MetricType::Gauge, v)?;
+        }
+        Ok(())
     }
 }
 

@@ -93,7 +93,7 @@ pub fn respond(ops: &Ops, method: &str, target: &str) -> Response {
         },
         "/metrics" => Response {
             status: 200,
-            content_type: super::exposition::CONTENT_TYPE,
+            content_type: super::metrics::CONTENT_TYPE,
             body: ops.render_metrics(),
         },
         _ => Response::text(404, "not found: try /healthz, /readyz or /metrics"),
@@ -186,7 +186,7 @@ mod tests {
         ops.health.set_consuming();
         assert_eq!(respond(&ops, "GET", "/readyz?verbose").status, 200);
         let m = respond(&ops, "GET", "/metrics");
-        assert_eq!(m.content_type, super::super::exposition::CONTENT_TYPE);
+        assert_eq!(m.content_type, super::super::metrics::CONTENT_TYPE);
         assert!(m.body.contains("ferry_ready 1\n"));
         assert_eq!(respond(&ops, "POST", "/readyz").status, 405);
         assert_eq!(respond(&ops, "GET", "/").status, 404);

@@ -24,19 +24,24 @@ use tracing_subscriber::registry::LookupSpan;
 use crate::config::LogFormat;
 
 /// Installs the global subscriber: `format` on stderr, filtered by `filter` (`tracing` syntax;
-/// `info` when it does not parse).
-pub fn init(format: LogFormat, filter: &str) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.fmt_fields(JsonFields::new()).event_format(FlatJson).init(),
-        LogFormat::Text => builder
+/// `info` when it does not parse), and the spans that pass the filter handed to `tracer` too
+/// when there is one (see [`super::otel`]).
+pub fn init(format: LogFormat, filter: &str, tracer: Option<opentelemetry_sdk::trace::SdkTracer>) {
+    use tracing_subscriber::layer::{Layered, SubscriberExt};
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer, Registry};
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let mut layers: Vec<Box<dyn Layer<Layered<EnvFilter, Registry>> + Send + Sync>> = vec![match format {
+        LogFormat::Json => fmt.fmt_fields(JsonFields::new()).event_format(FlatJson).boxed(),
+        LogFormat::Text => fmt
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
+            .boxed(),
+    }];
+    if let Some(tracer) = tracer {
+        layers.push(tracing_opentelemetry::layer().with_tracer(tracer).boxed());
     }
+    tracing_subscriber::registry().with(filter).with(layers).init();
 }
 
 /// A JSON subscriber writing to `writer`, for tests.

@@ -2,21 +2,22 @@
 //!
 //! - [`http`]: `/healthz`, `/readyz` and `/metrics` on `--http-addr`.
 //! - [`metrics`]: what is measured, recorded through typed functions and written in the
-//!   Prometheus text format ([`exposition`]).
+//!   OpenMetrics text format by `prometheus-client`.
 //! - [`health`]: readiness, liveness, the accelerator health monitor and the circuit breaker,
 //!   and the *trip* that drains the worker and exits it to be restarted.
 //! - [`trace`]: W3C `traceparent` from a request's Kafka headers to its reply.
+//! - [`otel`]: OpenTelemetry spans exported over OTLP/HTTP, off unless `--otlp-endpoint` is set.
 //! - [`logging`]: JSON log lines with the fields of every enclosing span (`request_id`, `topic`,
 //!   `partition`, `offset`, `trace_id`) at the top level.
 //! - `cuda` (with the `cuda` feature): the CUDA health source.
 //!
 //! The consumer records into an [`Ops`] it is handed; nothing here reaches into the consumer.
 
-pub mod exposition;
 pub mod health;
 pub mod http;
 pub mod logging;
 pub mod metrics;
+pub mod otel;
 pub mod trace;
 
 #[cfg(feature = "cuda")]
@@ -42,18 +43,15 @@ impl Ops {
         breaker_failures: u32,
         stall_limit: Duration,
     ) -> Arc<Self> {
-        Arc::new(Self {
-            metrics: Metrics::new(),
-            health: Arc::new(HealthState::new(signals, breaker_failures, stall_limit)),
-        })
+        let health = Arc::new(HealthState::new(signals, breaker_failures, stall_limit));
+        let mut metrics = Metrics::new();
+        metrics.register_collector(Box::new(health::HealthGauges(health.clone())));
+        Arc::new(Self { metrics, health })
     }
 
     /// Everything `/metrics` shows.
     pub fn render_metrics(&self) -> String {
-        let mut e = exposition::Exposition::new();
-        self.metrics.render(&mut e);
-        self.health.render(&mut e);
-        e.finish()
+        self.metrics.render()
     }
 }
 

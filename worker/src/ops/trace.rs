@@ -8,8 +8,10 @@
 //! shows the worker between the caller and the reply's consumer. `tracestate` travels unchanged
 //! beside a valid `traceparent`, as the specification asks.
 //!
-//! A request without a valid `traceparent` gets none on its reply: the worker exports no spans,
-//! so a trace it started itself would lead nowhere. Pure functions, no I/O.
+//! With `--otlp-endpoint` the worker's span is exported ([`super::otel`]) and its span id is the
+//! exported span's; without, the worker draws one of its own. A request without a valid
+//! `traceparent` gets none on its reply, exported or not: the caller did not ask to be traced.
+//! Pure functions, no I/O.
 
 use std::fmt;
 

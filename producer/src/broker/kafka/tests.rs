@@ -1,3 +1,4 @@
+use super::storage::{base64_url, cluster_id, free_ports};
 use super::*;
 
 #[test]

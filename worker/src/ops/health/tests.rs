@@ -122,9 +122,10 @@ async fn the_monitor_trips_on_an_unrecoverable_error() {
         .await
         .expect("the monitor stops after a trip")
         .expect("no panic");
-    let mut e = Exposition::new();
-    s.render(&mut e);
-    let text = e.finish();
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register_collector(Box::new(HealthGauges(s.clone())));
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).expect("encodes");
     assert!(text.contains("ferry_accelerator_unrecoverable 1\n"), "{text}");
     assert!(text.contains("ferry_ready 0\n"));
 }

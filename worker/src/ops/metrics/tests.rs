@@ -1,9 +1,7 @@
 use super::*;
 
 fn render(m: &Metrics) -> String {
-    let mut e = Exposition::new();
-    m.render(&mut e);
-    e.finish()
+    m.render()
 }
 
 #[test]
@@ -67,8 +65,9 @@ fn an_answer_feeds_the_latency_and_speed_histograms() {
     // A resumed generation's prefill is a restore: not a time to first token.
     assert!(text.contains("ferry_time_to_first_token_seconds_count 1\n"));
     assert!(text.contains("ferry_time_to_first_token_seconds_sum 0.5\n"));
-    assert!(text.contains("ferry_prefill_tokens_per_second_sum 100\n"));
-    assert!(text.contains("ferry_decode_tokens_per_second_sum 20\n"));
+    // OpenMetrics writes a float sum with its decimal point (the hand-written format wrote `100`).
+    assert!(text.contains("ferry_prefill_tokens_per_second_sum 100.0\n"));
+    assert!(text.contains("ferry_decode_tokens_per_second_sum 20.0\n"));
     assert!(text.contains("ferry_generated_tokens_total 40\n"));
 }
 

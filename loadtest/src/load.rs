@@ -51,13 +51,7 @@ pub enum Mode {
     Closed { concurrency: usize },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Limit {
-    /// Stop after sending this many requests.
-    Requests(usize),
-    /// Stop sending once this long has passed since the start.
-    Duration(Duration),
-}
+pub use crate::metrics::Limit;
 
 /// The arrival times of an open loop, as offsets from its start: exponentially distributed gaps
 /// with mean `1 / rate_per_s`, drawn from a generator seeded by `seed`. Endless; empty if the

@@ -27,7 +27,7 @@ use serde::Serialize;
 
 use crate::record::{FaultEvent, RequestRecord};
 
-pub use progress::Progress;
+pub use progress::{Limit, Progress};
 
 /// Everything a run measured. Serialises as the JSON report (the histograms themselves are left
 /// out; their percentiles are in the summaries).

@@ -104,18 +104,6 @@ pub struct BrokerArgs {
     pub stop_on_stdin_eof: bool,
 }
 
-impl BrokerArgs {
-    /// The settings `--kafka` uses.
-    pub fn kafka_options(&self) -> crate::broker::kafka::KafkaOptions {
-        crate::broker::kafka::KafkaOptions {
-            partitions: self.partitions,
-            cache_dir: self.kafka_cache.clone(),
-            start_timeout: self.kafka_start_timeout,
-            dir: self.kafka_dir.clone(),
-        }
-    }
-}
-
 /// Where the Kafka cluster is and how long to wait for it.
 #[derive(Debug, Clone, Args)]
 pub struct KafkaArgs {

@@ -70,7 +70,11 @@ impl Error {
 pub async fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
         Command::Broker(args) => broker::serve(&args, broker::terminate_signal()).await?,
-        Command::Request(args) => request::run(&args).await?,
+        // With `--identity`, a durable caller; otherwise a one-shot publish-and-wait.
+        Command::Request(args) => match &args.identity {
+            Some(identity) => caller::run(&args, identity).await?,
+            None => request::run(&args).await?,
+        },
         Command::Publish(args) => publish::run(&args).await?,
     }
     Ok(())

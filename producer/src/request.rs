@@ -156,12 +156,9 @@ pub(crate) fn print_line(text: &str) -> Result<(), RequestError> {
         .map_err(RequestError::Stdout)
 }
 
-/// Runs `ferry request`: as a durable caller with `--identity` ([`crate::caller`]), otherwise
-/// as a one-shot publish-and-wait.
+/// Runs `ferry request` without `--identity`: a one-shot publish-and-wait (the durable caller is
+/// `caller::run`).
 pub async fn run(args: &RequestArgs) -> Result<(), RequestError> {
-    if let Some(identity) = &args.identity {
-        return crate::caller::run(args, identity).await;
-    }
     let request = build_request(args, uuid::Uuid::new_v4().to_string())?;
     let client = Client::new(args.kafka.resolve().await?)?;
     debug!(request_id = %request.id, topic = %args.topic, reply_to = ?request.reply_to, "sending request");

@@ -26,8 +26,6 @@ use crate::broker::{create_topics, shared_kafka, BrokerChoice, BrokerProcess};
 use crate::process::{bin, ChildGuard};
 use crate::worker::WorkerArgs;
 
-pub use crate::read::Record;
-
 /// A broker to test against, with the test's topics.
 pub struct Cluster {
     pub bootstrap: String,

@@ -39,8 +39,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 pub use broker::BrokerChoice;
-pub use cluster::{Cluster, Record};
+pub use cluster::Cluster;
 pub use process::{bin, ChildGuard};
+pub use read::Record;
 pub use worker::{Pipeline, Setup, WorkerArgs};
 
 /// A generous bound for what takes milliseconds on the mock and seconds on a loaded real

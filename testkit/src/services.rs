@@ -115,7 +115,7 @@ impl S3Server {
     }
 
     /// The settings a store needs to reach this server, as `object_store` configuration keys,
-    /// for `ferry_worker::snapshot::store::open_with_options`. Passing them explicitly keeps
+    /// for the worker's `snapshot::store::open_with_options`. Passing them explicitly keeps
     /// parallel tests from racing on the process environment.
     pub fn options(&self) -> Vec<(&'static str, String)> {
         vec![

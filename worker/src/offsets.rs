@@ -5,7 +5,7 @@
 //! the lowest offset still running (or just past the highest finished one when nothing runs).
 //! Committing further would lose the unfinished request below it if the worker died.
 //!
-//! Pure bookkeeping, no I/O; the consumer's [`InFlight`](crate::consumer) holds one.
+//! Pure bookkeeping, no I/O; the consumer's `InFlight` holds one.
 
 use std::collections::{BTreeSet, HashMap};
 

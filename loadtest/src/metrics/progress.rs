@@ -14,8 +14,16 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::load::Limit;
 use crate::track::Tracker;
+
+/// When a load run stops sending (what its progress bar counts toward).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Limit {
+    /// Stop after sending this many requests.
+    Requests(usize),
+    /// Stop sending once this long has passed since the start.
+    Duration(Duration),
+}
 
 /// How often the bar is redrawn on a terminal.
 const BAR_EVERY: Duration = Duration::from_millis(250);

@@ -115,7 +115,7 @@ pub async fn serve(args: &BrokerArgs, shutdown: io::Result<impl Future<Output = 
         }
         // A first start can spend minutes fetching jars; a signal meanwhile ends it. Dropping
         // the unfinished start kills what it had spawned (see `kafka`).
-        let options = args.kafka_options();
+        let options = kafka_options(args);
         tokio::select! {
             started = kafka::KafkaBroker::start(&options, &topics) => Running::Kafka(started?),
             () = &mut shutdown => return Ok(()),
@@ -250,5 +250,15 @@ mod tests {
             distinct_topics(&["bad topic".to_string()]),
             Err(BrokerError::InvalidTopic { .. })
         ));
+    }
+}
+
+/// The settings `--kafka` uses.
+fn kafka_options(args: &BrokerArgs) -> kafka::KafkaOptions {
+    kafka::KafkaOptions {
+        partitions: args.partitions,
+        cache_dir: args.kafka_cache.clone(),
+        start_timeout: args.kafka_start_timeout,
+        dir: args.kafka_dir.clone(),
     }
 }

@@ -225,6 +225,16 @@ fn check_topic_name(topic: &str) -> Result<(), BrokerError> {
     Ok(())
 }
 
+/// The settings `--kafka` uses.
+fn kafka_options(args: &BrokerArgs) -> kafka::KafkaOptions {
+    kafka::KafkaOptions {
+        partitions: args.partitions,
+        cache_dir: args.kafka_cache.clone(),
+        start_timeout: args.kafka_start_timeout,
+        dir: args.kafka_dir.clone(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -250,15 +260,5 @@ mod tests {
             distinct_topics(&["bad topic".to_string()]),
             Err(BrokerError::InvalidTopic { .. })
         ));
-    }
-}
-
-/// The settings `--kafka` uses.
-fn kafka_options(args: &BrokerArgs) -> kafka::KafkaOptions {
-    kafka::KafkaOptions {
-        partitions: args.partitions,
-        cache_dir: args.kafka_cache.clone(),
-        start_timeout: args.kafka_start_timeout,
-        dir: args.kafka_dir.clone(),
     }
 }

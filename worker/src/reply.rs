@@ -52,7 +52,7 @@ pub fn response(req: &Request, completion: &Completion, cx: &WorkContext<'_>) ->
         },
         worker: cx.worker.to_string(),
         attempt: cx.attempt,
-        resumed_from_token: None,
+        resumed_from_token: completion.resumed_from,
         metadata: req.metadata.clone(),
     })
 }

@@ -108,16 +108,6 @@ enum Slot<'a> {
     Alone(tokio::sync::RwLockWriteGuard<'a, ()>),
 }
 
-/// How one generation attempt ended.
-enum Generated {
-    Finished {
-        completion: Completion,
-        resumed_from: Option<u32>,
-    },
-    Suspended,
-    Failed(ModelError),
-}
-
 impl Inner {
     /// Serves a message and settles its offset. Runs as its own task.
     pub async fn process(
@@ -231,7 +221,8 @@ fn deadline_instant(deadline: time::OffsetDateTime) -> Instant {
 /// generations as failed with the CUDA driver's out-of-memory error, as candle words it.
 #[cfg(feature = "fault-injection")]
 mod fault_injection {
-    use super::{Generated, ModelError};
+    use super::ModelError;
+    use crate::engine::Outcome;
 
     pub fn maybe_crash(request_id: &str) {
         if std::env::var("FERRY_FAULT_CRASH_ON").is_ok_and(|id| id == request_id) {
@@ -240,15 +231,15 @@ mod fault_injection {
         }
     }
 
-    pub fn maybe_fail(request_id: &str, generated: Generated) -> Generated {
+    pub fn maybe_fail(request_id: &str, generated: Result<Outcome, ModelError>) -> Result<Outcome, ModelError> {
         match generated {
-            Generated::Finished { .. } if std::env::var("FERRY_FAULT_OOM_ON").is_ok_and(|id| id == request_id) => {
-                Generated::Failed(ModelError::OutOfMemory(
+            Ok(Outcome::Finished(_)) if std::env::var("FERRY_FAULT_OOM_ON").is_ok_and(|id| id == request_id) => {
+                Err(ModelError::OutOfMemory(
                     "fault injection: DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into(),
                 ))
             }
-            Generated::Finished { .. } if std::env::var_os("FERRY_FAULT_FAIL_GENERATION").is_some() => {
-                Generated::Failed(ModelError::Backend("fault injection: the engine failed".into()))
+            Ok(Outcome::Finished(_)) if std::env::var_os("FERRY_FAULT_FAIL_GENERATION").is_some() => {
+                Err(ModelError::Backend("fault injection: the engine failed".into()))
             }
             other => other,
         }

@@ -62,6 +62,9 @@ pub struct Completion {
     pub tokens: Vec<u32>,
     pub prefill: Duration,
     pub decode: Duration,
+    /// Generated tokens the sequence was resumed with (from a snapshot, or replayed from its
+    /// tokens); `None` when it started afresh. What the reply's `resumed_from_token` says.
+    pub resumed_from: Option<u32>,
 }
 
 /// A generation in progress.
@@ -84,6 +87,8 @@ pub struct Sequence {
     prefilled_at: Option<Instant>,
     prefill_time: Duration,
     decode_time: Duration,
+    /// Tokens taken as generated when the sequence was made ([`Completion::resumed_from`]).
+    resumed_from: Option<u32>,
 }
 
 impl Sequence {
@@ -102,6 +107,7 @@ impl Sequence {
             prefilled_at: None,
             prefill_time: Duration::ZERO,
             decode_time: Duration::ZERO,
+            resumed_from: None,
         }
     }
 
@@ -172,6 +178,7 @@ impl Sequence {
             let delta = self.decoder.next(&model.tokenizer, &tokens[..n])?.unwrap_or_default();
             self.text.push_str(&delta);
         }
+        self.resumed_from = (!tokens.is_empty()).then(|| u32::try_from(tokens.len()).unwrap_or(u32::MAX));
         self.generated = tokens;
         self.stream = Release::resumed(&self.params.stop, &self.text);
         Ok(())
@@ -393,6 +400,7 @@ impl Sequence {
             prefilled_at: self.prefilled_at,
             prefill_time: self.prefill_time,
             decode_time: self.decode_time,
+            resumed_from: self.resumed_from,
         })
     }
 
@@ -416,6 +424,7 @@ impl Sequence {
             tokens: self.generated,
             prefill: self.prefill_time,
             decode: self.decode_time,
+            resumed_from: self.resumed_from,
         })
     }
 }

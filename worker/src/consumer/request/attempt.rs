@@ -47,7 +47,7 @@ impl Inner {
                 .publisher
                 .reply(reply_topic, &reply::response(request, &completion, &cx(1)), trace)
                 .await?;
-            self.ops.metrics.answered(&answered(&completion, queued, false));
+            self.ops.metrics.answered(&answered(&completion, queued));
             return Ok(Served::Answered {
                 prefix: Some(prefix),
                 reply: Some(body),
@@ -140,10 +140,7 @@ impl Inner {
             // need it).
             drop(_kv);
             match generated {
-                Generated::Finished {
-                    completion,
-                    resumed_from,
-                } => {
+                Ok(Outcome::Finished(completion)) => {
                     if transaction::current().is_some_and(|s| s.must_wait()) {
                         let note = "answered; waiting for lower offsets to commit".to_string();
                         self.end_attempt(&prefix, attempt, EntryOutcome::Suspended, Some(note.into()), &mut local)
@@ -152,16 +149,11 @@ impl Inner {
                     }
                     #[cfg(feature = "fault-injection")]
                     fault_injection::slow_publish().await;
-                    let mut reply = reply::response(request, &completion, &cx(attempt));
-                    if let Reply::Response(r) = &mut reply {
-                        r.resumed_from_token = resumed_from;
-                    }
+                    let reply = reply::response(request, &completion, &cx(attempt));
                     let body = self.publisher.reply(reply_topic, &reply, trace).await?;
-                    log_answered(&completion, resumed_from, attempt, started);
+                    log_answered(&completion, attempt, started);
                     self.ops.health.generation_succeeded();
-                    self.ops
-                        .metrics
-                        .answered(&answered(&completion, queued, resumed_from.is_some()));
+                    self.ops.metrics.answered(&answered(&completion, queued));
                     let decode_s = completion.decode.as_secs_f64();
                     if decode_s > 0.0 && !completion.tokens.is_empty() {
                         let speed = completion.tokens.len() as f64 / decode_s;
@@ -172,7 +164,7 @@ impl Inner {
                         reply: Some(body),
                     });
                 }
-                Generated::Suspended => {
+                Ok(Outcome::Suspended { .. }) => {
                     // A drain because the worker gave up on itself: what it holds cannot be
                     // served here, and the fallback may serve it sooner than the next owner
                     // of the partition. A drain on a signal or a revocation leaves it to be
@@ -188,7 +180,7 @@ impl Inner {
                         .await;
                     return Ok(Served::Suspended);
                 }
-                Generated::Failed(e) => {
+                Err(e) => {
                     let out_of_memory = matches!(e, ModelError::OutOfMemory(_));
                     let e = e.to_string();
                     error!(error = %e, attempt, "generation failed");

@@ -17,7 +17,7 @@ impl Inner {
         control: Arc<JobControl>,
         deadline: Option<Instant>,
         reply_topic: &str,
-    ) -> Result<Generated, WorkerError> {
+    ) -> Result<Result<Outcome, ModelError>, WorkerError> {
         let prompt_tokens = prepared.prompt.len();
         let found = self.snapshots.find(prefix, &prepared).await;
         let resumed_from = found.as_ref().map(|f| f.manifest.tokens.len() as u32);
@@ -61,30 +61,16 @@ impl Inner {
                 self.publish_chunk(reply_topic, request, c, trace);
             }
         }
-        Ok(match outcome {
-            Ok(Outcome::Finished(completion)) => {
-                if let Some(w) = writer {
-                    w.stop().await;
-                }
-                Generated::Finished {
-                    completion,
-                    resumed_from,
-                }
-            }
-            Ok(Outcome::Suspended { tokens }) => {
-                if let Some(w) = writer {
+        if let Some(w) = writer {
+            match &outcome {
+                Ok(Outcome::Suspended { tokens }) => {
                     w.flush_and_stop().await;
+                    info!(tokens, "suspended; snapshot written");
                 }
-                info!(tokens, "suspended; snapshot written");
-                Generated::Suspended
+                Ok(Outcome::Finished(_)) | Err(_) => w.stop().await,
             }
-            Err(e) => {
-                if let Some(w) = writer {
-                    w.stop().await;
-                }
-                Generated::Failed(e)
-            }
-        })
+        }
+        Ok(outcome)
     }
 
     pub(super) fn publish_chunk(&self, topic: &str, request: &Request, c: StreamChunk, trace: Option<&Propagation>) {
@@ -105,7 +91,7 @@ pub(super) async fn next_chunk(rx: &mut Option<mpsc::UnboundedReceiver<StreamChu
     }
 }
 
-pub(super) fn log_answered(completion: &Completion, resumed_from: Option<u32>, attempt: u32, started: Instant) {
+pub(super) fn log_answered(completion: &Completion, attempt: u32, started: Instant) {
     let decode_s = completion.decode.as_secs_f64();
     let tps = if decode_s > 0.0 {
         completion.tokens.len() as f64 / decode_s
@@ -116,7 +102,7 @@ pub(super) fn log_answered(completion: &Completion, resumed_from: Option<u32>, a
         prompt_tokens = completion.prompt_tokens,
         completion_tokens = completion.tokens.len(),
         finish_reason = ?completion.finish.reason,
-        resumed_from_token = resumed_from,
+        resumed_from_token = completion.resumed_from,
         attempt,
         decode_tokens_per_s = tps,
         total_ms = started.elapsed().as_millis() as u64,
@@ -125,7 +111,7 @@ pub(super) fn log_answered(completion: &Completion, resumed_from: Option<u32>, a
 }
 
 /// What `/metrics` learns from an answered generation.
-pub(super) fn answered(completion: &Completion, queued: Duration, resumed: bool) -> Answered {
+pub(super) fn answered(completion: &Completion, queued: Duration) -> Answered {
     Answered {
         queued,
         finish: completion.finish.reason,
@@ -133,7 +119,7 @@ pub(super) fn answered(completion: &Completion, queued: Duration, resumed: bool)
         completion_tokens: completion.tokens.len(),
         prefill: completion.prefill,
         decode: completion.decode,
-        resumed,
+        resumed: completion.resumed_from.is_some(),
     }
 }
 
@@ -148,6 +134,7 @@ pub(super) fn past_deadline(prepared: &Prepared) -> Completion {
         prompt_tokens: prepared.prompt.len(),
         tokens: Vec::new(),
         prefill: Duration::ZERO,
+        resumed_from: None,
         decode: Duration::ZERO,
     }
 }

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use cluster::{ferry_command, key_of, message_count, read_messages, Responder, TestCluster, PATIENCE};
+use cluster::{ferry_command, key_of, message_count, read_messages, response, Responder, TestCluster, PATIENCE};
 use ferry::client::KafkaConfig;
 use ferry::durable::journal::{self, Entry, EntryState};
 use ferry::durable::{DurableClient, DurableError, DurableOptions, Event, Outcome};
@@ -39,16 +39,6 @@ fn echo(request: &Request) -> Vec<serde_json::Value> {
         replies.push(response(&request.id, "a second, different answer"));
     }
     replies
-}
-
-fn response(id: &str, text: &str) -> serde_json::Value {
-    serde_json::json!({
-        "kind": "response", "version": 1, "id": id, "model": "echo", "text": text,
-        "finish_reason": "stop",
-        "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
-        "timings": {"queued_ms": 0.0, "prefill_ms": 0.0, "decode_ms": 0.0, "total_ms": 0.0},
-        "worker": "responder", "attempt": 1, "resumed_from_token": null
-    })
 }
 
 struct Setup {

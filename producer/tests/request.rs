@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use cluster::{ferry_command, write_bootstrap_file, Responder, TestCluster, PATIENCE};
+use cluster::{ferry_command, response, write_bootstrap_file, Responder, TestCluster, PATIENCE};
 use ferry::client::{Client, ClientError, KafkaConfig};
 use ferry_schemas::{Reply, Request};
 
@@ -23,13 +23,7 @@ fn reply_to(request: &Request) -> serde_json::Value {
             "error": {"code": "engine_error", "message": "asked to fail"}
         });
     }
-    serde_json::json!({
-        "kind": "response", "version": 1, "id": request.id, "model": "echo",
-        "text": format!("echo: {prompt}"), "finish_reason": "stop",
-        "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
-        "timings": {"queued_ms": 0.0, "prefill_ms": 0.0, "decode_ms": 0.0, "total_ms": 0.0},
-        "worker": "responder", "attempt": 1, "resumed_from_token": null
-    })
+    response(&request.id, &format!("echo: {prompt}"))
 }
 
 /// A cluster with a request topic, a reply topic and a responder on them.

@@ -198,3 +198,15 @@ impl Drop for Responder {
         self.0.abort();
     }
 }
+
+/// A stand-in worker's response to request `id` with `text`, built as JSON rather than as
+/// structs so that the tests state the wire format themselves.
+pub fn response(id: &str, text: &str) -> serde_json::Value {
+    serde_json::json!({
+        "kind": "response", "version": 1, "id": id, "model": "echo", "text": text,
+        "finish_reason": "stop",
+        "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3},
+        "timings": {"queued_ms": 0.0, "prefill_ms": 0.0, "decode_ms": 0.0, "total_ms": 0.0},
+        "worker": "responder", "attempt": 1, "resumed_from_token": null
+    })
+}

@@ -10,7 +10,7 @@ TEST_THREADS ?= 1
 CARGO ?= cargo
 MODEL := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: all build model test demo chaos bench lint clean
+.PHONY: all build model test check-cuda demo chaos bench lint clean
 
 all: build
 
@@ -35,6 +35,19 @@ test: model
 	$(CARGO) build --workspace --bins --features ferry-worker/fault-injection
 	RAYON_NUM_THREADS=$(TEST_THREADS) FERRY_TEST_MODEL=$(CURDIR)/$(MODEL) \
 		$(CARGO) test --workspace --features ferry-worker/fault-injection --no-fail-fast -- --test-threads=2
+	$(MAKE) check-cuda
+
+# The GPU worker, compiled on any machine, GPU or not: `ferry-worker --features cuda` (release),
+# with CUDA's compiler and headers from NVIDIA's PyPI wheels and link stubs for the driver's
+# libraries (scripts/cuda-toolchain.sh, cached in ~/.cache/ferry-cuda), candle's kernels built
+# for CUDA_COMPUTE_CAP (90: H100 and H200). Its own build cache, so the CPU build is untouched.
+CUDA_COMPUTE_CAP ?= 90
+CUDA_TARGET_DIR ?= $(HOME)/.cache/ferry-target-cuda
+check-cuda:
+	toolkit="$$(./scripts/cuda-toolchain.sh)" && \
+	CUDA_HOME="$$toolkit" PATH="$$toolkit/bin:$$PATH" CUDA_COMPUTE_CAP=$(CUDA_COMPUTE_CAP) \
+		CARGO_TARGET_DIR=$(CUDA_TARGET_DIR) $(CARGO) build --release -p ferry-worker --features cuda --bin ferry-worker
+	@echo "check-cuda: built $(CUDA_TARGET_DIR)/release/ferry-worker with --features cuda (compute capability $(CUDA_COMPUTE_CAP))"
 
 # The main job on the embedded broker: a broker and three workers, requests through Kafka, one
 # worker evicted and one killed mid-generation, every answer checked against the reference.

@@ -127,14 +127,14 @@ async fn run(config: Config) -> anyhow::Result<Option<String>> {
     let opts = config.model.load_options();
     let device = config.runtime.device.open()?;
     let device_for_snapshots = device.clone();
-    let health_source = accelerator_health(&device);
+    let health_sources = accelerator_health(&device);
     let model = tokio::task::spawn_blocking(move || Model::load(&opts, &device))
         .await
         .context("model loader panicked")??;
     info!(model = %model.name, sha256 = %model.sha256, context = model.context_length,
         load_ms = started.elapsed().as_millis() as u64, "model loaded");
     ops.health.set_model_loaded();
-    if let Some(source) = health_source {
+    for source in health_sources {
         tokio::spawn(ops::health::monitor(
             source,
             config.health.health_interval,
@@ -179,19 +179,27 @@ async fn run(config: Config) -> anyhow::Result<Option<String>> {
     Ok(ops.health.exit_reason())
 }
 
-/// What watches the accelerator: the CUDA context with `--device cuda` (in a `cuda` build), or
-/// the test-only injected fault; nothing on the CPU.
-fn accelerator_health(device: &candle_core::Device) -> Option<Arc<dyn HealthSource>> {
+/// What watches the accelerator: with `--device cuda` (in a `cuda` build) the CUDA context, and
+/// NVML's view of the same GPU where the driver provides NVML; the test-only injected fault;
+/// nothing on the CPU.
+fn accelerator_health(device: &candle_core::Device) -> Vec<Arc<dyn HealthSource>> {
     #[cfg(feature = "fault-injection")]
     if let Some(fault) = ops::health::fault::FileFault::from_env() {
-        return Some(Arc::new(fault));
+        return vec![Arc::new(fault)];
     }
     #[cfg(feature = "cuda")]
     if let Some(cuda) = ops::cuda::CudaHealth::new(device) {
-        return Some(Arc::new(cuda));
+        let nvml = cuda.nvml_uuid().map(|uuid| ops::nvml::NvmlHealth::open(&uuid));
+        let mut sources: Vec<Arc<dyn HealthSource>> = vec![Arc::new(cuda)];
+        match nvml {
+            Some(Ok(nvml)) => sources.push(Arc::new(nvml)),
+            Some(Err(e)) => tracing::warn!(error = %e, "no NVML health source; the CUDA context is still checked"),
+            None => tracing::warn!("the CUDA device has no UUID; no NVML health source"),
+        }
+        return sources;
     }
     let _ = device;
-    None
+    Vec::new()
 }
 
 /// Counts SIGTERM (Kubernetes eviction) and SIGINT (Ctrl-C): the first starts the drain, the

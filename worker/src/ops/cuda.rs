@@ -34,6 +34,14 @@ impl CudaHealth {
     }
 }
 
+impl CudaHealth {
+    /// The device's UUID as NVML writes it, to find the same GPU there.
+    pub fn nvml_uuid(&self) -> Option<String> {
+        let uuid = self.ctx.uuid().ok()?;
+        Some(super::nvml::nvml_uuid(uuid.bytes.map(|b| b as u8)))
+    }
+}
+
 impl HealthSource for CudaHealth {
     fn name(&self) -> String {
         format!("cuda:{}", self.ordinal)

@@ -9,7 +9,8 @@
 //! - [`otel`]: OpenTelemetry spans exported over OTLP/HTTP, off unless `--otlp-endpoint` is set.
 //! - [`logging`]: JSON log lines with the fields of every enclosing span (`request_id`, `topic`,
 //!   `partition`, `offset`, `trace_id`) at the top level.
-//! - `cuda` (with the `cuda` feature): the CUDA health source.
+//! - `cuda` (with the `cuda` feature): the CUDA health source; [`nvml`]: the GPU's own health
+//!   from NVML, where a driver is installed.
 //!
 //! The consumer records into an [`Ops`] it is handed; nothing here reaches into the consumer.
 
@@ -17,6 +18,7 @@ pub mod health;
 pub mod http;
 pub mod logging;
 pub mod metrics;
+pub mod nvml;
 pub mod otel;
 pub mod trace;
 

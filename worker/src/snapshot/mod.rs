@@ -18,6 +18,8 @@
 //! has an overall deadline too ([`FIND_CALLS`] store timeouts), and stopping a writer never waits
 //! long (see [`writer`]).
 
+mod device;
+pub use device::{device_fingerprint, gpu_fingerprint};
 pub mod format;
 pub mod ledger;
 pub mod policy;
@@ -82,13 +84,7 @@ impl Snapshots {
         weights: &str,
         device: &Device,
     ) -> Self {
-        let device_name = if device.is_cpu() { "cpu" } else { "cuda" };
-        // Ferry's kernels and candle's round differently: a snapshot taken on one is not
-        // continued on the other, which recomputes from the start.
-        let device_name = match model.weights.kernels() {
-            "" => device_name.to_string(),
-            kernels => format!("{device_name}+{kernels}"),
-        };
+        let device_name = device_fingerprint(device, model.weights.kernels());
         let stats = Arc::new(SnapshotStats::default());
         Self {
             store: bounded(store.clone(), DEFAULT_STORE_TIMEOUT, &stats),

@@ -31,7 +31,7 @@ build:
 # client of the Python durable-caller example, which worker/tests/durable_caller.rs runs.
 test: model
 	python3 k8s/tests/run.py
-	python3 -m pip install --quiet confluent-kafka==2.12.1
+	python3 -m pip install --quiet confluent-kafka==2.12.1 gguf==0.19.0
 	$(CARGO) build --workspace --bins --features ferry-worker/fault-injection
 	RAYON_NUM_THREADS=$(TEST_THREADS) FERRY_TEST_MODEL=$(CURDIR)/$(MODEL) \
 		$(CARGO) test --workspace --features ferry-worker/fault-injection --no-fail-fast -- --test-threads=2
@@ -46,8 +46,9 @@ CUDA_TARGET_DIR ?= $(HOME)/.cache/ferry-target-cuda
 check-cuda:
 	toolkit="$$(./scripts/cuda-toolchain.sh)" && \
 	CUDA_HOME="$$toolkit" PATH="$$toolkit/bin:$$PATH" CUDA_COMPUTE_CAP=$(CUDA_COMPUTE_CAP) \
-		CARGO_TARGET_DIR=$(CUDA_TARGET_DIR) $(CARGO) build --release -p ferry-worker --features cuda --bin ferry-worker
-	@echo "check-cuda: built $(CUDA_TARGET_DIR)/release/ferry-worker with --features cuda (compute capability $(CUDA_COMPUTE_CAP))"
+		CARGO_TARGET_DIR=$(CUDA_TARGET_DIR) $(CARGO) build --release -p ferry-worker --features cuda \
+		--bin ferry-worker --bin ferry-gpu-check
+	@echo "check-cuda: built ferry-worker and ferry-gpu-check in $(CUDA_TARGET_DIR)/release with --features cuda (compute capability $(CUDA_COMPUTE_CAP))"
 
 # The main job on the embedded broker: a broker and three workers, requests through Kafka, one
 # worker evicted and one killed mid-generation, every answer checked against the reference.

@@ -170,7 +170,7 @@ pub enum DeviceChoice {
     Cuda(usize),
 }
 
-fn parse_device(s: &str) -> Result<DeviceChoice, String> {
+pub fn parse_device(s: &str) -> Result<DeviceChoice, String> {
     match s {
         "cpu" => Ok(DeviceChoice::Cpu),
         "cuda" => Ok(DeviceChoice::Cuda(0)),

@@ -197,6 +197,15 @@ impl Sequence {
         self.cache.range_values(from, to)
     }
 
+    /// [`Sequence::kv_values`], left on the device: see [`SequenceCache::range_tensors`].
+    pub fn kv_tensors(
+        &self,
+        from: usize,
+        to: usize,
+    ) -> Result<Vec<(candle_core::Tensor, candle_core::Tensor)>, ModelError> {
+        self.cache.range_tensors(from, to)
+    }
+
     /// The text released so far.
     pub fn text(&self) -> &str {
         &self.text

@@ -46,19 +46,23 @@ impl SequenceCache {
     /// Keys and values of every layer for positions `[from, to)`, position-major
     /// (`(to - from, n_kv_head, head_dim)` flattened), as snapshot pieces hold them.
     pub fn range_values(&self, from: usize, to: usize) -> Result<LayerValues, ModelError> {
+        values_of(&self.range_tensors(from, to)?)
+    }
+
+    /// Keys and values of every layer for positions `[from, to)`, on the cache's device (shaped
+    /// `(1, n_kv_head, to - from, head_dim)`), which later writes to the cache do not change. Cheap on a GPU (a device copy, queued); [`values_of`] reads them
+    /// back to the host, which a snapshot writer does on its own thread.
+    pub fn range_tensors(&self, from: usize, to: usize) -> Result<Vec<(Tensor, Tensor)>, ModelError> {
         if from >= to || to > self.len {
             return Err(ModelError::Internal(format!(
                 "cache range [{from}, {to}) of {}",
                 self.len
             )));
         }
-        let take = |t: Tensor| -> Result<Vec<f32>, ModelError> {
-            Ok(t.narrow(2, from, to - from)?
-                .transpose(1, 2)?
-                .contiguous()?
-                .flatten_all()?
-                .to_vec1::<f32>()?)
-        };
+        // A contiguous copy of just these positions (or, where the range is contiguous already,
+        // a view of storage that later writes never touch: they go to other positions, under
+        // the storage's lock).
+        let take = |t: Tensor| -> Result<Tensor, ModelError> { Ok(t.narrow(2, from, to - from)?.contiguous()?) };
         self.layer_tensors()?
             .into_iter()
             .map(|(k, v)| Ok((take(k)?, take(v)?)))
@@ -119,4 +123,13 @@ impl SequenceCache {
         cache.len = tensors.first().map(|(k, _)| k.dim(2)).transpose()?.unwrap_or(0);
         Ok(cache)
     }
+}
+
+/// Host values of [`SequenceCache::range_tensors`]' copies, position-major, as snapshot pieces
+/// hold them.
+pub fn values_of(layers: &[(Tensor, Tensor)]) -> Result<LayerValues, ModelError> {
+    let host = |t: &Tensor| -> Result<Vec<f32>, ModelError> {
+        Ok(t.transpose(1, 2)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?)
+    };
+    layers.iter().map(|(k, v)| Ok((host(k)?, host(v)?))).collect()
 }

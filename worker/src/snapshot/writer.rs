@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use candle_core::Tensor;
 use tokio::sync::Notify;
 use tracing::debug;
 
@@ -30,13 +31,47 @@ use super::format::{KvShape, Manifest, Piece, PieceRef, FORMAT_VERSION};
 pub use super::policy::{ResumeMode, SnapshotPolicy, SnapshotStats};
 use super::store::SnapshotStore;
 use crate::engine::{Checkpoint, Sequence};
+use crate::model::cache::values_of;
 use crate::model::ModelError;
 
 /// What the engine hands over at a snapshot point.
 #[derive(Debug)]
 struct Delta {
     tokens: Vec<u32>,
-    kv: Option<Piece>,
+    kv: Option<Captured>,
+}
+
+/// New cache positions as the engine thread took them: on the device, copied out of the cache
+/// but not yet read back. The writer task reads them back to the host ([`Captured::to_piece`]),
+/// so a GPU's device-to-host copy is not on the decode path.
+#[derive(Debug)]
+struct Captured {
+    from: u32,
+    to: u32,
+    layers: Vec<(Tensor, Tensor)>,
+}
+
+impl Captured {
+    /// `next`'s positions after these; they must follow on.
+    fn append(&mut self, next: Captured) -> Result<(), ModelError> {
+        if next.from != self.to || next.layers.len() != self.layers.len() {
+            return Err(ModelError::Internal("snapshot pieces that do not follow on".into()));
+        }
+        for ((k, v), (nk, nv)) in self.layers.iter_mut().zip(next.layers) {
+            *k = Tensor::cat(&[&*k, &nk], 2)?;
+            *v = Tensor::cat(&[&*v, &nv], 2)?;
+        }
+        self.to = next.to;
+        Ok(())
+    }
+
+    fn to_piece(&self) -> Result<Piece, ModelError> {
+        Ok(Piece {
+            from: self.from,
+            to: self.to,
+            layers: values_of(&self.layers)?,
+        })
+    }
 }
 
 impl Delta {
@@ -141,10 +176,10 @@ impl SnapshotSink {
             .map_err(|_| ModelError::Internal("snapshot slot poisoned".into()))?;
         let from = if slot.full_next { 0 } else { slot.next_from };
         let kv = if self.shared.with_kv && end > from {
-            Some(Piece {
+            Some(Captured {
                 from: from as u32,
                 to: end as u32,
-                layers: seq.kv_values(from, end)?,
+                layers: seq.kv_tensors(from, end)?,
             })
         } else {
             None
@@ -342,7 +377,16 @@ async fn write_loop(
         let mut new_pieces = pieces.clone();
         let mut failed = false;
         let full = delta.kv.as_ref().is_some_and(|kv| kv.from == 0);
-        if let Some(kv) = &delta.kv {
+        // Read back to the host here, on the writer's task, not on the engine thread.
+        let piece = match delta.kv.as_ref().map(Captured::to_piece).transpose() {
+            Ok(piece) => piece,
+            Err(e) => {
+                debug!(error = %e, prefix = %id.prefix, "snapshot piece could not be read back; retrying with the next snapshot");
+                failed = true;
+                None
+            }
+        };
+        if let Some(kv) = &piece {
             let name = format!("piece-{:06}-{tag}", seq + 1);
             let body = kv.encode(shape);
             let crc = u32::from_le_bytes(body[body.len() - 4..].try_into().expect("a piece ends with its crc"));

@@ -23,77 +23,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use candle_core::Tensor;
 use tokio::sync::Notify;
 use tracing::debug;
 
-use super::format::{KvShape, Manifest, Piece, PieceRef, FORMAT_VERSION};
+use super::format::{KvShape, Manifest, PieceRef, FORMAT_VERSION};
 pub use super::policy::{ResumeMode, SnapshotPolicy, SnapshotStats};
 use super::store::SnapshotStore;
 use crate::engine::{Checkpoint, Sequence};
-use crate::model::cache::values_of;
 use crate::model::ModelError;
 
-/// What the engine hands over at a snapshot point.
-#[derive(Debug)]
-struct Delta {
-    tokens: Vec<u32>,
-    kv: Option<Captured>,
-}
-
-/// New cache positions as the engine thread took them: on the device, copied out of the cache
-/// but not yet read back. The writer task reads them back to the host ([`Captured::to_piece`]),
-/// so a GPU's device-to-host copy is not on the decode path.
-#[derive(Debug)]
-struct Captured {
-    from: u32,
-    to: u32,
-    layers: Vec<(Tensor, Tensor)>,
-}
-
-impl Captured {
-    /// `next`'s positions after these; they must follow on.
-    fn append(&mut self, next: Captured) -> Result<(), ModelError> {
-        if next.from != self.to || next.layers.len() != self.layers.len() {
-            return Err(ModelError::Internal("snapshot pieces that do not follow on".into()));
-        }
-        for ((k, v), (nk, nv)) in self.layers.iter_mut().zip(next.layers) {
-            *k = Tensor::cat(&[&*k, &nk], 2)?;
-            *v = Tensor::cat(&[&*v, &nv], 2)?;
-        }
-        self.to = next.to;
-        Ok(())
-    }
-
-    fn to_piece(&self) -> Result<Piece, ModelError> {
-        Ok(Piece {
-            from: self.from,
-            to: self.to,
-            layers: values_of(&self.layers)?,
-        })
-    }
-}
-
-impl Delta {
-    /// `older` followed by `newer`, as one delta.
-    fn merge(older: Delta, newer: Delta) -> Delta {
-        let kv = match (older.kv, newer.kv) {
-            // A newer full copy (from position 0) supersedes everything older.
-            (Some(mut a), Some(b)) if b.from != 0 => match a.append(b) {
-                Ok(()) => Some(a),
-                // Not contiguous: cannot happen, since offers extract from where the last one
-                // ended; drop the older part rather than store a gap (the next full copy fixes it).
-                Err(_) => None,
-            },
-            (Some(a), None) => Some(a),
-            (_, kv) => kv,
-        };
-        Delta {
-            tokens: newer.tokens,
-            kv,
-        }
-    }
-}
+mod delta;
+use delta::{Captured, Delta};
 
 #[derive(Debug, Default)]
 struct Slot {

@@ -1,4 +1,5 @@
 use super::*;
+use crate::snapshot::format::Piece;
 
 #[test]
 fn auto_mode_picks_the_cheaper_resume() {

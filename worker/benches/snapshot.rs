@@ -30,7 +30,7 @@ use clap::Parser;
 use ferry_schemas::Request;
 use ferry_testkit::model::model_path;
 use ferry_worker::config::SnapshotConfig;
-use ferry_worker::engine::{Engine, GenerationParams, Prepared, SamplingParams, Sequence};
+use ferry_worker::engine::{Engine, Prepared, Sequence};
 use ferry_worker::model::{Model, WeightFormat};
 use ferry_worker::snapshot::format::snapshot_prefix;
 use ferry_worker::snapshot::store::{self, SnapshotStore};
@@ -236,15 +236,8 @@ impl InProcess {
         let m = &*self.model;
         let prompt = filler[..positions - 1].to_vec();
         let tokens = vec![filler[positions - 1]];
-        let params = GenerationParams {
-            sampling: SamplingParams::GREEDY,
-            max_tokens: 64,
-            stop: Vec::new(),
-        };
-        let prepared = Prepared {
-            prompt: prompt.clone(),
-            params: params.clone(),
-        };
+        let prepared = Prepared::greedy(prompt.clone(), 64);
+        let params = prepared.params.clone();
         // Re-prefill: a resume without a cache runs the prompt and the generated token through
         // the model, as a worker that finds no snapshot does (it would then decode the
         // generated tokens one at a time, which costs more; one token keeps this a lower bound).

@@ -64,9 +64,7 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context};
 use ferry_schemas::FinishReason;
-use ferry_worker::engine::{
-    Completion, Engine, EngineHandle, GenerationParams, Job, Outcome, Prepared, SamplingParams,
-};
+use ferry_worker::engine::{Completion, Engine, EngineHandle, Job, Outcome, Prepared};
 use ferry_worker::model::{Model, WeightFormat};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -118,14 +116,7 @@ fn load_model(path: &Path) -> anyhow::Result<Arc<Model>> {
 }
 
 fn greedy(prompt: Vec<u32>, max_tokens: usize) -> Prepared {
-    Prepared {
-        prompt,
-        params: GenerationParams {
-            sampling: SamplingParams::GREEDY,
-            max_tokens,
-            stop: Vec::new(),
-        },
-    }
+    Prepared::greedy(prompt, max_tokens)
 }
 
 /// Parts 1 to 3 with this process's threads: the figures the report compares.

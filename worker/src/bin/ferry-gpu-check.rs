@@ -22,9 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context};
 use clap::Parser;
 use ferry_worker::config::DeviceChoice;
-use ferry_worker::engine::{
-    Checkpoint, Engine, EngineHandle, GenerationParams, Job, Outcome, Prepared, SamplingParams, Sequence,
-};
+use ferry_worker::engine::{Checkpoint, Engine, EngineHandle, Job, Outcome, Prepared, Sequence};
 use ferry_worker::model::{Kernels, LoadOptions, Model, ModelSource, SequenceCache, WeightFormat};
 use ferry_worker::snapshot::format::snapshot_prefix;
 use ferry_worker::snapshot::{device_fingerprint, store, ResumeMode, SnapshotPolicy, Snapshots};
@@ -63,14 +61,7 @@ fn prompt(model: &Model, from: usize, tokens: usize) -> anyhow::Result<Vec<u32>>
 }
 
 fn greedy(prompt: Vec<u32>, max_tokens: usize) -> Prepared {
-    Prepared {
-        prompt,
-        params: GenerationParams {
-            sampling: SamplingParams::GREEDY,
-            max_tokens,
-            stop: Vec::new(),
-        },
-    }
+    Prepared::greedy(prompt, max_tokens)
 }
 
 /// A file snapshot store in a fresh directory of this run's (removed at the end of `main`).

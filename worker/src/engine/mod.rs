@@ -74,6 +74,21 @@ pub struct Prepared {
     pub params: GenerationParams,
 }
 
+impl Prepared {
+    /// A prompt decoded greedily for at most `max_tokens`, with no stop strings: the job of the
+    /// benches and the GPU check, whose answers must be reproducible.
+    pub fn greedy(prompt: Vec<u32>, max_tokens: usize) -> Prepared {
+        Prepared {
+            prompt,
+            params: GenerationParams {
+                sampling: SamplingParams::GREEDY,
+                max_tokens,
+                stop: Vec::new(),
+            },
+        }
+    }
+}
+
 /// The model plus the request-to-prompt logic.
 #[derive(Debug, Clone)]
 pub struct Engine {

@@ -1,7 +1,7 @@
 use std::time::Duration;
 
 use super::*;
-use crate::engine::{GenerationParams, Prepared, SamplingParams};
+use crate::engine::Prepared;
 use crate::model::LlamaConfig;
 use crate::snapshot::{format, store, Snapshots};
 
@@ -442,12 +442,5 @@ async fn without_a_store_attempts_are_counted_in_the_requests_own_log_by_the_sam
 
 /// A short greedy request, for the lookups that must find nothing.
 fn greedy_prepared() -> Prepared {
-    Prepared {
-        prompt: vec![1, 2, 3],
-        params: GenerationParams {
-            sampling: SamplingParams::GREEDY,
-            max_tokens: 8,
-            stop: Vec::new(),
-        },
-    }
+    Prepared::greedy(vec![1, 2, 3], 8)
 }

@@ -51,7 +51,7 @@ mod memory;
 mod report;
 mod runs;
 
-use compare::{prefill, single_sequence};
+use compare::Comparison;
 use llama_cpp::{llama_cpp_python, llama_cpp_run, LlamaCpp};
 use memory::{peak_memory, rss_child};
 use runs::{aggregates, run_all};
@@ -120,16 +120,10 @@ fn greedy(prompt: Vec<u32>, max_tokens: usize) -> Prepared {
 }
 
 /// Parts 1 to 3 with this process's threads: the figures the report compares.
-fn speed(
-    rt: &tokio::runtime::Runtime,
-    model: &Arc<Model>,
-    path: &Path,
-    threads: usize,
-    llama: &LlamaCpp,
-) -> anyhow::Result<Value> {
-    let single = single_sequence(rt, model, path, threads, llama)?;
-    let prefill = prefill(rt, model, path, threads, llama)?;
-    let aggregate = aggregates(rt, model)?;
+fn speed(c: Comparison) -> anyhow::Result<Value> {
+    let single = c.single_sequence()?;
+    let prefill = c.prefill()?;
+    let aggregate = aggregates(c.rt, c.model)?;
     let rate = |n: usize| {
         aggregate
             .iter()
@@ -138,7 +132,7 @@ fn speed(
     };
     let batch_ratio = rate(8).zip(rate(1)).map(|(b8, b1)| b8 / b1);
     Ok(json!({
-        "threads": threads,
+        "threads": c.threads,
         "vs_llama_cpp_ratio": single["vs_llama_cpp_ratio"],
         "prefill_vs_llama_cpp_ratio": prefill["prefill_vs_llama_cpp_ratio"],
         "batch8_vs_batch1_ratio": batch_ratio,
@@ -197,11 +191,18 @@ fn main() -> anyhow::Result<()> {
         .kernel_path()
         .map_or("candle", ferry_worker::kernels::Path::name);
     let llama: LlamaCpp = llama_cpp_python().map_err(|e| format!("{e:#}"));
+    let compared = Comparison {
+        rt: &rt,
+        model: &model,
+        path: &path,
+        threads,
+        llama: &llama,
+    };
     if std::env::var_os(THREADS_CHILD_ENV).is_some() {
-        println!("{}", speed(&rt, &model, &path, threads, &llama)?);
+        println!("{}", speed(compared)?);
         return Ok(());
     }
-    let speed = speed(&rt, &model, &path, threads, &llama)?;
+    let speed = speed(compared)?;
     drop(model);
     let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let two = if threads == 1 && cpus >= 2 {

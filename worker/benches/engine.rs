@@ -94,8 +94,5 @@ fn main() -> anyhow::Result<()> {
         "q8_0_vs_q4_1_decode_ratio": q8.decode_tps / native.decode_tps,
         "q8_0_vs_q4_1_prefill_ratio": q8.prefill_tps / native.prefill_tps,
     });
-    let file = report::save("engine", &report)?;
-    println!("{}", serde_json::to_string_pretty(&report)?);
-    println!("wrote {}", file.display());
-    Ok(())
+    report::save_and_print("engine", &report)
 }

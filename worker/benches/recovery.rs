@@ -249,10 +249,7 @@ fn main() -> anyhow::Result<()> {
         "bench_s": started.elapsed().as_secs_f64(),
         "notes": NOTES,
     });
-    let file = report::save("recovery", &report)?;
-    println!("{}", serde_json::to_string_pretty(&report)?);
-    println!("wrote {}", file.display());
-    Ok(())
+    report::save_and_print("recovery", &report)
 }
 
 /// Whether `part` is to run: `FERRY_BENCH_PARTS` lists some of `recovery,throughput` (all when

@@ -357,10 +357,7 @@ fn main() -> anyhow::Result<()> {
         "bench_s": started.elapsed().as_secs_f64(),
         "notes": NOTES,
     });
-    let file = report::save("snapshot", &report)?;
-    println!("{}", serde_json::to_string_pretty(&report)?);
-    println!("wrote {}", file.display());
-    Ok(())
+    report::save_and_print("snapshot", &report)
 }
 
 /// How the figures were taken, for whoever reads the JSON without this file.

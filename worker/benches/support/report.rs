@@ -69,3 +69,13 @@ pub fn save(name: &str, report: &serde_json::Value) -> anyhow::Result<PathBuf> {
     std::fs::write(&file, serde_json::to_string_pretty(&report)? + "\n")?;
     Ok(file)
 }
+
+/// [`save`]s `report`, prints it as pretty JSON and says where it was written: the end of a
+/// bench whose report is read as it is.
+#[allow(dead_code)] // The throughput bench prints a table instead.
+pub fn save_and_print(name: &str, report: &serde_json::Value) -> anyhow::Result<()> {
+    let file = save(name, report)?;
+    println!("{}", serde_json::to_string_pretty(report)?);
+    println!("wrote {}", file.display());
+    Ok(())
+}

@@ -140,8 +140,9 @@ impl AttemptLog {
     }
 
     /// Whether the attempt just begun must be dead-lettered instead of run: `counted() >
-    /// max_attempts`. Called on the log that includes the new attempt, this means the earlier
-    /// attempts have already spent the budget: with `max_attempts = 3`, the 4th start of a request
+    /// max_attempts`, the budget rule of [`AttemptLog::budget_spent`] asked after the start is
+    /// recorded (the worker asks before). Called on the log that includes the new attempt, this
+    /// means the earlier attempts have already spent the budget: with `max_attempts = 3`, the 4th start of a request
     /// whose 3 earlier attempts died or failed is dead-lettered, while a request that was
     /// suspended any number of times still runs.
     pub fn over_budget(&self, max_attempts: u32) -> bool {

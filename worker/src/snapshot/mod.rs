@@ -269,12 +269,13 @@ impl Snapshots {
     /// Records that `worker` starts the request under `prefix` now, and returns the request's
     /// attempt log including this attempt (its [`AttemptLog::latest`] entry, with no outcome).
     ///
-    /// The budget rule: the caller dead-letters instead of running when
-    /// [`AttemptLog::over_budget`]`(max_attempts)`, that is `log.counted() > max_attempts`.
-    /// The new attempt counts, so this holds exactly when the earlier attempts that died (no
-    /// outcome) or failed already number `max_attempts`: with `max_attempts = 3`, the 4th start of
-    /// a request whose 3 earlier attempts died or failed is dead-lettered instead of run.
-    /// Suspended attempts never count.
+    /// The budget rule: before recording a start, the caller dead-letters instead of running
+    /// when [`AttemptLog::budget_spent`]`(max_attempts)` on the log read so far, that is when the
+    /// earlier attempts that died (no outcome) or failed already number `max_attempts`. Asked of
+    /// the log this returns, which counts the new attempt, the same rule is
+    /// [`AttemptLog::over_budget`]. With `max_attempts = 3`, the 4th start of a request whose 3
+    /// earlier attempts died or failed is dead-lettered instead of run. Suspended attempts never
+    /// count.
     ///
     /// A missing log starts a fresh one; so does one that cannot be decoded (logged as a warning).
     /// A store error is returned and nothing is recorded: the caller should run the request

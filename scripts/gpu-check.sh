@@ -21,9 +21,34 @@ if [[ -z "$bin" ]]; then
     gunzip -c "$dir/ferry-gpu-check.gz" >"$bin" && chmod +x "$bin"
 fi
 export LD_LIBRARY_PATH="$PWD/$dir/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# Where CUDA's libraries usually lie: FERRY_GPU_CHECK_LIB_DIRS (colon-separated) first, then a
+# toolkit under /usr/local, conda, and NVIDIA's wheels in Python's site-packages.
+lib_dirs() {
+    local d
+    local extra="${FERRY_GPU_CHECK_LIB_DIRS:-}"
+    for d in ${extra//:/ } /usr/local/cuda*/lib64 /usr/local/cuda*/targets/*/lib \
+        /opt/conda/lib /usr/lib/x86_64-linux-gnu /usr/lib64; do
+        [[ -d "$d" ]] && echo "$d"
+    done
+    python3 -c 'import glob, site
+for p in site.getsitepackages() + [site.getusersitepackages()]:
+    print("\n".join(glob.glob(p + "/nvidia/*/lib")))' 2>/dev/null
+}
+# Each library the loader cannot find (cuBLAS and cuRAND are not carried): its folder, if found.
+for lib in $(ldd "$bin" 2>/dev/null | awk '/not found/ {print $1}'); do
+    for d in $(lib_dirs); do
+        if [[ -e "$d/$lib" ]]; then
+            export LD_LIBRARY_PATH="$d:$LD_LIBRARY_PATH"
+            echo "gpu-check: $lib found in $d"
+            break
+        fi
+    done
+done
 {
     echo "# nvidia-smi"
     nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total --format=csv 2>&1 || true
+    echo "# the newest CUDA the driver runs (the binary's kernels are PTX from CUDA 13.0: 13.0 or later needed)"
+    nvidia-smi 2>/dev/null | grep -o "CUDA Version: [0-9.]*" || echo "unknown"
     echo "# libraries the binary cannot find here"
     ldd "$bin" 2>&1 | grep "not found" || echo "none"
 } >"$out/gpu-machine.txt"

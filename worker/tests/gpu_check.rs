@@ -55,3 +55,72 @@ fn the_gpu_check_passes_as_a_dry_run_on_the_cpu() {
         .is_some_and(|r| r > 0.0));
     assert!(out.join("gpu-machine.txt").exists());
 }
+
+/// A library the binary needs and the loader cannot find (cuBLAS and cuRAND are not carried) is
+/// looked for where CUDA usually lies, `FERRY_GPU_CHECK_LIB_DIRS` first, and its folder added:
+/// a stand-in binary linked against a library of its own runs only if the script finds it.
+#[test]
+fn the_gpu_check_finds_a_library_the_loader_cannot() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (libs, src) = (dir.path().join("libs"), dir.path().join("src"));
+    std::fs::create_dir_all(&libs).expect("libs");
+    std::fs::create_dir_all(&src).expect("src");
+    let gcc = |args: &[&std::ffi::OsStr]| {
+        let out = Command::new("gcc").args(args).output().expect("gcc runs");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    std::fs::write(
+        src.join("lib.c"),
+        "const char *report(void) { return \"{\\\"pass\\\": true}\"; }\n",
+    )
+    .expect("lib.c");
+    // The stand-in takes the check's arguments and writes the library's report to `--out`.
+    std::fs::write(
+        src.join("main.c"),
+        "#include <stdio.h>\n#include <string.h>\nconst char *report(void);\n\
+         int main(int argc, char **argv) {\n\
+           for (int i = 1; i + 1 < argc; i++) if (!strcmp(argv[i], \"--out\")) {\n\
+             FILE *f = fopen(argv[i + 1], \"w\"); if (!f) return 2; fputs(report(), f); fclose(f); return 0; }\n\
+           return 3; }\n",
+    )
+    .expect("main.c");
+    let lib = libs.join("libferrystandin.so.7");
+    gcc(&[
+        "-shared".as_ref(),
+        "-fPIC".as_ref(),
+        "-Wl,-soname,libferrystandin.so.7".as_ref(),
+        "-o".as_ref(),
+        lib.as_os_str(),
+        src.join("lib.c").as_os_str(),
+    ]);
+    let bin = dir.path().join("ferry-gpu-check");
+    gcc(&[
+        "-o".as_ref(),
+        bin.as_os_str(),
+        src.join("main.c").as_os_str(),
+        lib.as_os_str(),
+    ]);
+    let run = |lib_dirs: &str| {
+        let out = dir.path().join(format!("out-{}", lib_dirs.len()));
+        let run = Command::new(root.join("scripts/gpu-check.sh"))
+            .env("OUT", &out)
+            .env("FERRY_GPU_CHECK_BIN", &bin)
+            .env("FERRY_GPU_CHECK_LIB_DIRS", lib_dirs)
+            .output()
+            .expect("the script runs");
+        let log = String::from_utf8_lossy(&run.stdout).into_owned() + &String::from_utf8_lossy(&run.stderr);
+        let report = std::fs::read_to_string(out.join("gpu-check.json")).unwrap_or_default();
+        (run.status.success(), log, report)
+    };
+    let (ok, log, report) = run("");
+    assert!(!ok, "the library is nowhere the script looks:\n{log}");
+    assert!(report.contains("\"pass\": false"), "{report}");
+    let (ok, log, report) = run(&format!("/nonexistent:{}", libs.display()));
+    assert!(ok, "{log}");
+    assert!(
+        log.contains(&format!("libferrystandin.so.7 found in {}", libs.display())),
+        "{log}"
+    );
+    assert_eq!(report, "{\"pass\": true}");
+}

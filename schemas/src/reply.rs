@@ -243,19 +243,7 @@ mod tests {
 
     #[test]
     fn error_code_strings_match_serde() {
-        for code in [
-            ErrorCode::InvalidJson,
-            ErrorCode::InvalidSchema,
-            ErrorCode::InvalidRequest,
-            ErrorCode::PromptTooLong,
-            ErrorCode::UnknownModel,
-            ErrorCode::TemplateError,
-            ErrorCode::EngineError,
-            ErrorCode::AttemptsExhausted,
-            ErrorCode::ReplyTopicForbidden,
-            ErrorCode::ReplyTopicUnwritable,
-            ErrorCode::ReplyTooLarge,
-        ] {
+        for code in ErrorCode::ALL {
             assert_eq!(
                 serde_json::to_value(code).ok(),
                 Some(Value::String(code.as_str().into()))

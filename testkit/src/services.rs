@@ -127,17 +127,6 @@ impl S3Server {
         ]
     }
 
-    /// The same settings as environment variables, for a worker started as a child process.
-    pub fn env(&self) -> Vec<(&'static str, String)> {
-        vec![
-            ("AWS_ENDPOINT_URL", self.endpoint.clone()),
-            ("AWS_ALLOW_HTTP", "true".into()),
-            ("AWS_ACCESS_KEY_ID", Self::ACCESS_KEY_ID.into()),
-            ("AWS_SECRET_ACCESS_KEY", Self::SECRET_ACCESS_KEY.into()),
-            ("AWS_REGION", Self::REGION.into()),
-        ]
-    }
-
     /// The server's log so far.
     pub fn log(&self) -> String {
         self.process.log()

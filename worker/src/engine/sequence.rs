@@ -27,7 +27,7 @@ use ferry_schemas::FinishReason;
 
 use super::sampler::{sample, SamplingParams};
 use super::stream::{Release, StreamChunk};
-use crate::model::{BatchInput, IncrementalDecoder, LayerValues, Model, ModelError, SequenceCache};
+use crate::model::{BatchInput, IncrementalDecoder, Model, ModelError, SequenceCache};
 
 /// Prompt tokens per forward pass of a prefill. A constant, not a setting: the chunking changes
 /// the bits of the cache (attention sums in other shapes), and a snapshot taken by one worker
@@ -192,12 +192,8 @@ impl Sequence {
         (self.finish.is_none() && !self.generated.is_empty() && self.cache.len() >= end).then_some(end)
     }
 
-    /// Keys and values of positions `[from, to)`, position-major, for a snapshot piece.
-    pub fn kv_values(&self, from: usize, to: usize) -> Result<LayerValues, ModelError> {
-        self.cache.range_values(from, to)
-    }
-
-    /// [`Sequence::kv_values`], left on the device: see [`SequenceCache::range_tensors`].
+    /// Keys and values of positions `[from, to)` for a snapshot piece, left on the device: see
+    /// [`SequenceCache::range_tensors`].
     pub fn kv_tensors(
         &self,
         from: usize,

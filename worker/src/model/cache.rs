@@ -43,15 +43,10 @@ impl SequenceCache {
         self.len == 0
     }
 
-    /// Keys and values of every layer for positions `[from, to)`, position-major
-    /// (`(to - from, n_kv_head, head_dim)` flattened), as snapshot pieces hold them.
-    pub fn range_values(&self, from: usize, to: usize) -> Result<LayerValues, ModelError> {
-        values_of(&self.range_tensors(from, to)?)
-    }
-
     /// Keys and values of every layer for positions `[from, to)`, on the cache's device (shaped
-    /// `(1, n_kv_head, to - from, head_dim)`), which later writes to the cache do not change. Cheap on a GPU (a device copy, queued); [`values_of`] reads them
-    /// back to the host, which a snapshot writer does on its own thread.
+    /// `(1, n_kv_head, to - from, head_dim)`), which later writes to the cache do not change.
+    /// Cheap on a GPU (a device copy, queued); [`values_of`] reads them back to the host,
+    /// position-major, which a snapshot writer does on its own task.
     pub fn range_tensors(&self, from: usize, to: usize) -> Result<Vec<(Tensor, Tensor)>, ModelError> {
         if from >= to || to > self.len {
             return Err(ModelError::Internal(format!(
@@ -125,8 +120,8 @@ impl SequenceCache {
     }
 }
 
-/// Host values of [`SequenceCache::range_tensors`]' copies, position-major, as snapshot pieces
-/// hold them.
+/// Host values of [`SequenceCache::range_tensors`]' copies, position-major
+/// (`(to - from, n_kv_head, head_dim)` flattened per layer), as snapshot pieces hold them.
 pub fn values_of(layers: &[(Tensor, Tensor)]) -> Result<LayerValues, ModelError> {
     let host = |t: &Tensor| -> Result<Vec<f32>, ModelError> {
         Ok(t.transpose(1, 2)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?)

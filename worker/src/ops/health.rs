@@ -12,6 +12,7 @@
 //! The readiness state is plain atomics; the breaker is a pure value; the monitor is a loop over
 //! an injected [`HealthSource`], so all of it is tested without a GPU.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -119,7 +120,9 @@ pub struct HealthState {
     consuming: AtomicBool,
     draining: AtomicBool,
     tripped: Mutex<Option<Trip>>,
-    degraded: Mutex<Option<String>>,
+    /// What each health source that reports a degraded state says, by source: one source's
+    /// recovery does not clear another's report (CUDA's context check and NVML run side by side).
+    degraded: Mutex<BTreeMap<String, String>>,
     breaker: Mutex<CircuitBreaker>,
     /// The signal counter the consumer watches: a trip counts as the first signal.
     signals: Arc<watch::Sender<u32>>,
@@ -143,7 +146,7 @@ impl HealthState {
             consuming: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             tripped: Mutex::new(None),
-            degraded: Mutex::new(None),
+            degraded: Mutex::new(BTreeMap::new()),
             breaker: Mutex::new(CircuitBreaker::new(breaker_failures)),
             signals,
             started: Instant::now(),
@@ -264,16 +267,16 @@ impl HealthState {
     pub fn observe(&self, source: &str, health: Health) -> bool {
         match health {
             Health::Healthy => {
-                if lock(&self.degraded).take().is_some() {
+                if lock(&self.degraded).remove(source).is_some() {
                     info!(source, "accelerator healthy again");
                 }
                 true
             }
             Health::Degraded(why) => {
                 let mut d = lock(&self.degraded);
-                if d.as_deref() != Some(why.as_str()) {
+                if d.get(source) != Some(&why) {
                     warn!(source, reason = %why, "accelerator degraded");
-                    *d = Some(why);
+                    d.insert(source.to_string(), why);
                 }
                 true
             }
@@ -307,8 +310,8 @@ impl Collector for HealthGauges {
             ),
             (
                 "ferry_accelerator_degraded",
-                "1 while the accelerator's health source reports a degraded state.",
-                i64::from(lock(&s.degraded).is_some()),
+                "1 while any of the accelerator's health sources reports a degraded state.",
+                i64::from(!lock(&s.degraded).is_empty()),
             ),
             (
                 "ferry_accelerator_unrecoverable",

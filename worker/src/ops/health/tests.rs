@@ -104,7 +104,7 @@ async fn the_monitor_trips_on_an_unrecoverable_error() {
     let task = tokio::spawn(monitor(source.clone(), Duration::from_millis(5), s.clone()));
     // Degraded is reported but keeps the worker ready.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while lock(&s.degraded).is_none() {
+    while lock(&s.degraded).is_empty() {
         assert!(Instant::now() < deadline, "degraded state never seen");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -128,4 +128,18 @@ async fn the_monitor_trips_on_an_unrecoverable_error() {
     prometheus_client::encoding::text::encode(&mut text, &registry).expect("encodes");
     assert!(text.contains("ferry_accelerator_unrecoverable 1\n"), "{text}");
     assert!(text.contains("ferry_ready 0\n"));
+}
+
+#[test]
+fn one_sources_recovery_does_not_clear_anothers_degraded_report() {
+    let (s, _rx) = state(5);
+    assert!(s.observe("nvml:GPU-1", Health::Degraded("91 °C".into())));
+    assert!(s.observe("cuda:0", Health::Healthy));
+    assert_eq!(
+        lock(&s.degraded).get("nvml:GPU-1").map(String::as_str),
+        Some("91 °C"),
+        "the CUDA check's health leaves NVML's report standing"
+    );
+    assert!(s.observe("nvml:GPU-1", Health::Healthy));
+    assert!(lock(&s.degraded).is_empty(), "NVML's own recovery clears it");
 }

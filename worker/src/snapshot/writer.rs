@@ -116,11 +116,7 @@ impl SnapshotSink {
             .map_err(|_| ModelError::Internal("snapshot slot poisoned".into()))?;
         let from = if slot.full_next { 0 } else { slot.next_from };
         let kv = if self.shared.with_kv && end > from {
-            Some(Captured {
-                from: from as u32,
-                to: end as u32,
-                layers: seq.kv_tensors(from, end)?,
-            })
+            Some(Captured::new(from as u32, end as u32, seq.kv_tensors(from, end)?))
         } else {
             None
         };

@@ -21,29 +21,62 @@ pub(super) struct Delta {
 pub(super) struct Captured {
     pub(super) from: u32,
     pub(super) to: u32,
-    pub(super) layers: Vec<(Tensor, Tensor)>,
+    /// Each capture's layers, in order of position: merging only lists them, so the engine
+    /// thread never copies them again while the writer is behind.
+    parts: Vec<Vec<(Tensor, Tensor)>>,
 }
 
 impl Captured {
+    /// Positions `[from, to)` of every layer, as [`SequenceCache::range_tensors`] copied them.
+    ///
+    /// [`SequenceCache::range_tensors`]: crate::model::SequenceCache::range_tensors
+    pub(super) fn new(from: u32, to: u32, layers: Vec<(Tensor, Tensor)>) -> Captured {
+        Captured {
+            from,
+            to,
+            parts: vec![layers],
+        }
+    }
+
     /// `next`'s positions after these; they must follow on.
-    pub(super) fn append(&mut self, next: Captured) -> Result<(), ModelError> {
-        if next.from != self.to || next.layers.len() != self.layers.len() {
+    pub(super) fn append(&mut self, mut next: Captured) -> Result<(), ModelError> {
+        if next.from != self.to {
             return Err(ModelError::Internal("snapshot pieces that do not follow on".into()));
         }
-        for ((k, v), (nk, nv)) in self.layers.iter_mut().zip(next.layers) {
-            *k = Tensor::cat(&[&*k, &nk], 2)?;
-            *v = Tensor::cat(&[&*v, &nv], 2)?;
-        }
+        self.parts.append(&mut next.parts);
         self.to = next.to;
         Ok(())
     }
 
+    /// The positions read back to the host, as one piece.
     pub(super) fn to_piece(&self) -> Result<Piece, ModelError> {
-        Ok(Piece {
-            from: self.from,
-            to: self.to,
-            layers: values_of(&self.layers)?,
-        })
+        let mut whole: Option<Piece> = None;
+        let mut from = self.from;
+        for layers in &self.parts {
+            // Shaped `(1, n_kv_head, positions, head_dim)`.
+            let positions = match layers.first() {
+                Some((k, _)) => k.dim(2)?,
+                None => 0,
+            };
+            let to = from + positions as u32;
+            let piece = Piece {
+                from,
+                to,
+                layers: values_of(layers)?,
+            };
+            match &mut whole {
+                None => whole = Some(piece),
+                Some(w) => w.append(piece).map_err(|e| ModelError::Internal(e.to_string()))?,
+            }
+            from = to;
+        }
+        match whole {
+            Some(piece) if piece.to == self.to => Ok(piece),
+            _ => Err(ModelError::Internal(format!(
+                "a snapshot capture of [{}, {}) that does not add up",
+                self.from, self.to
+            ))),
+        }
     }
 }
 

@@ -131,11 +131,7 @@ fn captured(from: u32, to: u32) -> Captured {
     let t = |x: &Vec<f32>| {
         candle_core::Tensor::from_vec(x.clone(), (1, 1, x.len(), 1), &candle_core::Device::Cpu).expect("tensor")
     };
-    Captured {
-        from,
-        to,
-        layers: p.layers.iter().map(|(k, v)| (t(k), t(v))).collect(),
-    }
+    Captured::new(from, to, p.layers.iter().map(|(k, v)| (t(k), t(v))).collect())
 }
 
 fn read_back(c: Option<Captured>) -> Option<Piece> {

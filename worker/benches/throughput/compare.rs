@@ -20,8 +20,9 @@ impl Comparison<'_> {
         let prompt = self.model.tokenizer.encode(&count_prompt(1))?;
         let handle = EngineHandle::spawn(Engine::new(self.model.clone()), 1)?;
         // One forward pass after the first token's is timed per token; one more ends the job.
-        let job = || greedy(prompt.clone(), DECODE_TOKENS + 2);
-        self.rt.block_on(run_all(&handle, vec![greedy(prompt.clone(), 8)]))?;
+        let job = || Prepared::greedy(prompt.clone(), DECODE_TOKENS + 2);
+        self.rt
+            .block_on(run_all(&handle, vec![Prepared::greedy(prompt.clone(), 8)]))?;
         let (mut ferry_decode, mut ferry_prefill, mut llama_runs) = (Vec::new(), Vec::new(), Vec::new());
         let mut llama_error = self.llama.as_ref().err().cloned();
         let mut ferry_tokens = Vec::new();
@@ -91,13 +92,13 @@ impl Comparison<'_> {
         let prompt = filler[..PREFILL_TOKENS].to_vec();
         let handle = EngineHandle::spawn(Engine::new(self.model.clone()), 1)?;
         self.rt
-            .block_on(run_all(&handle, vec![greedy(prompt[..64].to_vec(), 1)]))?;
+            .block_on(run_all(&handle, vec![Prepared::greedy(prompt[..64].to_vec(), 1)]))?;
         let mut llama_error = self.llama.as_ref().err().cloned();
         let (mut ferry, mut llama_runs) = (Vec::new(), Vec::new());
         for _ in 0..REPEATS {
             let trace = self
                 .rt
-                .block_on(run_all(&handle, vec![greedy(prompt.clone(), 1)]))?
+                .block_on(run_all(&handle, vec![Prepared::greedy(prompt.clone(), 1)]))?
                 .remove(0);
             ferry.push(prompt.len() as f64 / trace.completion.prefill.as_secs_f64());
             if let (Ok(python), None) = (self.llama, &llama_error) {

@@ -115,10 +115,6 @@ fn load_model(path: &Path) -> anyhow::Result<Arc<Model>> {
     Ok(Arc::new(report::load_model(path, WeightFormat::Q8_0)?))
 }
 
-fn greedy(prompt: Vec<u32>, max_tokens: usize) -> Prepared {
-    Prepared::greedy(prompt, max_tokens)
-}
-
 /// Parts 1 to 3 with this process's threads: the figures the report compares.
 fn speed(c: Comparison) -> anyhow::Result<Value> {
     let single = c.single_sequence()?;

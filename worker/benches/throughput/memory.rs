@@ -16,7 +16,7 @@ pub fn rss_child(path: &Path) -> anyhow::Result<()> {
             ensure!(filler.len() >= head + i, "filler too short");
             // Each prompt starts at a different place in the filler, so no two are the same.
             let prompt = [&filler[i..i + head], &tail[..]].concat();
-            Ok(greedy(prompt, RSS_DECODE_TOKENS))
+            Ok(Prepared::greedy(prompt, RSS_DECODE_TOKENS))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let start = Instant::now();

@@ -118,7 +118,7 @@ pub fn aggregates(rt: &tokio::runtime::Runtime, model: &Arc<Model>) -> anyhow::R
     let once = |n: usize| -> anyhow::Result<Value> {
         let jobs = (0..n)
             .map(|i| {
-                Ok(greedy(
+                Ok(Prepared::greedy(
                     model.tokenizer.encode(&count_prompt(1 + 100 * i))?,
                     AGGREGATE_MAX_TOKENS,
                 ))

@@ -60,10 +60,6 @@ fn prompt(model: &Model, from: usize, tokens: usize) -> anyhow::Result<Vec<u32>>
     Ok(ids)
 }
 
-fn greedy(prompt: Vec<u32>, max_tokens: usize) -> Prepared {
-    Prepared::greedy(prompt, max_tokens)
-}
-
 /// A file snapshot store in a fresh directory of this run's (removed at the end of `main`).
 async fn file_store(name: &str) -> anyhow::Result<Arc<dyn store::SnapshotStore>> {
     let dir = scratch().join(name);
@@ -113,7 +109,7 @@ fn logits(cpu: &Model, dev: &Model) -> anyhow::Result<Value> {
 async fn resume(model: &Arc<Model>, device: &candle_core::Device) -> anyhow::Result<Value> {
     let engine = Engine::new(model.clone());
     let store = file_store("resume").await?;
-    let prepared = greedy(prompt(model, 1, 24)?, 48);
+    let prepared = Prepared::greedy(prompt(model, 1, 24)?, 48);
     let reference = engine.generate(prepared.clone())?;
     let mut runs = Vec::new();
     let mut pass = true;
@@ -168,7 +164,7 @@ async fn resume(model: &Arc<Model>, device: &candle_core::Device) -> anyhow::Res
 /// Part 3: `n` sequences at once through the engine thread: (prefill, decode) tokens/s.
 async fn in_flight(handle: &EngineHandle, model: &Model, n: usize, tokens: usize) -> anyhow::Result<Value> {
     let jobs: Vec<Prepared> = (0..n)
-        .map(|i| prompt(model, 100 * i + 1, 128).map(|p| greedy(p, tokens)))
+        .map(|i| prompt(model, 100 * i + 1, 128).map(|p| Prepared::greedy(p, tokens)))
         .collect::<Result<_, _>>()?;
     let prompt_tokens: usize = jobs.iter().map(|j| j.prompt.len()).sum();
     let started = Instant::now();
@@ -203,7 +199,7 @@ async fn snapshot_overhead(model: &Arc<Model>, device: &candle_core::Device, tok
     let snaps = Snapshots::new(store, policy, model, "native", device);
     let mut rates = Vec::new();
     for with in [false, true, false, true] {
-        let prepared = greedy(prompt(model, 7, 64)?, tokens);
+        let prepared = Prepared::greedy(prompt(model, 7, 64)?, tokens);
         let mut job = Job::new(prepared.clone());
         let writer = if with {
             let (w, sink) = snaps

@@ -22,12 +22,16 @@ pub enum BrokerChoice {
 
 impl BrokerChoice {
     pub fn from_env() -> Self {
-        if let Some(servers) = shared_kafka::external() {
+        // `FERRY_TEST_BOOTSTRAP_SERVERS`, when set and not blank, wins.
+        if let Some(servers) = std::env::var("FERRY_TEST_BOOTSTRAP_SERVERS")
+            .ok()
+            .filter(|s| !s.trim().is_empty())
+        {
             return BrokerChoice::External(servers);
         }
         match std::env::var("FERRY_TEST_BROKER").as_deref() {
             Ok("kafka") | Ok("") | Err(_) => BrokerChoice::Kafka,
-            Ok(_) if shared_kafka::mock_requested() => BrokerChoice::Mock,
+            Ok("mock") => BrokerChoice::Mock,
             Ok(other) => panic!("FERRY_TEST_BROKER={other:?}: expected kafka or mock"),
         }
     }
@@ -124,10 +128,6 @@ impl BrokerProcess {
 
     pub fn process(&self) -> &ChildGuard {
         &self.process
-    }
-
-    pub fn process_mut(&mut self) -> &mut ChildGuard {
-        &mut self.process
     }
 }
 

@@ -33,9 +33,6 @@ pub mod services;
 mod shared_kafka;
 pub mod worker;
 
-use std::fs::File;
-use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 pub use broker::BrokerChoice;
@@ -75,13 +72,4 @@ pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
         .build()
         .expect("runtime")
         .block_on(future)
-}
-
-/// The first line of a file that contains `needle`, if any.
-pub fn find_line(path: &Path, needle: &str) -> Option<String> {
-    let f = File::open(path).ok()?;
-    BufReader::new(f)
-        .lines()
-        .map_while(Result::ok)
-        .find(|l| l.contains(needle))
 }

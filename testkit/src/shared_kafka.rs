@@ -29,18 +29,6 @@ pub fn bootstrap_servers(ferry: &Path) -> Result<String, String> {
     }
 }
 
-/// The cluster `FERRY_TEST_BOOTSTRAP_SERVERS` names, when set and not blank.
-pub fn external() -> Option<String> {
-    std::env::var("FERRY_TEST_BOOTSTRAP_SERVERS")
-        .ok()
-        .filter(|s| !s.trim().is_empty())
-}
-
-/// Whether `FERRY_TEST_BROKER=mock` asks for librdkafka's mock cluster instead of real Kafka.
-pub fn mock_requested() -> bool {
-    std::env::var("FERRY_TEST_BROKER").is_ok_and(|v| v == "mock")
-}
-
 /// Waits for a starting `ferry broker` (`child`, logging to `log`) to write its bootstrap
 /// servers to `file`; the error, with the log, if it exits first or takes over [`FIRST_START`].
 pub fn wait_for_bootstrap(file: &Path, child: &mut Child, log: &Path) -> Result<String, String> {

@@ -162,10 +162,15 @@ impl Setup {
     /// Waits until the group has committed `partition` of the request topic to `position` or
     /// past it.
     pub fn wait_committed(&self, partition: i32, position: i64, timeout: Duration) {
+        let reader = self.cluster.reader(&self.pipeline.group);
         crate::wait_for(
             timeout,
             &format!("partition {partition} committed to {position}"),
-            || self.committed(partition).filter(|&c| c >= position),
+            || {
+                self.cluster
+                    .committed_in(&reader, &self.pipeline.requests, partition)
+                    .filter(|&c| c >= position)
+            },
         );
     }
 }

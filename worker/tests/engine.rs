@@ -9,6 +9,7 @@ use candle_transformers::models::quantized_llama;
 use ferry_schemas::{ChatMessage, FinishReason, Request, Role};
 use ferry_testkit::model::model_path;
 use ferry_worker::engine::{Engine, Sequence};
+use ferry_worker::model::closeness::closeness;
 use ferry_worker::model::{Kernels, LoadOptions, Model, ModelSource, SequenceCache, WeightFormat};
 use support::{load, shared};
 
@@ -21,29 +22,6 @@ fn chat_request(id: &str, content: &str, max_tokens: u32) -> Request {
     }]);
     r.max_tokens = Some(max_tokens);
     r
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
-}
-
-/// How far two logit vectors are apart: the largest difference, the difference's L2 norm
-/// relative to `reference`'s, and whether both pick the same token.
-struct Closeness {
-    max: f32,
-    relative: f32,
-    same_argmax: bool,
-}
-
-fn closeness(ours: &[f32], reference: &[f32]) -> Closeness {
-    let argmax = |v: &[f32]| (0..v.len()).fold(0, |best, i| if v[i] > v[best] { i } else { best });
-    let l2 = |v: &mut dyn Iterator<Item = f32>| v.map(|x| x * x).sum::<f32>().sqrt();
-    Closeness {
-        max: max_abs_diff(ours, reference),
-        relative: l2(&mut ours.iter().zip(reference).map(|(a, b)| a - b)) / l2(&mut reference.iter().copied()),
-        same_argmax: argmax(ours) == argmax(reference),
-    }
 }
 
 /// Our forward pass gives candle's `quantized_llama` logits, on the file's own Q4_1 weights,

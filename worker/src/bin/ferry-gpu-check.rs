@@ -23,6 +23,7 @@ use anyhow::{ensure, Context};
 use clap::Parser;
 use ferry_worker::config::DeviceChoice;
 use ferry_worker::engine::{Checkpoint, Engine, EngineHandle, Job, Outcome, Prepared, Sequence};
+use ferry_worker::model::closeness::closeness;
 use ferry_worker::model::{Kernels, LoadOptions, Model, ModelSource, SequenceCache, WeightFormat};
 use ferry_worker::snapshot::format::snapshot_prefix;
 use ferry_worker::snapshot::{device_fingerprint, store, ResumeMode, SnapshotPolicy, Snapshots};
@@ -85,22 +86,12 @@ fn logits(cpu: &Model, dev: &Model) -> anyhow::Result<Value> {
         Ok(out)
     };
     let (a, b) = (run(cpu)?, run(dev)?);
-    let argmax = |v: &[f32]| v.iter().enumerate().max_by(|x, y| x.1.total_cmp(y.1)).map(|(i, _)| i);
     let mut steps = Vec::new();
     let mut pass = true;
-    for (x, y) in a.iter().zip(&b) {
-        let diff: f64 = x
-            .iter()
-            .zip(y)
-            .map(|(p, q)| f64::from(p - q).powi(2))
-            .sum::<f64>()
-            .sqrt();
-        let norm: f64 = x.iter().map(|p| f64::from(*p).powi(2)).sum::<f64>().sqrt();
-        let relative = diff / norm.max(f64::MIN_POSITIVE);
-        let max = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
-        let same = argmax(x) == argmax(y);
-        pass &= same && relative <= 0.10;
-        steps.push(json!({"same_next_token": same, "relative_l2": relative, "max_abs_diff": max}));
+    for (cpu, device) in a.iter().zip(&b) {
+        let c = closeness(device, cpu);
+        pass &= c.same_argmax && c.relative <= 0.10;
+        steps.push(json!({"same_next_token": c.same_argmax, "relative_l2": c.relative, "max_abs_diff": c.max}));
     }
     Ok(json!({"pass": pass, "tolerance": "same next token, relative L2 <= 0.10", "steps": steps}))
 }

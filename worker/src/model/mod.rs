@@ -10,6 +10,7 @@
 mod attention;
 pub mod cache;
 pub mod chat;
+pub mod closeness;
 mod linear;
 pub mod llama;
 pub mod tokenizer;

@@ -137,8 +137,6 @@ impl Inner {
             if let Some(id) = otel::adopt(&span, Some(&t.parent), t.tracestate.as_deref()) {
                 t.own = t.parent.child(id);
             }
-        }
-        if let Ok(Some(t)) = &trace {
             span.record("trace_id", t.own.trace_id_hex());
             span.record("span_id", t.own.span_id_hex());
             span.record("parent_span_id", t.parent.span_id_hex());

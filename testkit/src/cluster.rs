@@ -95,11 +95,16 @@ impl Cluster {
         self.broker.as_ref().map(BrokerProcess::bootstrap_file)
     }
 
-    /// A `file://` snapshot store in the test's directory, created empty.
-    pub fn snapshot_store(&self) -> String {
+    /// The folder of [`Cluster::snapshot_store`], in the test's directory, created if missing.
+    pub fn snapshot_dir(&self) -> PathBuf {
         let dir = self.dir.path().join("snapshots");
         std::fs::create_dir_all(&dir).expect("store dir");
-        format!("file://{}", dir.display())
+        dir
+    }
+
+    /// A `file://` snapshot store in the test's directory, created empty.
+    pub fn snapshot_store(&self) -> String {
+        format!("file://{}", self.snapshot_dir().display())
     }
 
     /// Starts a worker on this cluster with the test model and `args`: one compute thread unless

@@ -122,7 +122,7 @@ impl Setup {
         let pipeline = Pipeline::new();
         let cluster = crate::Cluster::start_with_partitions(&pipeline.topics(), partitions);
         let store = cluster.snapshot_store();
-        let store_dir = cluster.dir.path().join("snapshots");
+        let store_dir = cluster.snapshot_dir();
         Self {
             cluster,
             pipeline,

@@ -188,7 +188,7 @@ fn a_controlled_exit_closes_the_attempts_in_flight_as_suspended() {
     };
     let args = p.args().set("--snapshot-store", cluster.snapshot_store());
     let args = args.set("--publish-timeout", "2s").set("--max-in-flight", "2");
-    let store = cluster.dir.path().join("snapshots");
+    let store = cluster.snapshot_dir();
     let mut w = cluster.start_worker("worker-controlled", args, &[]);
     let producer = cluster.producer();
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -175,7 +175,7 @@ impl Rig {
             Cluster::start(&pipeline.topics())
         };
         let store = cluster.snapshot_store();
-        let store_dir = cluster.dir.path().join("snapshots");
+        let store_dir = cluster.snapshot_dir();
         let args = pipeline.args().set("--snapshot-store", store);
         let args = args
             .set("--snapshot-every-tokens", SNAPSHOT_EVERY_TOKENS.to_string())

@@ -134,9 +134,15 @@ impl BrokerProcess {
 /// Creates `topics` with `partitions` partitions each through the admin API (one that already
 /// exists is fine). Runs on a thread of its own, so it may be called from inside a runtime.
 pub fn create_topics(bootstrap: &str, topics: &[&str], partitions: i32) {
+    create_topics_with_config(bootstrap, topics, partitions, &[]);
+}
+
+/// [`create_topics`], each topic with the topic-level `config` (`min.insync.replicas`, say).
+pub fn create_topics_with_config(bootstrap: &str, topics: &[&str], partitions: i32, config: &[(&str, &str)]) {
     if topics.is_empty() {
         return;
     }
+    let config: Vec<(String, String)> = config.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     let bootstrap = bootstrap.to_string();
     let new: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
     let created = std::thread::spawn(move || {
@@ -146,7 +152,12 @@ pub fn create_topics(bootstrap: &str, topics: &[&str], partitions: i32) {
             .expect("admin client");
         let new: Vec<NewTopic> = new
             .iter()
-            .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(-1)))
+            .map(|t| {
+                config.iter().fold(
+                    NewTopic::new(t, partitions, TopicReplication::Fixed(-1)),
+                    |n, (k, v)| n.set(k, v),
+                )
+            })
             .collect();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -304,6 +304,13 @@ impl Config {
                 return Err(ConfigError("--dead-letter-topic must differ from every --topic".into()));
             }
         }
+        for lane in &k.fallback_lanes {
+            if !k.topics.iter().any(|l| l.topic == *lane) {
+                return Err(ConfigError(format!(
+                    "--fallback-lane {lane}: not one of --topic (a fallback lane is a request topic this worker consumes)"
+                )));
+            }
+        }
         for (flag, topic) in names {
             if topic.is_empty()
                 || topic.len() > 249

@@ -110,4 +110,39 @@ mod tidy {
             found.join("\n")
         );
     }
+
+    /// Every record the worker writes goes through the publisher's gate
+    /// (`consumer/publish/gate.rs`): no other file makes a Kafka record, except the transaction's
+    /// replay of records that came through the gate before.
+    #[test]
+    fn only_the_gate_makes_kafka_records() {
+        let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("run by cargo")).join("src");
+        let allowed = [
+            root.join("consumer/publish/gate.rs"),
+            root.join("consumer/transaction.rs"),
+        ];
+        let mut found = Vec::new();
+        let mut in_gate = 0;
+        for file in sources(&root) {
+            let text = std::fs::read_to_string(&file).expect("readable");
+            // Spelled in two halves, so that this file does not match itself.
+            for (kind, how) in [("FutureRecord", "::to"), ("BaseRecord", "::to"), ("FutureRecord", " {")] {
+                let marker = format!("{kind}{how}");
+                let n = text.matches(&marker).count();
+                if n == 0 {
+                    continue;
+                }
+                if allowed.contains(&file) {
+                    in_gate += n;
+                } else {
+                    found.push(format!("{}: {marker}", file.display()));
+                }
+            }
+        }
+        assert!(
+            in_gate > 0,
+            "the gate itself makes no record: is this test still looking?"
+        );
+        assert!(found.is_empty(), "records made outside the gate:\n{}", found.join("\n"));
+    }
 }

@@ -5,7 +5,10 @@
 //! forged answer under that caller's id), the callers' journal (an entry of another caller
 //! erased by compaction), internal topics. [`ReplyTopicPolicy`] refuses, before any compute:
 //!
-//! - internal topics (`__consumer_offsets`, `__transaction_state`, anything starting `__`);
+//! - internal topics: Kafka's (`__consumer_offsets`, `__transaction_state`), and by the
+//!   convention that tools beside Kafka follow, anything starting `_` (Schema Registry's
+//!   `_schemas`, Confluent's `_confluent-*`, ksqlDB's), and Kafka Connect's default
+//!   `connect-configs`, `connect-offsets` and `connect-status`;
 //! - the fleet's own topics: every request topic, its dead-letter topic, the fallback topic and
 //!   its dead-letter topic, the callers' journal topic (`--journal-topic`);
 //! - on a shared cluster, every topic outside `--reply-topic-allow` (prefixes, or `re:` and a
@@ -22,6 +25,9 @@
 use std::collections::HashSet;
 
 use regex::Regex;
+
+/// Kafka Connect's default internal topics (`config.storage.topic` and the others).
+const CONNECT_TOPICS: [&str; 3] = ["connect-configs", "connect-offsets", "connect-status"];
 
 /// One `--reply-topic-allow` entry.
 #[derive(Debug, Clone)]
@@ -79,8 +85,10 @@ impl ReplyTopicPolicy {
 
     /// `Ok` when the worker may answer on `topic`, else why not (for the dead letter).
     pub fn check(&self, topic: &str) -> Result<(), String> {
-        if topic.starts_with("__") {
-            return Err(format!("the reply topic {topic:?} is internal to Kafka"));
+        if topic.starts_with('_') || CONNECT_TOPICS.contains(&topic) {
+            return Err(format!(
+                "the reply topic {topic:?} is internal to Kafka or to a tool beside it"
+            ));
         }
         if self.forbidden.contains(topic) {
             return Err(format!(
@@ -114,7 +122,17 @@ mod tests {
     #[test]
     fn internal_and_own_topics_are_refused() {
         let p = ReplyTopicPolicy::new("ferry.replies", own(), Vec::new());
-        for t in ["__consumer_offsets", "__transaction_state", "__anything"] {
+        for t in [
+            "__consumer_offsets",
+            "__transaction_state",
+            "__anything",
+            "_schemas",
+            "_confluent-command",
+            "_confluent-ksql-default__command_topic",
+            "connect-configs",
+            "connect-offsets",
+            "connect-status",
+        ] {
             assert!(p.check(t).expect_err(t).contains("internal"), "{t}");
         }
         for t in own() {

@@ -113,7 +113,7 @@ impl Topics {
             "small",
             &self.fallback,
             group,
-            &["--http-addr", "off"],
+            &["--http-addr", "off", "--fallback-lane", &self.fallback],
             &[],
         )
     }
@@ -296,28 +296,45 @@ fn a_handed_off_request_is_never_handed_off_again() {
     let t = Topics::start();
     let (main_group, small_group) = (unique("group-big"), unique("group-small"));
     let oom = unique("oom");
-    let worker = |name: &str, model: &str, topic: &str, group: &str, fallback: &str| -> ChildGuard {
+    let worker = |name: &str, model: &str, topic: &str, group: &str, fallback: &str, lane: &str| -> ChildGuard {
+        let lane: &[&str] = if lane.is_empty() {
+            &[]
+        } else {
+            &["--fallback-lane", lane]
+        };
         t.worker(
             name,
             model,
             topic,
             group,
             &[
-                "--fallback-topic",
-                fallback,
-                "--snapshot-store",
-                &t.store(name),
-                "--max-attempts",
-                "2",
-                "--http-addr",
-                "off",
-            ],
+                lane,
+                &[
+                    "--fallback-topic",
+                    fallback,
+                    "--snapshot-store",
+                    &t.store(name),
+                    "--max-attempts",
+                    "2",
+                    "--http-addr",
+                    "off",
+                ],
+            ]
+            .concat(),
             &[("FERRY_FAULT_OOM_ON", &oom)],
         )
     };
-    // Each names the other's topic as its fallback: a loop, had the handoff no memory.
-    let _main = worker("worker-big", "big", &t.requests, &main_group, &t.fallback);
-    let small = worker("worker-small", "small", &t.fallback, &small_group, &t.requests);
+    // Each names the other's topic as its fallback: a loop, had the handoff no memory. The small
+    // fleet's topic is its fallback lane, where hand-off headers count.
+    let _main = worker("worker-big", "big", &t.requests, &main_group, &t.fallback, "");
+    let small = worker(
+        "worker-small",
+        "small",
+        &t.fallback,
+        &small_group,
+        &t.requests,
+        &t.fallback,
+    );
     rt().block_on(
         t.cluster
             .publish(&t.cluster.producer(), &t.requests, &oom, &request(&oom)),

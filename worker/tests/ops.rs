@@ -175,6 +175,31 @@ fn probes_metrics_logs_and_trace_context() {
     assert!(status.success(), "a signalled drain exits 0: {status}");
 }
 
+/// Each answered request's attempt leaves the worker's open attempts once it is settled: none is
+/// left behind after a batch is served, so memory does not grow with every request and a
+/// controlled exit closes only the attempts really in flight.
+#[test]
+fn answered_requests_leave_no_open_attempt_behind() {
+    let setup = Setup::new(1);
+    let (cluster, p) = (&setup.cluster, &setup.pipeline);
+    let addr = free_addr();
+    let args = setup.args().set("--http-addr", addr.to_string());
+    let mut w = setup.worker("worker-attempts", args);
+    let producer = cluster.producer();
+    for i in 0..3 {
+        let id = format!("a{i}");
+        let payload = format!(r#"{{"id":"{id}","prompt":"The capital of France is","max_tokens":3}}"#);
+        block_on(cluster.publish(&producer, &p.requests, &id, payload.as_bytes()));
+    }
+    let metrics = wait_for(Duration::from_secs(300), "three answers settled", || {
+        assert!(w.wait_exit(Duration::ZERO).is_none(), "the worker exited:\n{}", w.log());
+        get(addr, "/metrics").map(|(_, m)| m).filter(|m| {
+            m.contains("ferry_requests_total{outcome=\"answered\"} 3\n") && m.contains("ferry_requests_in_flight 0\n")
+        })
+    });
+    assert!(metrics.contains("ferry_attempts_open 0\n"), "{metrics}");
+}
+
 /// An accelerator that reports an unrecoverable error: the worker turns unready, drains the
 /// generation in flight, and exits with status 3 to be restarted; nothing is committed.
 #[cfg(feature = "fault-injection")]

@@ -38,6 +38,14 @@ pub struct KafkaConfig {
     /// dead-lettered after `--max-attempts`.
     #[arg(long, env = "FERRY_FALLBACK_TOPIC")]
     pub fallback_topic: Option<String>,
+    /// The request topics (among `--topic`) that are a fallback topic: the lanes where requests
+    /// handed off by other workers arrive. Only there are the `ferry-handoff-*` headers read: a
+    /// request that carries them is answered by this worker's model whatever model it names,
+    /// and is never handed off again. On any other lane those headers are a producer's own and
+    /// mean nothing, so a producer cannot use them to dodge the model check or a hand-off. The
+    /// fallback fleet sets it to the topic it consumes.
+    #[arg(long = "fallback-lane", env = "FERRY_FALLBACK_LANES", value_delimiter = ',')]
+    pub fallback_lanes: Vec<String>,
     /// How long the group waits for a silent worker before giving its partitions to others.
     #[arg(long, env = "FERRY_SESSION_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub session_timeout: Duration,

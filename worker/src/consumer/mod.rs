@@ -319,12 +319,21 @@ impl Worker {
             Delivery::AtLeastOnce => None,
             Delivery::ExactlyOnce => Some(transactional_producer(bootstrap, cfg, &opts.worker_id, &consumer)?),
         };
+        let reply_policy = cfg
+            .reply_policy()
+            .map_err(|e| WorkerError::Setup(KafkaError::ClientCreation(e.0)))?;
         let publisher = Publisher::new(
             producer,
             transactions,
             opts.worker_id,
             cfg.publish_timeout,
             cfg.max_record_bytes,
+            publish::Topics {
+                policy: reply_policy,
+                reply_topic: cfg.reply_topic.clone(),
+                dead_letter_topic: cfg.dead_letter_topic.clone(),
+                fallback_topic: cfg.fallback_topic.clone(),
+            },
         );
         let mut must_write: Vec<(String, &str)> = Vec::new();
         for lane in &cfg.topics {
@@ -337,20 +346,14 @@ impl Worker {
             must_write.push((topic.clone(), "fallback topic (--fallback-topic)"));
         }
         publisher.check_topics(&must_write, &consumer)?;
-        let reply_policy = cfg
-            .reply_policy()
-            .map_err(|e| WorkerError::Setup(KafkaError::ClientCreation(e.0)))?;
         let kv_budget = admission::KvBudget::from_config(cfg.kv_budget, engine.model(), opts.ops.clone())?;
         let inner = Arc::new(request::Inner {
             consumer,
             publisher,
-            reply_policy,
             open_attempts: std::sync::Mutex::new(std::collections::HashMap::new()),
             engine,
             engine_thread,
-            reply_topic: cfg.reply_topic.clone(),
-            dead_letter_topic: cfg.dead_letter_topic.clone(),
-            fallback_topic: cfg.fallback_topic.clone(),
+            fallback_lanes: cfg.fallback_lanes.iter().cloned().collect(),
             snapshots: opts.snapshots,
             inflight,
             max_attempts: cfg.max_attempts,

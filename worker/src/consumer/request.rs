@@ -27,7 +27,7 @@ use tracing::{debug, error, info, warn, Instrument};
 
 use super::fallback::{self, Handoff};
 use super::inflight::InFlight;
-use super::publish::{PublishError, Publisher, Refused, RefusedKind};
+use super::publish::{PublishError, Publisher, Refused, RefusedKind, ReplyTo};
 use super::transaction::{self, Scope, Settled, Transactions};
 use super::{WorkerConsumer, WorkerError};
 use crate::engine::{
@@ -41,7 +41,6 @@ use crate::ops::otel;
 use crate::ops::trace::{new_span_id, Propagation};
 use crate::ops::{FallbackReason, Ops, RequestOutcome};
 use crate::reply::{self, WorkContext};
-use crate::reply_topics::ReplyTopicPolicy;
 use crate::snapshot::format::request_prefix;
 use crate::snapshot::ledger::{AttemptEntry, AttemptError, AttemptLog, EntryOutcome};
 use crate::snapshot::Snapshots;
@@ -49,21 +48,18 @@ use crate::snapshot::Snapshots;
 /// Everything a request task uses, shared by all of them.
 pub struct Inner {
     pub consumer: WorkerConsumer,
+    /// Every record goes through it, to topics it chooses ([`super::publish`]).
     pub publisher: Publisher,
-    /// Which reply topics a request may name ([`crate::reply_topics`]).
-    pub reply_policy: ReplyTopicPolicy,
     /// The attempts this worker has begun and not ended, by request prefix: a controlled exit
     /// closes them as suspended ([`Inner::close_open_attempts`]), so that only real deaths
-    /// count against a request's budget.
+    /// count against a request's budget. An entry leaves when its attempt ends or its request
+    /// is settled, whichever comes first.
     pub open_attempts: std::sync::Mutex<std::collections::HashMap<String, u32>>,
     pub engine: Engine,
     pub engine_thread: EngineHandle,
-    /// Where replies go for requests that name no `reply_to`.
-    pub reply_topic: String,
-    /// One dead-letter topic for every lane, when configured; else `<topic>.dlq` per lane.
-    pub dead_letter_topic: Option<String>,
-    /// Where requests this worker cannot serve for a reason of its own go (`--fallback-topic`).
-    pub fallback_topic: Option<String>,
+    /// The request topics whose messages may carry hand-off headers (`--fallback-lane`): only
+    /// there does a `ferry-handoff-*` header mean another worker handed the request off.
+    pub fallback_lanes: std::collections::HashSet<String>,
     /// The durable store's service, or [`Snapshots::none`] without one.
     pub snapshots: Snapshots,
     pub inflight: Arc<InFlight>,
@@ -76,6 +72,23 @@ pub struct Inner {
     pub kv_budget: super::admission::KvBudget,
     /// Metrics, and the health state the circuit breaker reports to.
     pub ops: Arc<Ops>,
+}
+
+impl Inner {
+    /// Whether `msg` was handed off by another worker: it carries the hand-off headers and
+    /// came from a fallback lane. Anywhere else those headers are a producer's own, and mean
+    /// nothing.
+    pub(super) fn is_handed_off(&self, msg: &OwnedMessage) -> bool {
+        self.fallback_lanes.contains(msg.topic()) && fallback::is_handed_off(msg)
+    }
+
+    /// Forgets the open attempt of a settled request.
+    pub(super) fn forget_attempt(&self, prefix: Option<&str>) {
+        if let (Some(prefix), Ok(mut open)) = (prefix, self.open_attempts.lock()) {
+            open.remove(prefix);
+            self.ops.metrics.set_attempts_open(open.len());
+        }
+    }
 }
 
 /// How serving a message ended.
@@ -160,10 +173,12 @@ impl Inner {
             let served = self.serve(&msg, trace.as_ref(), control, &mut held).await;
             match (served, &scope, &self.publisher.transactions) {
                 (Ok(Served::Answered { prefix, .. }), Some(scope), Some(txns)) => {
+                    self.forget_attempt(prefix.as_deref());
                     self.settle_in_transaction(txns, scope, &tp, msg.offset(), epoch, prefix)
                         .await?;
                 }
                 (Ok(Served::Answered { prefix, reply }), _, _) => {
+                    self.forget_attempt(prefix.as_deref());
                     self.settle_answered(&tp, msg.offset(), epoch, prefix, reply).await;
                 }
                 (Ok(Served::Suspended), _, _) => self.ops.metrics.request_settled(RequestOutcome::Suspended),
@@ -197,18 +212,62 @@ fn header<'a>(msg: &'a OwnedMessage, key: &str) -> Option<&'a [u8]> {
 fn queued_for(msg: &OwnedMessage) -> Duration {
     msg.timestamp()
         .to_millis()
-        .and_then(|ts| {
-            let now = time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
-            u64::try_from(now as i64 - ts).ok()
-        })
+        .and_then(|ts| millis_since(time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000, ts))
         .map(Duration::from_millis)
         .unwrap_or_default()
+}
+
+/// Milliseconds from `ts` to `now_ms`; `None` when `ts` is in the future or so far in the past
+/// that the difference does not fit. A record's timestamp is its producer's to set, so any
+/// `i64` (`i64::MIN` included) must come through without overflowing.
+fn millis_since(now_ms: i128, ts: i64) -> Option<u64> {
+    u64::try_from(now_ms.checked_sub(i128::from(ts))?).ok()
 }
 
 /// The monotonic instant of a wall-clock deadline (now, when it has passed).
 fn deadline_instant(deadline: time::OffsetDateTime) -> Instant {
     let left = deadline - time::OffsetDateTime::now_utc();
     Instant::now() + Duration::try_from(left).unwrap_or(Duration::ZERO)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::attempt::done_marker;
+    use ferry_schemas::Reply;
+
+    #[test]
+    fn a_done_marker_is_only_a_final_reply_for_the_same_id() {
+        let response = include_bytes!("../../../schemas/examples/response.json");
+        let id = "prompt-0b9e44d2";
+        match done_marker(response, id) {
+            Ok(r) => assert_eq!(r.id(), id),
+            Err(why) => panic!("a response for the same id is a done marker: {why}"),
+        }
+        assert!(done_marker(response, "b")
+            .expect_err("another id")
+            .contains("another request"));
+        let chunk = include_bytes!("../../../schemas/examples/chunk.json");
+        assert!(done_marker(chunk, id).expect_err("a chunk").contains("chunk"));
+        let error = include_bytes!("../../../schemas/examples/error.json");
+        let error_id = serde_json::from_slice::<Reply>(error)
+            .expect("an error reply")
+            .id()
+            .to_string();
+        assert!(done_marker(error, &error_id).is_ok(), "an error reply is a final reply");
+        assert!(done_marker(b"\x00\x01", id).is_err());
+    }
+
+    #[test]
+    fn queue_time_survives_any_record_timestamp() {
+        let now = 1_700_000_000_000i128;
+        assert_eq!(super::millis_since(now, 1_699_999_999_000), Some(1_000));
+        assert_eq!(super::millis_since(now, 1_800_000_000_000), None, "in the future");
+        assert_eq!(
+            super::millis_since(now, i64::MIN),
+            Some((now - i128::from(i64::MIN)) as u64)
+        );
+        assert_eq!(super::millis_since(now, i64::MAX), None);
+    }
 }
 
 /// Faults for tests, compiled only with the `fault-injection` feature (never in a release

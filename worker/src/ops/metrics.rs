@@ -154,6 +154,7 @@ pub struct Metrics {
     kv_budget: Gauge,
     kv_reserved: Gauge,
     kv_admission_waits: Counter,
+    attempts_open: Gauge,
     scraped: Arc<ScrapeTime>,
 }
 
@@ -179,6 +180,7 @@ impl Default for Metrics {
             kv_budget: Gauge::default(),
             kv_reserved: Gauge::default(),
             kv_admission_waits: Counter::default(),
+            attempts_open: Gauge::default(),
             scraped: Arc::default(),
         };
         // Every outcome, fallback reason and dead-letter reason is present from the start, at 0.
@@ -283,7 +285,17 @@ impl Metrics {
             "Requests that waited for KV budget before they could start.",
             self.kv_admission_waits.clone(),
         );
+        r.register(
+            "ferry_attempts_open",
+            "Attempts this worker recorded in the ledger that have neither ended nor been settled; a controlled exit closes them as suspended.",
+            self.attempts_open.clone(),
+        );
         r.register_collector(Box::new(self.scraped.clone()));
+    }
+
+    /// How many attempts are open now (see `ferry_attempts_open`).
+    pub fn set_attempts_open(&self, n: usize) {
+        self.attempts_open.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// Adds what `collector` reports at every scrape (the health gauges, for one).

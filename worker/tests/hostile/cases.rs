@@ -317,6 +317,18 @@ fn reply_topics(c: &mut Cases) {
     ] {
         c.valid_but(name, json!({ "reply_to": topic }), dead(ReplyTopicForbidden));
     }
+    // A message that does not parse goes through the same policy as a valid one: its error reply
+    // must not plant an error record, under an id of its choosing, in a topic no valid request
+    // could name (another tenant's, the journal, a tool's internal topic).
+    for (name, topic) in [
+        ("invalid-to-denied", t.denied.as_str()),
+        ("invalid-to-journal", t.journal.as_str()),
+        ("invalid-to-own-requests", t.requests.as_str()),
+        ("invalid-to-schemas", "_schemas"),
+    ] {
+        let body = json!({"id": format!("victim-{name}"), "reply_to": topic, "prompt": 5});
+        c.raw(name, &bytes(&body), dead(InvalidSchema));
+    }
     c.valid_but(
         "reply-missing",
         json!({"reply_to": unique("rep")}),
@@ -356,10 +368,18 @@ fn headers(c: &mut Cases) {
         ("tracestate-200k-stream", json!({"stream": true}), traced(&huge_state)),
         ("tracestate-40-members", json!({}), traced(&members.join(","))),
         ("headers-500", json!({}), many),
-        ("forged-handoff", json!({"model": "gpt-17"}), forged),
     ] {
         c.add(name, Some(ok(name, extra)), headers, answered.clone());
     }
+    // Hand-off headers from a producer, on a lane that is not a fallback lane, mean nothing: the
+    // unknown model is refused as it would be without them.
+    let name = "forged-handoff";
+    c.add(
+        name,
+        Some(ok(name, json!({"model": "gpt-17"}))),
+        forged,
+        told(UnknownModel),
+    );
 }
 
 /// Unicode edge cases and chat control tokens in content, and deadlines far off either way.

@@ -1,4 +1,6 @@
+use super::gate::{record_level, record_size};
 use super::*;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Headers;
 
 fn header<'a>(h: &'a OwnedHeaders, key: &str) -> Option<&'a str> {
@@ -39,16 +41,20 @@ fn record_level_errors_are_told_apart_from_the_producers() {
         C::InvalidTopic,
         C::TopicAuthorizationFailed,
         C::PolicyViolation,
+        C::InvalidTimestamp,
     ] {
         assert_eq!(record_level(c), Some(RefusedKind::Topic), "{c:?}");
     }
     for c in [
+        C::NotEnoughReplicas,
+        C::NotEnoughReplicasAfterAppend,
         C::MessageTimedOut,
-        C::Fatal,
-        C::AllBrokersDown,
-        C::ClusterAuthorizationFailed,
-        C::QueueFull,
+        C::RequestTimedOut,
+        C::LeaderNotAvailable,
     ] {
+        assert_eq!(record_level(c), Some(RefusedKind::Unavailable), "{c:?}");
+    }
+    for c in [C::Fatal, C::AllBrokersDown, C::ClusterAuthorizationFailed, C::QueueFull] {
         assert_eq!(record_level(c), None, "{c:?} stops the worker");
     }
     let refused = classify("t", KafkaError::MessageProduction(C::MessageSizeTooLarge));
@@ -59,8 +65,17 @@ fn record_level_errors_are_told_apart_from_the_producers() {
             ..
         })
     ));
-    let fatal = classify("t", KafkaError::MessageProduction(C::MessageTimedOut));
+    let fatal = classify("t", KafkaError::MessageProduction(C::AllBrokersDown));
     assert!(matches!(fatal, PublishError::Worker(WorkerError::Publish { .. })));
+    let sick = classify("t", KafkaError::MessageProduction(C::NotEnoughReplicas));
+    assert!(matches!(
+        sick,
+        PublishError::Refused(Refused {
+            kind: RefusedKind::Unavailable,
+            source: Some(_),
+            ..
+        })
+    ));
 }
 
 #[test]
@@ -71,4 +86,30 @@ fn record_size_counts_key_value_and_headers() {
     });
     assert_eq!(record_size(Some(b"k"), Some(b"vv"), Some(&h)), 1 + 2 + 2 + 3);
     assert_eq!(record_size(None, None, None), 0);
+}
+
+#[test]
+fn header_bounds_refuse_too_many_headers_and_long_own_values() {
+    let fine = OwnedHeaders::new().insert(Header {
+        key: "x-caller",
+        value: Some(&"v".repeat(10_000)),
+    });
+    assert_eq!(
+        gate::check_headers(&fine),
+        Ok(()),
+        "a caller's header is the record budget's business"
+    );
+    let long_own = OwnedHeaders::new().insert(Header {
+        key: headers::TRACESTATE,
+        value: Some(&"v".repeat(gate::MAX_OWN_HEADER_BYTES + 1)),
+    });
+    assert!(gate::check_headers(&long_own).is_err());
+    let mut many = OwnedHeaders::new();
+    for _ in 0..=gate::MAX_HEADERS {
+        many = many.insert(Header {
+            key: "h",
+            value: Some("v"),
+        });
+    }
+    assert!(gate::check_headers(&many).expect_err("too many").contains("headers"));
 }

@@ -20,7 +20,7 @@ impl Inner {
         trace: Option<&Propagation>,
         request: &Request,
         prepared: Prepared,
-        reply_topic: &str,
+        reply_topic: &ReplyTo,
         prefix: &str,
         control: Arc<JobControl>,
         started: Instant,
@@ -29,7 +29,7 @@ impl Inner {
     ) -> Result<Served, PublishError> {
         // Owned, for the settled outcomes that keep it.
         let prefix = prefix.to_string();
-        if let Some(served) = self.republish_done(trace, reply_topic, &prefix).await? {
+        if let Some(served) = self.republish_done(trace, reply_topic, request, &prefix).await? {
             return Ok(served);
         }
         let cx = |attempt| WorkContext {
@@ -40,7 +40,9 @@ impl Inner {
             total: started.elapsed(),
         };
         let deadline = request.deadline.map(deadline_instant);
-        if deadline.is_some_and(|d| d <= Instant::now()) {
+        // With a store, a snapshot may hold text an earlier delivery streamed: the engine then
+        // answers with that text, at no compute, rather than with none.
+        if deadline.is_some_and(|d| d <= Instant::now()) && !self.snapshots.keeps() {
             info!("deadline passed before the start: answering without compute");
             let completion = past_deadline(&prepared);
             let body = self
@@ -141,12 +143,8 @@ impl Inner {
             drop(_kv);
             match generated {
                 Ok(Outcome::Finished(completion)) => {
-                    if transaction::current().is_some_and(|s| s.must_wait()) {
-                        let note = "answered; waiting for lower offsets to commit".to_string();
-                        self.end_attempt(&prefix, attempt, EntryOutcome::Suspended, Some(note.into()), &mut local)
-                            .await;
-                        *held = None;
-                    }
+                    let note = "answered; waiting for lower offsets to commit";
+                    self.release_for_turn(&prefix, attempt, note, &mut local, held).await;
                     #[cfg(feature = "fault-injection")]
                     fault_injection::slow_publish().await;
                     let reply = reply::response(request, &completion, &cx(attempt));
@@ -170,6 +168,10 @@ impl Inner {
                     // of the partition. A drain on a signal or a revocation leaves it to be
                     // resumed from its snapshot.
                     if let Some(trip) = self.ops.health.tripped() {
+                        if self.publisher.fallback_topic().is_some() {
+                            let note = "suspended; handing off once lower offsets commit";
+                            self.release_for_turn(&prefix, attempt, note, &mut local, held).await;
+                        }
                         let reason = fallback::reason_of_trip(&trip);
                         let error = trip.to_string();
                         if let Some(served) = self.hand_off(msg, &prefix, attempt, reason, &error, &mut local).await? {
@@ -182,6 +184,13 @@ impl Inner {
                 }
                 Err(e) => {
                     let out_of_memory = matches!(e, ModelError::OutOfMemory(_));
+                    // Under exactly-once a hand-off waits for lower offsets to commit, which may
+                    // need the slot (a suspect waiting to run alone): the attempt is closed as
+                    // not counted and the slot let go first, as for an answer.
+                    if self.publisher.fallback_topic().is_some() {
+                        let note = "failed; handing off once lower offsets commit";
+                        self.release_for_turn(&prefix, attempt, note, &mut local, held).await;
+                    }
                     let e = e.to_string();
                     error!(error = %e, attempt, "generation failed");
                     self.ops.metrics.generation_failed();
@@ -207,6 +216,27 @@ impl Inner {
                     // alone (see `suspect`).
                 }
             }
+        }
+    }
+
+    /// Under exactly-once delivery, before a record that must wait for the lower offsets of its
+    /// partition to commit: the attempt is closed as not counted and the slot let go, since
+    /// those offsets may need it (a suspect waits to run alone), and holding it while waiting for
+    /// them would stop the worker answering anything. Nothing to do when it is this request's
+    /// turn already, or under at-least-once.
+    async fn release_for_turn<'s>(
+        &'s self,
+        prefix: &str,
+        attempt: u32,
+        note: &str,
+        local: &mut AttemptLog,
+        held: &mut Option<Slot<'s>>,
+    ) {
+        if transaction::current().is_some_and(|s| s.must_wait()) {
+            let note = note.to_string().into();
+            self.end_attempt(prefix, attempt, EntryOutcome::Suspended, Some(note), local)
+                .await;
+            *held = None;
         }
     }
 
@@ -250,6 +280,7 @@ impl Inner {
         if durable {
             if let (Some(latest), Ok(mut open)) = (log.latest(), self.open_attempts.lock()) {
                 open.insert(prefix.to_string(), latest.attempt);
+                self.ops.metrics.set_attempts_open(open.len());
             }
         }
         log
@@ -272,6 +303,7 @@ impl Inner {
             if open.get(prefix) == Some(&attempt) {
                 open.remove(prefix);
             }
+            self.ops.metrics.set_attempts_open(open.len());
         }
         self.snapshots.end_attempt(prefix, attempt, outcome, error).await;
     }
@@ -282,7 +314,10 @@ impl Inner {
     /// open and counts, as after a crash.
     pub async fn close_open_attempts(&self, within: Duration, why: &str) {
         let open: Vec<(String, u32)> = match self.open_attempts.lock() {
-            Ok(mut m) => m.drain().collect(),
+            Ok(mut m) => {
+                self.ops.metrics.set_attempts_open(0);
+                m.drain().collect()
+            }
             Err(_) => return,
         };
         let s = &self.snapshots;
@@ -318,10 +353,10 @@ impl Inner {
         error: &str,
         local: &mut AttemptLog,
     ) -> Result<Option<Served>, WorkerError> {
-        let Some(topic) = &self.fallback_topic else {
+        let Some(topic) = self.publisher.fallback_topic() else {
             return Ok(None);
         };
-        if fallback::is_handed_off(msg) {
+        if self.is_handed_off(msg) {
             warn!(
                 reason = reason.as_str(),
                 "handed off once already: not handing it off again"
@@ -343,7 +378,7 @@ impl Inner {
         };
         match self
             .publisher
-            .hand_off(topic, msg, fallback::headers(msg.headers(), &handoff))
+            .hand_off(msg, fallback::headers(msg.headers(), &handoff))
             .await
         {
             Ok(()) => {}
@@ -375,16 +410,17 @@ impl Inner {
     pub(super) async fn republish_done(
         &self,
         trace: Option<&Propagation>,
-        reply_topic: &str,
+        reply_topic: &ReplyTo,
+        request: &Request,
         prefix: &str,
     ) -> Result<Option<Served>, PublishError> {
         let Some(body) = self.snapshots.get_done(prefix).await else {
             return Ok(None);
         };
-        let reply: Reply = match serde_json::from_slice(&body) {
+        let reply = match done_marker(&body, &request.id) {
             Ok(r) => r,
-            Err(e) => {
-                warn!(error = %e, "ignoring a done marker that is not a reply");
+            Err(why) => {
+                warn!(reason = %why, "ignoring a done marker that is not this request's final reply");
                 return Ok(None);
             }
         };
@@ -399,6 +435,20 @@ impl Inner {
             reply: Some(body.to_vec()),
         }))
     }
+}
+
+/// A done marker read back, when it is what only the worker writes there: a final reply (a
+/// response or an error, never a chunk) to the request with this id. Anything else (a store
+/// written by someone else, a stale format) is ignored and the request is served again.
+pub(super) fn done_marker(body: &[u8], id: &str) -> Result<Reply, String> {
+    let reply: Reply = serde_json::from_slice(body).map_err(|e| format!("not a reply: {e}"))?;
+    if matches!(reply, Reply::Chunk(_)) {
+        return Err("a stream chunk, not a final reply".into());
+    }
+    if reply.id() != id {
+        return Err(format!("the final reply of another request ({:?})", reply.id()));
+    }
+    Ok(reply)
 }
 
 /// Whether the next attempt runs alone, and why: an earlier attempt died with its worker (it may

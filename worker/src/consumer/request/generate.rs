@@ -3,6 +3,10 @@
 
 use super::*;
 
+/// How long, under exactly-once delivery, the final reply waits for the stream's last chunk to be
+/// acknowledged, so that it follows the chunks in the log.
+const CHUNKS_BEFORE_ANSWER: Duration = Duration::from_secs(10);
+
 impl Inner {
     /// One generation attempt: resume from a snapshot when one verifies, snapshot as it goes,
     /// stream chunks when asked.
@@ -16,7 +20,7 @@ impl Inner {
         attempt: u32,
         control: Arc<JobControl>,
         deadline: Option<Instant>,
-        reply_topic: &str,
+        reply_topic: &ReplyTo,
     ) -> Result<Result<Outcome, ModelError>, WorkerError> {
         let prompt_tokens = prepared.prompt.len();
         let found = self.snapshots.find(prefix, &prepared).await;
@@ -48,17 +52,29 @@ impl Inner {
         };
         let run = self.engine_thread.run(job);
         tokio::pin!(run);
+        // The delivery of the last chunk queued: under exactly-once the final reply goes on
+        // another producer (the transactional one), so it is published only once the chunks
+        // before it are in the log.
+        let mut last_chunk = None;
         let outcome = loop {
             tokio::select! {
                 r = &mut run => break r?,
-                Some(c) = next_chunk(&mut chunk_rx) => self.publish_chunk(reply_topic, request, c, trace),
+                Some(c) = next_chunk(&mut chunk_rx) => {
+                    last_chunk = self.publish_chunk(reply_topic, request, c, trace).or(last_chunk);
+                }
             }
         };
         // The engine has returned, so every chunk is in the channel: publish them before the
         // final reply, which then follows them on the reply partition.
         if let Some(rx) = &mut chunk_rx {
             while let Ok(c) = rx.try_recv() {
-                self.publish_chunk(reply_topic, request, c, trace);
+                last_chunk = self.publish_chunk(reply_topic, request, c, trace).or(last_chunk);
+            }
+        }
+        if let (Some(delivery), Some(_)) = (last_chunk, &self.publisher.transactions) {
+            // Chunks are a preview: one that is not delivered in time does not hold the answer.
+            if tokio::time::timeout(CHUNKS_BEFORE_ANSWER, delivery).await.is_err() {
+                warn!("the stream's last chunk is not acknowledged yet; publishing the final reply");
             }
         }
         if let Some(w) = writer {
@@ -73,14 +89,20 @@ impl Inner {
         Ok(outcome)
     }
 
-    pub(super) fn publish_chunk(&self, topic: &str, request: &Request, c: StreamChunk, trace: Option<&Propagation>) {
+    pub(super) fn publish_chunk(
+        &self,
+        topic: &ReplyTo,
+        request: &Request,
+        c: StreamChunk,
+        trace: Option<&Propagation>,
+    ) -> Option<rdkafka::producer::DeliveryFuture> {
         let chunk = Chunk {
             version: SCHEMA_VERSION,
             id: request.id.clone(),
             seq: c.seq,
             text: c.text,
         };
-        self.publisher.chunk(topic, &chunk, trace);
+        self.publisher.chunk(topic, &chunk, trace)
     }
 }
 

@@ -19,17 +19,21 @@ impl Inner {
         };
         let span = tracing::info_span!("request", request_id = %request.id);
         async {
-            if let Some((worker, model, reason)) = fallback::handed_off_by(msg) {
+            // Hand-off headers count only on a fallback lane: anywhere else a producer wrote them.
+            let handed_off = fallback::handed_off_by(msg).filter(|_| self.is_handed_off(msg));
+            if let Some((worker, model, reason)) = handed_off {
                 // The operator routed it here on purpose: it is answered by this worker's model
                 // whatever model it asked for, and the reply's `model` says which one that is.
                 info!(from_worker = %worker, from_model = %model, reason = %reason, "serving a request handed off by another worker");
                 request.model = None;
             }
-            let reply_topic = request.reply_to.clone().unwrap_or_else(|| self.reply_topic.clone());
-            if let Err(why) = self.reply_policy.check(&reply_topic) {
-                let invalid = rejected(&request, ErrorCode::ReplyTopicForbidden, why);
-                return rejected_as(self.reject(msg, trace, &invalid, &[]).await);
-            }
+            let reply_topic = match self.publisher.reply_to(request.reply_to.as_deref()) {
+                Ok(to) => to,
+                Err(why) => {
+                    let invalid = rejected(&request, ErrorCode::ReplyTopicForbidden, why);
+                    return rejected_as(self.reject(msg, trace, &invalid, &[]).await);
+                }
+            };
             let prepared = match self.engine.prepare(&request) {
                 Ok(p) => p,
                 Err(rejection) => {
@@ -37,12 +41,17 @@ impl Inner {
                     return rejected_as(self.reject(msg, trace, &invalid, &[]).await);
                 }
             };
-            if !self.publisher.topic_exists(&reply_topic, &self.consumer) {
+            if !self.publisher.topic_exists(reply_topic.as_str(), &self.consumer) {
                 let message = format!("the reply topic {reply_topic:?} does not exist");
                 let invalid = rejected(&request, ErrorCode::InvalidRequest, message);
                 return rejected_as(self.reject(msg, trace, &invalid, &[]).await);
             }
-            let prefix = request_prefix(msg.topic(), &request.id, &reply_topic, msg.payload().unwrap_or_default());
+            let prefix = request_prefix(
+                msg.topic(),
+                &request.id,
+                reply_topic.as_str(),
+                msg.payload().unwrap_or_default(),
+            );
             let answered = self
                 .answer(msg, trace, &request, prepared, &reply_topic, &prefix, control, started, queued, held)
                 .await;
@@ -64,12 +73,6 @@ impl Inner {
         .await
     }
 
-    pub(super) fn dead_letter_topic(&self, source: &str) -> String {
-        self.dead_letter_topic
-            .clone()
-            .unwrap_or_else(|| ferry_schemas::dead_letter_topic(source))
-    }
-
     pub(super) async fn reject(
         &self,
         msg: &OwnedMessage,
@@ -80,15 +83,7 @@ impl Inner {
         let history = attempts.iter().map(AttemptEntry::to_schema).collect();
         let done = self
             .publisher
-            .dead_letter(
-                &self.dead_letter_topic(msg.topic()),
-                &self.reply_topic,
-                msg,
-                invalid,
-                history,
-                &self.consumer,
-                trace,
-            )
+            .dead_letter(msg, invalid, history, &self.consumer, trace)
             .await?;
         self.ops.metrics.dead_lettered(invalid.code, done.told);
         Ok(())
@@ -107,10 +102,14 @@ impl Inner {
     ) -> Result<Served, WorkerError> {
         let code = match refused.kind {
             RefusedKind::TooLarge => ErrorCode::ReplyTooLarge,
-            RefusedKind::Topic => ErrorCode::ReplyTopicUnwritable,
+            RefusedKind::Topic | RefusedKind::Unavailable => ErrorCode::ReplyTopicUnwritable,
         };
         error!(error = %refused, code = code.as_str(), "the answer was refused: dead-lettering the request");
-        let attempt = self.open_attempts.lock().ok().and_then(|mut m| m.remove(prefix));
+        let attempt = self.open_attempts.lock().ok().and_then(|mut m| {
+            let attempt = m.remove(prefix);
+            self.ops.metrics.set_attempts_open(m.len());
+            attempt
+        });
         if let Some(attempt) = attempt {
             self.snapshots
                 .end_attempt(prefix, attempt, EntryOutcome::Failed, Some(refused.to_string().into()))

@@ -72,6 +72,16 @@ impl Cluster {
         Self::own_broker(topics, partitions, false)
     }
 
+    /// A cluster the test hosts itself at `bootstrap` (an in-process `MockCluster`, whose faults
+    /// the test then sets directly): its topics are the test's to create.
+    pub fn hosted(bootstrap: String) -> Self {
+        Self {
+            bootstrap,
+            dir: tempfile::tempdir().expect("tempdir"),
+            broker: None,
+        }
+    }
+
     fn own_broker(topics: &[&str], partitions: i32, kafka: bool) -> Self {
         let broker = BrokerProcess::start(topics, partitions, kafka);
         Self {

@@ -54,6 +54,7 @@ WORKER_DEFAULTS = {
     "FERRY_DEVICE": "cpu",
     "FERRY_LOG_FORMAT": "text",
     "FERRY_KV_BUDGET": "auto",
+    "FERRY_PROBE_ADDR": "0.0.0.0:9091",
 }
 # The worker refuses to start unless the drain ends this long before the grace period does.
 DRAIN_MARGIN_S = 5.0

@@ -25,6 +25,7 @@ EXPECTED_KINDS = {
     "ServiceMonitor",
     "ScaledObject",
     "TriggerAuthentication",
+    "NetworkPolicy",
 }
 STORE_KINDS = {"redis": {"StatefulSet", "NetworkPolicy"}, "s3": set(), "rwx": {"PersistentVolumeClaim"}}
 

@@ -34,3 +34,13 @@ def test_sections_the_manifests_cite_exist():
 
 def test_request_topics_are_created_with_partitions():
     assert readme.partitions().get("ferry.requests", 0) >= 1
+
+
+def test_network_policy_is_described():
+    # An operator whose Prometheus runs elsewhere must learn here that the policy shuts it out.
+    text = readme.text()
+    assert (K8S / "base" / "networkpolicy.yaml").exists()
+    assert "base/networkpolicy.yaml" in text, "k8s/README.md does not mention base/networkpolicy.yaml"
+    assert "Network policy" in headings(), "k8s/README.md has no Network policy section"
+    for needed in ("monitoring", "app.kubernetes.io/name: prometheus", "probe", "FERRY_PROBE_ADDR"):
+        assert needed in text, f"k8s/README.md does not say {needed!r} about the NetworkPolicy"

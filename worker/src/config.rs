@@ -212,6 +212,11 @@ pub struct TelemetryConfig {
     /// Where `/healthz`, `/readyz` and `/metrics` are served, `host:port`; `off` serves none.
     #[arg(long, env = "FERRY_HTTP_ADDR", default_value = "0.0.0.0:9090", value_parser = parse_http_addr)]
     pub http_addr: HttpAddr,
+    /// Where the probes alone, `/healthz` and `/readyz`, are also served, `host:port`, with
+    /// connections and timeouts of their own: clients that flood `--http-addr` cannot delay
+    /// them. The Kubernetes probes ask here. `off` serves none.
+    #[arg(long, env = "FERRY_PROBE_ADDR", default_value = "0.0.0.0:9091", value_parser = parse_http_addr)]
+    pub probe_addr: HttpAddr,
     /// `text` for people, `json` for log collectors (use it in Kubernetes).
     #[arg(long, env = "FERRY_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -234,7 +239,7 @@ pub enum LogFormat {
     Json,
 }
 
-/// `--http-addr`: an address, or none.
+/// `--http-addr` or `--probe-addr`: an address, or none.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HttpAddr(pub Option<SocketAddr>);
 
@@ -440,8 +445,21 @@ impl Config {
         if self.runtime.threads == Some(0) {
             return Err(ConfigError("--threads must be at least 1".into()));
         }
+        if let (HttpAddr(Some(http)), HttpAddr(Some(probe))) = (self.telemetry.http_addr, self.telemetry.probe_addr) {
+            if http.port() != 0 && http.port() == probe.port() && overlap(http.ip(), probe.ip()) {
+                return Err(ConfigError(format!(
+                    "--probe-addr {probe} and --http-addr {http} are the same port: give the probes one of their own"
+                )));
+            }
+        }
         Ok(())
     }
+}
+
+/// Whether two listeners on these addresses (and one port) would collide: the same address, or
+/// either one every address.
+fn overlap(a: std::net::IpAddr, b: std::net::IpAddr) -> bool {
+    a == b || a.is_unspecified() || b.is_unspecified()
 }
 
 /// Reads bootstrap servers from a file that another process writes (such as `ferry broker

@@ -112,15 +112,20 @@ async fn run(config: Config) -> anyhow::Result<Option<String>> {
     );
     // The endpoints come first: /readyz answers 503 while the model loads. A taken port does not
     // stop the worker: several workers on one machine (the demo, the tests, the chaos harness)
-    // share the default address, and in Kubernetes, where each pod has its own, probes that
-    // never answer make the failure plain anyway (with this line in the log).
-    if let HttpAddr(Some(addr)) = config.telemetry.http_addr {
-        match ops::http::bind(addr).await {
+    // share the default addresses, and in Kubernetes, where each pod has its own, probes that
+    // never answer make the failure plain anyway (with the error line in the log).
+    let endpoints = [
+        ("--http-addr", config.telemetry.http_addr, ops::http::Endpoint::MAIN),
+        ("--probe-addr", config.telemetry.probe_addr, ops::http::Endpoint::PROBES),
+    ];
+    for (flag, addr, endpoint) in endpoints {
+        let HttpAddr(Some(addr)) = addr else { continue };
+        match ops::http::bind(addr, endpoint).await {
             Ok(listener) => {
-                tokio::spawn(ops::http::serve(listener, ops.clone()));
+                tokio::spawn(ops::http::serve(listener, ops.clone(), endpoint));
             }
             Err(e) => {
-                error!(%addr, error = %e, "cannot serve /healthz, /readyz and /metrics (--http-addr); running without them")
+                error!(%addr, error = %e, "cannot serve {} ({flag}); running without them", endpoint.routes.paths())
             }
         }
     }

@@ -57,6 +57,6 @@ def load_pairs() -> list[Check]:
 
 def load() -> list[Check]:
     """Every check, from every module of this package."""
-    from checks import keda, pods, wiring  # noqa: F401  (registers on import)
+    from checks import keda, network, pods, wiring  # noqa: F401  (registers on import)
 
     return ALL

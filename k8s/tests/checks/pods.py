@@ -8,6 +8,9 @@ from checks import Problems, check
 from manifests import Rendered, cpu_cores, matches, pod_templates, size_bytes
 
 QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+# The worker's listener for the probes alone (`--probe-addr`), as the container declares it.
+PROBE_PORT_NAME = "probe"
+PROBE_PORT = 9091
 
 
 def _budget(probe: dict) -> int:
@@ -22,14 +25,15 @@ def _startup_on_healthz(r: Rendered) -> None:
 def probes_follow_the_model(r: Rendered) -> Problems:
     # Ready means loaded, verified and consuming; startup therefore waits on /readyz too, so a
     # load that hangs is restarted. Liveness asks only whether the process still answers.
+    # They ask the probes' own port, which a flood of clients on `http` cannot hold up.
     c = r.container
     want = {"startupProbe": "/readyz", "readinessProbe": "/readyz", "livenessProbe": "/healthz"}
     for probe, path in want.items():
         got = c.get(probe, {}).get("httpGet")
         if not got:
             yield f"{probe} is missing or not an HTTP probe"
-        elif got.get("path") != path or got.get("port") not in ("http", 9090):
-            yield f"{probe} asks {got.get('path')} on port {got.get('port')}, not {path} on http"
+        elif got.get("path") != path or got.get("port") not in (PROBE_PORT, PROBE_PORT_NAME):
+            yield f"{probe} asks {got.get('path')} on port {got.get('port')}, not {path} on {PROBE_PORT_NAME}"
     startup = _budget(c.get("startupProbe", {}))
     least = 900 if r.overlay == "gpu" else 300
     if startup < least:
@@ -51,6 +55,23 @@ def http_port_is_the_workers(r: Rendered) -> Problems:
     addr = r.setting("FERRY_HTTP_ADDR") or ""
     if not addr.startswith("0.0.0.0:") or addr.rsplit(":", 1)[-1] != str(ports.get("http")):
         yield f"FERRY_HTTP_ADDR {addr!r} does not listen on all addresses at the http port"
+
+
+def _probes_on_the_http_port(r: Rendered) -> None:
+    r.worker_config()["FERRY_PROBE_ADDR"] = "0.0.0.0:9090"
+
+
+@check(_probes_on_the_http_port)
+def probe_port_is_the_workers(r: Rendered) -> Problems:
+    ports = {p.get("name"): p["containerPort"] for p in r.container.get("ports", [])}
+    if ports.get(PROBE_PORT_NAME) != PROBE_PORT:
+        yield f"the worker container has no port named {PROBE_PORT_NAME} on {PROBE_PORT}: {ports}"
+    addr = r.setting("FERRY_PROBE_ADDR") or ""
+    port = addr.rsplit(":", 1)[-1]
+    if not addr.startswith("0.0.0.0:") or port != str(ports.get(PROBE_PORT_NAME)):
+        yield f"FERRY_PROBE_ADDR {addr!r} does not listen on all addresses at the {PROBE_PORT_NAME} port"
+    if port == str(ports.get("http")):
+        yield f"FERRY_PROBE_ADDR {addr!r} is the http port: the probes need a port of their own"
 
 
 def _no_worker_id(r: Rendered) -> None:

@@ -77,6 +77,7 @@ def snapshot_store_is_reachable(r: Rendered) -> Problems:
     shared = Rendered(r.variant, r.shared_docs)
     if want == "redis":
         svc = shared.find("Service", url.hostname or "")
+        pods: list[dict[str, Any]] = []
         if svc is None or url.port not in [p["port"] for p in svc["spec"]["ports"]]:
             yield f"no Service {url.hostname} with port {url.port} in the manifests"
         else:
@@ -87,7 +88,12 @@ def snapshot_store_is_reachable(r: Rendered) -> Problems:
             ]
             if not pods:
                 yield f"Service {url.hostname} selects no pod"
+        # The store's own policies: those that select its pods (the workers' own policy admits
+        # Prometheus, not workers, and is checked in network.py).
+        store_pods = [t["metadata"].get("labels", {}) for t in pods]
         for policy in shared.all("NetworkPolicy"):
+            if not any(matches(policy["spec"].get("podSelector", {}), labels) for labels in store_pods):
+                continue
             froms = [
                 f.get("podSelector", {}) for rule in policy["spec"].get("ingress", []) for f in rule.get("from", [])
             ]

@@ -107,6 +107,25 @@ fn parses_the_http_address() {
         HttpAddr(Some("127.0.0.1:8080".parse().expect("addr")))
     );
     assert!(parse_http_addr("localhost").is_err());
+    assert_eq!(
+        parse(&[]).telemetry.probe_addr,
+        HttpAddr(Some("0.0.0.0:9091".parse().expect("addr")))
+    );
+    assert_eq!(parse(&["--probe-addr", "off"]).telemetry.probe_addr, HttpAddr(None));
+    assert_eq!(
+        parse(&["--probe-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"]).validate(),
+        Ok(())
+    );
+    assert_eq!(
+        parse(&["--probe-addr", "127.0.0.1:9090", "--http-addr", "127.0.0.2:9090"]).validate(),
+        Ok(())
+    );
+    assert!(parse(&["--probe-addr", "127.0.0.1:9090"]).validate().is_err());
+    assert!(
+        parse(&["--probe-addr", "0.0.0.0:8080", "--http-addr", "127.0.0.1:8080"])
+            .validate()
+            .is_err()
+    );
     assert_eq!(parse(&[]).health.breaker_failures, 5);
     assert_eq!(parse(&[]).kafka.kafka_stats_interval, Duration::from_secs(5));
     assert_eq!(parse(&["--kafka-stats-interval", "0s"]).validate(), Ok(()));

@@ -1,6 +1,7 @@
 //! The worker's operational surface: what an operator and Kubernetes see of it.
 //!
-//! - [`http`]: `/healthz`, `/readyz` and `/metrics` on `--http-addr`.
+//! - [`http`]: `/healthz`, `/readyz` and `/metrics` on `--http-addr`, and the probes alone on
+//!   `--probe-addr`.
 //! - [`metrics`]: what is measured, recorded through typed functions and written in the
 //!   OpenMetrics text format by `prometheus-client`.
 //! - [`health`]: readiness, liveness, the accelerator health monitor and the circuit breaker,

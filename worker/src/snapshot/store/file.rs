@@ -134,7 +134,7 @@ impl SnapshotStore for FileStore {
         let (root, dir) = (self.root.clone(), self.path_or_root(prefix));
         self.blocking(move || {
             let mut keys = Vec::new();
-            walk(&dir, &mut |path, _| {
+            walk(&root, &dir, &mut |path, _| {
                 if let Some(key) = key_of(&root, path) {
                     keys.push(key);
                 }
@@ -224,7 +224,7 @@ fn sweep(root: &Path, dir: &Path, ttl: Duration) -> Result<usize, StoreError> {
         return Ok(0);
     };
     let mut removed = 0;
-    walk(dir, &mut |path, meta| {
+    walk(root, dir, &mut |path, meta| {
         let modified = meta.modified().map_err(io_error("read the mtime of", path))?;
         if modified < cutoff {
             match fs::remove_file(path) {
@@ -256,11 +256,20 @@ fn remove_empty_dirs(dir: &Path, keep: bool) {
 }
 
 /// Calls `visit` on `start` if it is a regular file, or on every regular file under it,
-/// recursively. A missing `start` has no files. `start` itself may be a symbolic link (the
-/// root may well be one); links below it are not followed, so nothing outside is ever listed
-/// or removed.
-fn walk(start: &Path, visit: &mut dyn FnMut(&Path, fs::Metadata) -> Result<(), StoreError>) -> Result<(), StoreError> {
-    match fs::metadata(start) {
+/// recursively. A missing `start` has no files. The root may be a symbolic link (a volume is
+/// often mounted through one) and is followed; no link below it is, `start` included when it is
+/// a prefix below the root, so nothing outside is ever listed or removed.
+fn walk(
+    root: &Path,
+    start: &Path,
+    visit: &mut dyn FnMut(&Path, fs::Metadata) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let meta = if start == root {
+        fs::metadata(start)
+    } else {
+        fs::symlink_metadata(start)
+    };
+    match meta {
         Ok(meta) if meta.is_file() => visit(start, meta),
         Ok(meta) if meta.is_dir() => walk_dir(start, visit),
         Ok(_) => Ok(()),

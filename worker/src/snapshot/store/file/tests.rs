@@ -97,7 +97,13 @@ async fn listing_skips_symbolic_links_out_of_the_root() {
     fs::write(outside.join("secret"), b"s").expect("write");
     std::os::unix::fs::symlink(&outside, store.root().join("link")).expect("symlink");
     assert_eq!(store.list("").await.expect("list"), Vec::<String>::new());
+    assert_eq!(
+        store.list("link").await.expect("list"),
+        Vec::<String>::new(),
+        "a prefix that is a link is not followed either"
+    );
     store.sweep_expired("", Duration::ZERO).await.expect("sweep");
+    store.sweep_expired("link", Duration::ZERO).await.expect("sweep");
     assert!(
         outside.join("secret").exists(),
         "a sweep never follows a link out of the root"

@@ -156,7 +156,8 @@ async fn run(config: Config) -> anyhow::Result<Option<String>> {
             let store = ferry_worker::snapshot::store::open_within(url, config.snapshot.snapshot_ttl, timeout).await?;
             let weights = format!("{:?}", config.model.weights).to_lowercase();
             let s = Snapshots::new(store, config.snapshot.policy(), &model, &weights, &device_for_snapshots)
-                .with_store_timeout(timeout);
+                .with_store_timeout(timeout)
+                .with_max_reply_bytes(config.kafka.max_record_bytes);
             s.spawn_sweeper(config.snapshot.snapshot_ttl, Duration::from_secs(300));
             ops.metrics.attach_snapshot_stats(s.stats.clone());
             info!(store = %ferry_worker::snapshot::store::redact(url), every_tokens = config.snapshot.snapshot_every_tokens, mode = ?config.snapshot.resume, "snapshots on");

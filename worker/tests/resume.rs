@@ -169,7 +169,13 @@ async fn corrupt_or_foreign_snapshots_are_discarded() {
         .into_iter()
         .find(|k| k.contains("piece-"))
         .expect("a piece");
-    let mut bytes = snaps.store.get(&piece).await.expect("get").expect("exists").to_vec();
+    let mut bytes = snaps
+        .store
+        .get(&piece, usize::MAX)
+        .await
+        .expect("get")
+        .expect("exists")
+        .to_vec();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x01;
     snaps.store.put(&piece, bytes.into()).await.expect("put");
@@ -181,7 +187,12 @@ async fn corrupt_or_foreign_snapshots_are_discarded() {
     // A torn manifest likewise.
     interrupt_at(&model, &snaps, &prefix, &prepared, 10, true).await;
     let manifest = format!("{prefix}manifest");
-    let bytes = snaps.store.get(&manifest).await.expect("get").expect("exists");
+    let bytes = snaps
+        .store
+        .get(&manifest, usize::MAX)
+        .await
+        .expect("get")
+        .expect("exists");
     snaps
         .store
         .put(&manifest, bytes.slice(..bytes.len() / 2))
@@ -207,8 +218,8 @@ impl store::SnapshotStore for SlowStore {
         tokio::time::sleep(self.delay).await;
         self.inner.put(key, value).await
     }
-    async fn get(&self, key: &str) -> Result<Option<bytes::Bytes>, store::StoreError> {
-        self.inner.get(key).await
+    async fn get(&self, key: &str, max_bytes: usize) -> Result<Option<bytes::Bytes>, store::StoreError> {
+        self.inner.get(key, max_bytes).await
     }
     async fn delete(&self, key: &str) -> Result<(), store::StoreError> {
         self.inner.delete(key).await

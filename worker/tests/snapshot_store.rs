@@ -15,6 +15,8 @@ use rand::{RngCore, SeedableRng};
 
 /// A TTL long enough that no key expires during a test that is not about expiry.
 const LONG_TTL: Duration = Duration::from_secs(3600);
+/// A read limit above every value a case that is not about limits writes.
+const ANY: usize = 64 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -73,18 +75,18 @@ async fn round_trip(kind: Kind) {
     let p = unique_prefix();
     let key = format!("{p}/manifest");
     b.store.put(&key, bytes("first")).await.expect("put");
-    assert_eq!(b.store.get(&key).await.expect("get"), Some(bytes("first")));
+    assert_eq!(b.store.get(&key, ANY).await.expect("get"), Some(bytes("first")));
     b.store
         .put(&key, bytes("second, longer than the first"))
         .await
         .expect("overwrite");
     assert_eq!(
-        b.store.get(&key).await.expect("get"),
+        b.store.get(&key, ANY).await.expect("get"),
         Some(bytes("second, longer than the first"))
     );
     b.store.put(&key, Bytes::new()).await.expect("put empty");
     assert_eq!(
-        b.store.get(&key).await.expect("get"),
+        b.store.get(&key, ANY).await.expect("get"),
         Some(Bytes::new()),
         "an empty value is a value, not a missing key"
     );
@@ -94,10 +96,10 @@ async fn missing_keys_are_none(kind: Kind) {
     let b = backend(kind, LONG_TTL).await;
     let p = unique_prefix();
     b.store.put(&format!("{p}/manifest"), bytes("m")).await.expect("put");
-    assert_eq!(b.store.get(&format!("{p}/piece-000000")).await.expect("get"), None);
+    assert_eq!(b.store.get(&format!("{p}/piece-000000"), ANY).await.expect("get"), None);
     assert_eq!(
         b.store
-            .get(&format!("{}/manifest", unique_prefix()))
+            .get(&format!("{}/manifest", unique_prefix()), ANY)
             .await
             .expect("get"),
         None
@@ -134,7 +136,7 @@ async fn overwrite_is_atomic(kind: Kind) {
     while reads == 0 || !writers.iter().all(|w| w.is_finished()) {
         let got = b
             .store
-            .get(&key)
+            .get(&key, ANY)
             .await
             .expect("get")
             .expect("the key exists throughout");
@@ -179,11 +181,11 @@ async fn list_and_delete_prefix_touch_only_their_prefix(kind: Kind) {
     b.store.delete_prefix(&format!("{p}/a")).await.expect("delete");
     assert_eq!(b.store.list(&p).await.expect("list"), others);
     for key in &under_a {
-        assert_eq!(b.store.get(key).await.expect("get"), None, "{key} was deleted");
+        assert_eq!(b.store.get(key, ANY).await.expect("get"), None, "{key} was deleted");
     }
     for key in &others {
         assert_eq!(
-            b.store.get(key).await.expect("get"),
+            b.store.get(key, ANY).await.expect("get"),
             Some(bytes(key)),
             "{key} was not under the prefix"
         );
@@ -224,7 +226,7 @@ async fn single_keys_delete_alone(kind: Kind) {
         .await
         .expect("delete one key by prefix");
     assert_eq!(b.store.list(&p).await.expect("list"), std::slice::from_ref(&manifest));
-    assert_eq!(b.store.get(&manifest).await.expect("get"), Some(bytes(&manifest)));
+    assert_eq!(b.store.get(&manifest, ANY).await.expect("get"), Some(bytes(&manifest)));
     b.store
         .delete(&piece_1)
         .await
@@ -243,11 +245,11 @@ async fn prefixes_do_not_collide(kind: Kind) {
         }
     }
     assert_eq!(
-        b.store.get(&format!("{p}/manifest")).await.expect("get"),
+        b.store.get(&format!("{p}/manifest"), ANY).await.expect("get"),
         Some(bytes("p"))
     );
     assert_eq!(
-        b.store.get(&format!("{q}/manifest")).await.expect("get"),
+        b.store.get(&format!("{q}/manifest"), ANY).await.expect("get"),
         Some(bytes("q"))
     );
     assert_eq!(
@@ -269,9 +271,31 @@ async fn large_values_round_trip(kind: Kind) {
     rand_chacha::ChaCha8Rng::seed_from_u64(7).fill_bytes(&mut value);
     let value = Bytes::from(value);
     b.store.put(&key, value.clone()).await.expect("put 8 MiB");
-    let got = b.store.get(&key).await.expect("get").expect("present");
+    let got = b.store.get(&key, ANY).await.expect("get").expect("present");
     assert_eq!(got.len(), value.len());
     assert!(got == value, "the 8 MiB value came back different");
+}
+
+/// A read says how large a value it accepts: a larger one is refused, not returned, and the
+/// limit is inclusive. An empty value is still a value at a limit of 0.
+async fn values_over_the_limit_are_refused(kind: Kind) {
+    let b = backend(kind, LONG_TTL).await;
+    let p = unique_prefix();
+    let (key, empty) = (format!("{p}/piece-000000"), format!("{p}/manifest"));
+    let value = Bytes::from(vec![0x5A; 100_000]);
+    b.store.put(&key, value.clone()).await.expect("put");
+    b.store.put(&empty, Bytes::new()).await.expect("put empty");
+
+    let refused = b.store.get(&key, value.len() - 1).await;
+    assert!(
+        matches!(&refused, Err(StoreError::TooLarge { key: k, limit }) if *k == key && *limit == value.len() - 1),
+        "{:?}: {refused:?}",
+        b.kind
+    );
+    assert!(b.store.get(&key, 0).await.is_err_and(|e| e.is_refused_value()));
+    assert_eq!(b.store.get(&key, value.len()).await.expect("get"), Some(value));
+    assert_eq!(b.store.get(&empty, 0).await.expect("get"), Some(Bytes::new()));
+    assert_eq!(b.store.get(&format!("{p}/missing"), 0).await.expect("get"), None);
 }
 
 /// Keys older than the TTL go, fresh ones and other prefixes' stay. Redis expires keys by
@@ -299,7 +323,7 @@ async fn sweep_expired_removes_old_keys_and_keeps_fresh_ones(kind: Kind) {
 
     assert_eq!(removed, old.len(), "{:?}", b.kind);
     assert_eq!(b.store.list(&p).await.expect("list"), std::slice::from_ref(&fresh));
-    assert_eq!(b.store.get(&fresh).await.expect("get"), Some(bytes("fresh")));
+    assert_eq!(b.store.get(&fresh, ANY).await.expect("get"), Some(bytes("fresh")));
     assert_eq!(
         b.store.list(&other).await.expect("list"),
         [format!("{other}/manifest")],
@@ -318,12 +342,12 @@ async fn redis_keys_expire_by_themselves() {
         "Redis sweeps nothing"
     );
     assert_eq!(
-        b.store.get(&key).await.expect("get"),
+        b.store.get(&key, ANY).await.expect("get"),
         Some(bytes("short-lived")),
         "present before its TTL"
     );
     let deadline = Instant::now() + Duration::from_secs(10);
-    while b.store.get(&key).await.expect("get").is_some() {
+    while b.store.get(&key, ANY).await.expect("get").is_some() {
         assert!(Instant::now() < deadline, "the key outlived its 1 s TTL by far");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -362,7 +386,7 @@ async fn unreachable_store_is_unavailable(kind: Kind) {
         .expect_err("nothing listens there");
     assert!(matches!(err, StoreError::Unavailable { .. }), "{err:?}");
     assert!(matches!(
-        store.get("ferry/x/manifest").await,
+        store.get("ferry/x/manifest", ANY).await,
         Err(StoreError::Unavailable { .. })
     ));
     // That it returned at all is the point; how soon is a figure (machines differ).
@@ -436,6 +460,11 @@ macro_rules! suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn large_values_round_trip() {
                 super::large_values_round_trip($kind).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn values_over_the_limit_are_refused() {
+                super::values_over_the_limit_are_refused($kind).await
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -59,6 +59,27 @@ pub enum FormatError {
 /// Key of the manifest, relative to the request's prefix.
 pub const MANIFEST: &str = "manifest";
 
+/// What a manifest holds besides its tokens and pieces, at most: the magic, the checksum line,
+/// the field names, two 64-digit fingerprints, the counters and the worker's name (a host or
+/// pod name, at most 253 bytes), with room to spare for a name JSON has to escape.
+const MANIFEST_OVERHEAD_BYTES: usize = 64 * 1024;
+/// One generated token in the manifest's JSON, at most: a `u32` and a comma.
+const TOKEN_JSON_BYTES: usize = "4294967295,".len();
+/// One piece in the manifest's JSON, at most: the writer's name for it (`piece-<seq>-<tag>`,
+/// with a `u64` sequence number) and four numbers at their widest, with the field names.
+const PIECE_REF_JSON_BYTES: usize = 160;
+
+/// The most bytes a manifest can take for a model whose context holds `context_length`
+/// positions: a manifest names fewer generated tokens than that, and fewer pieces (each covers
+/// one position at least). Readers refuse a larger manifest without reading it. 171 bytes a
+/// position, so 22 MB at a context of 128k positions: small beside the pieces of such a
+/// context, which it bounds.
+pub fn max_manifest_bytes(context_length: usize) -> usize {
+    context_length
+        .saturating_mul(TOKEN_JSON_BYTES + PIECE_REF_JSON_BYTES)
+        .saturating_add(MANIFEST_OVERHEAD_BYTES)
+}
+
 /// The prefix under which a request's snapshot lives: a hash of the topic and the request id,
 /// so any worker that receives the request finds it, and ids need no escaping.
 /// Benchmarks and tests that have no message use it; the worker uses [`request_prefix`].
@@ -242,6 +263,13 @@ impl KvShape {
     /// pass computes them in f32 on every device and the cache keeps them as computed).
     pub fn bytes_per_position(&self) -> usize {
         self.values_per_tensor(1) * 2 * self.n_layer as usize * std::mem::size_of::<f32>()
+    }
+
+    /// Bytes the encoded piece of `positions` positions takes, header and checksum included:
+    /// what a reader expects of a piece, whatever its manifest says.
+    pub fn piece_bytes(&self, positions: u32) -> u64 {
+        let data = self.bytes_per_position() as u64 * u64::from(positions);
+        (PIECE_HEADER + 4) as u64 + data
     }
 }
 

@@ -40,6 +40,17 @@ pub const ATTEMPTS: &str = "attempts";
 pub const DONE: &str = "done";
 /// Version of the attempt log's JSON. Readers treat any other as unreadable.
 pub const LOG_VERSION: u32 = 1;
+/// The largest attempt log a reader accepts. An entry is a few hundred bytes (a worker name, two
+/// numbers, an outcome, an engine error's message), and a log holds one per start: the budget
+/// dead-letters a request after a handful of counted starts, and only suspensions (drains,
+/// rebalances) add entries beyond that. A megabyte is thousands of entries; a larger log is read
+/// as unreadable, so it is started afresh like a corrupt one.
+pub const MAX_ATTEMPT_LOG_BYTES: usize = 1 << 20;
+/// The largest done marker a reader accepts unless told otherwise
+/// ([`super::Snapshots::with_max_reply_bytes`]): a done marker is a reply record as published,
+/// and a record is at most `--max-record-bytes`, which librdkafka's default `message.max.bytes`
+/// (1,000,000) bounds.
+pub const DEFAULT_MAX_DONE_BYTES: usize = 1_000_000;
 
 /// Every start of one request, oldest first.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -250,9 +261,14 @@ pub fn is_ledger_key(prefix: &str, key: &str) -> bool {
 }
 
 /// Deletes the snapshot under `prefix` (its manifest and pieces) but not the ledger beside it.
+/// The manifest goes first and by name, whether a listing shows it or not: it is the commit
+/// point, and what stands under its key may be no value a listing shows (a file store lists
+/// regular files only, and a manifest refused for being a link must still go).
 pub async fn delete_snapshot_only(store: &dyn SnapshotStore, prefix: &str) -> Result<(), StoreError> {
+    let manifest = format!("{prefix}{}", super::format::MANIFEST);
+    store.delete(&manifest).await?;
     for key in store.list(prefix).await? {
-        if !is_ledger_key(prefix, &key) {
+        if !is_ledger_key(prefix, &key) && key != manifest {
             store.delete(&key).await?;
         }
     }
@@ -263,18 +279,37 @@ pub async fn delete_snapshot_only(store: &dyn SnapshotStore, prefix: &str) -> Re
 #[derive(Debug, Clone)]
 pub struct Ledger {
     store: Arc<dyn SnapshotStore>,
+    /// The largest done marker to read: the largest reply this worker would publish. A larger
+    /// one (kept by a worker allowed larger records) is ignored, and the answer computed again.
+    max_done_bytes: usize,
 }
 
 impl Ledger {
-    pub fn new(store: Arc<dyn SnapshotStore>) -> Self {
-        Self { store }
+    /// The ledger in `store`, reading done markers of at most `max_done_bytes`.
+    pub fn new(store: Arc<dyn SnapshotStore>, max_done_bytes: usize) -> Self {
+        Self { store, max_done_bytes }
+    }
+
+    /// The attempt log's bytes, if there is a log. One too large to read is logged and read as
+    /// no log, like one that cannot be decoded.
+    async fn read_log(&self, prefix: &str) -> Result<Option<Bytes>, StoreError> {
+        match self
+            .store
+            .get(&format!("{prefix}{ATTEMPTS}"), MAX_ATTEMPT_LOG_BYTES)
+            .await
+        {
+            Err(e) if e.is_refused_value() => {
+                warn!(prefix, error = %e, "unreadable attempt log; counting this request's attempts afresh");
+                Ok(None)
+            }
+            read => read,
+        }
     }
 
     /// The attempts recorded so far for the request under `prefix` (empty when none, or when the
     /// log cannot be decoded).
     pub async fn read(&self, prefix: &str) -> Result<AttemptLog, StoreError> {
-        let key = format!("{prefix}{ATTEMPTS}");
-        Ok(match self.store.get(&key).await? {
+        Ok(match self.read_log(prefix).await? {
             None => AttemptLog::default(),
             Some(bytes) => AttemptLog::decode(&bytes).unwrap_or_default(),
         })
@@ -284,7 +319,7 @@ impl Ledger {
     /// the log including it. See [`super::Snapshots::begin_attempt`].
     pub async fn begin_attempt(&self, prefix: &str, worker: &str) -> Result<AttemptLog, StoreError> {
         let key = format!("{prefix}{ATTEMPTS}");
-        let mut log = match self.store.get(&key).await? {
+        let mut log = match self.read_log(prefix).await? {
             None => AttemptLog::default(),
             Some(bytes) => AttemptLog::decode(&bytes).unwrap_or_else(|e| {
                 warn!(prefix, error = %e, "unreadable attempt log; counting this request's attempts afresh");
@@ -300,7 +335,7 @@ impl Ledger {
     /// deleted once its answer was committed, and must not be brought back.
     pub async fn end_attempt(&self, prefix: &str, attempt: u32, outcome: EntryOutcome, error: Option<AttemptError>) {
         let key = format!("{prefix}{ATTEMPTS}");
-        let bytes = match self.store.get(&key).await {
+        let bytes = match self.read_log(prefix).await {
             Ok(Some(bytes)) => bytes,
             Ok(None) => {
                 debug!(prefix, attempt, "no attempt log to end the attempt in");
@@ -339,10 +374,15 @@ impl Ledger {
     }
 
     /// The stored final reply of the request under `prefix`, if it has one. A store that cannot
-    /// be read is logged and treated as no reply: the request is then computed again.
+    /// be read is logged and treated as no reply, and so is a marker larger than a reply may be:
+    /// the request is then computed again.
     pub async fn get_done(&self, prefix: &str) -> Option<Bytes> {
-        match self.store.get(&format!("{prefix}{DONE}")).await {
+        match self.store.get(&format!("{prefix}{DONE}"), self.max_done_bytes).await {
             Ok(reply) => reply,
+            Err(e) if e.is_refused_value() => {
+                warn!(prefix, error = %e, "ignoring a done marker that cannot be a reply; computing the answer again");
+                None
+            }
             Err(e) => {
                 // The store logs its failures, at most once per interval.
                 debug!(prefix, error = %e, "cannot read the done marker; computing the answer again");

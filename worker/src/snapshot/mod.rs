@@ -59,6 +59,8 @@ pub struct Snapshots {
     backend: Arc<dyn store::SnapshotStore>,
     /// The deadline of one store call.
     store_timeout: Duration,
+    /// The largest done marker to read back: the largest reply this worker publishes.
+    max_reply_bytes: usize,
     pub stats: Arc<SnapshotStats>,
     pub policy: SnapshotPolicy,
     model_fingerprint: String,
@@ -90,6 +92,7 @@ impl Snapshots {
             store: bounded(store.clone(), DEFAULT_STORE_TIMEOUT, &stats),
             backend: store,
             store_timeout: DEFAULT_STORE_TIMEOUT,
+            max_reply_bytes: ledger::DEFAULT_MAX_DONE_BYTES,
             stats,
             policy,
             model_fingerprint: format::model_fingerprint(&model.sha256, weights, &device_name),
@@ -124,6 +127,7 @@ impl Snapshots {
             store: store.clone(),
             backend: store,
             store_timeout: DEFAULT_STORE_TIMEOUT,
+            max_reply_bytes: ledger::DEFAULT_MAX_DONE_BYTES,
             stats: Arc::new(SnapshotStats::default()),
             policy: SnapshotPolicy {
                 every_tokens: 0,
@@ -151,6 +155,13 @@ impl Snapshots {
         self
     }
 
+    /// The same service reading back done markers of at most `bytes` (`--max-record-bytes`, the
+    /// largest reply the worker publishes) instead of [`ledger::DEFAULT_MAX_DONE_BYTES`].
+    pub fn with_max_reply_bytes(mut self, bytes: usize) -> Self {
+        self.max_reply_bytes = bytes;
+        self
+    }
+
     /// The deadline of one store call.
     pub fn store_timeout(&self) -> Duration {
         self.store_timeout
@@ -167,7 +178,9 @@ impl Snapshots {
     /// Looks for a verified snapshot of the request. A snapshot that does not verify is logged,
     /// counted, deleted (its manifest and pieces; the request's [`ledger`] stays), and the request
     /// starts from the beginning. So does one that cannot be read, whole, within [`FIND_CALLS`]
-    /// store timeouts.
+    /// store timeouts. Every read is bounded: the manifest by the model's context
+    /// ([`format::max_manifest_bytes`]), each piece by the positions the manifest gives it; a
+    /// larger blob does not verify.
     pub async fn find(&self, prefix: &str, prepared: &Prepared) -> Option<Found> {
         if !self.keeps {
             return None;
@@ -348,7 +361,7 @@ impl Snapshots {
     }
 
     fn ledger(&self) -> Ledger {
-        Ledger::new(self.store.clone())
+        Ledger::new(self.store.clone(), self.max_reply_bytes)
     }
 
     /// Deletes a request's snapshot and ledger once its answer is committed: its keys by name
@@ -359,7 +372,9 @@ impl Snapshots {
         if !self.keeps {
             return;
         }
-        let manifest = match self.store.get(&format!("{prefix}{}", format::MANIFEST)).await {
+        let key = format!("{prefix}{}", format::MANIFEST);
+        let limit = format::max_manifest_bytes(self.config.context_length);
+        let manifest = match self.store.get(&key, limit).await {
             Ok(bytes) => bytes.and_then(|b| Manifest::peek(&b).ok()),
             Err(e) => {
                 debug!(prefix, error = %e, "cannot read a finished request's manifest; its pieces will expire");

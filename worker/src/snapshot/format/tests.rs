@@ -165,3 +165,42 @@ fn fingerprints_separate_what_must_be_separate() {
     assert_ne!(snapshot_prefix("t", "a"), snapshot_prefix("t2", "a"));
     assert!(snapshot_prefix("t", "a/../b").starts_with("ferry/"));
 }
+
+#[test]
+fn a_piece_takes_the_bytes_its_shape_and_positions_say() {
+    for (from, to) in [(0, 1), (3, 10)] {
+        assert_eq!(piece(from, to).encode(SHAPE).len() as u64, SHAPE.piece_bytes(to - from));
+    }
+}
+
+/// The widest manifest this format writes for a context (every number at its widest, one piece
+/// per position, a long worker name) fits the cap readers apply.
+#[test]
+fn the_widest_manifest_of_a_context_fits_its_cap() {
+    let context = 2048u32;
+    let prompt_len = 1;
+    let tokens = vec![u32::MAX; (context - prompt_len) as usize];
+    let pieces = (0..context - 1)
+        .map(|at| PieceRef {
+            name: format!("piece-{:06}-{:08x}", u64::MAX, u32::MAX),
+            from: at,
+            to: at + 1,
+            bytes: u64::MAX,
+            crc32: u32::MAX,
+        })
+        .collect();
+    let m = Manifest {
+        model: "f".repeat(64),
+        request: "f".repeat(64),
+        prompt_len,
+        worker: "w".repeat(253),
+        attempt: u32::MAX,
+        seq: u64::MAX,
+        ..manifest(tokens, pieces)
+    };
+    let len = m.encode().len();
+    let cap = max_manifest_bytes(context as usize);
+    assert!(len <= cap, "{len} bytes > cap {cap}");
+    // And the cap is not wildly loose: within the fixed overhead of the widest manifest.
+    assert!(cap - len < 64 * 1024 + context as usize * 64, "{len} bytes, cap {cap}");
+}

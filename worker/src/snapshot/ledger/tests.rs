@@ -222,7 +222,7 @@ async fn attempts_across_workers(store: Arc<dyn SnapshotStore>) {
         ]
     );
     let stored = store
-        .get(&format!("{PREFIX}attempts"))
+        .get(&format!("{PREFIX}attempts"), MAX_ATTEMPT_LOG_BYTES)
         .await
         .expect("get")
         .expect("the log is stored");
@@ -312,8 +312,8 @@ impl SnapshotStore for NoListing {
     async fn put(&self, key: &str, value: Bytes) -> Result<(), StoreError> {
         self.0.put(key, value).await
     }
-    async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
-        self.0.get(key).await
+    async fn get(&self, key: &str, max_bytes: usize) -> Result<Option<Bytes>, StoreError> {
+        self.0.get(key, max_bytes).await
     }
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         self.0.delete(key).await
@@ -443,4 +443,39 @@ async fn without_a_store_attempts_are_counted_in_the_requests_own_log_by_the_sam
 /// A short greedy request, for the lookups that must find nothing.
 fn greedy_prepared() -> Prepared {
     Prepared::greedy(vec![1, 2, 3], 8)
+}
+
+/// A done marker is read no larger than the largest reply the worker publishes: a larger one is
+/// ignored, and the answer computed again.
+#[tokio::test]
+async fn a_done_marker_larger_than_a_reply_is_ignored() {
+    let (_dir, store) = file().await;
+    let snaps = snapshots(store.clone()).with_max_reply_bytes(1000);
+    snaps.put_done(PREFIX, &[b'x'; 1000]).await.expect("put_done");
+    assert_eq!(snaps.get_done(PREFIX).await.map(|b| b.len()), Some(1000));
+    snaps.put_done(PREFIX, &[b'x'; 1001]).await.expect("put_done");
+    assert_eq!(snaps.get_done(PREFIX).await, None);
+}
+
+/// An attempt log over [`MAX_ATTEMPT_LOG_BYTES`] is read as an unreadable one: the count starts
+/// afresh, and the request is still counted in the store rather than not at all.
+#[tokio::test]
+async fn an_attempt_log_over_its_cap_is_started_afresh() {
+    let (_dir, store) = file().await;
+    let snaps = snapshots(store.clone());
+    store
+        .put(
+            &format!("{PREFIX}{ATTEMPTS}"),
+            Bytes::from(vec![b' '; MAX_ATTEMPT_LOG_BYTES + 1]),
+        )
+        .await
+        .expect("put");
+    assert_eq!(snaps.attempts(PREFIX).await.expect("read").counted(), 0);
+    let log = snaps.begin_attempt(PREFIX, "w-1").await.expect("begin");
+    assert_eq!(log.latest().map(|e| e.attempt), Some(1));
+    assert_eq!(
+        snaps.attempts(PREFIX).await.expect("read"),
+        log,
+        "the fresh log replaced it"
+    );
 }

@@ -263,6 +263,12 @@ impl DeadlineStore {
         };
         match &result {
             Ok(_) => self.cool_down().answered(),
+            // The store answered; what it holds is the caller's to judge, not a store fault, so
+            // it is neither counted nor logged here (the caller warns about it).
+            Err(e) if e.is_refused_value() => {
+                self.cool_down().answered();
+                return result;
+            }
             Err(StoreError::Timeout { .. } | StoreError::Unavailable { .. }) => {
                 self.cool_down().strike(Instant::now(), self.timeout)
             }
@@ -283,8 +289,9 @@ impl SnapshotStore for DeadlineStore {
             .await
     }
 
-    async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
-        self.call(StoreOp::Get, self.timeout, self.inner.get(key)).await
+    async fn get(&self, key: &str, max_bytes: usize) -> Result<Option<Bytes>, StoreError> {
+        self.call(StoreOp::Get, self.timeout, self.inner.get(key, max_bytes))
+            .await
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
@@ -346,9 +353,9 @@ mod tests {
             self.wait().await;
             self.inner.put(key, value).await
         }
-        async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
+        async fn get(&self, key: &str, max_bytes: usize) -> Result<Option<Bytes>, StoreError> {
             self.wait().await;
-            self.inner.get(key).await
+            self.inner.get(key, max_bytes).await
         }
         async fn delete(&self, key: &str) -> Result<(), StoreError> {
             self.wait().await;
@@ -379,7 +386,7 @@ mod tests {
     async fn a_store_that_never_answers_times_out_and_is_then_skipped() {
         let sick = Sick::new(None);
         let (store, faults) = bounded(sick.clone(), Duration::from_secs(2));
-        let err = store.get("ferry/a/manifest").await.expect_err("never answers");
+        let err = store.get("ferry/a/manifest", 1024).await.expect_err("never answers");
         assert!(matches!(err, StoreError::Timeout { op: "get", .. }), "{err}");
         assert_eq!(err.kind(), "timeout");
 
@@ -419,7 +426,7 @@ mod tests {
             .await
             .expect("put in time");
         assert_eq!(
-            store.get("ferry/a/manifest").await.expect("get in time"),
+            store.get("ferry/a/manifest", 1024).await.expect("get in time"),
             Some(Bytes::from_static(b"m"))
         );
         for op in StoreOp::ALL {
@@ -432,7 +439,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_slower_store_times_out_and_an_answer_ends_the_cool_down() {
         let (store, faults) = bounded(Sick::new(Some(Duration::from_secs(3))), Duration::from_secs(2));
-        assert!(matches!(store.get("ferry/a/x").await, Err(StoreError::Timeout { .. })));
+        assert!(matches!(
+            store.get("ferry/a/x", 1024).await,
+            Err(StoreError::Timeout { .. })
+        ));
         tokio::time::advance(Duration::from_secs(2)).await;
         // A put of a large value gets time for its bytes: 3 s is within 2 s + 32 MiB at 16 MiB/s.
         let big = Bytes::from(vec![0u8; 32 * 1024 * 1024]);
@@ -441,6 +451,23 @@ mod tests {
         assert_eq!(store.cool_down().strikes, 0, "an answer resets the cool-down");
         assert_eq!(faults.count(StoreOp::Get, FaultKind::Timeout), 1);
         assert_eq!(faults.count(StoreOp::Put, FaultKind::Timeout), 0);
+    }
+
+    /// A value over its reader's limit is the caller's to judge: the store answered, so it is
+    /// no store fault and starts no cool-down.
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_value_is_not_a_store_fault() {
+        let (store, faults) = bounded(Sick::new(Some(Duration::ZERO)), Duration::from_secs(2));
+        store
+            .put("ferry/a/manifest", Bytes::from_static(b"twelve bytes"))
+            .await
+            .expect("put");
+        let err = store.get("ferry/a/manifest", 11).await.expect_err("over the limit");
+        assert!(matches!(err, StoreError::TooLarge { limit: 11, .. }), "{err}");
+        assert!(store.cool_down().remaining(Instant::now()).is_none());
+        for kind in FaultKind::ALL {
+            assert_eq!(faults.count(StoreOp::Get, kind), 0, "{kind:?}");
+        }
     }
 
     #[test]

@@ -22,7 +22,8 @@
 //! them wait for a turn, and their deadline ends the wait.
 
 use std::fs;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -89,15 +90,10 @@ impl SnapshotStore for FileStore {
         self.blocking(move || write_atomically(&root, &path, &value)).await
     }
 
-    async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
+    async fn get(&self, key: &str, max_bytes: usize) -> Result<Option<Bytes>, StoreError> {
         check_key(key)?;
-        let path = self.path(key);
-        self.blocking(move || match fs::read(&path) {
-            Ok(data) => Ok(Some(Bytes::from(data))),
-            Err(e) if is_absent(&e) => Ok(None),
-            Err(e) => Err(io_error("read", &path)(e)),
-        })
-        .await
+        let (key, path) = (key.to_string(), self.path(key));
+        self.blocking(move || read_bounded(&key, &path, max_bytes)).await
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
@@ -134,7 +130,7 @@ impl SnapshotStore for FileStore {
         let (root, dir) = (self.root.clone(), self.path_or_root(prefix));
         self.blocking(move || {
             let mut keys = Vec::new();
-            walk(&dir, &mut |path, _| {
+            walk(&root, &dir, &mut |path, _| {
                 if let Some(key) = key_of(&root, path) {
                     keys.push(key);
                 }
@@ -195,6 +191,70 @@ fn write_atomically(root: &Path, path: &Path, value: &[u8]) -> Result<(), StoreE
     Ok(())
 }
 
+/// The value in the file at `path`, if there is one: a regular file of at most `max_bytes`.
+///
+/// The file is opened without following a symbolic link (`O_NOFOLLOW`) and without waiting for
+/// a writer (`O_NONBLOCK`, which a FIFO would otherwise need and which changes nothing for a
+/// regular file), and what was opened must be a regular file: a link, a directory, a FIFO or a
+/// device (`/dev/zero`) under a key is refused before anything is read from it. At most
+/// `max_bytes + 1` bytes are read, so even a file that grows while it is read is bounded.
+fn read_bounded(key: &str, path: &Path, max_bytes: usize) -> Result<Option<Bytes>, StoreError> {
+    let not_a_value = |found| StoreError::NotAValue {
+        key: key.to_string(),
+        found,
+    };
+    let too_large = || StoreError::TooLarge {
+        key: key.to_string(),
+        limit: max_bytes,
+    };
+    let file = match fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(file) => file,
+        Err(e) if is_absent(&e) => return Ok(None),
+        // What `O_NOFOLLOW` answers for a link.
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Err(not_a_value("a symbolic link")),
+        Err(e) => return Err(io_error("open", path)(e)),
+    };
+    let meta = file.metadata().map_err(io_error("stat", path))?;
+    if !meta.is_file() {
+        return Err(not_a_value(file_kind(&meta.file_type())));
+    }
+    if meta.len() > max_bytes as u64 {
+        return Err(too_large());
+    }
+    // The length just read is at most `max_bytes`; the file may still grow meanwhile, and
+    // `take` stops reading one byte past the limit.
+    let mut data = Vec::with_capacity(meta.len() as usize);
+    file.take(max_bytes as u64 + 1)
+        .read_to_end(&mut data)
+        .map_err(io_error("read", path))?;
+    if data.len() > max_bytes {
+        return Err(too_large());
+    }
+    Ok(Some(Bytes::from(data)))
+}
+
+/// What a file that is not a regular file is, for [`StoreError::NotAValue`].
+fn file_kind(t: &fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() || t.is_block_device() {
+        "a device"
+    } else {
+        "something other than a regular file"
+    }
+}
+
 /// Creates `dir` and its missing ancestors below `root`, fsyncing each new directory's parent
 /// so that the new entry is durable before a file inside it is.
 fn create_dirs(root: &Path, dir: &Path) -> Result<(), StoreError> {
@@ -224,7 +284,7 @@ fn sweep(root: &Path, dir: &Path, ttl: Duration) -> Result<usize, StoreError> {
         return Ok(0);
     };
     let mut removed = 0;
-    walk(dir, &mut |path, meta| {
+    walk(root, dir, &mut |path, meta| {
         let modified = meta.modified().map_err(io_error("read the mtime of", path))?;
         if modified < cutoff {
             match fs::remove_file(path) {
@@ -256,11 +316,20 @@ fn remove_empty_dirs(dir: &Path, keep: bool) {
 }
 
 /// Calls `visit` on `start` if it is a regular file, or on every regular file under it,
-/// recursively. A missing `start` has no files. `start` itself may be a symbolic link (the
-/// root may well be one); links below it are not followed, so nothing outside is ever listed
-/// or removed.
-fn walk(start: &Path, visit: &mut dyn FnMut(&Path, fs::Metadata) -> Result<(), StoreError>) -> Result<(), StoreError> {
-    match fs::metadata(start) {
+/// recursively. A missing `start` has no files. The root may be a symbolic link (a volume is
+/// often mounted through one) and is followed; no link below it is, `start` included when it is
+/// a prefix below the root, so nothing outside is ever listed or removed.
+fn walk(
+    root: &Path,
+    start: &Path,
+    visit: &mut dyn FnMut(&Path, fs::Metadata) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let meta = if start == root {
+        fs::metadata(start)
+    } else {
+        fs::symlink_metadata(start)
+    };
+    match meta {
         Ok(meta) if meta.is_file() => visit(start, meta),
         Ok(meta) if meta.is_dir() => walk_dir(start, visit),
         Ok(_) => Ok(()),

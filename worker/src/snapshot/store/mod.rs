@@ -9,6 +9,12 @@
 //!
 //! - [`SnapshotStore::put`] returns only once the value is durable in that backend's terms, and
 //!   replaces atomically: a reader sees the old value or the new one, never a torn mix.
+//! - [`SnapshotStore::get`] is bounded: the caller says how many bytes it expects at most, and a
+//!   larger value is refused ([`StoreError::TooLarge`]) having been read no further than that,
+//!   so a value that is huge, or (on a file store) a link to `/dev/zero`, cannot grow the worker.
+//!   What a value may be (a regular file, a string) is checked the same way
+//!   ([`StoreError::NotAValue`]). Both are data the worker cannot use, not an outage: the caller
+//!   treats them like a value that does not verify.
 //! - Keys are `/`-separated ASCII paths such as `ferry/<hex>/manifest` (see [`check_key`]).
 //!   A *prefix* is matched segment by segment: the keys under `ferry/ab` are `ferry/ab` itself
 //!   and those that start with `ferry/ab/`, so `ferry/abc/manifest` is not under it. Deleting
@@ -56,8 +62,11 @@ pub trait SnapshotStore: Send + Sync + Debug {
     /// value is durable in the backend's terms (see each backend's documentation).
     async fn put(&self, key: &str, value: Bytes) -> Result<(), StoreError>;
 
-    /// The value under `key`, or `None` if there is none.
-    async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError>;
+    /// The value under `key`, or `None` if there is none. A value longer than `max_bytes` is
+    /// refused with [`StoreError::TooLarge`], and is never read whole: a backend reads or
+    /// transfers at most about `max_bytes + 1` bytes of it. Every caller knows what it expects
+    /// (a manifest, a piece of a known length, a reply record), so there is no unbounded read.
+    async fn get(&self, key: &str, max_bytes: usize) -> Result<Option<Bytes>, StoreError>;
 
     /// Removes `key`. Removing a missing key is not an error.
     async fn delete(&self, key: &str) -> Result<(), StoreError>;
@@ -89,7 +98,7 @@ impl SnapshotStore for NoStore {
         Ok(())
     }
 
-    async fn get(&self, _key: &str) -> Result<Option<Bytes>, StoreError> {
+    async fn get(&self, _key: &str, _max_bytes: usize) -> Result<Option<Bytes>, StoreError> {
         Ok(None)
     }
 
@@ -190,6 +199,29 @@ pub enum StoreError {
         left: Duration,
     },
 
+    /// The value under `key` is longer than the reader's limit (see [`SnapshotStore::get`]),
+    /// which read no more of it than that. Not an outage: the value is treated like one that does
+    /// not verify (a snapshot is discarded and the request starts over; a ledger entry or a done
+    /// marker is ignored).
+    #[error("snapshot store value {key:?} is larger than the {limit} bytes its reader allows")]
+    TooLarge {
+        /// The key.
+        key: String,
+        /// The most bytes the reader accepts.
+        limit: usize,
+    },
+
+    /// What is stored under `key` is not a value: on a file store, something other than a
+    /// regular file (a symbolic link, a directory, a FIFO, a device); on Redis, a key of
+    /// another type. Nothing is read from it. Handled like [`StoreError::TooLarge`].
+    #[error("snapshot store key {key:?} holds {found}, not a value")]
+    NotAValue {
+        /// The key.
+        key: String,
+        /// What is there instead ("a symbolic link", "a FIFO", ...).
+        found: &'static str,
+    },
+
     /// Any other error the backend reported: an unexpected response, a protocol error, a
     /// server-side failure.
     #[error("snapshot store {backend} failed: {source}")]
@@ -216,8 +248,17 @@ impl StoreError {
             StoreError::Io { .. } => "io",
             StoreError::Timeout { .. } => "timeout",
             StoreError::Skipped { .. } => "skipped",
+            StoreError::TooLarge { .. } => "too_large",
+            StoreError::NotAValue { .. } => "not_a_value",
             StoreError::Backend { .. } => "backend",
         }
+    }
+
+    /// Whether the store answered, but with a value the caller must not use
+    /// ([`StoreError::TooLarge`], [`StoreError::NotAValue`]): handled like a value that does not
+    /// verify, not like a store that cannot be read.
+    pub fn is_refused_value(&self) -> bool {
+        matches!(self, StoreError::TooLarge { .. } | StoreError::NotAValue { .. })
     }
 
     fn config(url: &str, reason: impl Into<String>) -> Self {

@@ -204,14 +204,37 @@ impl SnapshotStore for ObjectStoreBackend {
         Ok(())
     }
 
-    async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
+    /// One GET. The object's size comes with the response's headers, before its body: a larger
+    /// object is refused there, and its body is dropped unread. The body is then read no
+    /// further than `max_bytes + 1` bytes, whatever the headers said. (A ranged GET would bound
+    /// the transfer by itself, but S3 answers a range on an empty object with an error.)
+    async fn get(&self, key: &str, max_bytes: usize) -> Result<Option<Bytes>, StoreError> {
         check_key(key)?;
         let location = self.location(key)?;
-        match self.store.get(&location).await {
-            Ok(found) => found.bytes().await.map(Some).map_err(|e| self.error(e)),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(self.error(e)),
+        let found = match self.store.get(&location).await {
+            Ok(found) => found,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(self.error(e)),
+        };
+        let too_large = || StoreError::TooLarge {
+            key: key.to_string(),
+            limit: max_bytes,
+        };
+        let size = found.range.end.saturating_sub(found.range.start);
+        if size > max_bytes as u64 {
+            return Err(too_large());
         }
+        // At most `max_bytes`, as just checked.
+        let mut value = Vec::with_capacity(size as usize);
+        let mut body = found.into_stream();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| self.error(e))?;
+            if value.len() + chunk.len() > max_bytes {
+                return Err(too_large());
+            }
+            value.extend_from_slice(&chunk);
+        }
+        Ok(Some(Bytes::from(value)))
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
@@ -321,10 +344,14 @@ mod tests {
             .await
             .expect("put");
         assert_eq!(
-            store.get("ferry/a/manifest").await.expect("get"),
+            store.get("ferry/a/manifest", 1).await.expect("get"),
             Some(Bytes::from_static(b"m"))
         );
-        assert_eq!(store.get("ferry/a/missing").await.expect("get"), None);
+        assert_eq!(store.get("ferry/a/missing", 1).await.expect("get"), None);
+        assert!(matches!(
+            store.get("ferry/ab/manifest", 4).await,
+            Err(StoreError::TooLarge { limit: 4, .. })
+        ));
         assert_eq!(
             store.list("ferry/a").await.expect("list"),
             ["ferry/a/manifest", "ferry/a/piece-000000"]

@@ -156,14 +156,44 @@ impl SnapshotStore for RedisStore {
             .map_err(classify)
     }
 
-    async fn get(&self, key: &str) -> Result<Option<Bytes>, StoreError> {
+    /// `MULTI`, `STRLEN key`, `GETRANGE key 0 max_bytes`, `EXISTS key`, `EXEC`: one round trip,
+    /// atomic, and never more than `max_bytes + 1` bytes of the value on the wire. `STRLEN`
+    /// says whether the value fits; `EXISTS` tells an empty value from a missing key, which
+    /// `STRLEN` and `GETRANGE` both answer with nothing.
+    async fn get(&self, key: &str, max_bytes: usize) -> Result<Option<Bytes>, StoreError> {
         check_key(key)?;
-        let value: Option<Vec<u8>> = redis::cmd("GET")
+        // `GETRANGE` takes a signed end; a limit past `i64::MAX` is none (a Redis string holds
+        // at most 512 MB).
+        let last = i64::try_from(max_bytes).unwrap_or(i64::MAX);
+        let answer: redis::RedisResult<(u64, Vec<u8>, bool)> = redis::pipe()
+            .atomic()
+            .cmd("STRLEN")
+            .arg(key)
+            .cmd("GETRANGE")
+            .arg(key)
+            .arg(0)
+            .arg(last)
+            .cmd("EXISTS")
             .arg(key)
             .query_async(&mut self.connection.clone())
-            .await
-            .map_err(classify)?;
-        Ok(value.map(Bytes::from))
+            .await;
+        let (len, value, exists) = match answer {
+            Ok(answer) => answer,
+            Err(e) if e.code() == Some("WRONGTYPE") => {
+                return Err(StoreError::NotAValue {
+                    key: key.to_string(),
+                    found: "a key that is not a string",
+                })
+            }
+            Err(e) => return Err(classify(e)),
+        };
+        if len > max_bytes as u64 || value.len() > max_bytes {
+            return Err(StoreError::TooLarge {
+                key: key.to_string(),
+                limit: max_bytes,
+            });
+        }
+        Ok(exists.then(|| Bytes::from(value)))
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {

@@ -36,7 +36,7 @@ impl SnapshotStore for Sick {
             after: Duration::ZERO,
         })
     }
-    async fn get(&self, _: &str) -> Result<Option<Bytes>, crate::snapshot::store::StoreError> {
+    async fn get(&self, _: &str, _: usize) -> Result<Option<Bytes>, crate::snapshot::store::StoreError> {
         unreachable!("a writer only writes")
     }
     async fn delete(&self, _: &str) -> Result<(), crate::snapshot::store::StoreError> {

@@ -1,12 +1,18 @@
 //! Finding and verifying a request's snapshot.
+//!
+//! A restore holds, at its peak, the cache it rebuilds and one piece as the store returned it:
+//! each piece is checked in place ([`PieceView`]) and its values written straight into the
+//! cache's buffers ([`CacheRestore`]), which are made once, at their final size, before the first
+//! piece is read; a piece's bytes are dropped before the next is read. [`restore_peak_bytes`]
+//! is that peak.
 
 use std::sync::Arc;
 
 use candle_core::Device;
 
-use super::format::{FormatError, KvShape, Manifest, Piece};
+use super::format::{FormatError, KvShape, Manifest, PieceView};
 use super::store::{SnapshotStore, StoreError};
-use crate::model::{LlamaConfig, ModelError, SequenceCache};
+use crate::model::{allocated_positions, CacheRestore, LlamaConfig, ModelError, SequenceCache};
 
 /// A verified snapshot, ready to continue from.
 #[derive(Debug)]
@@ -56,26 +62,35 @@ pub async fn load(
         n_kv_head: config.n_kv_head as u32,
         head_dim: config.head_dim as u32,
     };
-    let mut whole: Option<Piece> = None;
+    let positions = manifest.kv_positions() as usize;
+    let mut cache = (positions > 0).then(|| CacheRestore::new(config, positions));
     for entry in &manifest.pieces {
         let bytes = store
             .get(&format!("{prefix}{}", entry.name))
             .await?
             .ok_or_else(|| ResumeError::MissingPiece(entry.name.clone()))?;
-        let piece = Piece::decode(&bytes, shape, entry)?;
-        match &mut whole {
-            None => whole = Some(piece),
-            Some(w) => w.append(piece)?,
+        let piece = PieceView::check(&bytes, shape, entry)?;
+        if let Some(cache) = &mut cache {
+            cache.append(piece.positions(), |l| (piece.keys(l), piece.values(l)))?;
         }
+        // `bytes` is dropped here, before the next piece is read.
     }
-    let cache = match whole {
-        None => None,
-        Some(p) => Some(SequenceCache::from_range_values(
-            config,
-            p.to as usize,
-            p.layers,
-            device,
-        )?),
-    };
+    let cache = cache.map(|c| c.finish(device)).transpose()?;
     Ok(Some(Restored { manifest, cache }))
 }
+
+/// The most memory restoring a snapshot holds at once, for a cache of `positions` positions
+/// whose largest piece is `largest_piece_bytes` long, `bytes_per_position` bytes a position:
+/// the cache's buffers, allocated in whole chunks, and that piece's bytes as the store returned
+/// them (see the module doc). A store client's own buffering while it reads is not counted.
+pub fn restore_peak_bytes(positions: usize, largest_piece_bytes: u64, bytes_per_position: u64) -> u64 {
+    let cache = if positions == 0 {
+        0
+    } else {
+        allocated_positions(positions) as u64 * bytes_per_position
+    };
+    cache.saturating_add(largest_piece_bytes)
+}
+
+#[cfg(test)]
+mod tests;

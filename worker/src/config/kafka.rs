@@ -71,7 +71,9 @@ pub struct KafkaConfig {
     /// size (`512MiB`, `2GiB`, `1.5GB`, plain bytes), `off` or `0` for no limit, or `auto` (the
     /// default): on the CPU, the cgroup's memory limit less what the worker holds once the model
     /// is loaded and a reserve of a tenth of the limit (at least 128 MiB); unlimited where there
-    /// is no cgroup limit, and on an accelerator, whose memory the cgroup does not bound.
+    /// is no cgroup limit, and on an accelerator, whose memory the cgroup does not bound. A
+    /// request resuming from a snapshot also needs room for its restore (the snapshot's largest
+    /// piece) until its cache is restored.
     #[arg(long, env = "FERRY_KV_BUDGET", default_value = "auto", value_parser = parse_kv_budget)]
     pub kv_budget: KvBudgetSetting,
     /// Attempts a request gets. An attempt counts when its generation fails or its worker dies

@@ -11,15 +11,25 @@
 //! short ones behind it. A request whose worst case alone exceeds the whole budget could never
 //! start; it is refused at once ([`Admission::TooLarge`]), and the caller dead-letters it.
 //!
+//! A request that resumes from a snapshot holds more while its cache is restored: the cache and
+//! one piece of the snapshot as the store returned it (`snapshot::resume::restore_peak_bytes`).
+//! The restored cache is part of the worst case already; the piece is not, so such a request is
+//! admitted for its worst case plus its snapshot's largest piece (the restore allowance), and
+//! gives the allowance back as soon as the restore is done ([`KvPermit::restored`]). The size
+//! comes from the snapshot's manifest, read before admission; the restore itself reads the
+//! manifest again and, should it now need more than was admitted (another worker wrote since),
+//! or should the allowance not fit beside the worst case in the whole budget, it resumes
+//! without the cache and recomputes it from the tokens, which the worst case covers.
+//!
 //! The budget comes from the flag, or by default (on the CPU, where the caches live in the
 //! process's memory) from the cgroup's memory limit minus what the process holds once the model
 //! is loaded, minus a reserve ([`default_budget`]). The pure parts (sizes, cgroup files, the
 //! arithmetic) are functions of their inputs; only [`KvBudget::from_config`] reads the system.
 //!
-//! Limit: only KV caches are counted. Activations of a prefill chunk, the copies a snapshot
-//! makes of new positions, and the transient copy when a cache grows by a chunk are what the
-//! reserve is for. The default also assumes the process is alone in its cgroup, as a worker
-//! container in Kubernetes is.
+//! Limit: only KV caches and restores are counted. Activations of a prefill chunk, the copies a
+//! snapshot makes of new positions, and the transient copy when a cache grows by a chunk are
+//! what the reserve is for. The default also assumes the process is alone in its cgroup, as a
+//! worker container in Kubernetes is.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,7 +73,12 @@ pub fn worst_case_tokens(prompt_len: usize, max_tokens: usize, context: usize) -
 
 /// The positions a cache of `tokens` positions has allocated: whole chunks.
 pub fn allocated_positions(tokens: usize) -> usize {
-    tokens.div_ceil(CACHE_CHUNK) * CACHE_CHUNK
+    crate::model::allocated_positions(tokens)
+}
+
+/// Positions of the budget that `bytes` take, rounded up.
+pub fn positions_for(bytes: u64, bytes_per_position: u64) -> usize {
+    usize::try_from(bytes.div_ceil(bytes_per_position.max(1))).unwrap_or(usize::MAX)
 }
 
 /// The cgroup's memory limit, from the contents of cgroup v2's `memory.max` or else cgroup v1's
@@ -113,8 +128,37 @@ pub enum Admission {
 pub struct KvPermit {
     /// `None` under an unlimited budget, which still reports what it would reserve.
     _permit: Option<OwnedSemaphorePermit>,
+    /// The restore allowance's share of the budget, until [`KvPermit::restored`].
+    restore: Option<OwnedSemaphorePermit>,
+    /// What the permit reserves now, the restore allowance included until it is given back.
     bytes: u64,
+    /// The restore allowance in bytes, until it is given back.
+    restore_bytes: u64,
+    /// Whether the budget is unlimited: any restore may then go ahead.
+    unlimited: bool,
     ops: Arc<Ops>,
+}
+
+impl KvPermit {
+    /// The memory beyond the cache that this request's restore may hold (see the module doc):
+    /// what was reserved for it, unbounded under an unlimited budget, none once given back.
+    pub fn restore_allowance(&self) -> u64 {
+        if self.unlimited {
+            u64::MAX
+        } else {
+            self.restore_bytes
+        }
+    }
+
+    /// Gives the restore allowance back: the restore is over (or there was none), and what it
+    /// held beside the cache is freed. Later restores under this permit get no allowance.
+    pub fn restored(&mut self) {
+        self.restore = None;
+        self.ops.metrics.kv_released(self.restore_bytes);
+        self.bytes -= self.restore_bytes;
+        self.restore_bytes = 0;
+        self.unlimited = false;
+    }
 }
 
 impl Drop for KvPermit {
@@ -247,19 +291,40 @@ impl KvBudget {
     }
 
     /// Waits until the worst case of a request with a prompt of `prompt_len` tokens and
-    /// `max_tokens` fits beside those admitted, and reserves it. Gives up when `control` is told
-    /// to suspend; refuses at once a request that could never fit.
-    pub async fn admit(&self, prompt_len: usize, max_tokens: usize, control: &JobControl) -> Admission {
+    /// `max_tokens`, plus `restore_bytes` for restoring its snapshot (its largest piece,
+    /// `snapshot::resume::restore_overhead_bytes`; 0 without one), fits beside those admitted,
+    /// and reserves it. Gives up when `control` is told to suspend; refuses at once a request
+    /// whose worst case could never fit. A restore allowance that could never fit beside the
+    /// worst case is left out: the request is admitted without one
+    /// ([`KvPermit::restore_allowance`] 0), and resumes by recomputing its cache.
+    pub async fn admit(
+        &self,
+        prompt_len: usize,
+        max_tokens: usize,
+        restore_bytes: u64,
+        control: &JobControl,
+    ) -> Admission {
         let worst = worst_case_tokens(prompt_len, max_tokens, self.context);
-        let positions = allocated_positions(worst);
-        let bytes = positions as u64 * self.bytes_per_position;
-        if positions > self.capacity {
+        let cache = allocated_positions(worst);
+        if cache > self.capacity {
+            let bytes = cache as u64 * self.bytes_per_position;
             return Admission::TooLarge {
                 code: self.too_large_code(prompt_len),
                 message: self.too_large_message(prompt_len, max_tokens, bytes),
             };
         }
-        let permit = match &self.positions {
+        let mut restore = positions_for(restore_bytes, self.bytes_per_position);
+        if restore > self.capacity - cache {
+            info!(
+                restore_mib = restore_bytes.div_ceil(MIB),
+                "restoring the snapshot's cache cannot fit beside the worst case in the KV budget: \
+                 it will be recomputed from the tokens"
+            );
+            restore = 0;
+        }
+        let positions = cache + restore;
+        let bytes = positions as u64 * self.bytes_per_position;
+        let mut permit = match &self.positions {
             None => None,
             Some(sem) => {
                 // `positions <= capacity <= u32::MAX` (see `new`).
@@ -283,10 +348,14 @@ impl KvBudget {
                 }
             }
         };
+        let restore_permit = permit.as_mut().and_then(|p| p.split(restore));
         self.ops.metrics.kv_reserved(bytes);
         Admission::Admitted(KvPermit {
             _permit: permit,
+            restore: restore_permit,
             bytes,
+            restore_bytes: restore as u64 * self.bytes_per_position,
+            unlimited: self.positions.is_none(),
             ops: self.ops.clone(),
         })
     }

@@ -4,11 +4,12 @@
 //! each piece is checked in place ([`PieceView`]) and its values written straight into the
 //! cache's buffers ([`CacheRestore`]), which are made once, at their final size, before the first
 //! piece is read; a piece's bytes are dropped before the next is read. [`restore_peak_bytes`]
-//! is that peak.
+//! is that peak, which admission reserves (`consumer::admission`).
 
 use std::sync::Arc;
 
 use candle_core::Device;
+use tracing::info;
 
 use super::format::{FormatError, KvShape, Manifest, PieceView};
 use super::store::{SnapshotStore, StoreError};
@@ -50,6 +51,22 @@ pub async fn load(
     config: &LlamaConfig,
     device: &Device,
 ) -> Result<Option<Restored>, ResumeError> {
+    load_within(store, prefix, model, request, config, device, u64::MAX).await
+}
+
+/// [`load`], for a restore that may hold at most `allowance` bytes beside the cache
+/// ([`restore_overhead_bytes`]): a snapshot that needs more (one written since the caller sized
+/// its restore, or one too large for the budget) is loaded without its cache, which the engine
+/// then recomputes from the tokens, as after a tokens-only snapshot.
+pub async fn load_within(
+    store: &Arc<dyn SnapshotStore>,
+    prefix: &str,
+    model: &str,
+    request: &str,
+    config: &LlamaConfig,
+    device: &Device,
+    allowance: u64,
+) -> Result<Option<Restored>, ResumeError> {
     let Some(bytes) = store.get(&format!("{prefix}{}", super::format::MANIFEST)).await? else {
         return Ok(None);
     };
@@ -62,6 +79,16 @@ pub async fn load(
         n_kv_head: config.n_kv_head as u32,
         head_dim: config.head_dim as u32,
     };
+    let overhead = restore_overhead_bytes(&manifest);
+    if overhead > allowance {
+        info!(
+            prefix,
+            overhead_mib = overhead.div_ceil(1 << 20),
+            allowance_mib = allowance / (1 << 20),
+            "restoring the snapshot's cache would hold more than was admitted: recomputing it from the tokens"
+        );
+        return Ok(Some(Restored { manifest, cache: None }));
+    }
     let positions = manifest.kv_positions() as usize;
     let mut cache = (positions > 0).then(|| CacheRestore::new(config, positions));
     for entry in &manifest.pieces {
@@ -90,6 +117,13 @@ pub fn restore_peak_bytes(positions: usize, largest_piece_bytes: u64, bytes_per_
         allocated_positions(positions) as u64 * bytes_per_position
     };
     cache.saturating_add(largest_piece_bytes)
+}
+
+/// The memory beyond the cache itself that restoring `manifest` holds at its peak: its largest
+/// piece (none for a tokens-only snapshot). What admission reserves for a restore on top of the
+/// request's worst-case cache, which the restored cache is part of.
+pub fn restore_overhead_bytes(manifest: &Manifest) -> u64 {
+    manifest.pieces.iter().map(|p| p.bytes).max().unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -106,6 +106,33 @@ async fn a_snapshot_restores_every_value_of_every_piece() {
     }
 }
 
+#[tokio::test]
+async fn a_restore_that_needs_more_than_its_allowance_recomputes_the_cache() {
+    let c = config();
+    let store = memory().await;
+    put(&store, "ferry/b/", &c, &[0, 40, 50]).await;
+    let manifest = load(&store, "ferry/b/", "m", "r", &c, &Device::Cpu)
+        .await
+        .expect("loads")
+        .expect("found")
+        .manifest;
+    let largest = restore_overhead_bytes(&manifest);
+    assert_eq!(largest, manifest.pieces[0].bytes, "the first piece is the larger");
+    let within = |allowance| {
+        let (store, c) = (store.clone(), c.clone());
+        async move {
+            load_within(&store, "ferry/b/", "m", "r", &c, &Device::Cpu, allowance)
+                .await
+                .expect("loads")
+                .expect("found")
+        }
+    };
+    assert!(within(largest).await.cache.is_some(), "exactly the allowance");
+    let short = within(largest - 1).await;
+    assert!(short.cache.is_none(), "the cache is recomputed, not restored");
+    assert_eq!(short.manifest.tokens, [7, 8, 9, 10], "from the snapshot's tokens");
+}
+
 #[test]
 fn a_restore_peaks_at_its_cache_in_chunks_and_its_largest_piece() {
     let per = 46_080;

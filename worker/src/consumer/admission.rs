@@ -21,15 +21,18 @@
 //! or should the allowance not fit beside the worst case in the whole budget, it resumes
 //! without the cache and recomputes it from the tokens, which the worst case covers.
 //!
-//! The budget comes from the flag, or by default (on the CPU, where the caches live in the
-//! process's memory) from the cgroup's memory limit minus what the process holds once the model
-//! is loaded, minus a reserve ([`default_budget`]). The pure parts (sizes, cgroup files, the
-//! arithmetic) are functions of their inputs; only [`KvBudget::from_config`] reads the system.
+//! The budget comes from the flag, or by default from what the memory the caches live in has
+//! free once the model is loaded, less a reserve. On the CPU that is the cgroup's memory limit
+//! minus what the process holds ([`default_budget`]); on a GPU (`cuda` builds), the device's free
+//! memory as its driver reports it ([`accelerator_budget`]). The pure parts (sizes, cgroup
+//! files, the arithmetic) are functions of their inputs; only [`KvBudget::from_config`] reads
+//! the system.
 //!
 //! Limit: only KV caches and restores are counted. Activations of a prefill chunk, the copies a
 //! snapshot makes of new positions, and the transient copy when a cache grows by a chunk are
 //! what the reserve is for. The default also assumes the process is alone in its cgroup, as a
-//! worker container in Kubernetes is.
+//! worker container in Kubernetes is, and on a GPU that what other processes hold of it at start
+//! stays what they hold.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,6 +53,10 @@ const MIB: u64 = 1024 * 1024;
 const RESERVE_SHARE: u64 = 10;
 /// ...and at least this much.
 const MIN_RESERVE: u64 = 128 * MIB;
+/// The default budget on an accelerator keeps at least this much of its memory free (and a
+/// tenth of it, as on the CPU): CUDA modules loaded at their first use, cuBLAS's workspace and
+/// the activations of a batch live there too.
+const MIN_ACCELERATOR_RESERVE: u64 = 512 * MIB;
 /// A cgroup memory limit this large means no limit (cgroup v1 writes `PAGE_COUNTER_MAX` pages,
 /// about 8 EiB, for "unlimited").
 const NO_LIMIT_FROM: u64 = 1 << 60;
@@ -110,6 +117,33 @@ pub fn resident_bytes(proc_status: &str) -> Option<u64> {
 pub fn default_budget(limit: u64, resident: u64) -> Option<u64> {
     let reserve = (limit / RESERVE_SHARE).max(MIN_RESERVE);
     limit.checked_sub(resident)?.checked_sub(reserve).filter(|&b| b > 0)
+}
+
+/// The default budget on an accelerator with `free` of its `total` bytes free once the model is
+/// loaded (the weights are out of `free` already): `free` less a reserve of a tenth of `total`,
+/// at least 512 MiB. `None` when that leaves nothing.
+pub fn accelerator_budget(free: u64, total: u64) -> Option<u64> {
+    let reserve = (total / RESERVE_SHARE).max(MIN_ACCELERATOR_RESERVE);
+    free.min(total).checked_sub(reserve).filter(|&b| b > 0)
+}
+
+/// The accelerator's free and total memory now, in bytes, as its driver reports them for the
+/// device's context; `None` when the driver does not say.
+#[cfg(feature = "cuda")]
+fn accelerator_memory(device: &candle_core::Device) -> Option<(u64, u64)> {
+    use candle_core::cuda_backend::cudarc::driver::result;
+    let cuda = device.as_cuda_device().ok()?;
+    let ctx = cuda.cuda_stream().context().clone();
+    // `cuMemGetInfo` answers for the calling thread's current context.
+    ctx.bind_to_thread().ok()?;
+    let (free, total) = result::mem_get_info().ok()?;
+    Some((free as u64, total as u64))
+}
+
+/// Without the `cuda` feature there is no accelerator to ask.
+#[cfg(not(feature = "cuda"))]
+fn accelerator_memory(_device: &candle_core::Device) -> Option<(u64, u64)> {
+    None
 }
 
 /// How an admission ended.
@@ -222,10 +256,11 @@ impl KvBudget {
         })
     }
 
-    /// The budget for `model` as configured: the flag's size, unlimited, or by default the
-    /// cgroup's limit less what this process holds now (call it once the model is loaded). The
-    /// default applies on the CPU only: on an accelerator the caches live in its memory, which
-    /// the cgroup does not bound, so there it is unlimited unless the flag sets one. Logs which.
+    /// The budget for `model` as configured: the flag's size, unlimited, or by default (call it
+    /// once the model is loaded) on the CPU the cgroup's limit less what this process holds
+    /// now, and on an accelerator, where the caches live in its memory, which the cgroup does
+    /// not bound, the device's free memory now, less a reserve ([`accelerator_budget`]);
+    /// unlimited where neither is known. Logs which.
     pub fn from_config(
         setting: KvBudgetSetting,
         model: &crate::model::Model,
@@ -239,8 +274,28 @@ impl KvBudget {
             }
             KvBudgetSetting::Bytes(b) => Some(b),
             KvBudgetSetting::Auto if !model.weights.device().is_cpu() => {
-                info!("KV budget: unlimited (the caches live in accelerator memory; set --kv-budget to bound them)");
-                None
+                match accelerator_memory(model.weights.device()) {
+                    None => {
+                        info!("KV budget: unlimited (the accelerator's free memory is unknown; set --kv-budget to bound the caches)");
+                        None
+                    }
+                    Some((free, total)) => {
+                        let budget = accelerator_budget(free, total).ok_or_else(|| {
+                            BudgetError(format!(
+                                "the accelerator has {} MiB of {} MiB free beside the model, which leaves no room for \
+                                 KV caches beside the reserve: set --kv-budget, or use a larger device",
+                                free / MIB,
+                                total / MIB
+                            ))
+                        })?;
+                        info!(
+                            free_mib = free / MIB,
+                            total_mib = total / MIB,
+                            "KV budget from the accelerator's free memory, less a reserve"
+                        );
+                        Some(budget)
+                    }
+                }
             }
             KvBudgetSetting::Auto => {
                 let read = |p: &str| std::fs::read_to_string(p).ok();

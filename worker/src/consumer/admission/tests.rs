@@ -292,3 +292,23 @@ fn a_restore_allowance_is_counted_in_whole_positions() {
     assert_eq!(positions_for(46_081, 46_080), 2);
     assert_eq!(positions_for(10, 0), 10, "a zero-byte position counts as one byte");
 }
+
+#[test]
+fn the_accelerator_default_leaves_a_tenth_and_at_least_512_mib() {
+    const GIB: u64 = 1 << 30;
+    // An 80 GiB device with the model loaded and 79 GiB free: 8 GiB stay free.
+    assert_eq!(accelerator_budget(79 * GIB, 80 * GIB), Some(71 * GIB));
+    // A small device keeps at least 512 MiB.
+    assert_eq!(accelerator_budget(3 * GIB, 4 * GIB), Some(3 * GIB - 512 * MIB));
+    // What others hold of the device is not free: it is left to them.
+    assert_eq!(accelerator_budget(10 * GIB, 80 * GIB), Some(2 * GIB));
+    assert_eq!(accelerator_budget(8 * GIB, 80 * GIB), None);
+    assert_eq!(accelerator_budget(0, 0), None);
+    // A driver that reports more free than total is read as all of it free.
+    assert_eq!(accelerator_budget(100 * GIB, 80 * GIB), Some(72 * GIB));
+}
+
+#[test]
+fn without_an_accelerator_there_is_no_accelerator_memory_to_read() {
+    assert_eq!(accelerator_memory(&candle_core::Device::Cpu), None);
+}

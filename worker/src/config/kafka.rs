@@ -78,8 +78,11 @@ pub struct KafkaConfig {
     /// already generating, and waits otherwise; one that could never fit is dead-lettered. A
     /// size (`512MiB`, `2GiB`, `1.5GB`, plain bytes), `off` or `0` for no limit, or `auto` (the
     /// default): on the CPU, the cgroup's memory limit less what the worker holds once the model
-    /// is loaded and a reserve of a tenth of the limit (at least 128 MiB); unlimited where there
-    /// is no cgroup limit, and on an accelerator, whose memory the cgroup does not bound.
+    /// is loaded and a reserve of a tenth of the limit (at least 128 MiB), unlimited where there
+    /// is no cgroup limit; on a GPU, whose memory the cgroup does not bound, the device's free
+    /// memory once the model is loaded less a reserve of a tenth of the device (at least
+    /// 512 MiB). A request resuming from a snapshot also needs room for its restore (the
+    /// snapshot's largest piece) until its cache is restored.
     #[arg(long, env = "FERRY_KV_BUDGET", default_value = "auto", value_parser = parse_kv_budget)]
     pub kv_budget: KvBudgetSetting,
     /// Attempts a request gets. An attempt counts when its generation fails or its worker dies
@@ -208,7 +211,8 @@ pub(super) fn parse_lane(s: &str) -> Result<Lane, String> {
 /// `--kv-budget`: how much memory the KV caches of the requests in flight may take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KvBudgetSetting {
-    /// From the cgroup memory limit, where there is one (see `consumer::admission`).
+    /// From the cgroup memory limit, where there is one, or the GPU's free memory (see
+    /// `consumer::admission`).
     Auto,
     /// No limit.
     Off,

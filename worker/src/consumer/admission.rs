@@ -11,15 +11,28 @@
 //! short ones behind it. A request whose worst case alone exceeds the whole budget could never
 //! start; it is refused at once ([`Admission::TooLarge`]), and the caller dead-letters it.
 //!
-//! The budget comes from the flag, or by default (on the CPU, where the caches live in the
-//! process's memory) from the cgroup's memory limit minus what the process holds once the model
-//! is loaded, minus a reserve ([`default_budget`]). The pure parts (sizes, cgroup files, the
-//! arithmetic) are functions of their inputs; only [`KvBudget::from_config`] reads the system.
+//! A request that resumes from a snapshot holds more while its cache is restored: the cache and
+//! one piece of the snapshot as the store returned it (`snapshot::resume::restore_peak_bytes`).
+//! The restored cache is part of the worst case already; the piece is not, so such a request is
+//! admitted for its worst case plus its snapshot's largest piece (the restore allowance), and
+//! gives the allowance back as soon as the restore is done ([`KvPermit::restored`]). The size
+//! comes from the snapshot's manifest, read before admission; the restore itself reads the
+//! manifest again and, should it now need more than was admitted (another worker wrote since),
+//! or should the allowance not fit beside the worst case in the whole budget, it resumes
+//! without the cache and recomputes it from the tokens, which the worst case covers.
 //!
-//! Limit: only KV caches are counted. Activations of a prefill chunk, the copies a snapshot
-//! makes of new positions, and the transient copy when a cache grows by a chunk are what the
-//! reserve is for. The default also assumes the process is alone in its cgroup, as a worker
-//! container in Kubernetes is.
+//! The budget comes from the flag, or by default from what the memory the caches live in has
+//! free once the model is loaded, less a reserve. On the CPU that is the cgroup's memory limit
+//! minus what the process holds ([`default_budget`]); on a GPU (`cuda` builds), the device's free
+//! memory as its driver reports it ([`accelerator_budget`]). The pure parts (sizes, cgroup
+//! files, the arithmetic) are functions of their inputs; only [`KvBudget::from_config`] reads
+//! the system.
+//!
+//! Limit: only KV caches and restores are counted. Activations of a prefill chunk, the copies a
+//! snapshot makes of new positions, and the transient copy when a cache grows by a chunk are
+//! what the reserve is for. The default also assumes the process is alone in its cgroup, as a
+//! worker container in Kubernetes is, and on a GPU that what other processes hold of it at start
+//! stays what they hold.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +53,10 @@ const MIB: u64 = 1024 * 1024;
 const RESERVE_SHARE: u64 = 10;
 /// ...and at least this much.
 const MIN_RESERVE: u64 = 128 * MIB;
+/// The default budget on an accelerator keeps at least this much of its memory free (and a
+/// tenth of it, as on the CPU): CUDA modules loaded at their first use, cuBLAS's workspace and
+/// the activations of a batch live there too.
+const MIN_ACCELERATOR_RESERVE: u64 = 512 * MIB;
 /// A cgroup memory limit this large means no limit (cgroup v1 writes `PAGE_COUNTER_MAX` pages,
 /// about 8 EiB, for "unlimited").
 const NO_LIMIT_FROM: u64 = 1 << 60;
@@ -63,7 +80,12 @@ pub fn worst_case_tokens(prompt_len: usize, max_tokens: usize, context: usize) -
 
 /// The positions a cache of `tokens` positions has allocated: whole chunks.
 pub fn allocated_positions(tokens: usize) -> usize {
-    tokens.div_ceil(CACHE_CHUNK) * CACHE_CHUNK
+    crate::model::allocated_positions(tokens)
+}
+
+/// Positions of the budget that `bytes` take, rounded up.
+pub fn positions_for(bytes: u64, bytes_per_position: u64) -> usize {
+    usize::try_from(bytes.div_ceil(bytes_per_position.max(1))).unwrap_or(usize::MAX)
 }
 
 /// The cgroup's memory limit, from the contents of cgroup v2's `memory.max` or else cgroup v1's
@@ -97,6 +119,33 @@ pub fn default_budget(limit: u64, resident: u64) -> Option<u64> {
     limit.checked_sub(resident)?.checked_sub(reserve).filter(|&b| b > 0)
 }
 
+/// The default budget on an accelerator with `free` of its `total` bytes free once the model is
+/// loaded (the weights are out of `free` already): `free` less a reserve of a tenth of `total`,
+/// at least 512 MiB. `None` when that leaves nothing.
+pub fn accelerator_budget(free: u64, total: u64) -> Option<u64> {
+    let reserve = (total / RESERVE_SHARE).max(MIN_ACCELERATOR_RESERVE);
+    free.min(total).checked_sub(reserve).filter(|&b| b > 0)
+}
+
+/// The accelerator's free and total memory now, in bytes, as its driver reports them for the
+/// device's context; `None` when the driver does not say.
+#[cfg(feature = "cuda")]
+fn accelerator_memory(device: &candle_core::Device) -> Option<(u64, u64)> {
+    use candle_core::cuda_backend::cudarc::driver::result;
+    let cuda = device.as_cuda_device().ok()?;
+    let ctx = cuda.cuda_stream().context().clone();
+    // `cuMemGetInfo` answers for the calling thread's current context.
+    ctx.bind_to_thread().ok()?;
+    let (free, total) = result::mem_get_info().ok()?;
+    Some((free as u64, total as u64))
+}
+
+/// Without the `cuda` feature there is no accelerator to ask.
+#[cfg(not(feature = "cuda"))]
+fn accelerator_memory(_device: &candle_core::Device) -> Option<(u64, u64)> {
+    None
+}
+
 /// How an admission ended.
 #[derive(Debug)]
 pub enum Admission {
@@ -113,8 +162,37 @@ pub enum Admission {
 pub struct KvPermit {
     /// `None` under an unlimited budget, which still reports what it would reserve.
     _permit: Option<OwnedSemaphorePermit>,
+    /// The restore allowance's share of the budget, until [`KvPermit::restored`].
+    restore: Option<OwnedSemaphorePermit>,
+    /// What the permit reserves now, the restore allowance included until it is given back.
     bytes: u64,
+    /// The restore allowance in bytes, until it is given back.
+    restore_bytes: u64,
+    /// Whether the budget is unlimited: any restore may then go ahead.
+    unlimited: bool,
     ops: Arc<Ops>,
+}
+
+impl KvPermit {
+    /// The memory beyond the cache that this request's restore may hold (see the module doc):
+    /// what was reserved for it, unbounded under an unlimited budget, none once given back.
+    pub fn restore_allowance(&self) -> u64 {
+        if self.unlimited {
+            u64::MAX
+        } else {
+            self.restore_bytes
+        }
+    }
+
+    /// Gives the restore allowance back: the restore is over (or there was none), and what it
+    /// held beside the cache is freed. Later restores under this permit get no allowance.
+    pub fn restored(&mut self) {
+        self.restore = None;
+        self.ops.metrics.kv_released(self.restore_bytes);
+        self.bytes -= self.restore_bytes;
+        self.restore_bytes = 0;
+        self.unlimited = false;
+    }
 }
 
 impl Drop for KvPermit {
@@ -178,10 +256,11 @@ impl KvBudget {
         })
     }
 
-    /// The budget for `model` as configured: the flag's size, unlimited, or by default the
-    /// cgroup's limit less what this process holds now (call it once the model is loaded). The
-    /// default applies on the CPU only: on an accelerator the caches live in its memory, which
-    /// the cgroup does not bound, so there it is unlimited unless the flag sets one. Logs which.
+    /// The budget for `model` as configured: the flag's size, unlimited, or by default (call it
+    /// once the model is loaded) on the CPU the cgroup's limit less what this process holds
+    /// now, and on an accelerator, where the caches live in its memory, which the cgroup does
+    /// not bound, the device's free memory now, less a reserve ([`accelerator_budget`]);
+    /// unlimited where neither is known. Logs which.
     pub fn from_config(
         setting: KvBudgetSetting,
         model: &crate::model::Model,
@@ -195,8 +274,28 @@ impl KvBudget {
             }
             KvBudgetSetting::Bytes(b) => Some(b),
             KvBudgetSetting::Auto if !model.weights.device().is_cpu() => {
-                info!("KV budget: unlimited (the caches live in accelerator memory; set --kv-budget to bound them)");
-                None
+                match accelerator_memory(model.weights.device()) {
+                    None => {
+                        info!("KV budget: unlimited (the accelerator's free memory is unknown; set --kv-budget to bound the caches)");
+                        None
+                    }
+                    Some((free, total)) => {
+                        let budget = accelerator_budget(free, total).ok_or_else(|| {
+                            BudgetError(format!(
+                                "the accelerator has {} MiB of {} MiB free beside the model, which leaves no room for \
+                                 KV caches beside the reserve: set --kv-budget, or use a larger device",
+                                free / MIB,
+                                total / MIB
+                            ))
+                        })?;
+                        info!(
+                            free_mib = free / MIB,
+                            total_mib = total / MIB,
+                            "KV budget from the accelerator's free memory, less a reserve"
+                        );
+                        Some(budget)
+                    }
+                }
             }
             KvBudgetSetting::Auto => {
                 let read = |p: &str| std::fs::read_to_string(p).ok();
@@ -247,19 +346,40 @@ impl KvBudget {
     }
 
     /// Waits until the worst case of a request with a prompt of `prompt_len` tokens and
-    /// `max_tokens` fits beside those admitted, and reserves it. Gives up when `control` is told
-    /// to suspend; refuses at once a request that could never fit.
-    pub async fn admit(&self, prompt_len: usize, max_tokens: usize, control: &JobControl) -> Admission {
+    /// `max_tokens`, plus `restore_bytes` for restoring its snapshot (its largest piece,
+    /// `snapshot::resume::restore_overhead_bytes`; 0 without one), fits beside those admitted,
+    /// and reserves it. Gives up when `control` is told to suspend; refuses at once a request
+    /// whose worst case could never fit. A restore allowance that could never fit beside the
+    /// worst case is left out: the request is admitted without one
+    /// ([`KvPermit::restore_allowance`] 0), and resumes by recomputing its cache.
+    pub async fn admit(
+        &self,
+        prompt_len: usize,
+        max_tokens: usize,
+        restore_bytes: u64,
+        control: &JobControl,
+    ) -> Admission {
         let worst = worst_case_tokens(prompt_len, max_tokens, self.context);
-        let positions = allocated_positions(worst);
-        let bytes = positions as u64 * self.bytes_per_position;
-        if positions > self.capacity {
+        let cache = allocated_positions(worst);
+        if cache > self.capacity {
+            let bytes = cache as u64 * self.bytes_per_position;
             return Admission::TooLarge {
                 code: self.too_large_code(prompt_len),
                 message: self.too_large_message(prompt_len, max_tokens, bytes),
             };
         }
-        let permit = match &self.positions {
+        let mut restore = positions_for(restore_bytes, self.bytes_per_position);
+        if restore > self.capacity - cache {
+            info!(
+                restore_mib = restore_bytes.div_ceil(MIB),
+                "restoring the snapshot's cache cannot fit beside the worst case in the KV budget: \
+                 it will be recomputed from the tokens"
+            );
+            restore = 0;
+        }
+        let positions = cache + restore;
+        let bytes = positions as u64 * self.bytes_per_position;
+        let mut permit = match &self.positions {
             None => None,
             Some(sem) => {
                 // `positions <= capacity <= u32::MAX` (see `new`).
@@ -283,10 +403,14 @@ impl KvBudget {
                 }
             }
         };
+        let restore_permit = permit.as_mut().and_then(|p| p.split(restore));
         self.ops.metrics.kv_reserved(bytes);
         Admission::Admitted(KvPermit {
             _permit: permit,
+            restore: restore_permit,
             bytes,
+            restore_bytes: restore as u64 * self.bytes_per_position,
+            unlimited: self.positions.is_none(),
             ops: self.ops.clone(),
         })
     }

@@ -2,8 +2,8 @@
 //! (`ferry_kernels::attention`) with Ferry's kernels, candle's operations otherwise.
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::kv_cache::KvCache;
 
+use super::cache::LayerCache;
 use super::llama::{BatchInput, LlamaWeights};
 use super::ModelError;
 
@@ -17,7 +17,7 @@ impl LlamaWeights {
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        kv: &mut KvCache,
+        kv: &mut LayerCache,
     ) -> Result<Tensor, ModelError> {
         let c = &self.config;
         let n = part.len;
@@ -64,9 +64,8 @@ impl LlamaWeights {
             let kv = &mut input.cache.layers[l];
             kv.append(&by_head(k.narrow(0, at, n)?)?, &by_head(v.narrow(1, at, n)?)?)?;
             let len = kv.current_seq_len();
-            let (keys, values) = match (kv.k_cache().all_data(), kv.v_cache().all_data()) {
-                (Some(keys), Some(values)) => (keys, values),
-                _ => return Err(ModelError::Internal("a cache with nothing appended".into())),
+            let Some((keys, values)) = kv.buffers() else {
+                return Err(ModelError::Internal("a cache with nothing appended".into()));
             };
             let (keys, key_layout) = keys.storage_and_layout();
             let (values, value_layout) = values.storage_and_layout();
@@ -90,7 +89,7 @@ impl LlamaWeights {
 }
 
 /// A cache buffer's values, `(1, kv heads, capacity, head_dim)` and contiguous as candle's
-/// `KvCache` allocates it on the CPU, from its first element, with the distance between heads.
+/// [`LayerCache`] allocates it on the CPU, from its first element, with the distance between heads.
 fn cpu_f32<'a>(
     storage: &'a candle_core::Storage,
     layout: &candle_core::Layout,

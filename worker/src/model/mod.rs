@@ -24,7 +24,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::Device;
 use sha2::{Digest, Sha256};
 
-pub use cache::{LayerValues, SequenceCache, CACHE_CHUNK};
+pub use cache::{allocated_positions, CacheRestore, LayerValues, SequenceCache, CACHE_CHUNK};
 pub use chat::ChatTemplate;
 pub use linear::{Kernels, WeightFormat};
 pub use llama::{BatchInput, LlamaConfig, LlamaWeights};

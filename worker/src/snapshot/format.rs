@@ -335,6 +335,34 @@ impl Piece {
 
     /// Decodes a piece and checks it against the model's shape and the manifest's entry.
     pub fn decode(bytes: &[u8], shape: KvShape, entry: &PieceRef) -> Result<Self, FormatError> {
+        let view = PieceView::check(bytes, shape, entry)?;
+        let layers = (0..shape.n_layer as usize)
+            .map(|l| (view.keys(l).collect(), view.values(l).collect()))
+            .collect();
+        Ok(Self {
+            from: view.from,
+            to: view.to,
+            layers,
+        })
+    }
+}
+
+/// A piece checked in place: its encoded bytes, verified (magic, version, checksum, shape, and
+/// the range the manifest names), read value by value where they lie. What a restore decodes
+/// from, so that the values go straight to the cache with no decoded copy of the piece between.
+#[derive(Debug, Clone, Copy)]
+pub struct PieceView<'a> {
+    pub from: u32,
+    pub to: u32,
+    /// Every layer's keys then values, little-endian f32.
+    data: &'a [u8],
+    /// Bytes of one layer's keys (or values).
+    tensor_bytes: usize,
+}
+
+impl<'a> PieceView<'a> {
+    /// Checks a piece against the model's shape and the manifest's entry.
+    pub fn check(bytes: &'a [u8], shape: KvShape, entry: &PieceRef) -> Result<Self, FormatError> {
         if bytes.len() < PIECE_HEADER + 4 || &bytes[..8] != PIECE_MAGIC {
             return Err(FormatError::Magic);
         }
@@ -368,15 +396,38 @@ impl Piece {
         if data.len() != shape.n_layer as usize * per * 8 {
             return Err(FormatError::Malformed("piece length does not match its shape".into()));
         }
-        let floats: Vec<f32> = data
+        Ok(Self {
+            from,
+            to,
+            data,
+            tensor_bytes: per * 4,
+        })
+    }
+
+    /// Positions the piece holds.
+    pub fn positions(&self) -> usize {
+        (self.to - self.from) as usize
+    }
+
+    /// Layer `layer`'s keys, position-major (`(to - from, n_kv_head, head_dim)`).
+    pub fn keys(&self, layer: usize) -> impl Iterator<Item = f32> + 'a {
+        self.tensor(2 * layer)
+    }
+
+    /// Layer `layer`'s values, laid out as its keys.
+    pub fn values(&self, layer: usize) -> impl Iterator<Item = f32> + 'a {
+        self.tensor(2 * layer + 1)
+    }
+
+    /// The `i`-th tensor of the piece (keys of layer 0, values of layer 0, keys of layer 1, ...);
+    /// empty past the last.
+    fn tensor(&self, i: usize) -> impl Iterator<Item = f32> + 'a {
+        let data: &'a [u8] = self.data;
+        let start = (i * self.tensor_bytes).min(data.len());
+        let end = (start + self.tensor_bytes).min(data.len());
+        data[start..end]
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        let layers = floats
-            .chunks_exact(per * 2)
-            .map(|kv| (kv[..per].to_vec(), kv[per..].to_vec()))
-            .collect();
-        Ok(Self { from, to, layers })
     }
 }
 

@@ -175,13 +175,44 @@ impl Snapshots {
         }
     }
 
+    /// The memory beyond the cache that restoring the request's snapshot would hold
+    /// ([`resume::restore_overhead_bytes`]: its largest piece), for admission to reserve before
+    /// [`Snapshots::find`] restores it; 0 when there is no snapshot of this model and request
+    /// with a cache, and when the manifest cannot be read (the restore then finds what it finds
+    /// within that allowance). One store read, of the manifest only.
+    pub async fn restore_overhead(&self, prefix: &str, prepared: &Prepared) -> u64 {
+        if !self.keeps {
+            return 0;
+        }
+        let request = format::request_fingerprint(&prepared.prompt, &prepared.params);
+        let limit = format::max_manifest_bytes(self.config.context_length);
+        match self.store.get(&format!("{prefix}{}", format::MANIFEST), limit).await {
+            Ok(Some(bytes)) => Manifest::decode(&bytes, &self.model_fingerprint, &request)
+                .map_or(0, |m| resume::restore_overhead_bytes(&m)),
+            Ok(None) => 0,
+            Err(e) => {
+                // The store logs its failures, at most once per interval.
+                debug!(prefix, error = %e, "cannot read the snapshot's manifest to size its restore");
+                0
+            }
+        }
+    }
+
     /// Looks for a verified snapshot of the request. A snapshot that does not verify is logged,
     /// counted, deleted (its manifest and pieces; the request's [`ledger`] stays), and the request
     /// starts from the beginning. So does one that cannot be read, whole, within [`FIND_CALLS`]
     /// store timeouts. Every read is bounded: the manifest by the model's context
     /// ([`format::max_manifest_bytes`]), each piece by the positions the manifest gives it; a
-    /// larger blob does not verify.
+    /// larger blob does not verify. Its restore may hold whatever it needs: see
+    /// [`Snapshots::find_within`].
     pub async fn find(&self, prefix: &str, prepared: &Prepared) -> Option<Found> {
+        self.find_within(prefix, prepared, u64::MAX).await
+    }
+
+    /// [`Snapshots::find`], for a restore that may hold at most `allowance` bytes beside the
+    /// cache (what admission reserved, see [`Snapshots::restore_overhead`]): a snapshot that
+    /// needs more is resumed from its tokens, its cache recomputed.
+    pub async fn find_within(&self, prefix: &str, prepared: &Prepared, allowance: u64) -> Option<Found> {
         if !self.keeps {
             return None;
         }
@@ -189,13 +220,14 @@ impl Snapshots {
         let bound = self.store_timeout.saturating_mul(FIND_CALLS);
         let loaded = tokio::time::timeout(
             bound,
-            resume::load(
+            resume::load_within(
                 &self.store,
                 prefix,
                 &self.model_fingerprint,
                 &request,
                 &self.config,
                 &self.device,
+                allowance,
             ),
         )
         .await

@@ -1,13 +1,20 @@
 //! Finding and verifying a request's snapshot.
+//!
+//! A restore holds, at its peak, the cache it rebuilds and one piece as the store returned it:
+//! each piece is checked in place ([`PieceView`]) and its values written straight into the
+//! cache's buffers ([`CacheRestore`]), which are made once, at their final size, before the first
+//! piece is read; a piece's bytes are dropped before the next is read. [`restore_peak_bytes`]
+//! is that peak, which admission reserves (`consumer::admission`).
 
 use std::sync::Arc;
 
 use bytes::Bytes;
 use candle_core::Device;
+use tracing::info;
 
-use super::format::{max_manifest_bytes, FormatError, KvShape, Manifest, Piece};
+use super::format::{max_manifest_bytes, FormatError, KvShape, Manifest, PieceView};
 use super::store::{SnapshotStore, StoreError};
-use crate::model::{LlamaConfig, ModelError, SequenceCache};
+use crate::model::{allocated_positions, CacheRestore, LlamaConfig, ModelError, SequenceCache};
 
 /// A verified snapshot, ready to continue from.
 #[derive(Debug)]
@@ -50,6 +57,22 @@ pub async fn load(
     config: &LlamaConfig,
     device: &Device,
 ) -> Result<Option<Restored>, ResumeError> {
+    load_within(store, prefix, model, request, config, device, u64::MAX).await
+}
+
+/// [`load`], for a restore that may hold at most `allowance` bytes beside the cache
+/// ([`restore_overhead_bytes`]): a snapshot that needs more (one written since the caller sized
+/// its restore, or one too large for the budget) is loaded without its cache, which the engine
+/// then recomputes from the tokens, as after a tokens-only snapshot.
+pub async fn load_within(
+    store: &Arc<dyn SnapshotStore>,
+    prefix: &str,
+    model: &str,
+    request: &str,
+    config: &LlamaConfig,
+    device: &Device,
+    allowance: u64,
+) -> Result<Option<Restored>, ResumeError> {
     let manifest_key = format!("{prefix}{}", super::format::MANIFEST);
     let Some(bytes) = get(store, &manifest_key, max_manifest_bytes(config.context_length)).await? else {
         return Ok(None);
@@ -73,7 +96,18 @@ pub async fn load(
         n_kv_head: config.n_kv_head as u32,
         head_dim: config.head_dim as u32,
     };
-    let mut whole: Option<Piece> = None;
+    let overhead = restore_overhead_bytes(&manifest);
+    if overhead > allowance {
+        info!(
+            prefix,
+            overhead_mib = overhead.div_ceil(1 << 20),
+            allowance_mib = allowance / (1 << 20),
+            "restoring the snapshot's cache would hold more than was admitted: recomputing it from the tokens"
+        );
+        return Ok(Some(Restored { manifest, cache: None }));
+    }
+    let positions = manifest.kv_positions() as usize;
+    let mut cache = (positions > 0).then(|| CacheRestore::new(config, positions));
     for entry in &manifest.pieces {
         // What the piece's positions take, not what the manifest says it takes: a manifest
         // that disagrees does not verify, and no read goes by its number.
@@ -91,21 +125,13 @@ pub async fn load(
         let bytes = get(store, &format!("{prefix}{}", entry.name), limit)
             .await?
             .ok_or_else(|| ResumeError::MissingPiece(entry.name.clone()))?;
-        let piece = Piece::decode(&bytes, shape, entry)?;
-        match &mut whole {
-            None => whole = Some(piece),
-            Some(w) => w.append(piece)?,
+        let piece = PieceView::check(&bytes, shape, entry)?;
+        if let Some(cache) = &mut cache {
+            cache.append(piece.positions(), |l| (piece.keys(l), piece.values(l)))?;
         }
+        // `bytes` is dropped here, before the next piece is read.
     }
-    let cache = match whole {
-        None => None,
-        Some(p) => Some(SequenceCache::from_range_values(
-            config,
-            p.to as usize,
-            p.layers,
-            device,
-        )?),
-    };
+    let cache = cache.map(|c| c.finish(device)).transpose()?;
     Ok(Some(Restored { manifest, cache }))
 }
 
@@ -120,5 +146,27 @@ async fn get(store: &Arc<dyn SnapshotStore>, key: &str, max_bytes: usize) -> Res
     })
 }
 
+/// The most memory restoring a snapshot holds at once, for a cache of `positions` positions
+/// whose largest piece is `largest_piece_bytes` long, `bytes_per_position` bytes a position:
+/// the cache's buffers, allocated in whole chunks, and that piece's bytes as the store returned
+/// them (see the module doc). A store client's own buffering while it reads is not counted.
+pub fn restore_peak_bytes(positions: usize, largest_piece_bytes: u64, bytes_per_position: u64) -> u64 {
+    let cache = if positions == 0 {
+        0
+    } else {
+        allocated_positions(positions) as u64 * bytes_per_position
+    };
+    cache.saturating_add(largest_piece_bytes)
+}
+
+/// The memory beyond the cache itself that restoring `manifest` holds at its peak: its largest
+/// piece (none for a tokens-only snapshot). What admission reserves for a restore on top of the
+/// request's worst-case cache, which the restored cache is part of.
+pub fn restore_overhead_bytes(manifest: &Manifest) -> u64 {
+    manifest.pieces.iter().map(|p| p.bytes).max().unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod restore_tests;

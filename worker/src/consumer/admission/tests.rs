@@ -111,7 +111,7 @@ async fn a_second_admission_waits_until_the_first_permit_drops() {
     // Room for three chunks: two requests of two chunks do not fit together.
     let budget = Arc::new(KvBudget::new(Some(3 * CACHE_CHUNK as u64), 1, 2048, ops.clone()).expect("budget"));
     let control = Arc::new(JobControl::default());
-    let Admission::Admitted(first) = budget.admit(300, 100, &control).await else {
+    let Admission::Admitted(first) = budget.admit(300, 100, 0, &control).await else {
         panic!("the first fits");
     };
     let (tx, mut rx) = tokio::sync::oneshot::channel();
@@ -119,7 +119,7 @@ async fn a_second_admission_waits_until_the_first_permit_drops() {
         let budget = budget.clone();
         let control = control.clone();
         tokio::spawn(async move {
-            let a = budget.admit(CACHE_CHUNK, 1, &control).await;
+            let a = budget.admit(CACHE_CHUNK, 1, 0, &control).await;
             let _ = tx.send(());
             a
         })
@@ -151,19 +151,19 @@ async fn a_second_admission_waits_until_the_first_permit_drops() {
 async fn suspension_ends_a_wait() {
     let budget = KvBudget::new(Some(CACHE_CHUNK as u64), 1, 2048, ops()).expect("budget");
     let control = JobControl::default();
-    let Admission::Admitted(_held) = budget.admit(10, 10, &control).await else {
+    let Admission::Admitted(_held) = budget.admit(10, 10, 0, &control).await else {
         panic!("the first fits");
     };
     let waiting = JobControl::default();
     waiting.suspend.store(true, Ordering::Release);
-    assert!(matches!(budget.admit(10, 10, &waiting).await, Admission::Suspended));
+    assert!(matches!(budget.admit(10, 10, 0, &waiting).await, Admission::Suspended));
 }
 
 #[tokio::test]
 async fn what_can_never_fit_is_refused_with_the_reason() {
     let budget = KvBudget::new(Some(2 * CACHE_CHUNK as u64), 1, 8192, ops()).expect("budget");
     let control = JobControl::default();
-    match budget.admit(100, 1000, &control).await {
+    match budget.admit(100, 1000, 0, &control).await {
         Admission::TooLarge { code, message } => {
             assert_eq!(code, ErrorCode::InvalidRequest);
             assert!(message.contains("max_tokens 1000"), "{message}");
@@ -174,14 +174,14 @@ async fn what_can_never_fit_is_refused_with_the_reason() {
         }
         other => panic!("{other:?}"),
     }
-    match budget.admit(3 * CACHE_CHUNK, 1, &control).await {
+    match budget.admit(3 * CACHE_CHUNK, 1, 0, &control).await {
         Admission::TooLarge { code, .. } => assert_eq!(code, ErrorCode::PromptTooLong),
         other => panic!("{other:?}"),
     }
     // Capped by the context, even an enormous max_tokens fits a small context.
     let small = KvBudget::new(Some(2 * CACHE_CHUNK as u64), 1, 2 * CACHE_CHUNK, ops()).expect("budget");
     assert!(matches!(
-        small.admit(10, 100_000, &control).await,
+        small.admit(10, 100_000, 0, &control).await,
         Admission::Admitted(_)
     ));
 }
@@ -193,7 +193,7 @@ async fn an_unlimited_budget_admits_everything_at_once_and_still_reports() {
     let control = JobControl::default();
     let mut held = Vec::new();
     for _ in 0..50 {
-        match budget.admit(2000, 48, &control).await {
+        match budget.admit(2000, 48, 0, &control).await {
             Admission::Admitted(p) => held.push(p),
             other => panic!("{other:?}"),
         }
@@ -205,4 +205,110 @@ async fn an_unlimited_budget_admits_everything_at_once_and_still_reports() {
         "{text}"
     );
     assert!(text.contains("ferry_kv_admission_waits_total 0\n"), "{text}");
+}
+
+#[tokio::test]
+async fn a_restore_is_admitted_for_its_piece_as_well_and_gives_it_back() {
+    let ops = ops();
+    // One byte a position, room for five chunks: two plain generations of two chunks fit
+    // together, but a restore of a two-chunk cache from one piece as large (a compacted
+    // snapshot) does not fit beside one.
+    let budget = Arc::new(KvBudget::new(Some(5 * CACHE_CHUNK as u64), 1, 8192, ops.clone()).expect("budget"));
+    let control = Arc::new(JobControl::default());
+    let two_chunks = (CACHE_CHUNK + 100, 100);
+    let piece = 2 * CACHE_CHUNK as u64;
+    let plain = move |budget: Arc<KvBudget>, control: Arc<JobControl>| async move {
+        match budget.admit(two_chunks.0, two_chunks.1, 0, &control).await {
+            Admission::Admitted(p) => p,
+            other => panic!("{other:?}"),
+        }
+    };
+    let first = plain(budget.clone(), control.clone()).await;
+    let second = plain(budget.clone(), control.clone()).await;
+    assert_eq!(first.restore_allowance(), 0, "no snapshot, no allowance");
+    drop((first, second));
+
+    let Admission::Admitted(mut restoring) = budget.admit(two_chunks.0, two_chunks.1, piece, &control).await else {
+        panic!("a restore alone fits");
+    };
+    assert_eq!(restoring.restore_allowance(), piece);
+    assert!(
+        ops.render_metrics()
+            .contains(&format!("ferry_kv_reserved_bytes {}\n", 4 * CACHE_CHUNK)),
+        "the worst case and the piece"
+    );
+    let (tx, mut rx) = tokio::sync::oneshot::channel();
+    let waiting = {
+        let (budget, control) = (budget.clone(), control.clone());
+        tokio::spawn(async move {
+            let p = plain(budget, control).await;
+            let _ = tx.send(());
+            p
+        })
+    };
+    while !ops.render_metrics().contains("ferry_kv_admission_waits_total 1\n") {
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        rx.try_recv().is_err(),
+        "admitted beside a restore it does not fit beside"
+    );
+    // The restore is done: its piece is given back, and the other fits beside the cache.
+    restoring.restored();
+    assert_eq!(restoring.restore_allowance(), 0);
+    let other = waiting.await.expect("task");
+    let text = ops.render_metrics();
+    assert!(
+        text.contains(&format!("ferry_kv_reserved_bytes {}\n", 4 * CACHE_CHUNK)),
+        "two worst cases, no piece: {text}"
+    );
+    drop((restoring, other));
+    assert!(ops.render_metrics().contains("ferry_kv_reserved_bytes 0\n"));
+}
+
+#[tokio::test]
+async fn a_restore_that_can_never_fit_is_admitted_to_recompute() {
+    let budget = KvBudget::new(Some(2 * CACHE_CHUNK as u64), 1, 8192, ops()).expect("budget");
+    let control = JobControl::default();
+    // The worst case takes the whole budget: no room for the piece, ever. The request is not
+    // refused for its snapshot; it resumes without the snapshot's cache.
+    match budget.admit(CACHE_CHUNK + 1, 100, CACHE_CHUNK as u64, &control).await {
+        Admission::Admitted(p) => assert_eq!(p.restore_allowance(), 0),
+        other => panic!("{other:?}"),
+    }
+    // An unlimited budget lets any restore go ahead.
+    let unlimited = KvBudget::new(None, 1, 8192, ops()).expect("budget");
+    match unlimited.admit(10, 10, 1 << 40, &control).await {
+        Admission::Admitted(p) => assert_eq!(p.restore_allowance(), u64::MAX),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_restore_allowance_is_counted_in_whole_positions() {
+    assert_eq!(positions_for(0, 46_080), 0);
+    assert_eq!(positions_for(1, 46_080), 1);
+    assert_eq!(positions_for(46_080, 46_080), 1);
+    assert_eq!(positions_for(46_081, 46_080), 2);
+    assert_eq!(positions_for(10, 0), 10, "a zero-byte position counts as one byte");
+}
+
+#[test]
+fn the_accelerator_default_leaves_a_tenth_and_at_least_512_mib() {
+    const GIB: u64 = 1 << 30;
+    // An 80 GiB device with the model loaded and 79 GiB free: 8 GiB stay free.
+    assert_eq!(accelerator_budget(79 * GIB, 80 * GIB), Some(71 * GIB));
+    // A small device keeps at least 512 MiB.
+    assert_eq!(accelerator_budget(3 * GIB, 4 * GIB), Some(3 * GIB - 512 * MIB));
+    // What others hold of the device is not free: it is left to them.
+    assert_eq!(accelerator_budget(10 * GIB, 80 * GIB), Some(2 * GIB));
+    assert_eq!(accelerator_budget(8 * GIB, 80 * GIB), None);
+    assert_eq!(accelerator_budget(0, 0), None);
+    // A driver that reports more free than total is read as all of it free.
+    assert_eq!(accelerator_budget(100 * GIB, 80 * GIB), Some(72 * GIB));
+}
+
+#[test]
+fn without_an_accelerator_there_is_no_accelerator_memory_to_read() {
+    assert_eq!(accelerator_memory(&candle_core::Device::Cpu), None);
 }

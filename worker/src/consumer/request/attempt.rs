@@ -99,10 +99,13 @@ impl Inner {
                 });
             }
             // The KV budget is held from before the slot until the generation ends (see
-            // `admission`); it too comes before the attempt is recorded.
-            let _kv = match self
+            // `admission`); it too comes before the attempt is recorded. A request with a
+            // snapshot is admitted for its restore as well, sized from the manifest here, since
+            // the restore (in `generate`) holds the cache and a piece of the snapshot at once.
+            let restore = self.snapshots.restore_overhead(&prefix, &prepared).await;
+            let mut kv = match self
                 .kv_budget
-                .admit(prepared.prompt.len(), prepared.params.max_tokens, &control)
+                .admit(prepared.prompt.len(), prepared.params.max_tokens, restore, &control)
                 .await
             {
                 crate::consumer::admission::Admission::Admitted(permit) => permit,
@@ -133,6 +136,7 @@ impl Inner {
                     control.clone(),
                     deadline,
                     reply_topic,
+                    &mut kv,
                 )
                 .await?;
             #[cfg(feature = "fault-injection")]
@@ -140,7 +144,7 @@ impl Inner {
             // The generation is over: its memory goes to the next request before this one
             // publishes (which, under exactly-once delivery, may wait for lower offsets that
             // need it).
-            drop(_kv);
+            drop(kv);
             match generated {
                 Ok(Outcome::Finished(completion)) => {
                     let note = "answered; waiting for lower offsets to commit";

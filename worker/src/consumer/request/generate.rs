@@ -2,6 +2,7 @@
 //! it goes, its chunks streamed when the request asks.
 
 use super::*;
+use crate::consumer::admission::KvPermit;
 
 /// How long, under exactly-once delivery, the final reply waits for the stream's last chunk to be
 /// acknowledged, so that it follows the chunks in the log.
@@ -9,7 +10,8 @@ const CHUNKS_BEFORE_ANSWER: Duration = Duration::from_secs(10);
 
 impl Inner {
     /// One generation attempt: resume from a snapshot when one verifies, snapshot as it goes,
-    /// stream chunks when asked.
+    /// stream chunks when asked. `kv` is the attempt's KV reservation, whose restore allowance
+    /// bounds the restore and is given back once it is done.
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn generate(
         &self,
@@ -21,9 +23,15 @@ impl Inner {
         control: Arc<JobControl>,
         deadline: Option<Instant>,
         reply_topic: &ReplyTo,
+        kv: &mut KvPermit,
     ) -> Result<Result<Outcome, ModelError>, WorkerError> {
         let prompt_tokens = prepared.prompt.len();
-        let found = self.snapshots.find(prefix, &prepared).await;
+        let found = self
+            .snapshots
+            .find_within(prefix, &prepared, kv.restore_allowance())
+            .await;
+        // The restore is over: what it held beside the cache is free again.
+        kv.restored();
         let resumed_from = found.as_ref().map(|f| f.manifest.tokens.len() as u32);
         let writer = self.snapshots.writer(
             prefix,

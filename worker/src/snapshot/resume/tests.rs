@@ -9,7 +9,7 @@ use async_trait::async_trait;
 
 use super::*;
 use crate::engine::Prepared;
-use crate::snapshot::format::{self, PieceRef, FORMAT_VERSION, MANIFEST};
+use crate::snapshot::format::{self, Piece, PieceRef, FORMAT_VERSION, MANIFEST};
 use crate::snapshot::{store, Snapshots};
 
 const PREFIX: &str = "ferry/0123456789abcdef0123456789abcdef/";

@@ -15,6 +15,10 @@
 //!
 //! The path is picked at run time from the CPU's features ([`Path::detect`]), or named
 //! ([`Path::from_name`]; the worker's `--kernels`): AVX-512 VNNI, AVX-VNNI, AVX2 with FMA, or portable Rust.
+//! A [`Path`] is a plain value, so [`matmul`] and [`attention`] check at entry that this CPU
+//! runs the one they are given, and refuse it otherwise: no safe call runs an instruction set
+//! the CPU lacks.
+//!
 //! Every path computes every output with the same operations in the same order: the integer
 //! dot product of each block (exact, in 32 bits), then, block after block, one fused
 //! multiply-add of it by the product of the two scales into an f32 accumulator that starts at
@@ -30,7 +34,10 @@
 
 use std::fmt;
 
+use cpu::Feature;
+
 mod attention;
+mod cpu;
 mod portable;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -128,21 +135,17 @@ impl Path {
 
     /// Whether this CPU runs it.
     pub fn available(self) -> bool {
+        self.needs().iter().all(|&f| cpu::has(f))
+    }
+
+    /// The CPU features its instructions need.
+    fn needs(self) -> &'static [Feature] {
+        use Feature::*;
         match self {
-            Path::Portable => true,
-            #[cfg(target_arch = "x86_64")]
-            Path::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
-            #[cfg(target_arch = "x86_64")]
-            Path::AvxVnni => Path::Avx2.available() && is_x86_feature_detected!("avxvnni"),
-            #[cfg(target_arch = "x86_64")]
-            Path::Avx512Vnni => {
-                Path::Avx2.available()
-                    && is_x86_feature_detected!("avx512f")
-                    && is_x86_feature_detected!("avx512vl")
-                    && is_x86_feature_detected!("avx512vnni")
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            _ => false,
+            Path::Avx512Vnni => &[Avx2, Fma, Avx512F, Avx512Vl, Avx512Vnni],
+            Path::AvxVnni => &[Avx2, Fma, AvxVnni],
+            Path::Avx2 => &[Avx2, Fma],
+            Path::Portable => &[],
         }
     }
 }
@@ -365,6 +368,11 @@ impl Activations {
 
 /// `a` times the transpose of `w`: `(m, n)` row-major, `out[i * n + j]` the product of
 /// activation row `i` and weight row `j`. Columns are split across the current rayon pool.
+///
+/// A `path` this CPU cannot run is an error ([`Error::Path`]): it is checked here, on every
+/// call, because a `Path` is a plain value that names an instruction set, and running one the
+/// CPU lacks would be undefined behaviour. The check is a few loads of the standard library's
+/// cached feature bits, nothing beside a product.
 pub fn matmul(path: Path, w: &Weights, a: &Activations) -> Result<Vec<f32>, Error> {
     if a.k != w.k {
         return Err(Error::Size {
@@ -372,6 +380,7 @@ pub fn matmul(path: Path, w: &Weights, a: &Activations) -> Result<Vec<f32>, Erro
             got: a.k,
         });
     }
+    let path = path.usable()?;
     let (m, n) = (a.m, w.n);
     let mut out = vec![0f32; m * n];
     let threads = rayon::current_num_threads().max(1);
@@ -380,8 +389,9 @@ pub fn matmul(path: Path, w: &Weights, a: &Activations) -> Result<Vec<f32>, Erro
     let out_ptr = SharedOut(out.as_mut_ptr());
     let run = |c0: usize| {
         let c1 = (c0 + chunk).min(n);
-        // SAFETY: each call writes only columns c0..c1 of each row of `out`, and the column
-        // ranges of the calls are disjoint; `out` outlives them all.
+        // SAFETY: this CPU runs `path` (checked above); each call writes only columns c0..c1 of
+        // each row of `out`, and the column ranges of the calls are disjoint; `out` outlives
+        // them all.
         unsafe { columns(path, w, a, c0, c1, out_ptr.get(), n) };
     };
     if threads == 1 || n <= chunk {
@@ -413,7 +423,7 @@ const ROW_BLOCK: usize = 64;
 /// Columns `c0..c1` of every output row, `ldo` the output's row length.
 ///
 /// # Safety
-/// `out` must hold `a.m * ldo` elements, and nothing else may touch columns `c0..c1` meanwhile.
+/// This CPU must run `path`; `out` must hold `a.m * ldo` elements, and nothing else may touch columns `c0..c1` meanwhile.
 unsafe fn columns(path: Path, w: &Weights, a: &Activations, c0: usize, c1: usize, out: *mut f32, ldo: usize) {
     for r0 in (0..a.m).step_by(ROW_BLOCK) {
         let r1 = (r0 + ROW_BLOCK).min(a.m);

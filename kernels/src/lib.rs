@@ -71,6 +71,9 @@ pub enum Error {
     NotBlocks { k: usize },
     /// The data does not hold `n` rows of `k` values.
     Size { expected: usize, got: usize },
+    /// A matrix of `n` rows by `k` columns (weights from a model file, or a product's output)
+    /// whose size in values or bytes does not fit a `usize`.
+    TooLarge { n: usize, k: usize },
     /// An unknown path, or one this CPU cannot run.
     Path(String),
     /// Attention's inputs do not fit together.
@@ -82,6 +85,7 @@ impl fmt::Display for Error {
         match self {
             Error::NotBlocks { k } => write!(f, "inner dimension {k} is not a multiple of {BLOCK}"),
             Error::Size { expected, got } => write!(f, "expected {expected} values or bytes, got {got}"),
+            Error::TooLarge { n, k } => write!(f, "a matrix of {n} rows by {k} columns is too large to hold"),
             Error::Path(why) => write!(f, "kernels: {why}"),
             Error::Shape(why) => write!(f, "attention: {why}"),
         }
@@ -190,22 +194,33 @@ impl fmt::Debug for Weights {
 impl Weights {
     /// From Q8_0 blocks as GGUF and candle store them (see [`Q8_0_BLOCK_BYTES`]), `n` rows of
     /// `k` values.
+    ///
+    /// The shape comes from a model file: one whose sizes do not fit a `usize` is
+    /// [`Error::TooLarge`], and data of another length than the shape's is [`Error::Size`],
+    /// before anything is allocated.
     pub fn from_q8_0(blocks: &[u8], n: usize, k: usize) -> Result<Self, Error> {
         if !k.is_multiple_of(BLOCK) {
             return Err(Error::NotBlocks { k });
         }
-        let expected = n * k / BLOCK * Q8_0_BLOCK_BYTES;
+        let per_row = k / BLOCK;
+        let too_large = Error::TooLarge { n, k };
+        let expected = n
+            .checked_mul(per_row)
+            .and_then(|b| b.checked_mul(Q8_0_BLOCK_BYTES))
+            .ok_or(too_large.clone())?;
+        let padded = n.checked_next_multiple_of(GROUP).ok_or(too_large.clone())?;
+        let values = padded.checked_mul(k).ok_or(too_large)?;
+        // `padded * per_row` is at most `values`.
+        let padded_blocks = padded * per_row;
         if blocks.len() != expected {
             return Err(Error::Size {
                 expected,
                 got: blocks.len(),
             });
         }
-        let per_row = k / BLOCK;
-        let padded = n.next_multiple_of(GROUP);
-        let mut quants = vec![0i8; padded * k];
-        let mut scales = vec![0f32; padded * per_row];
-        let mut corrections = vec![0i32; padded * per_row];
+        let mut quants = vec![0i8; values];
+        let mut scales = vec![0f32; padded_blocks];
+        let mut corrections = vec![0i32; padded_blocks];
         for (idx, block) in blocks.chunks_exact(Q8_0_BLOCK_BYTES).enumerate() {
             let (j, b) = (idx / per_row, idx % per_row);
             let at = Self::index(j, b, per_row);
@@ -382,7 +397,9 @@ pub fn matmul(path: Path, w: &Weights, a: &Activations) -> Result<Vec<f32>, Erro
     }
     let path = path.usable()?;
     let (m, n) = (a.m, w.n);
-    let mut out = vec![0f32; m * n];
+    // The output, an `(m, n)` matrix, is reported as one.
+    let len = m.checked_mul(n).ok_or(Error::TooLarge { n: m, k: n })?;
+    let mut out = vec![0f32; len];
     let threads = rayon::current_num_threads().max(1);
     // A few chunks per thread, each a multiple of 16 columns so that groups never straddle two.
     let chunk = n.div_ceil(threads * 4).next_multiple_of(16).max(16);

@@ -308,3 +308,54 @@ fn matmul_and_attention_refuse_a_path_whose_features_the_probe_denies() {
         assert_eq!(Path::detect(), Path::Portable);
     });
 }
+
+#[test]
+fn weight_shapes_whose_sizes_overflow_are_an_error() {
+    for (n, k) in [
+        (usize::MAX / 2, 64),
+        (1 << 40, 1 << 40),
+        // n * k fits, but not the bytes of its blocks (34 for every 32 values).
+        (1, usize::MAX / BLOCK * BLOCK),
+        // The blocks' bytes fit, but not the values of the rows padded to a whole group.
+        (1, usize::MAX / Q8_0_BLOCK_BYTES * BLOCK),
+        (usize::MAX - 3, 0),
+    ] {
+        assert_eq!(
+            Weights::from_q8_0(&[0; 68], n, k).unwrap_err(),
+            Error::TooLarge { n, k },
+            "{n} x {k}"
+        );
+    }
+    // A shape whose buffers could be sized but whose data is not there is a size error.
+    let n = usize::MAX / Q8_0_BLOCK_BYTES;
+    assert!(matches!(
+        Weights::from_q8_0(&[0; 68], n, BLOCK),
+        Err(Error::Size { got: 68, .. })
+    ));
+}
+
+#[test]
+fn an_output_too_large_to_count_is_an_error() {
+    // No machine holds inputs this large: the values are made up, with empty buffers, to reach
+    // the output's size computation (nothing reads the buffers before it).
+    let (m, n) = (1usize << 40, 1usize << 40);
+    let w = Weights {
+        n,
+        k: BLOCK,
+        quants: Vec::new(),
+        scales: Vec::new(),
+        corrections: Vec::new(),
+    };
+    let a = Activations {
+        m,
+        k: BLOCK,
+        quants: Vec::new(),
+        abs: Vec::new(),
+        shifted: Vec::new(),
+        scales: Vec::new(),
+    };
+    assert_eq!(
+        matmul(Path::Portable, &w, &a).unwrap_err(),
+        Error::TooLarge { n: m, k: n }
+    );
+}

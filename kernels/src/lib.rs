@@ -15,6 +15,10 @@
 //!
 //! The path is picked at run time from the CPU's features ([`Path::detect`]), or named
 //! ([`Path::from_name`]; the worker's `--kernels`): AVX-512 VNNI, AVX-VNNI, AVX2 with FMA, or portable Rust.
+//! A [`Path`] is a plain value, so [`matmul`] and [`attention`] check at entry that this CPU
+//! runs the one they are given, and refuse it otherwise: no safe call runs an instruction set
+//! the CPU lacks.
+//!
 //! Every path computes every output with the same operations in the same order: the integer
 //! dot product of each block (exact, in 32 bits), then, block after block, one fused
 //! multiply-add of it by the product of the two scales into an f32 accumulator that starts at
@@ -30,7 +34,10 @@
 
 use std::fmt;
 
+use cpu::Feature;
+
 mod attention;
+mod cpu;
 mod portable;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -64,6 +71,9 @@ pub enum Error {
     NotBlocks { k: usize },
     /// The data does not hold `n` rows of `k` values.
     Size { expected: usize, got: usize },
+    /// A matrix of `n` rows by `k` columns (weights from a model file, or a product's output)
+    /// whose size in values or bytes does not fit a `usize`.
+    TooLarge { n: usize, k: usize },
     /// An unknown path, or one this CPU cannot run.
     Path(String),
     /// Attention's inputs do not fit together.
@@ -75,6 +85,7 @@ impl fmt::Display for Error {
         match self {
             Error::NotBlocks { k } => write!(f, "inner dimension {k} is not a multiple of {BLOCK}"),
             Error::Size { expected, got } => write!(f, "expected {expected} values or bytes, got {got}"),
+            Error::TooLarge { n, k } => write!(f, "a matrix of {n} rows by {k} columns is too large to hold"),
             Error::Path(why) => write!(f, "kernels: {why}"),
             Error::Shape(why) => write!(f, "attention: {why}"),
         }
@@ -128,21 +139,17 @@ impl Path {
 
     /// Whether this CPU runs it.
     pub fn available(self) -> bool {
+        self.needs().iter().all(|&f| cpu::has(f))
+    }
+
+    /// The CPU features its instructions need.
+    fn needs(self) -> &'static [Feature] {
+        use Feature::*;
         match self {
-            Path::Portable => true,
-            #[cfg(target_arch = "x86_64")]
-            Path::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
-            #[cfg(target_arch = "x86_64")]
-            Path::AvxVnni => Path::Avx2.available() && is_x86_feature_detected!("avxvnni"),
-            #[cfg(target_arch = "x86_64")]
-            Path::Avx512Vnni => {
-                Path::Avx2.available()
-                    && is_x86_feature_detected!("avx512f")
-                    && is_x86_feature_detected!("avx512vl")
-                    && is_x86_feature_detected!("avx512vnni")
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            _ => false,
+            Path::Avx512Vnni => &[Avx2, Fma, Avx512F, Avx512Vl, Avx512Vnni],
+            Path::AvxVnni => &[Avx2, Fma, AvxVnni],
+            Path::Avx2 => &[Avx2, Fma],
+            Path::Portable => &[],
         }
     }
 }
@@ -187,22 +194,33 @@ impl fmt::Debug for Weights {
 impl Weights {
     /// From Q8_0 blocks as GGUF and candle store them (see [`Q8_0_BLOCK_BYTES`]), `n` rows of
     /// `k` values.
+    ///
+    /// The shape comes from a model file: one whose sizes do not fit a `usize` is
+    /// [`Error::TooLarge`], and data of another length than the shape's is [`Error::Size`],
+    /// before anything is allocated.
     pub fn from_q8_0(blocks: &[u8], n: usize, k: usize) -> Result<Self, Error> {
         if !k.is_multiple_of(BLOCK) {
             return Err(Error::NotBlocks { k });
         }
-        let expected = n * k / BLOCK * Q8_0_BLOCK_BYTES;
+        let per_row = k / BLOCK;
+        let too_large = Error::TooLarge { n, k };
+        let expected = n
+            .checked_mul(per_row)
+            .and_then(|b| b.checked_mul(Q8_0_BLOCK_BYTES))
+            .ok_or(too_large.clone())?;
+        let padded = n.checked_next_multiple_of(GROUP).ok_or(too_large.clone())?;
+        let values = padded.checked_mul(k).ok_or(too_large)?;
+        // `padded * per_row` is at most `values`.
+        let padded_blocks = padded * per_row;
         if blocks.len() != expected {
             return Err(Error::Size {
                 expected,
                 got: blocks.len(),
             });
         }
-        let per_row = k / BLOCK;
-        let padded = n.next_multiple_of(GROUP);
-        let mut quants = vec![0i8; padded * k];
-        let mut scales = vec![0f32; padded * per_row];
-        let mut corrections = vec![0i32; padded * per_row];
+        let mut quants = vec![0i8; values];
+        let mut scales = vec![0f32; padded_blocks];
+        let mut corrections = vec![0i32; padded_blocks];
         for (idx, block) in blocks.chunks_exact(Q8_0_BLOCK_BYTES).enumerate() {
             let (j, b) = (idx / per_row, idx % per_row);
             let at = Self::index(j, b, per_row);
@@ -365,6 +383,11 @@ impl Activations {
 
 /// `a` times the transpose of `w`: `(m, n)` row-major, `out[i * n + j]` the product of
 /// activation row `i` and weight row `j`. Columns are split across the current rayon pool.
+///
+/// A `path` this CPU cannot run is an error ([`Error::Path`]): it is checked here, on every
+/// call, because a `Path` is a plain value that names an instruction set, and running one the
+/// CPU lacks would be undefined behaviour. The check is a few loads of the standard library's
+/// cached feature bits, nothing beside a product.
 pub fn matmul(path: Path, w: &Weights, a: &Activations) -> Result<Vec<f32>, Error> {
     if a.k != w.k {
         return Err(Error::Size {
@@ -372,16 +395,20 @@ pub fn matmul(path: Path, w: &Weights, a: &Activations) -> Result<Vec<f32>, Erro
             got: a.k,
         });
     }
+    let path = path.usable()?;
     let (m, n) = (a.m, w.n);
-    let mut out = vec![0f32; m * n];
+    // The output, an `(m, n)` matrix, is reported as one.
+    let len = m.checked_mul(n).ok_or(Error::TooLarge { n: m, k: n })?;
+    let mut out = vec![0f32; len];
     let threads = rayon::current_num_threads().max(1);
     // A few chunks per thread, each a multiple of 16 columns so that groups never straddle two.
     let chunk = n.div_ceil(threads * 4).next_multiple_of(16).max(16);
     let out_ptr = SharedOut(out.as_mut_ptr());
     let run = |c0: usize| {
         let c1 = (c0 + chunk).min(n);
-        // SAFETY: each call writes only columns c0..c1 of each row of `out`, and the column
-        // ranges of the calls are disjoint; `out` outlives them all.
+        // SAFETY: this CPU runs `path` (checked above); each call writes only columns c0..c1 of
+        // each row of `out`, and the column ranges of the calls are disjoint; `out` outlives
+        // them all.
         unsafe { columns(path, w, a, c0, c1, out_ptr.get(), n) };
     };
     if threads == 1 || n <= chunk {
@@ -413,7 +440,7 @@ const ROW_BLOCK: usize = 64;
 /// Columns `c0..c1` of every output row, `ldo` the output's row length.
 ///
 /// # Safety
-/// `out` must hold `a.m * ldo` elements, and nothing else may touch columns `c0..c1` meanwhile.
+/// This CPU must run `path`; `out` must hold `a.m * ldo` elements, and nothing else may touch columns `c0..c1` meanwhile.
 unsafe fn columns(path: Path, w: &Weights, a: &Activations, c0: usize, c1: usize, out: *mut f32, ldo: usize) {
     for r0 in (0..a.m).step_by(ROW_BLOCK) {
         let r1 = (r0 + ROW_BLOCK).min(a.m);

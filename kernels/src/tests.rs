@@ -262,3 +262,100 @@ fn activations_quantise_alike_on_every_instruction_set() {
     assert_eq!(a.shifted, plain.shifted);
     assert_eq!(bits(&a.scales), bits(&plain.scales));
 }
+
+#[test]
+fn matmul_and_attention_refuse_a_path_whose_features_the_probe_denies() {
+    // This CPU may have every feature: the probe is made to deny them, so that the check at
+    // the entries is what is tested (see `cpu`).
+    let mut rng = ChaCha8Rng::seed_from_u64(10);
+    let (m, n, k) = (2, 9, 64);
+    let (blocks, _) = random_q8_0(&mut rng, n, k);
+    let w = Weights::from_q8_0(&blocks, n, k).expect("weights");
+    let a = Activations::quantize(&random_rows(&mut rng, m, k), k).expect("activations");
+    let heads = Heads {
+        query: 2,
+        kv: 1,
+        dim: 16,
+    };
+    let (keys, values) = (vec![0.5f32; 3 * 16], vec![0.25f32; 3 * 16]);
+    let cache = Cached {
+        keys: &keys,
+        values: &values,
+        stride: 3 * 16,
+        len: 3,
+    };
+    let q = vec![1f32; 2 * 16];
+    for (path, feature) in [
+        (Path::Avx512Vnni, Feature::Avx512Vnni),
+        (Path::Avx512Vnni, Feature::Avx512Vl),
+        (Path::AvxVnni, Feature::AvxVnni),
+        (Path::Avx2, Feature::Fma),
+        (Path::Avx2, Feature::Avx2),
+    ] {
+        cpu::tests::without(&[feature], || {
+            assert!(!path.available(), "{} without {feature:?}", path.name());
+            let refused = matmul(path, &w, &a).expect_err("matmul on a path the CPU lacks");
+            assert!(refused.to_string().contains("cannot run"), "{refused}");
+            let mut out = vec![0f32; q.len()];
+            let refused = attention(path, heads, &q, cache, &mut out).expect_err("attention on a path the CPU lacks");
+            assert!(refused.to_string().contains("cannot run"), "{refused}");
+            // The portable path needs nothing and still runs.
+            assert!(matmul(Path::Portable, &w, &a).is_ok());
+        });
+    }
+    // Denying AVX2 denies every x86 path, since each needs it.
+    cpu::tests::without(&[Feature::Avx2], || {
+        assert_eq!(Path::detect(), Path::Portable);
+    });
+}
+
+#[test]
+fn weight_shapes_whose_sizes_overflow_are_an_error() {
+    for (n, k) in [
+        (usize::MAX / 2, 64),
+        (1 << 40, 1 << 40),
+        // n * k fits, but not the bytes of its blocks (34 for every 32 values).
+        (1, usize::MAX / BLOCK * BLOCK),
+        // The blocks' bytes fit, but not the values of the rows padded to a whole group.
+        (1, usize::MAX / Q8_0_BLOCK_BYTES * BLOCK),
+        (usize::MAX - 3, 0),
+    ] {
+        assert_eq!(
+            Weights::from_q8_0(&[0; 68], n, k).unwrap_err(),
+            Error::TooLarge { n, k },
+            "{n} x {k}"
+        );
+    }
+    // A shape whose buffers could be sized but whose data is not there is a size error.
+    let n = usize::MAX / Q8_0_BLOCK_BYTES;
+    assert!(matches!(
+        Weights::from_q8_0(&[0; 68], n, BLOCK),
+        Err(Error::Size { got: 68, .. })
+    ));
+}
+
+#[test]
+fn an_output_too_large_to_count_is_an_error() {
+    // No machine holds inputs this large: the values are made up, with empty buffers, to reach
+    // the output's size computation (nothing reads the buffers before it).
+    let (m, n) = (1usize << 40, 1usize << 40);
+    let w = Weights {
+        n,
+        k: BLOCK,
+        quants: Vec::new(),
+        scales: Vec::new(),
+        corrections: Vec::new(),
+    };
+    let a = Activations {
+        m,
+        k: BLOCK,
+        quants: Vec::new(),
+        abs: Vec::new(),
+        shifted: Vec::new(),
+        scales: Vec::new(),
+    };
+    assert_eq!(
+        matmul(Path::Portable, &w, &a).unwrap_err(),
+        Error::TooLarge { n: m, k: n }
+    );
+}

@@ -173,7 +173,10 @@ impl Embeddings {
         if device.is_cpu() && t.dtype() == GgmlDType::Q8_0 && dim.is_multiple_of(32) {
             let blocks = t.data()?.into_owned();
             let rows = t.shape().dims()[0];
-            if blocks.len() == rows * dim / 32 * Q8_0_BLOCK_BYTES {
+            // `dim` is the file's `embedding_length`, not the table's width: a product that
+            // overflows cannot be the table's size either.
+            let expected = rows.checked_mul(dim / 32).and_then(|b| b.checked_mul(Q8_0_BLOCK_BYTES));
+            if expected == Some(blocks.len()) {
                 return Ok(Self::Q8_0 {
                     blocks,
                     dim,
@@ -259,6 +262,17 @@ mod tests {
     }
 
     #[test]
+    fn an_embedding_width_whose_table_size_overflows_is_not_taken_for_q8_0_rows() -> Result<(), ModelError> {
+        let dev = &Device::Cpu;
+        let q = QTensor::quantize(&Tensor::ones((40, 96), DType::F32, dev)?, GgmlDType::Q8_0)?;
+        // The width comes from the file's metadata (`llama.embedding_length`), the rows from the
+        // tensor: 40 rows of 2^60 values cannot be the table's blocks.
+        let emb = Embeddings::new(&q, 1 << 60, dev)?;
+        assert!(matches!(emb, Embeddings::Dense(_)));
+        Ok(())
+    }
+
+    #[test]
     fn ferry_kernels_give_candles_product() -> Result<(), ModelError> {
         let dev = &Device::Cpu;
         let ramp = |n: usize, step: f64| {
@@ -296,6 +310,22 @@ mod tests {
             let a: Vec<f32> = fused[1].flatten_all()?.to_vec1()?;
             let b: Vec<f32> = got.flatten_all()?.to_vec1()?;
             assert_eq!(a, b);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_q8_0_matrix_whose_shape_overflows_is_a_load_error() -> Result<(), ModelError> {
+        let dev = &Device::Cpu;
+        // Two blocks of data under a shape a hostile file could declare: candle takes the shape
+        // as given, and Ferry's kernels size their buffers from it.
+        let small = QTensor::quantize(&Tensor::ones((1, 64), DType::F32, dev)?, GgmlDType::Q8_0)?;
+        let storage = candle_core::quantized::QStorage::from_data(small.data()?, dev, GgmlDType::Q8_0)?;
+        let hostile = QTensor::new(storage, (1usize << 60, 64))?;
+        match linear(hostile, WeightFormat::Native, Some(ferry_kernels::Path::Portable), dev) {
+            Err(e @ ModelError::Unsupported(_)) => assert!(e.to_string().contains("too large"), "{e}"),
+            Err(e) => panic!("another error: {e:?}"),
+            Ok(_) => panic!("a matrix of 2^60 rows loaded"),
         }
         Ok(())
     }

@@ -44,7 +44,12 @@ impl LlamaConfig {
         }
         let u = |k: &str| md_u32(ct, &format!("llama.{k}")).map(|v| v as usize);
         let n_head = u("attention.head_count")?;
+        let n_kv_head = u("attention.head_count_kv")?;
         let embedding_length = u("embedding_length")?;
+        // The width of a head is given (`rope.dimension_count`, read as before: a value of
+        // another type falls back), or else the embedding's share of one query head.
+        let head_dim = u("rope.dimension_count").ok();
+        let head_dim = heads(n_head, n_kv_head, embedding_length, head_dim)?;
         if ct.metadata.contains_key("llama.expert_count") {
             return Err(ModelError::Unsupported("mixture-of-experts llama models".into()));
         }
@@ -55,8 +60,8 @@ impl LlamaConfig {
         Ok(Self {
             n_layer: u("block_count")?,
             n_head,
-            n_kv_head: u("attention.head_count_kv")?,
-            head_dim: u("rope.dimension_count").unwrap_or(embedding_length / n_head),
+            n_kv_head,
+            head_dim,
             embedding_length,
             context_length: u("context_length")?,
             rms_norm_eps: f64::from(md(ct, "llama.attention.layer_norm_rms_epsilon")?.to_f32()?),
@@ -68,6 +73,58 @@ impl LlamaConfig {
             vocab_size,
         })
     }
+}
+
+/// The width of a head, `given` or else `embedding_length / n_head`, once the counts are checked:
+/// none is zero, the KV heads divide the query heads (each KV head serves a whole group of
+/// them), the query heads divide the embedding when it gives their width, and the width is even
+/// (rotary embeddings turn pairs of dimensions). A file that breaks one would otherwise panic
+/// at load on a division, or fail every request later.
+fn heads(n_head: usize, n_kv_head: usize, embedding_length: usize, given: Option<usize>) -> Result<usize, ModelError> {
+    let invalid = |key: &str, value: usize, why: String| ModelError::InvalidMetadata {
+        key: format!("llama.{key}"),
+        value,
+        why,
+    };
+    for (key, value) in [
+        ("embedding_length", embedding_length),
+        ("attention.head_count", n_head),
+        ("attention.head_count_kv", n_kv_head),
+    ] {
+        if value == 0 {
+            return Err(invalid(key, 0, "and a model needs at least one".into()));
+        }
+    }
+    if !n_head.is_multiple_of(n_kv_head) {
+        return Err(invalid(
+            "attention.head_count_kv",
+            n_kv_head,
+            format!("which does not divide llama.attention.head_count ({n_head})"),
+        ));
+    }
+    // The key a wrong width is blamed on: the one that gave it.
+    let (head_dim, key, value) = match given {
+        Some(d) => (d, "rope.dimension_count", d),
+        None if embedding_length.is_multiple_of(n_head) => (embedding_length / n_head, "attention.head_count", n_head),
+        None => {
+            return Err(invalid(
+                "attention.head_count",
+                n_head,
+                format!(
+                    "which does not divide llama.embedding_length ({embedding_length}), and no \
+                     llama.rope.dimension_count gives the heads' width"
+                ),
+            ))
+        }
+    };
+    if head_dim == 0 || !head_dim.is_multiple_of(2) {
+        return Err(invalid(
+            key,
+            value,
+            format!("which makes heads {head_dim} wide, and rotary embeddings need an even, non-zero width"),
+        ));
+    }
+    Ok(head_dim)
 }
 
 pub(crate) fn md<'a>(ct: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::Value, ModelError> {
@@ -369,7 +426,90 @@ fn rope_tables(head_dim: usize, base: f32, positions: usize, device: &Device) ->
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
+    use gguf_file::Value;
+
     use super::*;
+
+    /// A small llama's metadata (no tensors): 4 query heads over 2 KV heads in an embedding of
+    /// 64, with `changes` set.
+    fn content(changes: &[(&str, u32)]) -> gguf_file::Content {
+        let mut metadata = HashMap::from([
+            ("general.architecture".to_string(), Value::String("llama".into())),
+            ("llama.attention.layer_norm_rms_epsilon".into(), Value::F32(1e-5)),
+        ]);
+        for (key, value) in [
+            ("llama.attention.head_count", 4),
+            ("llama.attention.head_count_kv", 2),
+            ("llama.embedding_length", 64),
+            ("llama.block_count", 1),
+            ("llama.context_length", 16),
+            ("llama.vocab_size", 10),
+        ] {
+            metadata.insert(key.into(), Value::U32(value));
+        }
+        for &(key, value) in changes {
+            metadata.insert(key.into(), Value::U32(value));
+        }
+        gguf_file::Content {
+            magic: gguf_file::VersionedMagic::GgufV3,
+            metadata,
+            tensor_infos: HashMap::new(),
+            tensor_data_offset: 0,
+        }
+    }
+
+    #[test]
+    fn head_counts_and_widths_that_cannot_split_the_embedding_are_metadata_errors() {
+        let config = LlamaConfig::from_gguf(&content(&[])).expect("a valid config");
+        assert_eq!((config.n_head, config.n_kv_head, config.head_dim), (4, 2, 16));
+        // A head width given outright need not be the embedding's share.
+        let config = LlamaConfig::from_gguf(&content(&[("llama.rope.dimension_count", 32)]));
+        assert_eq!(config.expect("a valid config").head_dim, 32);
+        for (changes, key, value) in [
+            (
+                &[("llama.attention.head_count", 0)][..],
+                "llama.attention.head_count",
+                0,
+            ),
+            (
+                &[("llama.attention.head_count_kv", 0)],
+                "llama.attention.head_count_kv",
+                0,
+            ),
+            (&[("llama.embedding_length", 0)], "llama.embedding_length", 0),
+            // Six heads share the two KV heads, but not the embedding of 64.
+            (&[("llama.attention.head_count", 6)], "llama.attention.head_count", 6),
+            (
+                &[("llama.attention.head_count_kv", 3)],
+                "llama.attention.head_count_kv",
+                3,
+            ),
+            (&[("llama.rope.dimension_count", 0)], "llama.rope.dimension_count", 0),
+            (&[("llama.rope.dimension_count", 15)], "llama.rope.dimension_count", 15),
+            // Eight heads of three values: rotary embeddings turn pairs.
+            (
+                &[("llama.embedding_length", 24), ("llama.attention.head_count", 8)],
+                "llama.attention.head_count",
+                8,
+            ),
+            // Zero heads are refused with an explicit width too, where nothing divides by them.
+            (
+                &[("llama.attention.head_count", 0), ("llama.rope.dimension_count", 16)],
+                "llama.attention.head_count",
+                0,
+            ),
+        ] {
+            let result = LlamaConfig::from_gguf(&content(changes));
+            let Err(ModelError::InvalidMetadata { key: k, value: v, .. }) = &result else {
+                panic!("{changes:?}: {result:?}")
+            };
+            assert_eq!((k.as_str(), *v), (key, value), "{changes:?}");
+            let text = result.expect_err("an error").to_string();
+            assert!(text.contains(key) && text.contains(&value.to_string()), "{text}");
+        }
+    }
 
     #[test]
     fn rope_table_starts_at_identity() -> candle_core::Result<()> {

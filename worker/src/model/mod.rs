@@ -55,6 +55,10 @@ pub enum ModelError {
     /// A metadata key the engine needs is absent. The worker cannot start.
     #[error("the GGUF file has no {0:?} metadata")]
     MissingMetadata(String),
+    /// A metadata value cannot describe a model: a count of zero, or heads that do not divide
+    /// what they split. The worker cannot start.
+    #[error("the GGUF file's {key:?} metadata is {value}, {why}")]
+    InvalidMetadata { key: String, value: usize, why: String },
     /// The file describes a model this engine does not run. The worker cannot start.
     #[error("unsupported model: {0}")]
     Unsupported(String),

@@ -167,6 +167,6 @@ pub fn restore_overhead_bytes(manifest: &Manifest) -> u64 {
 }
 
 #[cfg(test)]
-mod tests;
-#[cfg(test)]
 mod restore_tests;
+#[cfg(test)]
+mod tests;

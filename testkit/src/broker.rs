@@ -181,3 +181,37 @@ pub fn create_topics_with_config(bootstrap: &str, topics: &[&str], partitions: i
         std::panic::resume_unwind(panic);
     }
 }
+
+/// Creates `topic` with one partition whose replicas are on the brokers `replicas` (the first
+/// its preferred leader), with the topic-level `config`.
+pub fn create_topic_on(bootstrap: &str, topic: &str, replicas: &[i32], config: &[(&str, &str)]) {
+    let (bootstrap, topic, replicas) = (bootstrap.to_string(), topic.to_string(), replicas.to_vec());
+    let config: Vec<(String, String)> = config.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let created = std::thread::spawn(move || {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .create()
+            .expect("admin client");
+        let assignment = [replicas.as_slice()];
+        let new = config.iter().fold(
+            NewTopic::new(&topic, 1, TopicReplication::Variable(&assignment)),
+            |n, (k, v)| n.set(k, v),
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        for r in rt
+            .block_on(admin.create_topics(&[new], &AdminOptions::new()))
+            .expect("create topics")
+        {
+            if let Err((t, e)) = r {
+                panic!("cannot create topic {t}: {e}");
+            }
+        }
+    })
+    .join();
+    if let Err(panic) = created {
+        std::panic::resume_unwind(panic);
+    }
+}

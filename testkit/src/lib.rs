@@ -24,6 +24,7 @@
 pub mod broker;
 pub mod cluster;
 pub mod http;
+pub mod joined;
 pub mod model;
 pub mod otlp;
 pub mod process;

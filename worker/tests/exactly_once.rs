@@ -141,7 +141,10 @@ fn answers_dead_letters_and_offsets_commit_together() {
     let mut valid = Vec::new();
     for p in 0..2 {
         for (content, max_tokens) in prompts {
-            let r = chat(&unique("eos"), content, max_tokens);
+            let mut r = chat(&unique("eos"), content, max_tokens);
+            // The long ones stream: their chunks go on the idempotent producer, their final reply
+            // in a transaction, and the final must still follow the chunks in the log.
+            r.stream = max_tokens > 40;
             t.publish(p, &r.id, &serde_json::to_vec(&r).expect("json"));
             valid.push(r);
         }
@@ -158,6 +161,27 @@ fn answers_dead_letters_and_offsets_commit_together() {
             answers[&r.id][0].text,
             reference(r),
             "{} differs from the reference",
+            r.id
+        );
+    }
+    let log: Vec<Reply> = t
+        .read(&t.pipeline.replies, "read_committed", Duration::from_secs(60))
+        .iter()
+        .map(|v| serde_json::from_slice(v).expect("a reply"))
+        .collect();
+    for r in valid.iter().filter(|r| r.stream) {
+        let at = |final_reply: bool| {
+            log.iter()
+                .enumerate()
+                .filter(|(_, x)| x.id() == r.id && matches!(x, Reply::Chunk(_)) != final_reply)
+                .map(|(i, _)| i)
+                .collect::<Vec<_>>()
+        };
+        let (chunks, finals) = (at(false), at(true));
+        assert!(!chunks.is_empty(), "{} streamed no chunk", r.id);
+        assert!(
+            finals.iter().all(|f| chunks.iter().all(|c| c < f)),
+            "{}: a chunk after the final reply (chunks at {chunks:?}, final at {finals:?})",
             r.id
         );
     }
@@ -241,6 +265,76 @@ fn a_frozen_workers_answer_is_fenced_after_its_partition_moves() {
     }
     assert_eq!(answers[0].worker, "worker-survivor");
     assert_eq!(answers[0].text, reference(&r));
+}
+
+/// A request handed off under exactly-once while a lower offset of its partition is still to
+/// run alone lets its slot go before it waits for its turn. Before, it held the slot while it
+/// waited for that offset to commit, and the offset waited for the slot: nothing more was
+/// answered until the worker was stopped.
+///
+/// The suspect is made by a first worker that dies on its attempt (fault injection), and the
+/// race for the slot is settled by delaying the suspect's request for it, so that the request
+/// after it (which runs out of memory, by fault injection, and is handed off) holds one first.
+#[test]
+fn a_hand_off_waiting_for_its_turn_lets_a_suspect_below_it_run_alone() {
+    if BrokerChoice::is_mock() {
+        eprintln!("skipped: the mock cluster does not store transactional offsets");
+        return;
+    }
+    let t = Topics::new(1);
+    let fallback = unique("fallback");
+    ferry_testkit::broker::create_topics(&t.cluster.bootstrap, &[&fallback], 1);
+    let store = t.cluster.snapshot_store();
+    let suspect = chat(&unique("suspect"), "Name a colour.", 4);
+    let oom = chat(&unique("oom"), "Say hello.", 4);
+    for r in [&suspect, &oom] {
+        t.publish(0, &r.id, &serde_json::to_vec(r).expect("json"));
+    }
+    let crash = t
+        .pipeline
+        .args()
+        .set("--snapshot-store", &store)
+        .set("--max-in-flight", "1");
+    let mut first = t
+        .cluster
+        .start_worker("worker-dies", crash, &[("FERRY_FAULT_CRASH_ON", &suspect.id)]);
+    first
+        .wait_exit(Duration::from_secs(240))
+        .expect("the first worker dies on the suspect's attempt");
+    let delay = format!("{}:3000", suspect.id);
+    let mut w = t.worker(
+        "worker-eos",
+        &[
+            "--snapshot-store",
+            &store,
+            "--fallback-topic",
+            &fallback,
+            "--max-in-flight",
+            "2",
+        ],
+        &[("FERRY_FAULT_OOM_ON", &oom.id), ("FERRY_FAULT_DELAY_SLOT_ON", &delay)],
+    );
+    t.wait_committed(0, 2, &mut w);
+    let answers = t.responses("read_committed", Duration::from_secs(60));
+    let got = answers.get(&suspect.id).cloned().unwrap_or_default();
+    assert_eq!(got.len(), 1, "the suspect is answered once:\n{}", w.log());
+    assert_eq!(got[0].text, reference(&suspect));
+    assert!(
+        !answers.contains_key(&oom.id),
+        "the handed-off request is not answered here"
+    );
+    let handed = t.read(&fallback, "read_committed", Duration::from_secs(60));
+    assert_eq!(
+        handed.len(),
+        1,
+        "the out-of-memory request is handed off once:\n{}",
+        w.log()
+    );
+    assert!(
+        w.log().contains("running this request alone"),
+        "the suspect ran alone:\n{}",
+        w.log()
+    );
 }
 
 #[test]

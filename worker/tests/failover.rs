@@ -228,3 +228,81 @@ fn a_controlled_exit_closes_the_attempts_in_flight_as_suspended() {
     }
     assert_eq!(logs, 2, "both requests' attempts were recorded");
 }
+
+/// A request whose deadline passes while it is redelivered after a crash is answered with the
+/// text its snapshot had reached, as the engine answers a deadline mid-generation, not with the
+/// empty text of a request that never started: a caller that was streamed part of it does not
+/// get a final answer that takes it back.
+#[test]
+fn a_deadline_that_passes_during_a_redelivery_keeps_the_snapshots_text() {
+    let s = Setup::new(1);
+    let (cluster, store_dir) = (&s.cluster, &s.store_dir);
+    let args = s
+        .args()
+        .set("--snapshot-every-tokens", "8")
+        .set("--session-timeout", "6s");
+    // Far enough for the first worker to start and snapshot, near enough to wait for.
+    let deadline = time::OffsetDateTime::now_utc() + time::Duration::seconds(45);
+    let mut request: Request = serde_json::from_value(serde_json::json!({
+        "id": unique("deadline"),
+        "prompt": "Once upon a time",
+        "max_tokens": 4000,
+        "stream": true,
+    }))
+    .expect("request");
+    request.deadline = Some(deadline);
+    let prefix = request_prefix(
+        &s.pipeline.requests,
+        &request.id,
+        &s.pipeline.replies,
+        &serde_json::to_vec(&request).expect("json"),
+    );
+    s.publish(0, &request);
+    let mut first = s.worker("worker-first", args.clone());
+    wait_for(Duration::from_secs(120), "a snapshot of 16 tokens", || {
+        (snapshot_tokens(store_dir, &prefix) >= 16).then_some(())
+    });
+    first.signal("KILL");
+    first
+        .wait_exit(Duration::from_secs(5))
+        .expect("a killed worker is gone");
+    let kept = snapshot_tokens(store_dir, &prefix);
+    let left = deadline - time::OffsetDateTime::now_utc();
+    if let Ok(left) = Duration::try_from(left) {
+        std::thread::sleep(left + Duration::from_secs(1));
+    }
+    let _second: ChildGuard = s.worker("worker-second", args);
+    let group_reader = cluster.reader(&s.pipeline.group);
+    wait_for(Duration::from_secs(120), "the answer to be committed", || {
+        cluster
+            .committed(&group_reader, &s.pipeline.requests)
+            .filter(|&c| c > 0)
+    });
+    let finals: Vec<Reply> = cluster
+        .replies(&s.pipeline.replies)
+        .into_iter()
+        .filter(|r| !matches!(r, Reply::Chunk(_)))
+        .collect();
+    let [Reply::Response(r)] = finals.as_slice() else {
+        panic!("expected one response: {finals:?}")
+    };
+    assert_eq!(r.finish_reason, ferry_schemas::FinishReason::Deadline);
+    assert_eq!(
+        r.usage.completion_tokens as usize, kept,
+        "the snapshot's tokens, no more"
+    );
+    assert!(!r.text.is_empty(), "the text the snapshot had reached, not none");
+    let engine = Engine::new(support::shared());
+    let mut uninterrupted = request.clone();
+    uninterrupted.deadline = None;
+    uninterrupted.max_tokens = Some(kept as u32);
+    let reference = engine
+        .generate(engine.prepare(&uninterrupted).expect("prepares"))
+        .expect("reference");
+    assert!(
+        reference.text.starts_with(&r.text),
+        "{:?} is not where the uninterrupted run was: {:?}",
+        r.text,
+        reference.text
+    );
+}

@@ -48,6 +48,15 @@ fn reply_topic_policy_from_flags() {
 }
 
 #[test]
+fn a_fallback_lane_is_one_of_the_request_topics() {
+    let ok = parse(&["--topic", "a,ferry.fallback", "--fallback-lane", "ferry.fallback"]);
+    assert_eq!(ok.validate(), Ok(()));
+    assert_eq!(ok.kafka.fallback_lanes, ["ferry.fallback"]);
+    let err = parse(&["--topic", "a", "--fallback-lane", "ferry.fallback"]).validate();
+    assert!(err.expect_err("not a lane").0.contains("--fallback-lane"));
+}
+
+#[test]
 fn defaults_are_valid() {
     let c = parse(&[]);
     assert_eq!(c.validate(), Ok(()));

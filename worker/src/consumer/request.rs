@@ -82,11 +82,27 @@ impl Inner {
         self.fallback_lanes.contains(msg.topic()) && fallback::is_handed_off(msg)
     }
 
-    /// Forgets the open attempt of a settled request.
-    pub(super) fn forget_attempt(&self, prefix: Option<&str>) {
-        if let (Some(prefix), Ok(mut open)) = (prefix, self.open_attempts.lock()) {
-            open.remove(prefix);
-            self.ops.metrics.set_attempts_open(open.len());
+    /// The open attempt of a served request leaves [`Inner::open_attempts`] once the request
+    /// is settled: answered (committed, or its answer kept for the commit to pass), there is
+    /// nothing more to close; not committed under exactly-once (told to suspend before its
+    /// turn, or revoked), its attempt says nothing about the request and ends as suspended.
+    pub(super) async fn settle_attempt(&self, prefix: Option<&str>, settled: Settled) {
+        let Some(prefix) = prefix else {
+            return;
+        };
+        let attempt = match self.open_attempts.lock() {
+            Ok(mut open) => {
+                let attempt = open.remove(prefix);
+                self.ops.metrics.set_attempts_open(open.len());
+                attempt
+            }
+            Err(_) => None,
+        };
+        if let (Some(attempt), Settled::Suspended) = (attempt, settled) {
+            let note = "answered, not committed: left to the partition's next owner".to_string();
+            self.snapshots
+                .end_attempt(prefix, attempt, EntryOutcome::Suspended, Some(note.into()))
+                .await;
         }
     }
 }
@@ -173,13 +189,15 @@ impl Inner {
             let served = self.serve(&msg, trace.as_ref(), control, &mut held).await;
             match (served, &scope, &self.publisher.transactions) {
                 (Ok(Served::Answered { prefix, .. }), Some(scope), Some(txns)) => {
-                    self.forget_attempt(prefix.as_deref());
-                    self.settle_in_transaction(txns, scope, &tp, msg.offset(), epoch, prefix)
+                    let settled = self
+                        .settle_in_transaction(txns, scope, &tp, msg.offset(), epoch, prefix.clone())
                         .await?;
+                    self.settle_attempt(prefix.as_deref(), settled).await;
                 }
                 (Ok(Served::Answered { prefix, reply }), _, _) => {
-                    self.forget_attempt(prefix.as_deref());
-                    self.settle_answered(&tp, msg.offset(), epoch, prefix, reply).await;
+                    self.settle_answered(&tp, msg.offset(), epoch, prefix.clone(), reply)
+                        .await;
+                    self.settle_attempt(prefix.as_deref(), Settled::Committed).await;
                 }
                 (Ok(Served::Suspended), _, _) => self.ops.metrics.request_settled(RequestOutcome::Suspended),
                 (Err(e), _, _) => return Err(e),
@@ -275,7 +293,8 @@ mod tests {
 /// kill would, right after it recorded the attempt on that request;
 /// `FERRY_FAULT_FAIL_GENERATION=1` reports every finished generation as failed in the engine,
 /// as a broken device would; `FERRY_FAULT_OOM_ON=<request id>` reports that request's
-/// generations as failed with the CUDA driver's out-of-memory error, as candle words it.
+/// generations as failed with the CUDA driver's out-of-memory error, as candle words it;
+/// `FERRY_FAULT_DELAY_SLOT_ON=<request id>:<ms>` delays that request's slot.
 #[cfg(feature = "fault-injection")]
 mod fault_injection {
     use super::ModelError;
@@ -299,6 +318,21 @@ mod fault_injection {
                 Err(ModelError::Backend("fault injection: the engine failed".into()))
             }
             other => other,
+        }
+    }
+
+    /// `FERRY_FAULT_DELAY_SLOT_ON=<request id>:<ms>`: that request waits so long before it
+    /// asks for its generation slot, so that a request after it takes one first.
+    pub async fn delay_slot(request_id: &str) {
+        let Ok(spec) = std::env::var("FERRY_FAULT_DELAY_SLOT_ON") else {
+            return;
+        };
+        let Some((id, ms)) = spec.rsplit_once(':') else {
+            return;
+        };
+        if let (true, Ok(ms)) = (id == request_id, ms.parse()) {
+            tracing::warn!(request_id, ms, "fault injection: delaying the request's slot");
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
         }
     }
 

@@ -78,6 +78,12 @@ pub struct AttemptEntry {
     /// [`ModelError::OutOfMemory`]: crate::model::ModelError::OutOfMemory
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub out_of_memory: bool,
+    /// It failed because its reply topic could not take the answer in time, under exactly-once
+    /// delivery, where the transaction that touched that topic stops the worker: the attempt
+    /// counts, and once the budget is spent the request is dead-lettered as
+    /// `reply_topic_unwritable`, with no error reply to that topic. Absent when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reply_unwritable: bool,
 }
 
 /// Why an attempt ended badly, as its entry keeps it.
@@ -86,6 +92,8 @@ pub struct AttemptError {
     pub message: String,
     /// See [`AttemptEntry::out_of_memory`].
     pub out_of_memory: bool,
+    /// See [`AttemptEntry::reply_unwritable`].
+    pub reply_unwritable: bool,
 }
 
 impl From<String> for AttemptError {
@@ -93,6 +101,7 @@ impl From<String> for AttemptError {
         Self {
             message,
             out_of_memory: false,
+            reply_unwritable: false,
         }
     }
 }
@@ -189,6 +198,7 @@ impl AttemptLog {
             outcome: None,
             error: None,
             out_of_memory: false,
+            reply_unwritable: false,
         });
         attempt
     }
@@ -199,6 +209,7 @@ impl AttemptLog {
             Some(entry) => {
                 entry.outcome = Some(outcome);
                 entry.out_of_memory = error.as_ref().is_some_and(|e| e.out_of_memory);
+                entry.reply_unwritable = error.as_ref().is_some_and(|e| e.reply_unwritable);
                 entry.error = error.map(|e| e.message);
                 true
             }

@@ -88,11 +88,20 @@ impl Inner {
                     self.max_attempts
                 );
                 error!(attempts = used, "attempts exhausted: dead-lettering with the history");
-                let invalid = rejected(request, ErrorCode::AttemptsExhausted, message);
+                // A reply topic that kept stopping workers gets no error reply either: writing
+                // it is what failed.
+                let code = match before.latest() {
+                    Some(last) if last.reply_unwritable => ErrorCode::ReplyTopicUnwritable,
+                    _ => ErrorCode::AttemptsExhausted,
+                };
+                let invalid = rejected(request, code, message);
                 self.reject(msg, trace, &invalid, &before.attempts).await?;
-                let reply = reply::error_reply(&invalid, &self.publisher.worker_id, used)
-                    .map(|r| serde_json::to_vec(&r))
-                    .transpose()?;
+                let reply = match code {
+                    ErrorCode::ReplyTopicUnwritable => None,
+                    _ => reply::error_reply(&invalid, &self.publisher.worker_id, used)
+                        .map(|r| serde_json::to_vec(&r))
+                        .transpose()?,
+                };
                 return Ok(Served::Answered {
                     prefix: Some(prefix),
                     reply,
@@ -118,6 +127,8 @@ impl Inner {
             };
             // The slot comes before the attempt is recorded: an attempt that waits behind a
             // suspect that crashes the worker must not be counted as died.
+            #[cfg(feature = "fault-injection")]
+            fault_injection::delay_slot(&request.id).await;
             let Some(slot) = self.slot(suspect(&before), &control).await else {
                 return Ok(Served::Suspended);
             };
@@ -212,6 +223,7 @@ impl Inner {
                     let error = AttemptError {
                         message: e,
                         out_of_memory,
+                        reply_unwritable: false,
                     };
                     self.end_attempt(&prefix, attempt, EntryOutcome::Failed, Some(error), &mut local)
                         .await;
@@ -302,6 +314,7 @@ impl Inner {
             e.outcome = Some(outcome);
             e.error = error.as_ref().map(|e| e.message.clone());
             e.out_of_memory = error.as_ref().is_some_and(|e| e.out_of_memory);
+            e.reply_unwritable = error.as_ref().is_some_and(|e| e.reply_unwritable);
         }
         if let Ok(mut open) = self.open_attempts.lock() {
             if open.get(prefix) == Some(&attempt) {

@@ -105,18 +105,35 @@ impl Inner {
             RefusedKind::Topic | RefusedKind::Unavailable => ErrorCode::ReplyTopicUnwritable,
         };
         error!(error = %refused, code = code.as_str(), "the answer was refused: dead-lettering the request");
-        let attempt = self.open_attempts.lock().ok().and_then(|mut m| {
-            let attempt = m.remove(prefix);
-            self.ops.metrics.set_attempts_open(m.len());
-            attempt
-        });
-        if let Some(attempt) = attempt {
-            self.snapshots
-                .end_attempt(prefix, attempt, EntryOutcome::Failed, Some(refused.to_string().into()))
-                .await;
-        }
         let invalid = rejected(request, code, refused.to_string());
-        match rejected_as(self.reject(msg, trace, &invalid, &[]).await)? {
+        // The dead letter decides whose failure it was (see `publish`): if it cannot be written
+        // either, the worker stops here and the attempt stays open, for a controlled exit to
+        // close as suspended.
+        let served = rejected_as(self.reject(msg, trace, &invalid, &[]).await)?;
+        // Under exactly-once the dead letter is written only with the commit, and a reply topic
+        // that could not take the answer in time has poisoned the transaction: Kafka cannot end
+        // it until that partition heals, so the worker will stop. That attempt counts, so that
+        // the attempt budget ends the loop with a dead letter; any other is settled with the
+        // request (`Inner::settle_attempt`).
+        let poisoned = refused.kind == RefusedKind::Unavailable && transaction::current().is_some();
+        if transaction::current().is_none() || poisoned {
+            let attempt = self.open_attempts.lock().ok().and_then(|mut m| {
+                let attempt = m.remove(prefix);
+                self.ops.metrics.set_attempts_open(m.len());
+                attempt
+            });
+            if let Some(attempt) = attempt {
+                let error = AttemptError {
+                    message: refused.to_string(),
+                    out_of_memory: false,
+                    reply_unwritable: poisoned,
+                };
+                self.snapshots
+                    .end_attempt(prefix, attempt, EntryOutcome::Failed, Some(error))
+                    .await;
+            }
+        }
+        match served {
             Served::Suspended => Ok(Served::Suspended),
             Served::Answered { .. } => Ok(Served::Answered {
                 prefix: Some(prefix.to_string()),

@@ -6,7 +6,8 @@ use super::*;
 impl Inner {
     /// Exactly-once delivery: commits the request's records with its offset in its transaction
     /// ([`transaction`]), then deletes its store entries. A request told to suspend before its
-    /// turn keeps a plain answer as a done marker for the partition's next owner.
+    /// turn keeps a plain answer as a done marker for the partition's next owner. Returns how
+    /// it ended.
     pub(super) async fn settle_in_transaction(
         &self,
         txns: &Transactions,
@@ -15,8 +16,9 @@ impl Inner {
         offset: i64,
         epoch: u64,
         prefix: Option<String>,
-    ) -> Result<(), WorkerError> {
-        match txns.commit(scope, &self.consumer).await? {
+    ) -> Result<Settled, WorkerError> {
+        let settled = txns.commit(scope, &self.consumer).await?;
+        match settled {
             Settled::Committed => {
                 let prefixes = match self.inflight.finish(tp, offset, epoch, prefix.as_deref()) {
                     Some((_, prefixes)) => prefixes,
@@ -32,7 +34,7 @@ impl Inner {
                 self.ops.metrics.request_settled(RequestOutcome::Suspended);
             }
         }
-        Ok(())
+        Ok(settled)
     }
 
     /// The answer of this task's transaction, when it published nothing else (exactly-once).

@@ -15,6 +15,7 @@ fn entry(attempt: u32, outcome: Option<EntryOutcome>) -> AttemptEntry {
         outcome,
         error: None,
         out_of_memory: false,
+        reply_unwritable: false,
     }
 }
 

@@ -228,7 +228,7 @@ fn read_bounded(key: &str, path: &Path, max_bytes: usize) -> Result<Option<Bytes
     // The length just read is at most `max_bytes`; the file may still grow meanwhile, and
     // `take` stops reading one byte past the limit.
     let mut data = Vec::with_capacity(meta.len() as usize);
-    file.take(max_bytes as u64 + 1)
+    file.take((max_bytes as u64).saturating_add(1))
         .read_to_end(&mut data)
         .map_err(io_error("read", path))?;
     if data.len() > max_bytes {

@@ -10,11 +10,14 @@
 //! produced it. The original offset is committed only once the broker has acknowledged the copy,
 //! so a request is never lost between the two topics.
 //!
-//! A message that carries [`HANDOFF_REASON`] was handed off already and is never handed off
-//! again, whatever the worker reading it is configured with: a worker that cannot serve it lets
-//! it fail like any other request, and after `--max-attempts` dead-letters it. A chain of
-//! fallback topics therefore has one hop, and a misconfigured pair of workers handing to each
-//! other cannot loop.
+//! A message that carries [`HANDOFF_REASON`] on one of the worker's `--fallback-lane` topics was
+//! handed off already and is never handed off again, whatever else the worker reading it is
+//! configured with: a worker that cannot serve it lets it fail like any other request, and
+//! after `--max-attempts` dead-letters it. A chain of fallback topics therefore has one hop, and
+//! a pair of workers handing to each other cannot loop, as long as each declares the topic it
+//! receives hand-offs on as a fallback lane. On any other lane the headers are a producer's own:
+//! trusted there, they would let anyone who can write the request topic skip the model check
+//! and stop a request from ever being handed off.
 //!
 //! The limit: the handoff is recorded in the request's ledger (with a snapshot store), so a
 //! redelivery of the original, when its offset could not be committed at once, is settled

@@ -134,29 +134,66 @@ impl BrokerProcess {
 /// Creates `topics` with `partitions` partitions each through the admin API (one that already
 /// exists is fine). Runs on a thread of its own, so it may be called from inside a runtime.
 pub fn create_topics(bootstrap: &str, topics: &[&str], partitions: i32) {
-    create_topics_with_config(bootstrap, topics, partitions, &[]);
+    let specs = topics
+        .iter()
+        .map(|t| TopicSpec {
+            name: t.to_string(),
+            partitions,
+            replicas: None,
+            config: Vec::new(),
+        })
+        .collect();
+    create(bootstrap, specs);
 }
 
-/// [`create_topics`], each topic with the topic-level `config` (`min.insync.replicas`, say).
-pub fn create_topics_with_config(bootstrap: &str, topics: &[&str], partitions: i32, config: &[(&str, &str)]) {
-    if topics.is_empty() {
+/// Creates `topic` with one partition whose replicas are on the brokers `replicas` (the first
+/// its preferred leader), with the topic-level `config`.
+pub fn create_topic_on(bootstrap: &str, topic: &str, replicas: &[i32], config: &[(&str, &str)]) {
+    let spec = TopicSpec {
+        name: topic.to_string(),
+        partitions: 1,
+        replicas: Some(replicas.to_vec()),
+        config: config.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+    };
+    create(bootstrap, vec![spec]);
+}
+
+/// A topic to create, owned, so that it can go to the admin client's thread.
+struct TopicSpec {
+    name: String,
+    partitions: i32,
+    /// The brokers of its one partition's replicas; `None`: the broker's default replication.
+    replicas: Option<Vec<i32>>,
+    config: Vec<(String, String)>,
+}
+
+fn create(bootstrap: &str, specs: Vec<TopicSpec>) {
+    if specs.is_empty() {
         return;
     }
-    let config: Vec<(String, String)> = config.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     let bootstrap = bootstrap.to_string();
-    let new: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
     let created = std::thread::spawn(move || {
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
             .set("bootstrap.servers", &bootstrap)
             .create()
             .expect("admin client");
-        let new: Vec<NewTopic> = new
+        let assignments: Vec<[&[i32]; 1]> = specs
             .iter()
-            .map(|t| {
-                config.iter().fold(
-                    NewTopic::new(t, partitions, TopicReplication::Fixed(-1)),
-                    |n, (k, v)| n.set(k, v),
-                )
+            .map(|t| [t.replicas.as_deref().unwrap_or_default()])
+            .collect();
+        let new: Vec<NewTopic> = specs
+            .iter()
+            .zip(&assignments)
+            .map(|(t, assignment)| {
+                let replication = match t.replicas {
+                    Some(_) => TopicReplication::Variable(assignment),
+                    None => TopicReplication::Fixed(-1),
+                };
+                t.config
+                    .iter()
+                    .fold(NewTopic::new(&t.name, t.partitions, replication), |n, (k, v)| {
+                        n.set(k, v)
+                    })
             })
             .collect();
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -173,40 +210,6 @@ pub fn create_topics_with_config(bootstrap: &str, topics: &[&str], partitions: i
                     rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists,
                     "cannot create topic {t}"
                 );
-            }
-        }
-    })
-    .join();
-    if let Err(panic) = created {
-        std::panic::resume_unwind(panic);
-    }
-}
-
-/// Creates `topic` with one partition whose replicas are on the brokers `replicas` (the first
-/// its preferred leader), with the topic-level `config`.
-pub fn create_topic_on(bootstrap: &str, topic: &str, replicas: &[i32], config: &[(&str, &str)]) {
-    let (bootstrap, topic, replicas) = (bootstrap.to_string(), topic.to_string(), replicas.to_vec());
-    let config: Vec<(String, String)> = config.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    let created = std::thread::spawn(move || {
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .create()
-            .expect("admin client");
-        let assignment = [replicas.as_slice()];
-        let new = config.iter().fold(
-            NewTopic::new(&topic, 1, TopicReplication::Variable(&assignment)),
-            |n, (k, v)| n.set(k, v),
-        );
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        for r in rt
-            .block_on(admin.create_topics(&[new], &AdminOptions::new()))
-            .expect("create topics")
-        {
-            if let Err((t, e)) = r {
-                panic!("cannot create topic {t}: {e}");
             }
         }
     })

@@ -55,13 +55,7 @@ fn a_reply_topic_without_a_leader_dead_letters_its_request_and_the_worker_goes_o
 /// to be committed with `worker` running, and checks what each became: the first dead-lettered
 /// as `reply_topic_unwritable` naming the topic, the second answered.
 fn wait_for_dead_letter(cluster: &Cluster, p: &Pipeline, sick: &str, worker: &mut ChildGuard) {
-    let producer = cluster.producer();
-    let sick_request =
-        format!(r#"{{"id":"to-sick","reply_to":"{sick}","prompt":"The capital of France is","max_tokens":4}}"#);
-    block_on(cluster.publish(&producer, &p.requests, "to-sick", sick_request.as_bytes()));
-    let after = br#"{"id":"after","prompt":"The capital of France is","max_tokens":4}"#;
-    let last = block_on(cluster.publish(&producer, &p.requests, "after", after));
-
+    let last = publish_pair(cluster, p, sick);
     let reader = cluster.reader(&p.group);
     wait_for(Duration::from_secs(600), "both requests to be committed", || {
         if let Some(status) = worker.wait_exit(Duration::ZERO) {
@@ -70,36 +64,51 @@ fn wait_for_dead_letter(cluster: &Cluster, p: &Pipeline, sick: &str, worker: &mu
         cluster.committed(&reader, &p.requests).filter(|&c| c > last)
     });
     assert!(worker.wait_exit(Duration::ZERO).is_none(), "the worker exited");
-
-    let dead: Vec<DeadLetter> = cluster
-        .read_all(&p.dlq)
-        .iter()
-        .map(|(_, v, _)| serde_json::from_slice(v).expect("a dead letter"))
-        .collect();
-    match dead.as_slice() {
-        [d] => {
-            assert_eq!(d.request_id.as_deref(), Some("to-sick"));
-            assert_eq!(d.reason.code, ErrorCode::ReplyTopicUnwritable, "{}", d.reason.message);
-            assert!(
-                d.reason.message.contains(sick),
-                "the reason names the topic: {}",
-                d.reason.message
-            );
-        }
-        other => panic!("expected one dead letter, got {other:?}\n{}", worker.log()),
-    }
-    let replies = cluster.replies(&p.replies);
+    let (d, replies) = settled(cluster, p, &worker.log());
+    assert_eq!(d.request_id.as_deref(), Some("to-sick"));
+    assert_eq!(d.reason.code, ErrorCode::ReplyTopicUnwritable, "{}", d.reason.message);
     assert!(
-        replies
-            .iter()
-            .any(|r| matches!(r, Reply::Response(r) if r.id == "after")),
-        "the request after the sick one was not answered:\n{}",
-        worker.log()
+        d.reason.message.contains(sick),
+        "the reason names the topic: {}",
+        d.reason.message
     );
     assert!(
         replies.iter().all(|r| r.id() != "to-sick"),
         "the caller's error reply went elsewhere than its own reply topic"
     );
+}
+
+/// Publishes a request naming `sick` as its reply topic, then a plain one; returns the offset
+/// of the second.
+fn publish_pair(cluster: &Cluster, p: &Pipeline, sick: &str) -> i64 {
+    let producer = cluster.producer();
+    let sick_request =
+        format!(r#"{{"id":"to-sick","reply_to":"{sick}","prompt":"The capital of France is","max_tokens":4}}"#);
+    block_on(cluster.publish(&producer, &p.requests, "to-sick", sick_request.as_bytes()));
+    let after = br#"{"id":"after","prompt":"The capital of France is","max_tokens":4}"#;
+    block_on(cluster.publish(&producer, &p.requests, "after", after))
+}
+
+/// The one dead letter of `p` and its replies, as a `read_committed` reader sees them, once the
+/// request after the sick one is answered (`log`, the worker's, for the failure message).
+fn settled(cluster: &Cluster, p: &Pipeline, log: &str) -> (DeadLetter, Vec<Reply>) {
+    let dead: Vec<DeadLetter> = committed_records(cluster, &p.dlq)
+        .iter()
+        .map(|v| serde_json::from_slice(v).expect("a dead letter"))
+        .collect();
+    let [d] =
+        <[DeadLetter; 1]>::try_from(dead).unwrap_or_else(|d| panic!("expected one dead letter, got {d:?}\n{log}"));
+    let replies: Vec<Reply> = committed_records(cluster, &p.replies)
+        .iter()
+        .map(|v| serde_json::from_slice(v).expect("a reply"))
+        .collect();
+    assert!(
+        replies
+            .iter()
+            .any(|r| matches!(r, Reply::Response(r) if r.id == "after")),
+        "the request after the sick one was not answered:\n{log}"
+    );
+    (d, replies)
 }
 
 #[test]
@@ -162,12 +171,7 @@ fn a_reply_topic_short_of_in_sync_replicas_dead_letters_its_request_under_both_d
     // write its abort marker there) until the partition heals, so each worker that tries to
     // answer stops. Each such attempt counts, and once the budget (2) is spent the next worker
     // dead-letters the request without touching the topic, and answers the request after it.
-    let producer = cluster.producer();
-    let sick_request =
-        format!(r#"{{"id":"to-sick","reply_to":"{sick}","prompt":"The capital of France is","max_tokens":4}}"#);
-    block_on(cluster.publish(&producer, &eos.requests, "to-sick", sick_request.as_bytes()));
-    let after = br#"{"id":"after","prompt":"The capital of France is","max_tokens":4}"#;
-    let last = block_on(cluster.publish(&producer, &eos.requests, "after", after));
+    let last = publish_pair(&cluster, &eos, &sick);
     let group = cluster.reader(&eos.group);
     let mut worker = exactly_once;
     let mut started = 1;
@@ -193,28 +197,9 @@ fn a_reply_topic_short_of_in_sync_replicas_dead_letters_its_request_under_both_d
         started, 3,
         "two workers stopped on the sick topic, and the third dead-lettered it"
     );
-    let dead: Vec<DeadLetter> = committed_records(&cluster, &eos.dlq)
-        .iter()
-        .map(|v| serde_json::from_slice(v).expect("a dead letter"))
-        .collect();
-    match dead.as_slice() {
-        [d] => {
-            assert_eq!(d.reason.code, ErrorCode::ReplyTopicUnwritable, "{}", d.reason.message);
-            assert_eq!(d.attempts.len(), 2, "both attempts in the history: {:?}", d.attempts);
-        }
-        other => panic!("expected one dead letter, got {other:?}\n{}", worker.log()),
-    }
-    let replies: Vec<Reply> = committed_records(&cluster, &eos.replies)
-        .iter()
-        .map(|v| serde_json::from_slice(v).expect("a reply"))
-        .collect();
-    assert!(
-        replies
-            .iter()
-            .any(|r| matches!(r, Reply::Response(r) if r.id == "after")),
-        "the request after the sick one was not answered:\n{}",
-        worker.log()
-    );
+    let (d, _) = settled(&cluster, &eos, &worker.log());
+    assert_eq!(d.reason.code, ErrorCode::ReplyTopicUnwritable, "{}", d.reason.message);
+    assert_eq!(d.attempts.len(), 2, "both attempts in the history: {:?}", d.attempts);
 }
 
 /// The values of `topic`'s one partition that a `read_committed` reader sees: read until its

@@ -350,7 +350,7 @@ impl Worker {
         let inner = Arc::new(request::Inner {
             consumer,
             publisher,
-            open_attempts: std::sync::Mutex::new(std::collections::HashMap::new()),
+            open_attempts: request::OpenAttempts::new(opts.ops.clone()),
             engine,
             engine_thread,
             fallback_lanes: cfg.fallback_lanes.iter().cloned().collect(),

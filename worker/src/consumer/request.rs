@@ -50,11 +50,8 @@ pub struct Inner {
     pub consumer: WorkerConsumer,
     /// Every record goes through it, to topics it chooses ([`super::publish`]).
     pub publisher: Publisher,
-    /// The attempts this worker has begun and not ended, by request prefix: a controlled exit
-    /// closes them as suspended ([`Inner::close_open_attempts`]), so that only real deaths
-    /// count against a request's budget. An entry leaves when its attempt ends or its request
-    /// is settled, whichever comes first.
-    pub open_attempts: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+    /// The attempts this worker has begun and not ended ([`OpenAttempts`]).
+    pub open_attempts: OpenAttempts,
     pub engine: Engine,
     pub engine_thread: EngineHandle,
     /// The request topics whose messages may carry hand-off headers (`--fallback-lane`): only
@@ -90,20 +87,62 @@ impl Inner {
         let Some(prefix) = prefix else {
             return;
         };
-        let attempt = match self.open_attempts.lock() {
-            Ok(mut open) => {
-                let attempt = open.remove(prefix);
-                self.ops.metrics.set_attempts_open(open.len());
-                attempt
-            }
-            Err(_) => None,
-        };
-        if let (Some(attempt), Settled::Suspended) = (attempt, settled) {
+        if let (Some(attempt), Settled::Suspended) = (self.open_attempts.take(prefix), settled) {
             let note = "answered, not committed: left to the partition's next owner".to_string();
             self.snapshots
                 .end_attempt(prefix, attempt, EntryOutcome::Suspended, Some(note.into()))
                 .await;
         }
+    }
+}
+
+/// The attempts this worker has begun in the store's ledger and not ended, by request prefix: a
+/// controlled exit closes them as suspended ([`Inner::close_open_attempts`]), so that only real
+/// deaths count against a request's budget. An entry leaves when its attempt ends or its
+/// request is settled, whichever comes first; `ferry_attempts_open` follows the count.
+pub struct OpenAttempts {
+    by_prefix: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+    ops: Arc<Ops>,
+}
+
+impl OpenAttempts {
+    pub fn new(ops: Arc<Ops>) -> Self {
+        Self {
+            by_prefix: std::sync::Mutex::default(),
+            ops,
+        }
+    }
+
+    /// Applies `f` to the map and updates the gauge; `None` if the lock is poisoned.
+    fn update<T>(&self, f: impl FnOnce(&mut std::collections::HashMap<String, u32>) -> T) -> Option<T> {
+        let mut map = self.by_prefix.lock().ok()?;
+        let out = f(&mut map);
+        self.ops.metrics.set_attempts_open(map.len());
+        Some(out)
+    }
+
+    /// Records that `attempt` of the request under `prefix` runs.
+    pub fn open(&self, prefix: &str, attempt: u32) {
+        self.update(|m| m.insert(prefix.to_string(), attempt));
+    }
+
+    /// Takes the open attempt of `prefix`, if any.
+    pub fn take(&self, prefix: &str) -> Option<u32> {
+        self.update(|m| m.remove(prefix)).flatten()
+    }
+
+    /// Forgets `attempt` of `prefix`, if it is the one open.
+    pub fn close(&self, prefix: &str, attempt: u32) {
+        self.update(|m| {
+            if m.get(prefix) == Some(&attempt) {
+                m.remove(prefix);
+            }
+        });
+    }
+
+    /// Takes every open attempt.
+    pub fn drain(&self) -> Vec<(String, u32)> {
+        self.update(|m| m.drain().collect()).unwrap_or_default()
     }
 }
 

@@ -9,9 +9,10 @@
 //! refuses: there is no other way to name one (the `tidy` test keeps `FutureRecord::to` out of
 //! every other file but the transaction's replay of records that came through here).
 //!
-//! In order, `send` applies the reply-topic policy (again, for the reply kind), the header
-//! bounds, the record budget (`--max-record-bytes`), and then sends and classifies a failure by
-//! what the broker said ([`record_level`]).
+//! In order, a record meets the reply-topic policy (when its [`ReplyTo`] is made: a reply
+//! topic has no other way in), then in [`Publisher::send`] the header bounds and the record
+//! budget (`--max-record-bytes`), and is then sent, a failure classified by what the broker said
+//! ([`record_level`]).
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Headers, OwnedHeaders};
@@ -53,8 +54,8 @@ pub(super) enum Destination<'a> {
     Fallback(&'a str),
 }
 
-impl Destination<'_> {
-    pub(super) fn topic(&self) -> &str {
+impl<'a> Destination<'a> {
+    pub(super) fn topic(&self) -> &'a str {
         match self {
             Destination::Reply(r) => r.as_str(),
             Destination::DeadLetter(t) | Destination::Fallback(t) => t,
@@ -175,36 +176,40 @@ pub(super) fn check_headers(headers: &OwnedHeaders) -> Result<(), String> {
 }
 
 impl Publisher {
-    /// The gate: checks the record, sends it, waits for the broker's acknowledgement (or hands it
-    /// to the request's transaction), and classifies a failure. A refusal of this one record is
-    /// [`PublishError::Refused`]; anything else stops the worker.
-    pub(super) async fn send(&self, out: Outgoing<'_>) -> Result<(), PublishError> {
-        let topic = out.to.topic();
-        let refused = |kind, reason: String| {
-            PublishError::Refused(Refused {
-                topic: topic.to_string(),
-                kind,
-                reason,
-                source: None,
-            })
-        };
-        if let Destination::Reply(_) = out.to {
-            if let Err(why) = self.policy.check(topic) {
-                return Err(refused(RefusedKind::Topic, why));
-            }
-        }
-        check_headers(&out.headers).map_err(|why| refused(RefusedKind::TooLarge, why))?;
+    /// The checks every record passes before it is sent, after its destination (whose reply
+    /// topic the policy allowed when its [`ReplyTo`] was made): the header bounds, then the
+    /// record budget. Returns the record to send, or why it is too large.
+    fn checked<'a>(&self, out: Outgoing<'a>) -> Result<FutureRecord<'a, [u8], [u8]>, String> {
+        check_headers(&out.headers)?;
         let size = record_size(out.key, Some(out.payload), Some(&out.headers));
         if size > self.max_record_bytes {
-            let why = format!("{size} bytes, more than --max-record-bytes {}", self.max_record_bytes);
-            return Err(refused(RefusedKind::TooLarge, why));
+            return Err(format!(
+                "{size} bytes, more than --max-record-bytes {}",
+                self.max_record_bytes
+            ));
         }
-        let mut rec = FutureRecord::<[u8], [u8]>::to(topic)
+        let mut rec = FutureRecord::<[u8], [u8]>::to(out.to.topic())
             .payload(out.payload)
             .headers(out.headers);
         if let Some(key) = out.key {
             rec = rec.key(key);
         }
+        Ok(rec)
+    }
+
+    /// The gate: checks the record, sends it, waits for the broker's acknowledgement (or hands it
+    /// to the request's transaction), and classifies a failure. A refusal of this one record is
+    /// [`PublishError::Refused`]; anything else stops the worker.
+    pub(super) async fn send(&self, out: Outgoing<'_>) -> Result<(), PublishError> {
+        let topic = out.to.topic();
+        let rec = self.checked(out).map_err(|reason| {
+            PublishError::Refused(Refused {
+                topic: topic.to_string(),
+                kind: RefusedKind::TooLarge,
+                reason,
+                source: None,
+            })
+        })?;
         if let Some(transactions) = &self.transactions {
             let Some(scope) = transaction::current() else {
                 return Err(PublishError::Worker(WorkerError::Transaction(format!(
@@ -220,27 +225,10 @@ impl Publisher {
     }
 
     /// Queues a record without waiting for its acknowledgement (stream chunks, which are a
-    /// preview: the final reply follows them and is what counts). Checked as [`Publisher::send`]
-    /// checks; `Err` says why it was not queued. The future resolves with its delivery report.
+    /// preview: the final reply follows them and is what counts), checked as
+    /// [`Publisher::send`] checks. The future resolves with its delivery report.
     pub(super) fn queue(&self, out: Outgoing<'_>) -> Result<DeliveryFuture, String> {
-        let topic = out.to.topic();
-        if let Destination::Reply(_) = out.to {
-            self.policy.check(topic)?;
-        }
-        check_headers(&out.headers)?;
-        let size = record_size(out.key, Some(out.payload), Some(&out.headers));
-        if size > self.max_record_bytes {
-            return Err(format!(
-                "{size} bytes, more than --max-record-bytes {}",
-                self.max_record_bytes
-            ));
-        }
-        let mut rec = FutureRecord::<[u8], [u8]>::to(topic)
-            .payload(out.payload)
-            .headers(out.headers);
-        if let Some(key) = out.key {
-            rec = rec.key(key);
-        }
+        let rec = self.checked(out)?;
         self.producer.send_result(rec).map_err(|(e, _)| e.to_string())
     }
 }

@@ -294,9 +294,8 @@ impl Inner {
             .begin_attempt_or(prefix, &self.publisher.worker_id, local)
             .await;
         if durable {
-            if let (Some(latest), Ok(mut open)) = (log.latest(), self.open_attempts.lock()) {
-                open.insert(prefix.to_string(), latest.attempt);
-                self.ops.metrics.set_attempts_open(open.len());
+            if let Some(latest) = log.latest() {
+                self.open_attempts.open(prefix, latest.attempt);
             }
         }
         log
@@ -316,12 +315,7 @@ impl Inner {
             e.out_of_memory = error.as_ref().is_some_and(|e| e.out_of_memory);
             e.reply_unwritable = error.as_ref().is_some_and(|e| e.reply_unwritable);
         }
-        if let Ok(mut open) = self.open_attempts.lock() {
-            if open.get(prefix) == Some(&attempt) {
-                open.remove(prefix);
-            }
-            self.ops.metrics.set_attempts_open(open.len());
-        }
+        self.open_attempts.close(prefix, attempt);
         self.snapshots.end_attempt(prefix, attempt, outcome, error).await;
     }
 
@@ -330,13 +324,7 @@ impl Inner {
     /// requests, so their attempts must not count as deaths. What is not closed in time stays
     /// open and counts, as after a crash.
     pub async fn close_open_attempts(&self, within: Duration, why: &str) {
-        let open: Vec<(String, u32)> = match self.open_attempts.lock() {
-            Ok(mut m) => {
-                self.ops.metrics.set_attempts_open(0);
-                m.drain().collect()
-            }
-            Err(_) => return,
-        };
+        let open = self.open_attempts.drain();
         let s = &self.snapshots;
         if open.is_empty() {
             return;

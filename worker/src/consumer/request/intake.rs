@@ -20,8 +20,8 @@ impl Inner {
         let span = tracing::info_span!("request", request_id = %request.id);
         async {
             // Hand-off headers count only on a fallback lane: anywhere else a producer wrote them.
-            let handed_off = fallback::handed_off_by(msg).filter(|_| self.is_handed_off(msg));
-            if let Some((worker, model, reason)) = handed_off {
+            let handed_off = self.fallback_lanes.contains(msg.topic()).then(|| fallback::handed_off_by(msg));
+            if let Some((worker, model, reason)) = handed_off.flatten() {
                 // The operator routed it here on purpose: it is answered by this worker's model
                 // whatever model it asked for, and the reply's `model` says which one that is.
                 info!(from_worker = %worker, from_model = %model, reason = %reason, "serving a request handed off by another worker");
@@ -117,12 +117,7 @@ impl Inner {
         // request (`Inner::settle_attempt`).
         let poisoned = refused.kind == RefusedKind::Unavailable && transaction::current().is_some();
         if transaction::current().is_none() || poisoned {
-            let attempt = self.open_attempts.lock().ok().and_then(|mut m| {
-                let attempt = m.remove(prefix);
-                self.ops.metrics.set_attempts_open(m.len());
-                attempt
-            });
-            if let Some(attempt) = attempt {
+            if let Some(attempt) = self.open_attempts.take(prefix) {
                 let error = AttemptError {
                     message: refused.to_string(),
                     out_of_memory: false,
